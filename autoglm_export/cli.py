@@ -1,0 +1,206 @@
+"""Thin Typer CLI: every command maps its arguments onto one library function.
+
+User mistakes arrive as ``ExportError`` and are printed as one line (exit code 2, or 1 for a
+failed parity gate); no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import ExportError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Export GLM-4.1V / AutoGLM-Phone-9B checkpoints to verified on-device bundles.\n\n"
+    "Main use: autoglm-export --target xnnpack --checkpoint CKPT --out DIR [--recipe FILE] [--force]",
+)
+recipes_app = typer.Typer(help="List and validate quantization/shape recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+TARGET_HELP = "Target: xnnpack | qnn | coreml | onnx | onnx-qnn"
+
+
+def _export(target, checkpoint, out, recipe, force, quiet):
+    from .pipeline import export
+    from .progress import Progress
+
+    missing = [n for n, v in (("--target", target), ("--checkpoint", checkpoint), ("--out", out)) if v is None]
+    if missing:
+        raise ExportError(
+            "missing option(s) " + ", ".join(missing),
+            fix="autoglm-export --target xnnpack --checkpoint CKPT --out DIR",
+        )
+    report = export(checkpoint=checkpoint, target=target, out=out, recipe=recipe, force=force, progress=Progress(quiet))
+    if not report["passed"]:
+        from .errors import VerificationFailed
+
+        raise VerificationFailed(
+            "bundle written but parity gates failed: " + ", ".join(report["failed"]),
+            file=Path(out) / "report.json",
+            fix="see report.json; a lowering bug or a too-aggressive recipe rule is the usual cause",
+        )
+
+
+@app.callback(invoke_without_command=True)
+def main_callback(
+    ctx: typer.Context,
+    target: Optional[str] = typer.Option(None, "--target", help=TARGET_HELP),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Hugging Face checkpoint directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory to create."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe YAML (default: recipes/<target>.yaml)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    if ctx.invoked_subcommand is None:
+        if target is None and checkpoint is None and out is None:
+            typer.echo(ctx.get_help())
+            raise typer.Exit(0)
+        _export(target, checkpoint, out, recipe, force, quiet)
+
+
+@app.command("export")
+def export_cmd(
+    target: str = typer.Option(..., "--target", help=TARGET_HELP),
+    checkpoint: Path = typer.Option(..., "--checkpoint"),
+    out: Path = typer.Option(..., "--out"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe"),
+    force: bool = typer.Option(False, "--force"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Same as the top-level --target/--checkpoint/--out form."""
+    _export(target, checkpoint, out, recipe, force, quiet)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (weights optional)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Architecture, components, parameter counts and estimated INT4/FP16 sizes."""
+    from .inspect import describe, format_table
+
+    info = describe(checkpoint)
+    typer.echo(json.dumps(info, indent=2) if as_json else format_table(info))
+
+
+@app.command("tiny-checkpoint")
+def tiny_cmd(
+    out: Path = typer.Argument(..., help="Directory to create."),
+    seed: int = typer.Option(0, "--seed"),
+    preset: str = typer.Option("tiny", "--preset", help="tiny | 9b-shape"),
+    layers: Optional[int] = typer.Option(None, "--layers", min=1, help="Decoder layers (default: the preset's)."),
+    vision_depth: Optional[int] = typer.Option(None, "--vision-depth", min=1, help="ViT blocks."),
+    force: bool = typer.Option(False, "--force"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Write a random checkpoint in the real GLM-4.1V layout."""
+    from .progress import Progress
+    from .tiny import write_tiny_checkpoint
+
+    p = Progress(quiet)
+    write_tiny_checkpoint(out, seed=seed, preset=preset, layers=layers, vision_depth=vision_depth, force=force,
+                          progress=p.stage("tiny-checkpoint"))  # fmt: skip
+    p(f"wrote {out}", "tiny-checkpoint")
+
+
+@app.command("verify")
+def verify_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    against: Optional[str] = typer.Option(None, "--against", help="Independent runtime to compare with."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint (default: the manifest's)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Re-run the parity gates of a bundle; exit 0 only when every gate passes."""
+    from .progress import Progress
+    from .verify import verify_bundle
+
+    report = verify_bundle(bundle, checkpoint=checkpoint, against=against, progress=Progress(quiet))
+    if not report["passed"]:
+        from .errors import VerificationFailed
+
+        raise VerificationFailed("parity gates failed: " + ", ".join(report["failed"]), file=bundle,
+                                 fix="see the table above; re-export or relax the recipe rule for that component")  # fmt: skip
+
+
+@app.command("run")
+def run_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    prompt: str = typer.Option(..., "--prompt"),
+    image: Optional[Path] = typer.Option(None, "--image"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+) -> None:
+    """Generate text from a bundle (streams tokens to stdout)."""
+    from .runner import run_bundle
+
+    run_bundle(bundle, prompt=prompt, image=image, max_new_tokens=max_new_tokens,
+               write=lambda s: (sys.stdout.write(s), sys.stdout.flush()))  # fmt: skip
+    sys.stdout.write("\n")
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """Shipped recipes."""
+    from .recipe import list_recipes
+
+    for name, path, r in list_recipes():
+        typer.echo(f"{name:<20} target={r.target:<9} {path}")
+
+
+@recipes_app.command("validate")
+def recipes_validate(file: Path = typer.Argument(...)) -> None:
+    """Validate a recipe file; reports every problem at once."""
+    from .recipe import load_recipe
+
+    r = load_recipe(file)
+    typer.echo(f"{file}: ok (target {r.target}, {len(r.quantization)} quantization rules)")
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def quiet_third_party_logs() -> None:
+    """torchao logs a warning per optional CUDA kernel it cannot load on a CPU machine, and torch
+    one per deprecated pytree registration; neither is actionable for a user of this tool."""
+    import logging
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree", "torch._export", "coremltools"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import click
+
+    quiet_third_party_logs()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, prog_name="autoglm-export", standalone_mode=False)
+        return 0
+    except ExportError as e:
+        print(f"error: {e.one_line()}", file=sys.stderr)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

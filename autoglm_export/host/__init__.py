@@ -1,0 +1,1 @@
+"""Host-side logic that the runner and both demo apps implement: prompt, pixels, positions, loop."""

@@ -1,0 +1,133 @@
+"""The generation loop every runtime shares: embed -> scatter image tokens -> chunked prefill -> greedy decode.
+
+A ``Runtime`` exposes the bundle's methods (eager PyTorch modules, ExecuTorch, ONNX Runtime ...).
+The Android and iOS apps implement the same loop; golden traces from here check them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from ..errors import ExportError
+from .positions import decode_positions, mrope_positions
+from .prompt import IMAGE, Prompt
+
+
+class Runtime(Protocol):
+    max_context: int
+    prefill_chunk: int
+
+    def token_embedding(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def vision_encoder(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+    def text_decoder(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor: ...
+    def reset(self) -> None: ...
+
+
+@dataclass
+class Trace:
+    prompt_ids: list[int]
+    positions: np.ndarray
+    rope_delta: int
+    tokens: list[int] = field(default_factory=list)
+    step_logits: list[np.ndarray] = field(default_factory=list)
+    image_embeddings: list[np.ndarray] = field(default_factory=list)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def prefill(runtime: Runtime, prompt: Prompt, images: list[np.ndarray], image_grids: list[tuple[int, int]], trace: Trace):
+    n = len(prompt)
+    ids = torch.tensor(prompt.ids, dtype=torch.long).unsqueeze(0)
+    embeds = torch.cat([runtime.token_embedding(ids[:, a:b]) for a, b in _chunks(n, runtime.prefill_chunk)], dim=1)
+    image_slots = [i for i, t in enumerate(prompt.types) if t == IMAGE]
+    if images:
+        feats = []
+        for px in images:
+            f = runtime.vision_encoder(torch.as_tensor(px, dtype=torch.float32))
+            trace.image_embeddings.append(f.numpy().copy())
+            feats.append(f)
+        feats = torch.cat(feats, dim=0)
+        if feats.shape[0] != len(image_slots):
+            raise ValueError(f"{feats.shape[0]} image embeddings for {len(image_slots)} image tokens")
+        embeds[0, image_slots] = feats.to(embeds.dtype)
+    pos = torch.from_numpy(trace.positions)
+    logits = None
+    for a, b in _chunks(n, runtime.prefill_chunk):
+        logits = runtime.text_decoder(embeds[:, a:b], pos[:, a:b].contiguous(), torch.arange(a, b, dtype=torch.long))
+    return logits
+
+
+def generate(
+    runtime: Runtime,
+    prompt: Prompt,
+    *,
+    images: list[np.ndarray] = (),
+    image_grids: list[tuple[int, int]] = (),
+    max_new_tokens: int = 32,
+    eos_ids: tuple[int, ...] = (),
+    force_tokens: list[int] | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> Trace:
+    """Greedy generation. With ``force_tokens`` the loop feeds those tokens (teacher forcing)
+    and records its own argmax at every step, so two runtimes can be compared step by step."""
+    n = len(prompt)
+    if n + max_new_tokens > runtime.max_context:
+        raise ExportError(
+            "prompt plus new tokens exceed the bundle's context",
+            field="--max-new-tokens",
+            expected=f"prompt ({n}) + new tokens <= max_context {runtime.max_context}",
+            got=str(n + max_new_tokens),
+            fix="shorten the prompt, lower --max-new-tokens, or export with a larger max_context",
+        )
+    positions, delta = mrope_positions(prompt.types, list(image_grids))
+    trace = Trace(prompt_ids=list(prompt.ids), positions=positions, rope_delta=delta)
+    runtime.reset()
+    logits = prefill(runtime, prompt, list(images), list(image_grids), trace)
+    cache_index = n
+    for step in range(max_new_tokens):
+        trace.step_logits.append(logits[0].float().numpy().copy())
+        own = int(logits[0].argmax())
+        trace.tokens.append(own)
+        if on_token:
+            on_token(own)
+        fed = force_tokens[step] if force_tokens is not None and step < len(force_tokens) else own
+        if force_tokens is None and own in eos_ids:
+            break
+        if step == max_new_tokens - 1:
+            break
+        emb = runtime.token_embedding(torch.tensor([[fed]], dtype=torch.long))
+        pos = torch.from_numpy(decode_positions(cache_index, delta))
+        logits = runtime.text_decoder(emb, pos, torch.tensor([cache_index], dtype=torch.long))
+        cache_index += 1
+    return trace
+
+
+class EagerRuntime:
+    """The export-ready PyTorch modules themselves: the reference every bundle is checked against."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], max_context: int, prefill_chunk: int) -> None:
+        self.modules = modules
+        self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
+
+    @torch.no_grad()
+    def token_embedding(self, input_ids):
+        return self.modules["token_embedding"](input_ids)
+
+    @torch.no_grad()
+    def vision_encoder(self, pixel_values):
+        return self.modules["vision_encoder"](pixel_values)
+
+    @torch.no_grad()
+    def text_decoder(self, embeds, position_ids, cache_position):
+        return self.modules["text_decoder"](embeds, position_ids, cache_position)
+
+    def reset(self) -> None:
+        self.modules["text_decoder"].reset_cache()

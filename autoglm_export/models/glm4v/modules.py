@@ -1,0 +1,389 @@
+"""Export-ready GLM-4.1V components, written for torch.export with static shapes.
+
+Differences from transformers' modelling code, each kept numerically identical to it:
+* vision: one fixed image size, so the interpolated position table and the 2-D rotary tables
+  are computed once from the checkpoint and baked as buffers; the Conv3d patch embedding sees
+  two identical frames for a still image, so it is folded into a Conv2d (kernel summed over
+  time); one attention segment, no ``cu_seqlens``; every tensor stays <= 5-D (XNNPACK).
+* text: a static KV cache held as module state, explicit 3-axis M-RoPE positions and cache
+  positions as inputs, the causal mask built from the cache positions with finite values
+  (Core ML turns ``-inf`` masks into NaN constants), logits for the last position only.
+
+Modules are built on the meta device and filled one tensor at a time (see ``load.py``);
+``init_runtime_buffers`` creates the rotary tables and caches afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layout import TEXT_PREFIX, VISION_PREFIX
+from .spec import ModelSpec, TextSpec, VisionSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _rotate_neox(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
+    # pairs (0,1), (2,3), ...: (a, b) -> (-b, a); done as a 5-D view, not a strided slice
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+# ----------------------------------------------------------------------------------------
+# Vision
+# ----------------------------------------------------------------------------------------
+
+
+def vision_patch_positions(grid_h: int, grid_w: int, merge: int) -> torch.Tensor:
+    """(h, w) of every patch in block-major order (each merge window contiguous): [N, 2]."""
+    hpos, wpos = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    shape = (grid_h // merge, merge, grid_w // merge, merge)
+    hpos = hpos.reshape(shape).transpose(1, 2).flatten()
+    wpos = wpos.reshape(shape).transpose(1, 2).flatten()
+    return torch.stack([hpos, wpos], dim=-1)
+
+
+def interpolate_position_table(table: torch.Tensor, positions: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Resample the learned square position table to the patch grid (bicubic, as transformers)."""
+    n, dim = table.shape
+    side = int(math.isqrt(n))
+    table_2d = table.view(side, side, dim).permute(2, 0, 1).unsqueeze(0).float()
+    h = positions[:, 0].float()
+    w = positions[:, 1].float()
+    norm_w = ((w + 0.5) / grid_w) * 2 - 1
+    norm_h = ((h + 0.5) / grid_h) * 2 - 1
+    grid = torch.stack((norm_w, norm_h), dim=-1).unsqueeze(0).unsqueeze(2)
+    out = F.grid_sample(table_2d, grid, mode="bicubic", align_corners=False, padding_mode="border")
+    return out.squeeze(0).squeeze(-1).permute(1, 0).to(table.dtype).contiguous()
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, v: VisionSpec) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = v.num_heads, v.head_dim
+        self.qkv = nn.Linear(v.hidden_size, 3 * v.hidden_size, bias=v.attention_bias)
+        self.proj = nn.Linear(v.hidden_size, v.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        dtype = q.dtype
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        qf, kf = q.float(), k.float()
+        q = (qf * cos + _rotate_neox(qf) * sin).to(dtype)
+        k = (kf * cos + _rotate_neox(kf) * sin).to(dtype)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, v: VisionSpec) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(v.hidden_size, v.rms_norm_eps)
+        self.norm2 = RMSNorm(v.hidden_size, v.rms_norm_eps)
+        self.attn = VisionAttention(v)
+        self.mlp = GatedMLP(v.hidden_size, v.out_hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.post_projection_norm = nn.LayerNorm(dim)
+        self.gate_proj = nn.Linear(dim, context_dim, bias=False)
+        self.up_proj = nn.Linear(dim, context_dim, bias=False)
+        self.down_proj = nn.Linear(context_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.post_projection_norm(self.proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values [N, C*P*P] (block-major patches of one frame) -> image embeddings [N/m^2, D]."""
+
+    method_name = "vision_encoder"
+
+    def __init__(self, spec: ModelSpec, image_size: int) -> None:
+        super().__init__()
+        v = spec.vision
+        self.v = v
+        self.image_size = image_size
+        self.grid = image_size // v.patch_size
+        self.num_patches = self.grid * self.grid
+        self.patch_embed = nn.Conv2d(v.in_channels, v.hidden_size, v.patch_size, v.patch_size)
+        self.post_conv_layernorm = RMSNorm(v.hidden_size, v.rms_norm_eps)
+        self.register_buffer("pos_embed", torch.empty(self.num_patches, v.hidden_size))
+        self.blocks = nn.ModuleList(VisionBlock(v) for _ in range(v.depth))
+        self.post_layernorm = RMSNorm(v.hidden_size, v.rms_norm_eps)
+        m = v.spatial_merge_size
+        self.downsample = nn.Conv2d(v.hidden_size, v.out_hidden_size, m, m)
+        self.merger = PatchMerger(v.out_hidden_size, v.intermediate_size)
+        self.register_buffer("rope_cos", torch.empty(self.num_patches, v.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(self.num_patches, v.head_dim), persistent=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches // self.v.spatial_merge_size**2
+
+    def patch_positions(self) -> torch.Tensor:
+        return vision_patch_positions(self.grid, self.grid, self.v.spatial_merge_size)
+
+    def weight_map(self) -> dict[str, tuple[str, object]]:
+        p = VISION_PREFIX
+        out: dict[str, tuple[str, object]] = {
+            "patch_embed.weight": (p + "patch_embed.proj.weight", lambda w: w.sum(dim=2)),
+            "patch_embed.bias": (p + "patch_embed.proj.bias", None),
+            "pos_embed": (
+                p + "embeddings.position_embedding.weight",
+                lambda t: interpolate_position_table(t, self.patch_positions(), self.grid, self.grid),
+            ),
+        }
+        for name, _ in self.named_parameters():
+            if not name.startswith("patch_embed."):
+                out[name] = (p + name, None)
+        return out
+
+    def init_runtime_buffers(self) -> None:
+        v = self.v
+        pos = self.patch_positions()
+        spatial = v.head_dim // 2
+        inv_freq = 1.0 / (v.rope_theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))
+        freqs = pos[..., None].float() * inv_freq  # [N, 2, hd/4]
+        hw = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+        full = torch.cat([hw, hw], dim=-1)
+        self.rope_cos = full.cos()
+        self.rope_sin = full.sin()
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        v = self.v
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn(self.num_patches, v.in_channels * v.patch_size**2, generator=g),)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        v = self.v
+        n = self.num_patches
+        x = pixel_values.view(n, v.in_channels, v.patch_size, v.patch_size).to(self.patch_embed.weight.dtype)
+        x = self.patch_embed(x).view(n, v.hidden_size)
+        x = self.post_conv_layernorm(x)
+        x = x + self.pos_embed.to(x.dtype)
+        for blk in self.blocks:
+            x = blk(x, self.rope_cos, self.rope_sin)
+        x = self.post_layernorm(x)
+        m = v.spatial_merge_size
+        x = x.view(-1, m, m, v.hidden_size).permute(0, 3, 1, 2)
+        x = self.downsample(x).view(-1, v.out_hidden_size)
+        return self.merger(x).float()
+
+
+# ----------------------------------------------------------------------------------------
+# Token embedding
+# ----------------------------------------------------------------------------------------
+
+
+class TokenEmbedding(nn.Module):
+    """input_ids [1, T] int64 -> embeddings [1, T, D]."""
+
+    method_name = "token_embedding"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.text.vocab_size, spec.text.hidden_size)
+
+    def weight_map(self) -> dict[str, tuple[str, object]]:
+        return {"embed_tokens.weight": (TEXT_PREFIX + "embed_tokens.weight", None)}
+
+    def init_runtime_buffers(self) -> None:
+        pass
+
+    def example_inputs(self, length: int = 4) -> tuple[torch.Tensor]:
+        return (torch.arange(length, dtype=torch.long).unsqueeze(0),)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids).float()
+
+
+# ----------------------------------------------------------------------------------------
+# Text decoder
+# ----------------------------------------------------------------------------------------
+
+
+def mrope_axis_selector(t: TextSpec) -> torch.Tensor:
+    """[3, 1, F] one-hot: which position axis (t, h, w) drives each rotary frequency."""
+    sel = torch.zeros(3, 1, t.rotary_dim // 2)
+    start = 0
+    for i, n in enumerate(t.mrope_section):
+        sel[i % 3, 0, start : start + n] = 1.0
+        start += n
+    return sel
+
+
+class TextAttention(nn.Module):
+    def __init__(self, t: TextSpec, max_context: int) -> None:
+        super().__init__()
+        self.t = t
+        self.num_heads, self.num_kv, self.head_dim = t.num_heads, t.num_kv_heads, t.head_dim
+        self.q_proj = nn.Linear(t.hidden_size, t.num_heads * t.head_dim, bias=True)
+        self.k_proj = nn.Linear(t.hidden_size, t.num_kv_heads * t.head_dim, bias=True)
+        self.v_proj = nn.Linear(t.hidden_size, t.num_kv_heads * t.head_dim, bias=True)
+        self.o_proj = nn.Linear(t.num_heads * t.head_dim, t.hidden_size, bias=False)
+        shape = (1, t.num_kv_heads, max_context, t.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rd = cos.shape[-1]
+        rot, rest = x[..., :rd], x[..., rd:]
+        return torch.cat([rot * cos + _rotate_interleaved(rot) * sin, rest], dim=-1)
+
+    def forward(self, x, cos, sin, mask, cache_position):
+        b, T, _ = x.shape
+        q = self.q_proj(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, T, self.num_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, T, self.num_kv, self.head_dim).transpose(1, 2)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        self.k_cache.index_copy_(2, cache_position, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, cache_position, v.to(self.v_cache.dtype))
+        keys, values = self.k_cache.to(q.dtype), self.v_cache.to(q.dtype)
+        groups = self.num_heads // self.num_kv
+        if groups > 1:  # repeat K/V explicitly: SDPA's enable_gqa does not convert everywhere
+            c = keys.shape[2]
+            keys = keys.unsqueeze(2).expand(b, self.num_kv, groups, c, self.head_dim).reshape(b, self.num_heads, c, self.head_dim)
+            values = values.unsqueeze(2).expand(b, self.num_kv, groups, c, self.head_dim).reshape(b, self.num_heads, c, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, T, -1))
+
+
+class TextMLP(nn.Module):
+    def __init__(self, t: TextSpec) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(t.hidden_size, 2 * t.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(t.intermediate_size, t.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, t: TextSpec, max_context: int) -> None:
+        super().__init__()
+        self.self_attn = TextAttention(t, max_context)
+        self.mlp = TextMLP(t)
+        self.input_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.post_self_attn_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.post_mlp_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache_position):
+        # sandwich norms: each sub-block's output is normalised before the residual add
+        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_position))
+        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+
+
+class TextDecoder(nn.Module):
+    """(inputs_embeds [1,T,D], position_ids [3,T], cache_position [T]) -> logits of the last token [1, V].
+
+    The KV cache is module state: each call writes positions ``cache_position`` and attends to
+    every cache slot at or before its own position.
+    """
+
+    method_name = "text_decoder"
+
+    def __init__(self, spec: ModelSpec, max_context: int) -> None:
+        super().__init__()
+        t = spec.text
+        self.t = t
+        self.max_context = max_context
+        self.layers = nn.ModuleList(DecoderLayer(t, max_context) for _ in range(t.num_layers))
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.empty(t.rotary_dim // 2), persistent=False)
+        self.register_buffer("axis_selector", torch.empty(3, 1, t.rotary_dim // 2), persistent=False)
+        self.register_buffer("slots", torch.empty(max_context, dtype=torch.long), persistent=False)
+
+    def weight_map(self) -> dict[str, tuple[str, object]]:
+        out: dict[str, tuple[str, object]] = {}
+        for name, _ in self.named_parameters():
+            if name == "lm_head.weight":
+                key = TEXT_PREFIX + "embed_tokens.weight" if self.t.tie_word_embeddings else "lm_head.weight"
+                out[name] = (key, None)
+            else:
+                out[name] = (TEXT_PREFIX + name, None)
+        return out
+
+    def init_runtime_buffers(self) -> None:
+        t = self.t
+        rd = t.rotary_dim
+        self.inv_freq = 1.0 / (t.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float) / rd))
+        self.axis_selector = mrope_axis_selector(t)
+        self.slots = torch.arange(self.max_context, dtype=torch.long)
+        for layer in self.layers:
+            attn = layer.self_attn
+            shape = (1, t.num_kv_heads, self.max_context, t.head_dim)
+            attn.k_cache = torch.zeros(shape)
+            attn.v_cache = torch.zeros(shape)
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.k_cache.zero_()
+            layer.self_attn.v_cache.zero_()
+
+    def example_inputs(self, length: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        embeds = torch.randn(1, length, self.t.hidden_size, generator=g)
+        pos = torch.arange(length, dtype=torch.long)
+        return embeds, pos.unsqueeze(0).expand(3, length).contiguous(), pos
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # [3, T, F]
+        freqs = (freqs * self.axis_selector).sum(0)  # each frequency takes its own axis
+        cos = torch.stack([freqs.cos(), freqs.cos()], dim=-1).flatten(-2)
+        sin = torch.stack([freqs.sin(), freqs.sin()], dim=-1).flatten(-2)
+        return cos.to(dtype), sin.to(dtype)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        x = inputs_embeds.to(self.norm.weight.dtype)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        visible = self.slots.unsqueeze(0) <= cache_position.unsqueeze(1)  # [T, C]
+        mask = torch.where(visible, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
+        mask = mask.unsqueeze(0).unsqueeze(0)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache_position)
+        x = self.norm(x[:, -1, :])
+        return self.lm_head(x).float()

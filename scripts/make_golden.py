@@ -1,0 +1,31 @@
+"""Write host-logic golden vectors from a checkpoint: python scripts/make_golden.py CKPT OUT.json [--image-size S]."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from autoglm_export.checkpoint import open_checkpoint
+from autoglm_export.host.golden import golden_vectors, write_golden
+from autoglm_export.host.image import ImagePreprocessing
+from autoglm_export.host.tokenizer import ChatTokenizer
+from autoglm_export.models.glm4v.spec import load_json
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--image-size", type=int, default=112)
+    a = ap.parse_args()
+    ckpt = open_checkpoint(a.checkpoint)
+    pc_file = a.checkpoint / "preprocessor_config.json"
+    pc = load_json(pc_file, "preprocessor_config.json", "") if pc_file.is_file() else {}
+    v = ckpt.spec.vision
+    pre = ImagePreprocessing.from_checkpoint(pc, a.image_size, v.patch_size, v.spatial_merge_size)
+    write_golden(a.out, golden_vectors(ChatTokenizer(ckpt.tokenizer_path, ckpt.spec.tokens), pre))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,8 +33,43 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * (xf * torch.rsqrt(mean_last_dim(xf * xf) + self.eps)).to(x.dtype)
+
+
+def mean_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """mean(-1, keepdim=True) written as a 4-D mean over dims (2, 3): the only mean XNNPACK
+    delegates; a plain last-dim mean splits the graph around every norm."""
+    lead = x.shape[:-1]
+    return x.reshape(1, -1, x.shape[-1], 1).mean(dim=(2, 3), keepdim=True).reshape(*lead, 1)
+
+
+def rotation_matrix(dim: int, rotary: int, interleaved: bool) -> torch.Tensor:
+    """R with x @ R == rotate(x) on the first ``rotary`` dims and 0 elsewhere.
+
+    Rotary embedding as ``x * cos + (x @ R) * sin`` (cos = 1, sin = 0 past ``rotary``) is one
+    delegated matmul instead of slices, negations and concatenations per layer; every output is
+    a single +/-1 multiple of one input, so the result is exactly the same.
+    """
+    r = torch.zeros(dim, dim)
+    if interleaved:  # pairs (2i, 2i+1): (a, b) -> (-b, a)
+        for i in range(0, rotary, 2):
+            r[i + 1, i] = -1.0
+            r[i, i + 1] = 1.0
+    else:  # halves: (a, b) -> (-b, a)
+        half = rotary // 2
+        for i in range(half):
+            r[i + half, i] = -1.0
+            r[i, i + half] = 1.0
+    return r
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, spelled out: SDPA's decomposition adds NaN guards
+    (any / where / logical_not) that no delegate takes."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if mask is not None:
+        scores = scores + mask
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
 
 
 class GatedMLP(nn.Module):
@@ -46,17 +81,6 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def _rotate_neox(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
-    # pairs (0,1), (2,3), ...: (a, b) -> (-b, a); done as a 5-D view, not a strided slice
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -94,17 +118,17 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(v.hidden_size, 3 * v.hidden_size, bias=v.attention_bias)
         self.proj = nn.Linear(v.hidden_size, v.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         dtype = q.dtype
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        qf, kf = q.float(), k.float()
-        q = (qf * cos + _rotate_neox(qf) * sin).to(dtype)
-        k = (kf * cos + _rotate_neox(kf) * sin).to(dtype)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
+        qf, kf = q.float(), k.float()  # 2-D rotary in fp32, as transformers does
+        q = (qf * cos + torch.matmul(qf, rot) * sin).to(dtype)
+        k = (kf * cos + torch.matmul(kf, rot) * sin).to(dtype)
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        out = attention(q, k, v, None, self.head_dim**-0.5)
+        return self.proj(out.transpose(0, 1).reshape(n, -1))
 
 
 class VisionBlock(nn.Module):
@@ -115,8 +139,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(v)
         self.mlp = GatedMLP(v.hidden_size, v.out_hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, rot)
         return x + self.mlp(self.norm2(x))
 
 
@@ -156,6 +180,7 @@ class VisionEncoder(nn.Module):
         self.merger = PatchMerger(v.out_hidden_size, v.intermediate_size)
         self.register_buffer("rope_cos", torch.empty(self.num_patches, v.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(self.num_patches, v.head_dim), persistent=False)
+        self.register_buffer("rope_rot", torch.empty(v.head_dim, v.head_dim), persistent=False)
 
     @property
     def num_tokens(self) -> int:
@@ -189,6 +214,7 @@ class VisionEncoder(nn.Module):
         full = torch.cat([hw, hw], dim=-1)
         self.rope_cos = full.cos()
         self.rope_sin = full.sin()
+        self.rope_rot = rotation_matrix(v.head_dim, v.head_dim, interleaved=False)
 
     def example_inputs(self) -> tuple[torch.Tensor]:
         v = self.v
@@ -203,7 +229,7 @@ class VisionEncoder(nn.Module):
         x = self.post_conv_layernorm(x)
         x = x + self.pos_embed.to(x.dtype)
         for blk in self.blocks:
-            x = blk(x, self.rope_cos, self.rope_sin)
+            x = blk(x, self.rope_cos, self.rope_sin, self.rope_rot)
         x = self.post_layernorm(x)
         m = v.spatial_merge_size
         x = x.view(-1, m, m, v.hidden_size).permute(0, 3, 1, 2)
@@ -266,17 +292,13 @@ class TextAttention(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rd = cos.shape[-1]
-        rot, rest = x[..., :rd], x[..., rd:]
-        return torch.cat([rot * cos + _rotate_interleaved(rot) * sin, rest], dim=-1)
-
-    def forward(self, x, cos, sin, mask, cache_position):
+    def forward(self, x, cos, sin, rot, mask, cache_position):
         b, T, _ = x.shape
         q = self.q_proj(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, T, self.num_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, T, self.num_kv, self.head_dim).transpose(1, 2)
-        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        q = q * cos + torch.matmul(q, rot) * sin  # cos = 1, sin = 0 on the non-rotary dims
+        k = k * cos + torch.matmul(k, rot) * sin
         self.k_cache.index_copy_(2, cache_position, k.to(self.k_cache.dtype))
         self.v_cache.index_copy_(2, cache_position, v.to(self.v_cache.dtype))
         keys, values = self.k_cache.to(q.dtype), self.v_cache.to(q.dtype)
@@ -285,7 +307,7 @@ class TextAttention(nn.Module):
             c = keys.shape[2]
             keys = keys.unsqueeze(2).expand(b, self.num_kv, groups, c, self.head_dim).reshape(b, self.num_heads, c, self.head_dim)
             values = values.unsqueeze(2).expand(b, self.num_kv, groups, c, self.head_dim).reshape(b, self.num_heads, c, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = attention(q, keys, values, mask, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(b, T, -1))
 
 
@@ -310,9 +332,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.post_mlp_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache_position):
+    def forward(self, x, cos, sin, rot, mask, cache_position):
         # sandwich norms: each sub-block's output is normalised before the residual add
-        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_position))
+        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, rot, mask, cache_position))
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -336,6 +358,7 @@ class TextDecoder(nn.Module):
         self.register_buffer("inv_freq", torch.empty(t.rotary_dim // 2), persistent=False)
         self.register_buffer("axis_selector", torch.empty(3, 1, t.rotary_dim // 2), persistent=False)
         self.register_buffer("slots", torch.empty(max_context, dtype=torch.long), persistent=False)
+        self.register_buffer("rope_rot", torch.empty(t.head_dim, t.head_dim), persistent=False)
 
     def weight_map(self) -> dict[str, tuple[str, object]]:
         out: dict[str, tuple[str, object]] = {}
@@ -353,6 +376,7 @@ class TextDecoder(nn.Module):
         self.inv_freq = 1.0 / (t.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float) / rd))
         self.axis_selector = mrope_axis_selector(t)
         self.slots = torch.arange(self.max_context, dtype=torch.long)
+        self.rope_rot = rotation_matrix(t.head_dim, rd, interleaved=True)
         for layer in self.layers:
             attn = layer.self_attn
             shape = (1, t.num_kv_heads, self.max_context, t.head_dim)
@@ -371,19 +395,25 @@ class TextDecoder(nn.Module):
         return embeds, pos.unsqueeze(0).expand(3, length).contiguous(), pos
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, head_dim]: M-RoPE on the first rotary_dim dims (pairs share a frequency),
+        identity (cos 1, sin 0) on the rest."""
         freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # [3, T, F]
         freqs = (freqs * self.axis_selector).sum(0)  # each frequency takes its own axis
+        pad = self.t.head_dim - self.t.rotary_dim
         cos = torch.stack([freqs.cos(), freqs.cos()], dim=-1).flatten(-2)
         sin = torch.stack([freqs.sin(), freqs.sin()], dim=-1).flatten(-2)
+        cos = F.pad(cos, (0, pad), value=1.0)
+        sin = F.pad(sin, (0, pad), value=0.0)
         return cos.to(dtype), sin.to(dtype)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         x = inputs_embeds.to(self.norm.weight.dtype)
         cos, sin = self.rotary(position_ids, x.dtype)
+        rot = self.rope_rot.to(x.dtype)
         visible = self.slots.unsqueeze(0) <= cache_position.unsqueeze(1)  # [T, C]
         mask = torch.where(visible, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
         mask = mask.unsqueeze(0).unsqueeze(0)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache_position)
+            x = layer(x, cos, sin, rot, mask, cache_position)
         x = self.norm(x[:, -1, :])
         return self.lm_head(x).float()

@@ -1,0 +1,109 @@
+"""What every ExecuTorch target shares: torch.export with the runner's method names and dynamic
+dims, the runner-contract metadata methods, delegation statistics and the host runtime."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.export import Dim, ExportedProgram, export
+
+# bookkeeping nodes that are not compute
+_NON_COMPUTE = {"getitem", "alloc", "sym_size", "sym_size.int", "_assert_scalar", "sym_constrain_range_for_size"}
+
+
+def export_component(name: str, module: torch.nn.Module, prefill_chunk: int) -> ExportedProgram:
+    """torch.export one component; token_embedding and text_decoder take 1..prefill_chunk tokens.
+
+    ``strict=True`` is required: with ``strict=False`` the KV cache becomes a constant and
+    lowering fails (DESIGN.md §2).
+    """
+    with torch.no_grad():
+        if name == "vision_encoder":
+            return export(module, module.example_inputs(), strict=True)
+        T = Dim("T", min=1, max=prefill_chunk)
+        length = min(4, prefill_chunk)
+        if name == "token_embedding":
+            return export(module, module.example_inputs(length), dynamic_shapes=({1: T},), strict=True)
+        if name == "text_decoder":
+            return export(module, module.example_inputs(length), dynamic_shapes=({1: T}, {1: T}, {0: T}), strict=True)
+    raise KeyError(name)
+
+
+def metadata_methods(manifest_model: dict) -> dict:
+    """Constant methods of the ExecuTorch LLM runner contract (extension/llm/runner/constants.h)."""
+    return {
+        "get_max_seq_len": manifest_model["max_context"],
+        "get_max_context_len": manifest_model["max_context"],
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "get_eos_ids": list(manifest_model["eos_ids"]),
+        "get_bos_id": manifest_model["bos_id"],
+        "get_vocab_size": manifest_model["vocab_size"],
+    }
+
+
+def delegation_stats(edge_program: ExportedProgram) -> dict:
+    """Share of compute ops inside delegates, and which ops stayed on the portable CPU kernels."""
+    from executorch.exir.lowered_backend_module import get_lowered_submodules
+
+    outside: Counter = Counter()
+    delegates = 0
+    inside = 0
+    gm = edge_program.graph_module
+    for _, lowered, _ in get_lowered_submodules(gm):
+        delegates += 1
+        inside += sum(1 for n in lowered.original_module.graph.nodes if n.op == "call_function"
+                      and getattr(n.target, "__name__", str(n.target)) not in _NON_COMPUTE)  # fmt: skip
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        name = getattr(n.target, "__name__", str(n.target))
+        if name == "executorch_call_delegate" or name in _NON_COMPUTE:
+            continue
+        outside[name] += 1
+    total = inside + sum(outside.values())
+    return {
+        "delegates": delegates,
+        "ops_delegated": inside,
+        "ops_outside": dict(sorted(outside.items())),
+        "delegated_share": round(inside / total, 4) if total else 1.0,
+    }
+
+
+class ExecuTorchRuntime:
+    """A bundle's ``model.pte`` through ``executorch.runtime``; same interface as ``EagerRuntime``.
+
+    The KV cache lives inside the ``text_decoder`` method. ``reset`` does not clear it: every
+    slot after the current position is masked, and the prefill rewrites the slots before it.
+    """
+
+    def __init__(self, pte: Path, max_context: int, prefill_chunk: int) -> None:
+        import executorch.kernels.quantized  # noqa: F401  registers embedding_4bit & co.
+        from executorch.runtime import Runtime, Verification
+
+        self.program = Runtime.get().load_program(str(pte), verification=Verification.Minimal)
+        self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
+        self._methods: dict = {}
+
+    def method(self, name: str):
+        if name not in self._methods:
+            self._methods[name] = self.program.load_method(name)
+        return self._methods[name]
+
+    def metadata(self, name: str):
+        return self.method(name).execute([])[0]
+
+    def token_embedding(self, input_ids):
+        return self.method("token_embedding").execute([input_ids.contiguous()])[0]
+
+    def vision_encoder(self, pixel_values):
+        return self.method("vision_encoder").execute([pixel_values.contiguous()])[0]
+
+    def text_decoder(self, embeds, position_ids, cache_position):
+        return self.method("text_decoder").execute([embeds.contiguous(), position_ids.contiguous(), cache_position.contiguous()])[0]
+
+    def reset(self) -> None:
+        pass

@@ -1,0 +1,76 @@
+"""--target xnnpack: one ExecuTorch program with the XNNPACK delegate (any arm64 phone's CPU).
+
+INT4 / INT8 linears run as XNNPACK's dynamically-quantized int8-activation kernels (8da4w,
+8da8w); INT4 / INT8 embeddings as ExecuTorch's quantized embedding kernels. Recipes and numbers
+behind these choices: DESIGN.md §2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .executorch_common import ExecuTorchRuntime, delegation_stats, export_component, metadata_methods
+
+PTE = "model.pte"
+
+
+class XnnpackBackend:
+    name = "xnnpack"
+    runtime_name = "executorch.runtime (XNNPACK delegate, host CPU)"
+
+    def torchao_config(self, scheme: str, group_size: int | None, module: torch.nn.Module):
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerAxis, PerGroup
+
+        granularity = PerGroup(group_size) if scheme == "int4" else PerAxis(0)
+        wdtype = torch.int4 if scheme == "int4" else torch.int8
+        if isinstance(module, torch.nn.Embedding):
+            return IntxWeightOnlyConfig(weight_dtype=wdtype, granularity=granularity)
+        # XNNPACK stores group-wise scales as bf16 (executorch node_visitor.get_quant_params); rounding
+        # them here keeps the PyTorch reference bit-for-bit on the weights the phone will use.
+        scale_dtype = torch.bfloat16 if scheme == "int4" else None
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=wdtype, weight_granularity=granularity, weight_scale_dtype=scale_dtype
+        )
+
+    def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
+        return export_component(name, module, prefill_chunk)
+
+    def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress) -> dict:
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  torchao out-variants
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+        progress(f"to_edge + XNNPACK partitioning of {len(programs)} method(s)")
+        edge = to_edge_transform_and_lower(
+            programs,
+            partitioner=[XnnpackPartitioner()],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            constant_methods=metadata_methods(model_meta),
+        )
+        stats = {name: delegation_stats(edge.exported_program(name)) for name in programs}
+        progress("emitting the ExecuTorch program")
+        et = edge.to_executorch(
+            ExecutorchBackendConfig(
+                do_quant_fusion_and_const_prop=True,
+                # serialise the KV cache's zeros: uninitialised memory could hold NaN bit patterns
+                passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
+            )
+        )
+        (out_dir / PTE).write_bytes(et.buffer)
+        return {"files": [PTE], "methods": {name: {"file": PTE, "delegation": stats[name]} for name in programs}}
+
+    def open_runtime(self, bundle: Path, manifest: dict) -> ExecuTorchRuntime:
+        shapes = manifest["shapes"]
+        return ExecuTorchRuntime(bundle / PTE, shapes["max_context"], shapes["prefill_chunk"])
+
+    def versions(self) -> dict:
+        from importlib.metadata import version
+
+        return {p: version(p) for p in ("executorch", "torch", "torchao")}
+
+
+BACKEND = XnnpackBackend()

@@ -1,0 +1,154 @@
+"""``export()``: load -> split -> quantize -> lower -> verify -> write bundle.
+
+Each stage is its own module; this one only orders them. The bundle is assembled in a
+temporary directory and renamed into place after verification, so a failure or Ctrl-C never
+leaves a partial bundle, and an existing ``out`` is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from pathlib import Path
+
+from .bundle import MANIFEST, PROMPT_TEMPLATE, REPORT, SCHEMA_VERSION, file_entries, library_versions, write_json
+from .checkpoint import Checkpoint, open_checkpoint
+from .components import Shapes, registry
+from .errors import ExportError, RecipeError
+from .fsutil import atomic_output_dir, refuse_existing, sha256_file
+from .host.image import ImagePreprocessing
+from .host.tokenizer import ChatTokenizer
+from .load import build_on_meta, load_component
+from .models.glm4v.spec import load_json
+from .progress import silent
+from .quantize import FLOAT_DTYPES, quantize_hook
+from .recipe import Recipe, default_recipe_path, load_recipe
+from .verify import format_report, make_plans, run_checks
+
+
+def check_recipe_fits(recipe: Recipe, ckpt: Checkpoint, recipe_file: Path) -> None:
+    """Shape rules that depend on the checkpoint as well as the recipe."""
+    v, t = ckpt.spec.vision, ckpt.spec.text
+    factor = v.patch_size * v.spatial_merge_size
+    problems = []
+    if recipe.shapes.image_size % factor:
+        problems.append(f"shapes.image_size = {recipe.shapes.image_size}: must be a multiple of patch_size x "
+                        f"spatial_merge_size = {factor} for this checkpoint")  # fmt: skip
+    if recipe.shapes.max_context > t.max_position_embeddings:
+        problems.append(f"shapes.max_context = {recipe.shapes.max_context}: exceeds the model's "
+                        f"max_position_embeddings {t.max_position_embeddings}")  # fmt: skip
+    image_tokens = (recipe.shapes.image_size // factor) ** 2
+    if image_tokens + 16 > recipe.shapes.max_context:
+        problems.append(f"shapes.max_context = {recipe.shapes.max_context}: too small for one image "
+                        f"({image_tokens} tokens) plus a prompt; raise it or lower image_size")  # fmt: skip
+    if problems:
+        raise RecipeError(recipe_file, problems)
+
+
+def model_metadata(ckpt: Checkpoint, tokenizer: ChatTokenizer, shapes: Shapes) -> dict:
+    return {
+        "max_context": shapes.max_context,
+        "eos_ids": list(ckpt.spec.tokens.eos_token_ids),
+        "bos_id": tokenizer.special["gmask"],
+        "vocab_size": ckpt.spec.text.vocab_size,
+    }
+
+
+def component_io(name: str, ckpt: Checkpoint, shapes: Shapes, pre: ImagePreprocessing) -> dict:
+    t, v = ckpt.spec.text, ckpt.spec.vision
+    f32, i64 = "float32", "int64"
+    if name == "vision_encoder":
+        n = pre.grid**2
+        return {"inputs": [{"name": "pixel_values", "shape": [n, v.in_channels * v.patch_size**2], "dtype": f32}],
+                "outputs": [{"name": "image_embeddings", "shape": [pre.num_tokens, t.hidden_size], "dtype": f32}]}
+    if name == "token_embedding":
+        return {"inputs": [{"name": "input_ids", "shape": [1, "T"], "dtype": i64}],
+                "outputs": [{"name": "embeddings", "shape": [1, "T", t.hidden_size], "dtype": f32}]}
+    if name == "text_decoder":
+        return {"inputs": [{"name": "inputs_embeds", "shape": [1, "T", t.hidden_size], "dtype": f32},
+                           {"name": "position_ids", "shape": [3, "T"], "dtype": i64},
+                           {"name": "cache_position", "shape": ["T"], "dtype": i64}],
+                "outputs": [{"name": "logits", "shape": [1, t.vocab_size], "dtype": f32}],
+                "state": {"kv_cache": {"layers": t.num_layers, "shape": [1, t.num_kv_heads, shapes.max_context, t.head_dim],
+                                       "dtype": f32, "note": "held inside the method; positions >= cache_position are masked"}}}
+    raise KeyError(name)  # fmt: skip
+
+
+def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, progress=silent) -> dict:
+    from .lower import get_backend
+
+    out = Path(out)
+    refuse_existing(out, force)  # before any work: an existing bundle is never touched without --force
+    backend = get_backend(target)
+    recipe_file = Path(recipe) if recipe else default_recipe_path(target)
+    rec = load_recipe(recipe_file)
+    if rec.target != target:
+        raise RecipeError(recipe_file, [f"target = {rec.target!r}: this recipe is for {rec.target}, not --target {target}"])
+    say = progress.stage("load") if hasattr(progress, "stage") else progress
+    ckpt = open_checkpoint(checkpoint)
+    tokenizer = ChatTokenizer(ckpt.tokenizer_path, ckpt.spec.tokens)
+    check_recipe_fits(rec, ckpt, recipe_file)
+    shapes = Shapes(**rec.shapes.model_dump())
+    pc_file = ckpt.root / "preprocessor_config.json"
+    pc = load_json(pc_file, "preprocessor_config.json", "copy it from the original checkpoint") if pc_file.is_file() else {}
+    pre = ImagePreprocessing.from_checkpoint(pc, shapes.image_size, ckpt.spec.vision.patch_size, ckpt.spec.vision.spatial_merge_size)
+    say(f"{ckpt.spec.architecture}: {len(ckpt.tensors)} tensors, {sum(i.numel for i in ckpt.tensors.values()):,} parameters")
+    plans = make_plans(rec, ckpt, shapes, str(recipe_file))  # every rule error before any tensor is read
+
+    stage = (lambda s: progress.stage(s)) if hasattr(progress, "stage") else (lambda s: progress)
+    with atomic_output_dir(out, force=force) as tmp:
+        programs = {}
+        for comp in registry.for_spec(ckpt.spec):
+            plan = plans[comp.name]
+            s = plan.summary()
+            stage("quantize")(f"{comp.name}: {s['params']:,} params, {s['params_by_scheme']}, "
+                              f"{s['effective_bits_per_weight']} bits/weight")  # fmt: skip
+            module = load_component(build_on_meta(lambda c=comp: c.build(ckpt.spec, shapes)), ckpt,
+                                    FLOAT_DTYPES[plan.dtype], on_module=quantize_hook(plan, backend.torchao_config))  # fmt: skip
+            stage("split")(f"torch.export {comp.name}")
+            programs[comp.name] = backend.export(comp.name, module, shapes.prefill_chunk)
+            del module
+            gc.collect()
+        lowered = backend.lower(programs, model_metadata(ckpt, tokenizer, shapes), tmp, stage(f"lower/{target}"))
+        del programs
+        gc.collect()
+        shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
+
+        stage("verify")("hashing the source checkpoint")
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "format": "autoglm-export bundle",
+            "target": target,
+            "runtime": backend.runtime_name,
+            "source": {"checkpoint": str(ckpt.root.resolve()), "sha256": ckpt.fingerprint(),
+                       "architecture": ckpt.spec.architecture, "config_form": ckpt.spec.config_form},
+            "recipe": {"file": str(recipe_file), "sha256": sha256_file(recipe_file), "content": rec.to_json()},
+            "shapes": {**rec.shapes.model_dump(), "dynamic_dims": {"T": [1, shapes.prefill_chunk]}},
+            "model": ckpt.spec.to_json(),
+            "components": {
+                name: {"method": name, **lowered["methods"][name], **component_io(name, ckpt, shapes, pre),
+                       "quantization": plans[name].summary()}
+                for name in plans
+            },
+            "prompt": {"template": PROMPT_TEMPLATE, "special_ids": dict(sorted(tokenizer.special.items())),
+                       "eos_ids": list(ckpt.spec.tokens.eos_token_ids), "pad_id": ckpt.spec.tokens.pad_token_id,
+                       "bos_id": tokenizer.special["gmask"]},
+            "preprocessing": pre.to_json(),
+            "positions": {"scheme": "mrope-3axis", "mrope_section": list(ckpt.spec.text.mrope_section),
+                          "rule": "text: same position on t/h/w; image at cur: t=cur, h=cur+row, w=cur+col, "
+                                  "then cur += max(gh, gw); decode position = cache_index + rope_delta"},
+            "versions": library_versions(backend.versions()),
+        }  # fmt: skip
+        runtime = backend.open_runtime(tmp, manifest)
+        report = run_checks(runtime, ckpt, rec, backend, plans, pre, stage("verify"))
+        del runtime
+        report["verified_on"] = f"this host: {backend.runtime_name}"
+        write_json(tmp / REPORT, report)
+        files = lowered["files"] + ["tokenizer.json"]
+        manifest["files"] = file_entries(tmp, files)
+        manifest["verification"] = {"passed": report["passed"], "failed": report["failed"], "report": REPORT}
+        write_json(tmp / MANIFEST, manifest)
+        size = sum(e["bytes"] for e in manifest["files"].values())
+        stage("bundle")(f"{out}: {len(files) + 2} files, {size / 1e6:.2f} MB")
+    print(format_report(report))
+    return report

@@ -1,0 +1,132 @@
+"""Quantization stage: resolve recipe rules per weight, then apply them while weights stream in.
+
+The plan is made on the meta-device modules (names and shapes only) so that every rule error
+surfaces before a tensor is read. Applying a plan is a hook for ``load.load_component``: each
+linear / embedding is quantized the moment its weights are loaded, so a component never sits in
+memory in fp32 as a whole. The torchao configuration for a scheme comes from the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import ExportError
+from .recipe import Recipe
+
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# what a phone stores per weight: packed integers plus one 16-bit scale per group / channel
+SCALE_BITS = 16
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    weight: str  # "<component>.<name>"
+    scheme: str  # int4 | int8 | fp16 | fp32
+    group_size: int | None
+    rule: int | None  # index of the matching rule, None when no rule matched
+    params: int
+    shape: tuple[int, ...]
+
+    @property
+    def bits(self) -> float:
+        if self.scheme == "int4":
+            return 4 + SCALE_BITS / self.group_size
+        if self.scheme == "int8":
+            return 8 + SCALE_BITS / self.shape[-1]
+        return 16.0 if self.scheme == "fp16" else 32.0
+
+
+@dataclass
+class ComponentPlan:
+    component: str
+    dtype: str  # float precision of everything not quantized
+    weights: dict[str, WeightPlan] = field(default_factory=dict)
+
+    @property
+    def quantized(self) -> bool:
+        return any(w.scheme in ("int4", "int8") for w in self.weights.values())
+
+    def summary(self) -> dict:
+        schemes: dict[str, int] = {}
+        bits = params = 0.0
+        for w in self.weights.values():
+            key = f"{w.scheme}-g{w.group_size}" if w.scheme == "int4" else w.scheme
+            schemes[key] = schemes.get(key, 0) + w.params
+            bits += w.bits * w.params
+            params += w.params
+        return {
+            "float_dtype": self.dtype,
+            "params": int(params),
+            "params_by_scheme": dict(sorted(schemes.items())),
+            "effective_bits_per_weight": round(bits / params, 4) if params else 0.0,
+        }
+
+
+def _quantizable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding))
+
+
+def plan_component(recipe: Recipe, component: str, module: nn.Module, recipe_file: str) -> ComponentPlan:
+    """Decide a scheme for every parameter of ``module`` (built on meta) from the recipe rules."""
+    float_votes: dict[str, str] = {}
+    weights: dict[str, WeightPlan] = {}
+    owners = dict(module.named_modules())
+    for name, p in module.named_parameters():
+        full = f"{component}.{name}"
+        owner = owners[name.rpartition(".")[0]]
+        rule_idx, rule = recipe.match(full)
+        scheme = rule.scheme if rule else "fp32"
+        group = rule.group_size if rule else None
+        if scheme in ("int4", "int8") and not (_quantizable(owner) and name.endswith(".weight")):
+            scheme, group = None, None  # biases, norms: keep the component's float precision
+        if scheme in FLOAT_DTYPES and rule is not None:
+            float_votes.setdefault(scheme, full)
+        if scheme == "int4" and p.shape[-1] % group:
+            raise ExportError(
+                "int4 group size does not divide the weight's input width",
+                file=recipe_file,
+                field=f"quantization[{rule_idx}].group_size",
+                expected=f"a divisor of {p.shape[-1]} (weight {full})",
+                got=str(group),
+                fix="pick a group_size that divides it, or exclude this weight with an earlier rule",
+            )
+        weights[name] = WeightPlan(full, scheme or "?", group, rule_idx, p.numel(), tuple(p.shape))
+    if len(float_votes) > 1:
+        raise ExportError(
+            "one component cannot mix fp16 and fp32 weights",
+            file=recipe_file,
+            field=f"quantization (component {component})",
+            got=", ".join(f"{s} for {w}" for s, w in float_votes.items()),
+            fix="give every float weight of a component the same precision",
+        )
+    dtype = next(iter(float_votes), "fp32")
+    for name, w in weights.items():
+        if w.scheme in ("?",) or (w.scheme in FLOAT_DTYPES and w.scheme != dtype):
+            weights[name] = WeightPlan(w.weight, dtype, None, w.rule, w.params, w.shape)
+    return ComponentPlan(component, dtype, weights)
+
+
+TorchaoConfigFor = Callable[[str, int | None, nn.Module], object]
+
+
+def quantize_hook(plan: ComponentPlan, config_for: TorchaoConfigFor) -> Callable[[str, nn.Module], None]:
+    """An ``on_module`` hook that swaps a freshly loaded linear/embedding for its quantized form."""
+    from torchao.quantization import quantize_
+
+    def hook(owner_name: str, owner: nn.Module) -> None:
+        if not _quantizable(owner):
+            return
+        w = plan.weights.get(f"{owner_name}.weight" if owner_name else "weight")
+        if w is None or w.scheme not in ("int4", "int8"):
+            return
+        before = type(owner.weight)
+        # quantize_'s default filter only takes nn.Linear; the plan already chose this module
+        quantize_(owner, config_for(w.scheme, w.group_size, owner), filter_fn=lambda m, fqn: True)
+        if type(owner.weight) is before:
+            raise RuntimeError(f"{w.weight}: planned {w.scheme} but torchao left it unquantized")
+
+    return hook

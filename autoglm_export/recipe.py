@@ -1,0 +1,158 @@
+"""Recipes: one YAML schema for target, static shapes, ordered quantization rules and parity gates.
+
+Rules are matched, first match wins, against ``<component>.<weight name>`` (for example
+``text_decoder.layers.3.mlp.down_proj.weight``) with Python regular expressions (full match).
+Schemes: ``int4`` (group-wise, ``group_size`` required), ``int8`` (per output channel),
+``fp16`` / ``fp32`` (kept in float). A weight no rule matches stays fp32. Rules say nothing
+about packing: each target picks its own kernels for a scheme.
+
+Every problem in a file is reported at once, each with field, value, rule and fix.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+TARGETS = ("xnnpack", "qnn", "coreml", "onnx", "onnx-qnn")
+SCHEMES = ("int4", "int8", "fp16", "fp32")
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShapesSpec(_Strict):
+    image_size: int = Field(336, description="square input image side in pixels; a multiple of 28")
+    max_context: int = Field(2048, description="KV cache length (prompt + generated tokens)")
+    prefill_chunk: int = Field(128, description="tokens per prefill call")
+
+    @field_validator("image_size")
+    @classmethod
+    def _image(cls, v: int) -> int:
+        if v < 28 or v % 28:
+            raise ValueError(f"must be a positive multiple of 28 (patch 14 x merge 2), got {v}; use e.g. 336")
+        return v
+
+    @field_validator("max_context", "prefill_chunk")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"must be an integer >= 2, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _chunk_fits(self):
+        if self.prefill_chunk > self.max_context:
+            raise ValueError(
+                f"prefill_chunk {self.prefill_chunk} is larger than max_context {self.max_context}; "
+                "lower prefill_chunk or raise max_context"
+            )
+        return self
+
+
+class QuantRuleSpec(_Strict):
+    match: str = Field(description="regex, full match against '<component>.<weight name>'")
+    scheme: Literal["int4", "int8", "fp16", "fp32"]
+    group_size: int | None = None
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression ({e}); escape dots as '\\.'") from None
+        return v
+
+    @model_validator(mode="after")
+    def _group(self):
+        if self.scheme == "int4":
+            if self.group_size is None:
+                raise ValueError("scheme int4 needs group_size (32, 64, 128 or 256)")
+            if self.group_size not in (16, 32, 64, 128, 256):
+                raise ValueError(f"group_size must be one of 16, 32, 64, 128, 256, got {self.group_size}")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size applies to int4 only; remove it from this {self.scheme} rule")
+        return self
+
+
+class ParitySpec(_Strict):
+    float_sqnr_db: float = Field(60.0, description="fp32 components, lowered vs PyTorch")
+    fp16_sqnr_db: float = Field(40.0, description="fp16 components vs the fp32 reference")
+    quantized_sqnr_db: float = Field(35.0, description="quantized components, lowered vs PyTorch with the same weights")
+    greedy_tokens: int = Field(32, ge=1, description="tokens of the end-to-end greedy check")
+    greedy_agreement: float = Field(1.0, ge=0.0, le=1.0, description="share of greedy tokens that must agree")
+
+
+class Recipe(_Strict):
+    name: str
+    target: Literal["xnnpack", "qnn", "coreml", "onnx", "onnx-qnn"]
+    description: str = ""
+    shapes: ShapesSpec = ShapesSpec()
+    quantization: list[QuantRuleSpec] = Field(default_factory=list)
+    parity: ParitySpec = ParitySpec()
+
+    def match(self, weight: str) -> tuple[int | None, QuantRuleSpec | None]:
+        """The first rule whose pattern fully matches ``weight`` (index, rule), or (None, None)."""
+        for i, rule in enumerate(self.quantization):
+            if re.fullmatch(rule.match, weight):
+                return i, rule
+        return None, None
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _describe(err: dict, data: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    value: object = data
+    for p in err["loc"]:
+        try:
+            value = value[p]  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
+            value = "<missing>"
+            break
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field; remove it or check its spelling"
+    elif err["type"] == "literal_error":
+        msg = msg.replace("Input should be", "must be one of")
+    elif err["type"] == "missing":
+        msg = "required field is missing; add it"
+    return f"{loc or '(top level)'} = {value!r}: {msg}"
+
+
+def parse_recipe(data: object, file: Path | str) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(file, [f"(top level) = {type(data).__name__}: must be a mapping of recipe fields"])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(file, [_describe(err, data) for err in e.errors()]) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(path, ["file not found; `autoglm-export recipes list` shows the shipped recipes"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RecipeError(path, [f"not valid YAML ({str(e).splitlines()[0]})"]) from None
+    return parse_recipe(data, path)
+
+
+def default_recipe_path(target: str) -> Path:
+    return RECIPES_DIR / f"{target}.yaml"
+
+
+def list_recipes() -> list[tuple[str, Path, Recipe]]:
+    return [(p.stem, p, load_recipe(p)) for p in sorted(RECIPES_DIR.glob("*.yaml"))]

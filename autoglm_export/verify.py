@@ -1,0 +1,241 @@
+"""Verification stage: the bundle's own runtime against PyTorch, per component and end to end.
+
+For every component two comparisons on the same inputs:
+* lowering  — bundle vs the PyTorch reference with the *same* quantized weights (gated);
+* quantization — PyTorch with quantized weights vs fp32 (reported; gated for fp16 components).
+End to end: greedy generation from the golden image + prompt, bundle vs quantized reference
+(gated), and quantized vs fp32 reference (reported). Thresholds come from the recipe.
+References are loaded one component at a time; the fp32 reference is skipped, and says so,
+when it would not fit in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .components import Shapes, registry
+from .errors import BundleError, ExportError
+from .host.generate import EagerRuntime, Trace, generate
+from .host.golden import GOLDEN_PROMPT, golden_image
+from .host.image import ImagePreprocessing, preprocess_image
+from .host.prompt import IMAGE, build_chat_prompt
+from .host.tokenizer import ChatTokenizer
+from .load import build_on_meta, load_component
+from .metrics import compare, passes
+from .progress import silent
+from .quantize import FLOAT_DTYPES, ComponentPlan, plan_component, quantize_hook
+from .recipe import Recipe
+
+DECODE_STEPS = 8
+
+
+def memory_budget_bytes() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
+
+
+def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentPlan | None, backend) -> torch.nn.Module:
+    """One component in PyTorch: quantized exactly as exported (``plan``) or fp32 (``None``)."""
+    comp = registry.get(name)
+    meta = build_on_meta(lambda: comp.build(ckpt.spec, shapes))
+    if plan is None:
+        return load_component(meta, ckpt, torch.float32)
+    return load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype], on_module=quantize_hook(plan, backend.torchao_config))
+
+
+def make_plans(recipe: Recipe, ckpt: Checkpoint, shapes: Shapes, recipe_file: str) -> dict[str, ComponentPlan]:
+    plans = {}
+    for comp in registry.for_spec(ckpt.spec):
+        meta = build_on_meta(lambda c=comp: c.build(ckpt.spec, shapes))
+        plans[comp.name] = plan_component(recipe, comp.name, meta, recipe_file)
+    return plans
+
+
+class _Report:
+    def __init__(self) -> None:
+        self.checks: list[dict] = []
+
+    def add(self, name: str, kind: str, figures: dict | None, threshold: float | None, note: str = "", **extra) -> None:
+        gated = threshold is not None
+        passed = (passes(figures, threshold) if figures else False) if gated else None
+        self.checks.append({"name": name, "kind": kind, "threshold_db": threshold, "gated": gated, "passed": passed,
+                            "note": note, **(figures or {}), **extra})  # fmt: skip
+
+    def finish(self, extra: dict) -> dict:
+        failed = [c["name"] for c in self.checks if c["gated"] and not c["passed"]]
+        return {"passed": not failed, "failed": failed, "checks": self.checks, **extra}
+
+
+def _decoder_calls(runtime, embeds: torch.Tensor, positions: np.ndarray, delta: int, chunk: int, tokens: list[int], embed_fn):
+    """Prefill ``embeds`` in chunks, then decode ``tokens``; logits of every call, stacked."""
+    runtime.reset()
+    n = embeds.shape[1]
+    pos = torch.from_numpy(positions)
+    out = []
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        out.append(runtime.text_decoder(embeds[:, a:b], pos[:, a:b].contiguous(), torch.arange(a, b)))
+    for i, tok in enumerate(tokens):
+        c = n + i
+        p = torch.full((3, 1), c + delta, dtype=torch.long)
+        out.append(runtime.text_decoder(embed_fn(torch.tensor([[tok]])), p, torch.tensor([c])))
+    return torch.cat([o.reshape(1, -1) for o in out]).numpy()
+
+
+def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans: dict[str, ComponentPlan],
+               pre: ImagePreprocessing, progress=silent) -> dict:  # fmt: skip
+    shapes = Shapes(**recipe.shapes.model_dump())
+    par = recipe.parity
+    tok = ChatTokenizer(ckpt.tokenizer_path, ckpt.spec.tokens)
+    prompt = build_chat_prompt(tok, GOLDEN_PROMPT, pre.num_tokens)
+    pixels = preprocess_image(golden_image(), pre)
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "vision_encoder": [torch.from_numpy(pixels), torch.randn(pixels.shape, generator=g)],
+        "token_embedding": [torch.tensor([prompt.ids[: shapes.prefill_chunk]]), torch.tensor([[0]])],
+    }
+    from .host.positions import mrope_positions
+
+    positions, delta = mrope_positions(prompt.types, [pre.merged_grid])
+    report = _Report()
+
+    def lowering_threshold(plan: ComponentPlan) -> float:
+        if plan.quantized:
+            return par.quantized_sqnr_db
+        return par.float_sqnr_db if plan.dtype == "fp32" else par.fp16_sqnr_db
+
+    # 1. quantized references (as exported) vs the bundle
+    progress("loading the PyTorch reference with the exported (quantized) weights")
+    q = {name: load_reference(ckpt, name, shapes, plans[name], backend) for name in plans}
+    qrt = EagerRuntime(q, shapes.max_context, shapes.prefill_chunk)
+    outs: dict[str, dict[str, np.ndarray]] = {}
+    with torch.no_grad():
+        for name in ("vision_encoder", "token_embedding"):
+            ref = np.concatenate([q[name](x).numpy().ravel() for x in inputs[name]])
+            got = np.concatenate([getattr(bundle_runtime, name)(x).numpy().ravel() for x in inputs[name]])
+            outs[name] = {"quantized": ref}
+            report.add(f"{name}/lowered_vs_reference", "lowering", compare(ref, got), lowering_threshold(plans[name]),
+                       "bundle runtime vs PyTorch with the same weights")  # fmt: skip
+        # decoder inputs: the real prompt embeddings with the image scattered in
+        ids = torch.tensor([prompt.ids])
+        embeds = torch.cat([q["token_embedding"](ids[:, a : a + shapes.prefill_chunk])
+                            for a in range(0, len(prompt), shapes.prefill_chunk)], dim=1)  # fmt: skip
+        slots = [i for i, t in enumerate(prompt.types) if t == IMAGE]
+        embeds[0, slots] = q["vision_encoder"](inputs["vision_encoder"][0])
+        probe = generate(qrt, prompt, images=[pixels], image_grids=[pre.merged_grid], max_new_tokens=DECODE_STEPS)
+        feed = probe.tokens[:DECODE_STEPS]
+        embed_q = q["token_embedding"]
+        ref = _decoder_calls(qrt, embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)
+        got = _decoder_calls(bundle_runtime, embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)
+        outs["text_decoder"] = {"quantized": ref}
+        fig = compare(ref, got)
+        agree = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
+        report.add("text_decoder/lowered_vs_reference", "lowering", fig, lowering_threshold(plans["text_decoder"]),
+                   f"prefill of {len(prompt)} tokens in chunks of {shapes.prefill_chunk}, then {DECODE_STEPS} decode steps",
+                   argmax_agreement=agree)  # fmt: skip
+
+        # 2. end to end, bundle vs quantized reference
+        progress(f"greedy generation of {par.greedy_tokens} tokens: bundle vs reference")
+        n_new = min(par.greedy_tokens, shapes.max_context - len(prompt))
+        ref_trace = generate(qrt, prompt, images=[pixels], image_grids=[pre.merged_grid], max_new_tokens=n_new)
+        got_trace = generate(bundle_runtime, prompt, images=[pixels], image_grids=[pre.merged_grid], max_new_tokens=n_new)
+        report.checks.append(_greedy_check("end_to_end/greedy_lowered_vs_reference", ref_trace, got_trace,
+                                           par.greedy_agreement, gated=True))  # fmt: skip
+    del q, qrt  # keep the (small) quantized embedding: decode steps of every decoder run share it
+
+    # 3. quantization error: fp32 reference, one component at a time, when it fits
+    fp32_bytes = sum(4 * i.numel for i in ckpt.tensors.values())
+    budget = memory_budget_bytes()
+    f = {}
+    with torch.no_grad():
+        for name in ("vision_encoder", "token_embedding", "text_decoder"):
+            comp_bytes = 4 * sum(ckpt.tensors[k].numel for k in registry.get(name).keys(ckpt.spec))
+            fp16 = plans[name].dtype == "fp16" and not plans[name].quantized
+            threshold = par.fp16_sqnr_db if fp16 else None
+            if comp_bytes > budget:
+                report.add(f"{name}/reference_vs_fp32", "quantization", None, threshold,
+                           f"skipped: the fp32 reference needs {comp_bytes / 2**30:.1f} GiB, over this machine's budget")  # fmt: skip
+                continue
+            progress(f"fp32 reference for {name}")
+            mod = load_reference(ckpt, name, shapes, None, backend)
+            if name == "text_decoder":
+                frt = EagerRuntime({"text_decoder": mod}, shapes.max_context, shapes.prefill_chunk)
+                ref = _decoder_calls(frt, embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)
+            else:
+                ref = np.concatenate([mod(x).numpy().ravel() for x in inputs[name]])
+            fig = compare(ref, outs[name]["quantized"])
+            report.add(f"{name}/reference_vs_fp32", "quantization", fig, threshold,
+                       "PyTorch with the exported weights vs fp32 (the cost of the recipe)")  # fmt: skip
+            f[name] = mod
+        if fp32_bytes <= budget and len(f) == 3:
+            frt = EagerRuntime(f, shapes.max_context, shapes.prefill_chunk)
+            fp_trace = generate(frt, prompt, images=[pixels], image_grids=[pre.merged_grid], max_new_tokens=n_new)
+            report.checks.append(_greedy_check("end_to_end/greedy_reference_vs_fp32", fp_trace, ref_trace, None, gated=False))
+    return report.finish({"prompt_tokens": len(prompt), "greedy_tokens": n_new, "reference_tokens": ref_trace.tokens,
+                          "bundle_tokens": got_trace.tokens})  # fmt: skip
+
+
+def _greedy_check(name: str, ref: Trace, got: Trace, threshold: float | None, gated: bool) -> dict:
+    n = min(len(ref.tokens), len(got.tokens))
+    same = sum(a == b for a, b in zip(ref.tokens, got.tokens))
+    agreement = same / max(len(ref.tokens), 1)
+    first = next((i for i, (a, b) in enumerate(zip(ref.tokens, got.tokens)) if a != b), None)
+    return {"name": name, "kind": "end_to_end", "gated": gated, "threshold_agreement": threshold,
+            "passed": (agreement >= threshold) if gated else None, "agreement": round(agreement, 4),
+            "tokens": n, "first_divergence": first, "note": "greedy, image + text prompt"}  # fmt: skip
+
+
+def format_report(report: dict) -> str:
+    rows = [f"{'check':<42}{'SQNR dB':>9}{'cosine':>11}{'max-abs':>11}{'gate':>8}  result"]
+    for c in report["checks"]:
+        if c["kind"] == "end_to_end":
+            gate = f"{c['threshold_agreement']:.0%}" if c["gated"] else "-"
+            value = f"{c['agreement']:.1%} of {c['tokens']} tokens agree"
+            result = ("PASS" if c["passed"] else "FAIL") if c["gated"] else "reported"
+            rows.append(f"{c['name']:<42}{value:>31}{gate:>8}  {result}")
+            continue
+        if "finite" not in c:
+            rows.append(f"{c['name']:<42}{'':>31}{'-':>8}  {c['note']}")
+            continue
+        sq = "exact" if c["bit_exact"] else ("nan" if c["sqnr_db"] is None else f"{c['sqnr_db']:.1f}")
+        ma = "nan" if c["max_abs"] is None else f"{c['max_abs']:.2e}"
+        gate = f">={c['threshold_db']:.0f}" if c["gated"] else "-"
+        result = ("PASS" if c["passed"] else "FAIL") if c["gated"] else "reported"
+        rows.append(f"{c['name']:<42}{sq:>9}{c['cosine']:>11.6f}{ma:>11}{gate:>8}  {result}")
+    rows.append(f"overall: {'PASS' if report['passed'] else 'FAIL: ' + ', '.join(report['failed'])}")
+    return "\n".join(rows)
+
+
+def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, against: str | None = None,
+                  progress=silent) -> dict:  # fmt: skip
+    from .bundle import load_bundle
+    from .lower import get_backend
+    from .recipe import parse_recipe
+
+    if against is not None:
+        raise ExportError("--against is not implemented in this version", field="--against",
+                          expected="(omit the option)", got=against, fix="run verify without --against")  # fmt: skip
+    bundle = Path(bundle)
+    manifest = load_bundle(bundle)
+    backend = get_backend(manifest["target"])
+    recipe = parse_recipe(manifest["recipe"]["content"], bundle / "manifest.json")
+    ckpt_path = Path(checkpoint) if checkpoint else Path(manifest["source"]["checkpoint"])
+    if not ckpt_path.is_dir():
+        raise BundleError("the checkpoint this bundle was exported from is not at its recorded path", file=ckpt_path,
+                          fix="pass --checkpoint DIR pointing at the same checkpoint")  # fmt: skip
+    ckpt = open_checkpoint(ckpt_path)
+    progress("hashing the checkpoint")
+    if ckpt.fingerprint() != manifest["source"]["sha256"]:
+        raise BundleError("checkpoint differs from the one this bundle was exported from", file=ckpt_path,
+                          field="source.sha256", fix="pass --checkpoint with the original checkpoint")  # fmt: skip
+    shapes = Shapes(**recipe.shapes.model_dump())
+    plans = make_plans(recipe, ckpt, shapes, str(bundle / "manifest.json"))
+    pre = ImagePreprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["preprocessing"].items()})
+    runtime = backend.open_runtime(bundle, manifest)
+    report = run_checks(runtime, ckpt, recipe, backend, plans, pre, progress)
+    print(format_report(report))
+    return report

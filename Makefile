@@ -23,6 +23,7 @@ demo: setup
 	$(VENV)/bin/autoglm-export inspect $(DEMO)/checkpoint
 	$(VENV)/bin/autoglm-export --target xnnpack --checkpoint $(DEMO)/checkpoint --out $(DEMO)/bundle-xnnpack
 	$(VENV)/bin/autoglm-export verify $(DEMO)/bundle-xnnpack
+	@echo "--- run (the tiny checkpoint has random weights: expect random text; the parity table is the result)"
 	$(VENV)/bin/autoglm-export run $(DEMO)/bundle-xnnpack --prompt "What is on the screen?" --image tests/data/screen.png --max-new-tokens 16
 
 bench: setup

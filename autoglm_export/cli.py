@@ -184,11 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     import click
 
     quiet_third_party_logs()
+    # a shell that starts us in the background hands down SIGINT as ignored; Ctrl-C must still work
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(args=argv, prog_name="autoglm-export", standalone_mode=False)
-        return 0
+        rv = app(args=argv, prog_name="autoglm-export", standalone_mode=False)
+        if rv == 130:  # typer turns KeyboardInterrupt into a returned exit code
+            print("interrupted: nothing was written", file=sys.stderr)
+        return rv if isinstance(rv, int) else 0
     except ExportError as e:
         print(f"error: {e.one_line()}", file=sys.stderr)
         return e.exit_code

@@ -3,6 +3,8 @@ dims, the runner-contract metadata methods, delegation statistics and the host r
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -72,6 +74,20 @@ def delegation_stats(edge_program: ExportedProgram) -> dict:
     }
 
 
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Hide the runtime's native log lines (cpuinfo probing /sys on x86) from the user's terminal.
+    Failures still surface as Python exceptions."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class ExecuTorchRuntime:
     """A bundle's ``model.pte`` through ``executorch.runtime``; same interface as ``EagerRuntime``.
 
@@ -83,14 +99,16 @@ class ExecuTorchRuntime:
         import executorch.kernels.quantized  # noqa: F401  registers embedding_4bit & co.
         from executorch.runtime import Runtime, Verification
 
-        self.program = Runtime.get().load_program(str(pte), verification=Verification.Minimal)
+        with quiet_native_stderr():
+            self.program = Runtime.get().load_program(str(pte), verification=Verification.Minimal)
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self._methods: dict = {}
 
     def method(self, name: str):
         if name not in self._methods:
-            self._methods[name] = self.program.load_method(name)
+            with quiet_native_stderr():
+                self._methods[name] = self.program.load_method(name)
         return self._methods[name]
 
     def metadata(self, name: str):

@@ -7,6 +7,7 @@ behind these choices: DESIGN.md §2.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,13 +54,16 @@ class XnnpackBackend:
         )
         stats = {name: delegation_stats(edge.exported_program(name)) for name in programs}
         progress("emitting the ExecuTorch program")
-        et = edge.to_executorch(
-            ExecutorchBackendConfig(
-                do_quant_fusion_and_const_prop=True,
-                # serialise the KV cache's zeros: uninitialised memory could hold NaN bit patterns
-                passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
+        with warnings.catch_warnings():
+            # emitted for every mutable buffer, even those InitializedMutableBufferPass handles
+            warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected")
+            et = edge.to_executorch(
+                ExecutorchBackendConfig(
+                    do_quant_fusion_and_const_prop=True,
+                    # serialise the KV cache's zeros: uninitialised memory could hold NaN bit patterns
+                    passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
+                )
             )
-        )
         (out_dir / PTE).write_bytes(et.buffer)
         return {"files": [PTE], "methods": {name: {"file": PTE, "delegation": stats[name]} for name in programs}}
 

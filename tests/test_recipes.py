@@ -1,0 +1,93 @@
+"""Recipes: one schema, every problem reported at once; recipe/checkpoint mismatches stop before work."""
+
+from __future__ import annotations
+
+import pytest
+
+from autoglm_export.errors import RecipeError
+from autoglm_export.recipe import RECIPES_DIR, list_recipes, load_recipe
+from conftest import REPO, run_cli, tree_snapshot
+
+SHIPPED = sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    proc = run_cli("recipes", "validate", path)
+    assert proc.returncode == 0 and "ok" in proc.stdout
+
+
+def test_recipes_list_shows_every_file():
+    proc = run_cli("recipes", "list")
+    assert proc.returncode == 0
+    assert all(p.stem in proc.stdout for p in SHIPPED) and len(list_recipes()) == len(SHIPPED)
+
+
+def test_first_matching_rule_wins():
+    r = load_recipe(RECIPES_DIR / "xnnpack.yaml")
+    assert r.match("text_decoder.lm_head.weight")[1].scheme == "int8"
+    assert r.match("text_decoder.layers.7.mlp.down_proj.weight")[1].scheme == "int4"
+    assert r.match("text_decoder.layers.7.input_layernorm.weight") == (None, None)
+    assert r.match("vision_encoder.blocks.0.attn.qkv.weight")[1].scheme == "fp32"
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: bad\ntarget: tpu\nshapes: {image_size: 300, max_context: 64}\n"
+        "quantization:\n  - {match: 'a(', scheme: int4, group_size: 32}\n  - {match: x, scheme: int3}\n"
+        "  - {match: y, scheme: int4}\nparity: {greedy_agreement: 2}\nbogus: 1\n"
+    )
+    with pytest.raises(RecipeError) as e:
+        load_recipe(bad)
+    problems = e.value.problems
+    assert len(problems) == 7, problems
+    text = " | ".join(problems)
+    for needle in ("target = 'tpu'", "shapes.image_size = 300", "quantization.0.match", "quantization.1.scheme = 'int3'",
+                   "group_size", "parity.greedy_agreement = 2", "bogus = 1"):  # fmt: skip
+        assert needle in text, needle
+    proc = run_cli("recipes", "validate", bad)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (("image_size: 112", "image_size: 100"), "shapes.image_size = 100"),
+        (("prefill_chunk: 16", "prefill_chunk: 256"), "prefill_chunk 256 is larger than max_context 128"),
+        (("group_size: 32\n  - match: 'token", "group_size: 256\n  - match: 'token"), "group_size"),
+        (("scheme: fp32", "scheme: fp16\n  - match: 'vision_encoder\\.blocks\\.0\\.norm1\\.weight'\n    scheme: fp32"),
+         None),
+        (("target: xnnpack", "target: coreml"), "not --target xnnpack"),
+    ],
+    ids=["image_size", "prefill_gt_context", "group_size", "mixed_float", "target_mismatch"],
+)
+def test_recipe_that_breaks_the_checkpoint_stops_before_work(edit, needle, tiny_ckpt, tmp_path):
+    text = (REPO / "recipes" / "xnnpack-tiny.yaml").read_text()
+    assert edit[0] in text
+    if needle is None:  # a rule order that leaves one component half fp16, half fp32
+        text = text.replace("  - match: 'vision_encoder\\..*'\n    scheme: fp32",
+                            "  - match: 'vision_encoder\\.blocks\\.0\\.norm1\\.weight'\n    scheme: fp32\n"
+                            "  - match: 'vision_encoder\\..*'\n    scheme: fp16")  # fmt: skip
+        needle = "cannot mix fp16 and fp32"
+    else:
+        text = text.replace(*edit)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "out"
+    before = tree_snapshot(tmp_path)
+    proc = run_cli("--target", "xnnpack", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", recipe)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2  # the error line, plus at most the first progress line
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_unknown_and_unimplemented_targets(tiny_ckpt, tmp_path):
+    proc = run_cli("--target", "tflite", "--checkpoint", tiny_ckpt, "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "xnnpack" in proc.stderr and "onnx-qnn" in proc.stderr
+    proc = run_cli("--target", "qnn", "--checkpoint", tiny_ckpt, "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "not implemented" in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,159 @@
+"""--target xnnpack end to end on the tiny checkpoint: bundle, gates, manifest, verify, run, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_cli, tree_snapshot
+
+TINY_RECIPE = REPO / "recipes" / "xnnpack-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("xnn") / "bundle"
+    proc = run_cli("--target", "xnnpack", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", TINY_RECIPE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lower/xnnpack" in proc.stderr  # progress output
+    return out, proc
+
+
+def _checks(report):
+    return {c["name"]: c for c in report["checks"]}
+
+
+def test_bundle_layout_and_gates(bundle):
+    out, proc = bundle
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pte", "report.json", "tokenizer.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True and report["failed"] == []
+    c = _checks(report)
+    assert c["vision_encoder/lowered_vs_reference"]["threshold_db"] == 60
+    assert c["vision_encoder/lowered_vs_reference"]["sqnr_db"] >= 60
+    for name in ("token_embedding", "text_decoder"):  # INT4 components, same quantized weights
+        chk = c[f"{name}/lowered_vs_reference"]
+        assert chk["threshold_db"] == 35 and (chk["bit_exact"] or chk["sqnr_db"] >= 35)
+    e2e = c["end_to_end/greedy_lowered_vs_reference"]
+    assert e2e["tokens"] == 32 and e2e["agreement"] == 1.0 and e2e["passed"]
+    # the quantization error is measured and reported, never gated for INT4 components
+    q = c["text_decoder/reference_vs_fp32"]
+    assert q["gated"] is False and q["sqnr_db"] is not None and q["sqnr_db"] < 60
+    assert "overall: PASS" in proc.stdout
+
+
+def test_manifest_contract(bundle):
+    out, _ = bundle
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["schema_version"] == 1 and m["target"] == "xnnpack"
+    assert set(m["components"]) == {"vision_encoder", "token_embedding", "text_decoder"}
+    dec = m["components"]["text_decoder"]
+    assert [i["name"] for i in dec["inputs"]] == ["inputs_embeds", "position_ids", "cache_position"]
+    assert dec["quantization"]["params_by_scheme"]["int4-g32"] > 0
+    assert 4.5 < dec["quantization"]["effective_bits_per_weight"] < 8
+    assert m["components"]["vision_encoder"]["inputs"][0]["shape"] == [64, 588]
+    assert m["components"]["vision_encoder"]["outputs"][0]["shape"] == [16, 64]
+    assert m["prompt"]["eos_ids"] == m["model"]["tokens"]["eos_token_ids"]
+    assert m["preprocessing"]["image_size"] == 112
+    assert m["versions"]["executorch"] == "1.5.1" and m["versions"]["torch"].startswith("2.13.0")
+    assert len(m["source"]["sha256"]) == 64
+    for name, entry in m["files"].items():
+        assert (out / name).stat().st_size == entry["bytes"]
+    assert m["verification"]["passed"] is True
+
+
+def test_pte_methods_follow_the_runner_contract(bundle):
+    out, _ = bundle
+    from autoglm_export.lower.executorch_common import ExecuTorchRuntime
+
+    rt = ExecuTorchRuntime(out / "model.pte", 128, 16)
+    names = set(rt.program.method_names)
+    assert {"token_embedding", "vision_encoder", "text_decoder"} <= names
+    assert rt.metadata("get_max_seq_len") == 128 and rt.metadata("get_max_context_len") == 128
+    assert rt.metadata("use_kv_cache") is True and rt.metadata("get_vocab_size") == 512
+    m = json.loads((out / "manifest.json").read_text())
+    assert list(rt.metadata("get_eos_ids")) == m["prompt"]["eos_ids"] if not isinstance(rt.metadata("get_eos_ids"), int) else True
+
+
+def test_export_is_byte_identical(bundle, tiny_ckpt, tmp_path):
+    out, _ = bundle
+    again = tmp_path / "again"
+    proc = run_cli("-q", "--target", "xnnpack", "--checkpoint", tiny_ckpt, "--out", again, "--recipe", TINY_RECIPE)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("model.pte", "manifest.json", "tokenizer.json", "report.json"):
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_verify_and_run(bundle):
+    out, _ = bundle
+    proc = run_cli("verify", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "overall: PASS" in proc.stdout
+    proc = run_cli("run", out, "--prompt", "What is on the screen?", "--image", REPO / "tests/data/screen.png",
+                   "--max-new-tokens", "8")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()  # a random model says random things, but it says them
+
+
+def test_corrupted_bundle_is_refused(bundle, tmp_path):
+    import shutil
+
+    out, _ = bundle
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    data = bytearray((bad / "model.pte").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "model.pte").write_bytes(bytes(data))
+    before = tree_snapshot(bad)
+    for args in (("verify", bad), ("run", bad, "--prompt", "hi")):
+        proc = run_cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert "model.pte" in proc.stderr and "hash" in proc.stderr
+    (bad / "manifest.json").write_text("{not json")
+    proc = run_cli("run", bad, "--prompt", "hi")
+    assert proc.returncode == 2 and "manifest.json" in proc.stderr
+    assert tree_snapshot(bad).keys() == before.keys()
+
+
+def test_failed_gate_names_the_component(tiny_ckpt, tmp_path):
+    recipe = tmp_path / "strict.yaml"
+    text = TINY_RECIPE.read_text().replace("float_sqnr_db: 60", "float_sqnr_db: 200")
+    recipe.write_text(text)
+    out = tmp_path / "b"
+    proc = run_cli("-q", "--target", "xnnpack", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", recipe)
+    assert proc.returncode == 1
+    assert "vision_encoder/lowered_vs_reference" in proc.stderr and "Traceback" not in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False and report["failed"] == ["vision_encoder/lowered_vs_reference"]
+
+
+def test_force_replaces_and_ctrl_c_leaves_nothing(bundle, tiny_ckpt, tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoglm_export.cli", "--target", "xnnpack", "--checkpoint", str(tiny_ckpt),
+         "--out", str(out), "--recipe", str(TINY_RECIPE), "--force"],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    seen = ""
+    deadline = time.time() + 300
+    while "lower/xnnpack" not in seen and time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, seen + err
+    assert "interrupted" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary directory left
+    assert [p.name for p in out.iterdir()] == ["old.txt"]  # the old output is untouched

@@ -174,7 +174,8 @@ def quiet_third_party_logs() -> None:
     import logging
     import warnings
 
-    for name in ("torchao", "torch.utils._pytree", "torch._export", "coremltools"):
+    for name in ("torchao", "torch.utils._pytree", "torch._export", "torch.onnx", "onnx_ir", "onnxscript",
+                 "onnxruntime", "coremltools"):  # fmt: skip
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)

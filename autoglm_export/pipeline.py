@@ -94,6 +94,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     pre = ImagePreprocessing.from_checkpoint(pc, shapes.image_size, ckpt.spec.vision.patch_size, ckpt.spec.vision.spatial_merge_size)
     say(f"{ckpt.spec.architecture}: {len(ckpt.tensors)} tensors, {sum(i.numel for i in ckpt.tensors.values()):,} parameters")
     plans = make_plans(rec, ckpt, shapes, str(recipe_file))  # every rule error before any tensor is read
+    backend.check_plans(plans, str(recipe_file))
 
     stage = (lambda s: progress.stage(s)) if hasattr(progress, "stage") else (lambda s: progress)
     with atomic_output_dir(out, force=force) as tmp:
@@ -103,13 +104,14 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
             s = plan.summary()
             stage("quantize")(f"{comp.name}: {s['params']:,} params, {s['params_by_scheme']}, "
                               f"{s['effective_bits_per_weight']} bits/weight")  # fmt: skip
+            hook = quantize_hook(plan, backend.torchao_config) if backend.quantizes_in_torch else None
             module = load_component(build_on_meta(lambda c=comp: c.build(ckpt.spec, shapes)), ckpt,
-                                    FLOAT_DTYPES[plan.dtype], on_module=quantize_hook(plan, backend.torchao_config))  # fmt: skip
+                                    FLOAT_DTYPES[plan.dtype], on_module=hook)  # fmt: skip
             stage("split")(f"torch.export {comp.name}")
             programs[comp.name] = backend.export(comp.name, module, shapes.prefill_chunk)
             del module
             gc.collect()
-        lowered = backend.lower(programs, model_metadata(ckpt, tokenizer, shapes), tmp, stage(f"lower/{target}"))
+        lowered = backend.lower(programs, model_metadata(ckpt, tokenizer, shapes), tmp, stage(f"lower/{target}"), plans)
         del programs
         gc.collect()
         shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
@@ -140,7 +142,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
             "versions": library_versions(backend.versions()),
         }  # fmt: skip
         runtime = backend.open_runtime(tmp, manifest)
-        report = run_checks(runtime, ckpt, rec, backend, plans, pre, stage("verify"))
+        report = run_checks(runtime, ckpt, rec, backend, plans, pre, stage("verify"), bundle=tmp, manifest=manifest)
         del runtime
         report["verified_on"] = f"this host: {backend.runtime_name}"
         write_json(tmp / REPORT, report)

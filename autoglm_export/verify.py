@@ -38,13 +38,22 @@ def memory_budget_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
 
 
-def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentPlan | None, backend) -> torch.nn.Module:
-    """One component in PyTorch: quantized exactly as exported (``plan``) or fp32 (``None``)."""
+def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentPlan | None, backend,
+                   bundle: Path | None = None, manifest: dict | None = None) -> torch.nn.Module:  # fmt: skip
+    """One component in PyTorch: quantized exactly as exported (``plan``) or fp32 (``None``).
+
+    Targets that quantize in PyTorch get the same torchao configuration; targets that quantize
+    the exported graph (onnx) get the weights read back from the bundle."""
     comp = registry.get(name)
     meta = build_on_meta(lambda: comp.build(ckpt.spec, shapes))
     if plan is None:
         return load_component(meta, ckpt, torch.float32)
-    return load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype], on_module=quantize_hook(plan, backend.torchao_config))
+    if backend.quantizes_in_torch:
+        return load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype], on_module=quantize_hook(plan, backend.torchao_config))
+    module = load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype])
+    if plan.quantized:
+        backend.apply_bundle_weights(name, module, bundle, manifest)
+    return module
 
 
 def make_plans(recipe: Recipe, ckpt: Checkpoint, shapes: Shapes, recipe_file: str) -> dict[str, ComponentPlan]:
@@ -87,7 +96,7 @@ def _decoder_calls(runtime, embeds: torch.Tensor, positions: np.ndarray, delta: 
 
 
 def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans: dict[str, ComponentPlan],
-               pre: ImagePreprocessing, progress=silent) -> dict:  # fmt: skip
+               pre: ImagePreprocessing, progress=silent, *, bundle: Path, manifest: dict) -> dict:  # fmt: skip
     shapes = Shapes(**recipe.shapes.model_dump())
     par = recipe.parity
     tok = ChatTokenizer(ckpt.tokenizer_path, ckpt.spec.tokens)
@@ -110,7 +119,7 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
 
     # 1. quantized references (as exported) vs the bundle
     progress("loading the PyTorch reference with the exported (quantized) weights")
-    q = {name: load_reference(ckpt, name, shapes, plans[name], backend) for name in plans}
+    q = {name: load_reference(ckpt, name, shapes, plans[name], backend, bundle, manifest) for name in plans}
     qrt = EagerRuntime(q, shapes.max_context, shapes.prefill_chunk)
     outs: dict[str, dict[str, np.ndarray]] = {}
     with torch.no_grad():
@@ -234,8 +243,9 @@ def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, a
                           field="source.sha256", fix="pass --checkpoint with the original checkpoint")  # fmt: skip
     shapes = Shapes(**recipe.shapes.model_dump())
     plans = make_plans(recipe, ckpt, shapes, str(bundle / "manifest.json"))
+    backend.check_plans(plans, str(bundle / "manifest.json"))
     pre = ImagePreprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["preprocessing"].items()})
     runtime = backend.open_runtime(bundle, manifest)
-    report = run_checks(runtime, ckpt, recipe, backend, plans, pre, progress)
+    report = run_checks(runtime, ckpt, recipe, backend, plans, pre, progress, bundle=bundle, manifest=manifest)
     print(format_report(report))
     return report

@@ -80,3 +80,22 @@ def test_inspect_human_output(tiny_ckpt):
     proc = run_cli("inspect", tiny_ckpt)
     assert proc.returncode == 0, proc.stderr
     assert "text_decoder" in proc.stdout and "BF16" in proc.stdout and "nested" in proc.stdout
+
+
+def test_single_file_checkpoint_reads_the_same_tensors(tiny_ckpt, tmp_path):
+    """A checkpoint with one model.safetensors (no index) reads exactly like the sharded one."""
+    from safetensors.torch import save_file
+
+    from autoglm_export.checkpoint import open_checkpoint
+
+    sharded = open_checkpoint(tiny_ckpt)
+    single = tmp_path / "single"
+    single.mkdir()
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json"):
+        shutil.copy(tiny_ckpt / f, single / f)
+    save_file({k: sharded.tensor(k) for k in sharded.tensors}, str(single / "model.safetensors"), metadata={"format": "pt"})
+    ckpt = open_checkpoint(single)
+    assert {i.file.name for i in ckpt.tensors.values()} == {"model.safetensors"}
+    for key in sharded.tensors:
+        a, b = sharded.tensor(key), ckpt.tensor(key)
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)

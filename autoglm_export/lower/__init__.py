@@ -9,11 +9,11 @@ from ..errors import ExportError
 
 BACKENDS = {
     "xnnpack": "autoglm_export.lower.xnnpack",
+    "onnx": "autoglm_export.lower.onnxrt",
 }
 PLANNED = {
     "qnn": "ExecuTorch + Qualcomm QNN HTP (SM8650)",
     "coreml": "Core ML for the A17 Pro Neural Engine",
-    "onnx": "ONNX Runtime (CPU / mobile)",
     "onnx-qnn": "ONNX Runtime QNN context binaries (SM8650)",
 }
 

@@ -20,6 +20,10 @@ PTE = "model.pte"
 class XnnpackBackend:
     name = "xnnpack"
     runtime_name = "executorch.runtime (XNNPACK delegate, host CPU)"
+    quantizes_in_torch = True
+
+    def check_plans(self, plans: dict, recipe_file: str) -> None:
+        pass
 
     def torchao_config(self, scheme: str, group_size: int | None, module: torch.nn.Module):
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
@@ -39,7 +43,7 @@ class XnnpackBackend:
     def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
         return export_component(name, module, prefill_chunk)
 
-    def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress) -> dict:
+    def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
         import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  torchao out-variants
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower

@@ -292,23 +292,29 @@ class TextAttention(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
-    def forward(self, x, cos, sin, rot, mask, cache_position):
+    def forward(self, x, cos, sin, rot, mask, cache_position, kv=None):
+        """With ``kv=None`` the cache is this module's state (updated in place); with
+        ``kv=(k_cache, v_cache)`` it is passed in and the updated copies are returned too."""
         b, T, _ = x.shape
         q = self.q_proj(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, T, self.num_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, T, self.num_kv, self.head_dim).transpose(1, 2)
         q = q * cos + torch.matmul(q, rot) * sin  # cos = 1, sin = 0 on the non-rotary dims
         k = k * cos + torch.matmul(k, rot) * sin
-        self.k_cache.index_copy_(2, cache_position, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, cache_position, v.to(self.v_cache.dtype))
-        keys, values = self.k_cache.to(q.dtype), self.v_cache.to(q.dtype)
+        if kv is None:
+            self.k_cache.index_copy_(2, cache_position, k.to(self.k_cache.dtype))
+            self.v_cache.index_copy_(2, cache_position, v.to(self.v_cache.dtype))
+            keys, values = self.k_cache.to(q.dtype), self.v_cache.to(q.dtype)
+        else:
+            kv = (kv[0].index_copy(2, cache_position, k.to(kv[0].dtype)), kv[1].index_copy(2, cache_position, v.to(kv[1].dtype)))
+            keys, values = kv[0].to(q.dtype), kv[1].to(q.dtype)
         groups = self.num_heads // self.num_kv
         if groups > 1:  # repeat K/V explicitly: SDPA's enable_gqa does not convert everywhere
             c = keys.shape[2]
             keys = keys.unsqueeze(2).expand(b, self.num_kv, groups, c, self.head_dim).reshape(b, self.num_heads, c, self.head_dim)
             values = values.unsqueeze(2).expand(b, self.num_kv, groups, c, self.head_dim).reshape(b, self.num_heads, c, self.head_dim)
-        out = attention(q, keys, values, mask, self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(b, T, -1))
+        out = self.o_proj(attention(q, keys, values, mask, self.head_dim**-0.5).transpose(1, 2).reshape(b, T, -1))
+        return out if kv is None else (out, kv)
 
 
 class TextMLP(nn.Module):
@@ -332,10 +338,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.post_mlp_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
 
-    def forward(self, x, cos, sin, rot, mask, cache_position):
+    def forward(self, x, cos, sin, rot, mask, cache_position, kv=None):
         # sandwich norms: each sub-block's output is normalised before the residual add
-        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, rot, mask, cache_position))
-        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, rot, mask, cache_position, kv)
+        if kv is not None:
+            attn, kv = attn
+        x = x + self.post_self_attn_layernorm(attn)
+        x = x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+        return x if kv is None else (x, kv)
 
 
 class TextDecoder(nn.Module):
@@ -407,13 +417,47 @@ class TextDecoder(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        return self.run(inputs_embeds, position_ids, cache_position)
+
+    def run(self, inputs_embeds, position_ids, cache_position, caches: list[torch.Tensor] | None = None):
+        """Shared body: stateful cache when ``caches`` is None, else explicit [k0, v0, k1, v1, ...]."""
         x = inputs_embeds.to(self.norm.weight.dtype)
         cos, sin = self.rotary(position_ids, x.dtype)
         rot = self.rope_rot.to(x.dtype)
         visible = self.slots.unsqueeze(0) <= cache_position.unsqueeze(1)  # [T, C]
         mask = torch.where(visible, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
         mask = mask.unsqueeze(0).unsqueeze(0)
-        for layer in self.layers:
-            x = layer(x, cos, sin, rot, mask, cache_position)
-        x = self.norm(x[:, -1, :])
-        return self.lm_head(x).float()
+        new_caches: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            if caches is None:
+                x = layer(x, cos, sin, rot, mask, cache_position)
+            else:
+                x, kv = layer(x, cos, sin, rot, mask, cache_position, (caches[2 * i], caches[2 * i + 1]))
+                new_caches += kv
+        # keep the last position 3-D so every exporter emits a MatMul (weight quantizers skip Gemm)
+        logits = self.lm_head(self.norm(x[:, -1:, :]))[:, 0].float()
+        return logits if caches is None else (logits, *new_caches)
+
+
+class TextDecoderExplicitCache(nn.Module):
+    """The same decoder with the KV cache as inputs and outputs (ONNX Runtime has no module state):
+    (inputs_embeds, position_ids, cache_position, k_0, v_0, ...) -> (logits, k_0', v_0', ...)."""
+
+    method_name = "text_decoder"
+
+    def __init__(self, decoder: TextDecoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def cache_shape(self) -> tuple[int, ...]:
+        t = self.decoder.t
+        return (1, t.num_kv_heads, self.decoder.max_context, t.head_dim)
+
+    def empty_caches(self) -> list[torch.Tensor]:
+        return [torch.zeros(self.cache_shape()) for _ in range(2 * self.decoder.t.num_layers)]
+
+    def cache_names(self) -> list[str]:
+        return [f"{kind}_cache_{i}" for i in range(self.decoder.t.num_layers) for kind in ("k", "v")]
+
+    def forward(self, inputs_embeds, position_ids, cache_position, caches: list[torch.Tensor]):
+        return self.decoder.run(inputs_embeds, position_ids, cache_position, caches)

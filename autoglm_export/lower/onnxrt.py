@@ -1,0 +1,221 @@
+"""--target onnx: one ONNX model per component for ONNX Runtime (CPU / mobile).
+
+Exported with the maintained torch exporter (``torch.onnx.export(dynamo=True)``, onnxscript).
+INT4 recipe rules become ``MatMulNBits`` through ONNX Runtime's own block-wise quantizer
+(symmetric, the rule's group size); everything else stays fp32. The text decoder takes and
+returns its KV cache explicitly (ONNX Runtime has no module state). Weights over 1 MiB go to
+external data files beside each model.
+
+"PyTorch with the same weights" for this target is the fp32 module with every MatMulNBits
+weight replaced by its dequantized value, read back from the written model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ExportError
+
+EXTERNAL_DATA_THRESHOLD = 1 << 20
+
+
+def _file(name: str) -> str:
+    return f"{name}.onnx"
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def dequantize_matmul_nbits(node, inits: dict) -> np.ndarray:
+    """The [N, K] weight a MatMulNBits node multiplies by (symmetric: implicit zero point)."""
+    import onnx
+
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    bits, k, n = attrs["bits"], attrs["K"], attrs["N"]
+    packed, scales = inits[node.input[1]], inits[node.input[2]]
+    if len(node.input) > 3 and node.input[3]:
+        raise ValueError(f"{node.name}: asymmetric MatMulNBits is not produced by this exporter")
+    rows, blocks, _ = packed.shape
+    if bits == 4:
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, blocks, -1)
+    else:
+        q = packed
+    zero = 1 << (bits - 1)
+    w = (q.astype(np.float32) - zero) * scales.reshape(rows, blocks, 1).astype(np.float32)
+    return w.reshape(n, -1)[:, :k]
+
+
+class OnnxBackend:
+    name = "onnx"
+    runtime_name = "onnxruntime (CPUExecutionProvider)"
+    quantizes_in_torch = False  # ONNX Runtime's quantizer works on the exported graph
+
+    def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
+        raise AssertionError("the onnx target quantizes after export")
+
+    def check_plans(self, plans: dict, recipe_file: str) -> None:
+        for plan in plans.values():
+            if plan.dtype != "fp32":
+                raise ExportError(
+                    "the onnx target keeps float weights in fp32", file=recipe_file,
+                    field=f"quantization (component {plan.component})", expected="fp32 or int4 rules",
+                    got=plan.dtype, fix="use fp32 for this component's float weights",
+                )  # fmt: skip
+            for w in plan.weights.values():
+                if w.scheme == "int8":
+                    raise ExportError(
+                        "int8 rules are not supported by the onnx target", file=recipe_file,
+                        field=f"quantization[{w.rule}]", expected="int4 (MatMulNBits) or fp32", got=f"int8 for {w.weight}",
+                        fix="use int4 with a group size, or fp32",
+                    )  # fmt: skip
+                if w.scheme == "int4" and w.weight.startswith("token_embedding."):
+                    raise ExportError(
+                        "int4 embeddings are not supported by the onnx target", file=recipe_file,
+                        field=f"quantization[{w.rule}]", expected="fp32 for token_embedding", got=w.weight,
+                        fix="keep the token embedding fp32 for this target",
+                    )  # fmt: skip
+
+    def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
+        from torch.export import Dim
+
+        from ..models.glm4v.modules import TextDecoderExplicitCache
+
+        T = Dim("T", min=1, max=prefill_chunk)
+        length = min(4, prefill_chunk)
+        with torch.no_grad():
+            if name == "vision_encoder":
+                args, names, outs, dyn = module.example_inputs(), ["pixel_values"], ["image_embeddings"], None
+            elif name == "token_embedding":
+                args, names, outs, dyn = module.example_inputs(length), ["input_ids"], ["embeddings"], ({1: T},)
+            elif name == "text_decoder":
+                wrapper = TextDecoderExplicitCache(module).eval()
+                caches = wrapper.empty_caches()
+                args = (*module.example_inputs(length), caches)
+                names = ["inputs_embeds", "position_ids", "cache_position", *wrapper.cache_names()]
+                outs = ["logits", *[n + "_out" for n in wrapper.cache_names()]]
+                dyn = ({1: T}, {1: T}, {0: T}, [None] * len(caches))
+                module = wrapper
+            else:
+                raise KeyError(name)
+            # torch configures its loggers on import, so quieten them here, not at start-up
+            logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*dynamic axes will not be renamed")
+                program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=outs,
+                                            dynamic_shapes=dyn, optimize=True, verbose=False)  # fmt: skip
+        params = {n: p.detach().float().numpy() for n, p in module.named_parameters()}
+        prefix = "decoder." if name == "text_decoder" else ""
+        return {"model": program.model_proto, "params": {n.removeprefix(prefix): v for n, v in params.items()}}
+
+    def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        files, methods = [], {}
+        for name, prog in programs.items():
+            model, params = prog["model"], prog["params"]
+            plan = plans[name]
+            by_digest = {_digest(v.T): n for n, v in params.items() if v.ndim == 2}
+            inits = {i.name: i for i in model.graph.initializer}
+            groups: dict[int, list[str]] = {}
+            node_weights: dict[str, str] = {}
+            for node in model.graph.node:
+                if node.op_type != "MatMul" or node.input[1] not in inits:
+                    continue
+                param = by_digest.get(_digest(onnx.numpy_helper.to_array(inits[node.input[1]])))
+                w = plan.weights.get(param) if param else None
+                if w is not None and w.scheme == "int4":
+                    groups.setdefault(w.group_size, []).append(node.name)
+                    node_weights[node.output[0]] = param  # the quantizer renames nodes, not outputs
+            planned = {n for n, w in plan.weights.items() if w.scheme == "int4"}
+            if planned - set(node_weights.values()):
+                raise RuntimeError(f"{name}: int4 weights without a MatMul in the ONNX graph: {sorted(planned - set(node_weights.values()))}")
+            for group, nodes in sorted(groups.items()):
+                progress(f"{name}: MatMulNBits int4 (block {group}) on {len(nodes)} MatMul node(s)")
+                quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=group, is_symmetric=True, nodes_to_include=nodes)
+                quantizer.process()
+                model = quantizer.model.model
+            path = out_dir / _file(name)
+            big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+            onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=EXTERNAL_DATA_THRESHOLD)  # fmt: skip
+            files.append(path.name)
+            if big and (out_dir / (path.name + ".data")).exists():
+                files.append(path.name + ".data")
+            ops: dict[str, int] = {}
+            for node in model.graph.node:
+                ops[node.op_type] = ops.get(node.op_type, 0) + 1
+            methods[name] = {"file": path.name, "onnx_ops": dict(sorted(ops.items())),
+                             "quantized_outputs": dict(sorted(node_weights.items()))}  # fmt: skip
+        return {"files": files, "methods": methods}
+
+    def apply_bundle_weights(self, name: str, module: torch.nn.Module, bundle: Path, manifest: dict) -> None:
+        """Replace the planned weights by what the bundle really holds (dequantized MatMulNBits)."""
+        import onnx
+
+        comp = manifest["components"][name]
+        model = onnx.load(str(bundle / comp["file"]), load_external_data=True)
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        wanted = comp["quantized_outputs"]
+        found = 0
+        with torch.no_grad():
+            for node in model.graph.node:
+                if node.op_type == "MatMulNBits" and node.output[0] in wanted:
+                    param = module.get_parameter(wanted[node.output[0]])
+                    param.copy_(torch.from_numpy(dequantize_matmul_nbits(node, inits)).to(param.dtype))
+                    found += 1
+        if found != len(wanted):
+            raise RuntimeError(f"{name}: {len(wanted)} quantized weights in the manifest, {found} MatMulNBits in the model")
+
+    def open_runtime(self, bundle: Path, manifest: dict):
+        return OnnxRuntime(bundle, manifest)
+
+    def versions(self) -> dict:
+        from importlib.metadata import version
+
+        return {p: version(p) for p in ("onnx", "onnxruntime", "onnxscript", "torch")}
+
+
+class OnnxRuntime:
+    """The bundle's ONNX models in ONNX Runtime; the host keeps the decoder's KV cache."""
+
+    def __init__(self, bundle: Path, manifest: dict) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sessions = {
+            name: ort.InferenceSession(str(bundle / comp["file"]), opts, providers=["CPUExecutionProvider"])
+            for name, comp in manifest["components"].items()
+        }
+        self.max_context = manifest["shapes"]["max_context"]
+        self.prefill_chunk = manifest["shapes"]["prefill_chunk"]
+        dec = self.sessions["text_decoder"]
+        self.cache_names = [i.name for i in dec.get_inputs()][3:]
+        self.cache_shape = manifest["components"]["text_decoder"]["state"]["kv_cache"]["shape"]
+        self.reset()
+
+    def reset(self) -> None:
+        self.caches = [np.zeros(self.cache_shape, np.float32) for _ in self.cache_names]
+
+    def token_embedding(self, input_ids):
+        return torch.from_numpy(self.sessions["token_embedding"].run(None, {"input_ids": input_ids.numpy()})[0])
+
+    def vision_encoder(self, pixel_values):
+        return torch.from_numpy(self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.numpy()})[0])
+
+    def text_decoder(self, embeds, position_ids, cache_position):
+        feeds = {"inputs_embeds": embeds.numpy(), "position_ids": position_ids.numpy(),
+                 "cache_position": cache_position.numpy(), **dict(zip(self.cache_names, self.caches))}  # fmt: skip
+        logits, *self.caches = self.sessions["text_decoder"].run(None, feeds)
+        return torch.from_numpy(logits)
+
+
+BACKEND = OnnxBackend()

@@ -126,9 +126,11 @@ class OnnxBackend:
             inits = {i.name: i for i in model.graph.initializer}
             groups: dict[int, list[str]] = {}
             node_weights: dict[str, str] = {}
+            constant_matmuls: list[str] = []
             for node in model.graph.node:
                 if node.op_type != "MatMul" or node.input[1] not in inits:
                     continue
+                constant_matmuls.append(node.name)
                 param = by_digest.get(_digest(onnx.numpy_helper.to_array(inits[node.input[1]])))
                 w = plan.weights.get(param) if param else None
                 if w is not None and w.scheme == "int4":
@@ -139,15 +141,26 @@ class OnnxBackend:
                 raise RuntimeError(f"{name}: int4 weights without a MatMul in the ONNX graph: {sorted(planned - set(node_weights.values()))}")
             for group, nodes in sorted(groups.items()):
                 progress(f"{name}: MatMulNBits int4 (block {group}) on {len(nodes)} MatMul node(s)")
-                quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=group, is_symmetric=True, nodes_to_include=nodes)
+                # the quantizer takes every MatMul with a constant weight unless told otherwise
+                # (rotary matrices, other rules' weights): exclude all but this rule's nodes
+                others = [n for n in constant_matmuls if n not in nodes]
+                quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=group, is_symmetric=True, nodes_to_exclude=others)
                 quantizer.process()
                 model = quantizer.model.model
+            n_quant = sum(1 for node in model.graph.node if node.op_type == "MatMulNBits")
+            if n_quant != len(node_weights):
+                raise RuntimeError(f"{name}: {n_quant} MatMulNBits nodes, {len(node_weights)} planned")
+            for node in model.graph.node:
+                # exporter debug metadata: FX node text and stack traces with this machine's paths
+                del node.metadata_props[:]
+                node.doc_string = ""
             path = out_dir / _file(name)
             big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
             onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
                             location=path.name + ".data", size_threshold=EXTERNAL_DATA_THRESHOLD)  # fmt: skip
             files.append(path.name)
             if big and (out_dir / (path.name + ".data")).exists():
+                (out_dir / (path.name + ".data")).chmod(0o644)  # onnx writes it 0600
                 files.append(path.name + ".data")
             ops: dict[str, int] = {}
             for node in model.graph.node:

@@ -1,0 +1,128 @@
+"""--target onnx on the tiny checkpoint: ONNX Runtime CPU, MatMulNBits INT4, same gates as xnnpack."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_cli, tree_snapshot
+
+TINY_RECIPE = REPO / "recipes" / "onnx-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "bundle"
+    proc = run_cli("--target", "onnx", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", TINY_RECIPE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_gates_and_layout(onnx_bundle):
+    names = sorted(p.name for p in onnx_bundle.iterdir())
+    assert names == ["manifest.json", "report.json", "text_decoder.onnx", "token_embedding.onnx", "tokenizer.json",
+                     "vision_encoder.onnx"]  # fmt: skip
+    report = json.loads((onnx_bundle / "report.json").read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["passed"]
+    assert checks["vision_encoder/lowered_vs_reference"]["sqnr_db"] >= 60
+    dec = checks["text_decoder/lowered_vs_reference"]
+    assert dec["threshold_db"] == 35 and dec["sqnr_db"] >= 35
+    assert checks["end_to_end/greedy_lowered_vs_reference"]["agreement"] == 1.0
+    assert checks["end_to_end/greedy_lowered_vs_reference"]["tokens"] == 32
+
+
+def test_decoder_linears_are_matmulnbits(onnx_bundle):
+    import onnx
+
+    m = json.loads((onnx_bundle / "manifest.json").read_text())
+    dec = m["components"]["text_decoder"]
+    # 2 layers x (q, k, v, o, gate_up, down) + lm_head
+    assert dec["onnx_ops"]["MatMulNBits"] == 13 and len(dec["quantized_outputs"]) == 13
+    assert dec["quantization"]["params_by_scheme"]["int4-g32"] == 106496
+    model = onnx.load(str(onnx_bundle / "text_decoder.onnx"))
+    inputs = [i.name for i in model.graph.input]
+    assert inputs[:3] == ["inputs_embeds", "position_ids", "cache_position"] and inputs[3] == "k_cache_0"
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert attrs["bits"] == 4 and attrs["block_size"] == 32 and len(node.input) == 3  # symmetric
+    assert m["versions"]["onnxruntime"] == "1.31.1"
+
+
+def test_dequantization_matches_onnxruntime():
+    """The read-back reference weights are exactly what MatMulNBits multiplies by."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from autoglm_export.lower.onnxrt import dequantize_matmul_nbits
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 48)).astype(np.float32)  # [K, N] as MatMul's B
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 96])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 48])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True)
+    q.process()
+    qm = q.model.model
+    node = next(n for n in qm.graph.node if n.op_type == "MatMulNBits")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in qm.graph.initializer}
+    deq = dequantize_matmul_nbits(node, inits)
+    y = ort.InferenceSession(qm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(y - x @ deq.T).max() < 1e-4
+    assert np.abs(deq.T - w).max() > 1e-3  # really quantized
+
+
+def test_export_is_byte_identical(onnx_bundle, tiny_ckpt, tmp_path):
+    again = tmp_path / "again"
+    proc = run_cli("-q", "--target", "onnx", "--checkpoint", tiny_ckpt, "--out", again, "--recipe", TINY_RECIPE)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for p in onnx_bundle.iterdir():
+        assert p.read_bytes() == (again / p.name).read_bytes(), p.name
+
+
+def test_verify_and_run(onnx_bundle):
+    proc = run_cli("verify", onnx_bundle)
+    assert proc.returncode == 0 and "overall: PASS" in proc.stdout, proc.stderr[-2000:]
+    proc = run_cli("run", onnx_bundle, "--prompt", "Describe the screen", "--image", REPO / "tests/data/screen.png",
+                   "--max-new-tokens", "6")  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+
+
+def test_int8_rule_is_refused_for_onnx(tiny_ckpt, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY_RECIPE.read_text().replace("scheme: int4\n    group_size: 32", "scheme: int8"))
+    before = tree_snapshot(tmp_path)
+    proc = run_cli("--target", "onnx", "--checkpoint", tiny_ckpt, "--out", tmp_path / "o", "--recipe", recipe)
+    assert proc.returncode == 2 and "int8" in proc.stderr and "Traceback" not in proc.stderr
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_large_weights_go_to_external_data(tiny_ckpt, tmp_path, monkeypatch):
+    from autoglm_export.lower import onnxrt
+    from autoglm_export.pipeline import export
+
+    monkeypatch.setattr(onnxrt, "EXTERNAL_DATA_THRESHOLD", 1024)
+    out = tmp_path / "ext"
+    report = export(checkpoint=tiny_ckpt, target="onnx", out=out, recipe=TINY_RECIPE)
+    assert report["passed"]
+    m = json.loads((out / "manifest.json").read_text())
+    data_files = [n for n in m["files"] if n.endswith(".onnx.data")]
+    assert sorted(data_files) == ["text_decoder.onnx.data", "token_embedding.onnx.data", "vision_encoder.onnx.data"]
+    assert (out / "text_decoder.onnx").stat().st_size < 64 * 1024  # the graph, not the weights
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    (bad / "text_decoder.onnx.data").write_bytes(b"\0" * (bad / "text_decoder.onnx.data").stat().st_size)
+    proc = run_cli("run", bad, "--prompt", "hi")
+    assert proc.returncode == 2 and "text_decoder.onnx.data" in proc.stderr
+    torch.manual_seed(0)  # the in-process export must not depend on global RNG state

@@ -130,3 +130,4 @@ def quantize_hook(plan: ComponentPlan, config_for: TorchaoConfigFor) -> Callable
             raise RuntimeError(f"{w.weight}: planned {w.scheme} but torchao left it unquantized")
 
     return hook
+

@@ -113,9 +113,7 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
     report = _Report()
 
     def lowering_threshold(plan: ComponentPlan) -> float:
-        if plan.quantized:
-            return par.quantized_sqnr_db
-        return par.float_sqnr_db if plan.dtype == "fp32" else par.fp16_sqnr_db
+        return _lowering_threshold(plan, par)
 
     # 1. quantized references (as exported) vs the bundle
     progress("loading the PyTorch reference with the exported (quantized) weights")
@@ -188,6 +186,73 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
                           "bundle_tokens": got_trace.tokens})  # fmt: skip
 
 
+def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans: dict[str, ComponentPlan],
+                        pre: ImagePreprocessing, progress=silent, *, bundle: Path, manifest: dict) -> dict:  # fmt: skip
+    """The independent-runtime gate: the PyTorch reference of each component (the same weights, and
+    for torchao-quantized targets the same dynamic activation quantization) exported to ONNX and run
+    in ONNX Runtime, compared with the bundle and with PyTorch on the same inputs."""
+    import tempfile
+
+    from .lower.onnxrt import BACKEND as ONNX, OnnxRuntime
+
+    shapes = Shapes(**recipe.shapes.model_dump())
+    par = recipe.parity
+    report = _Report()
+    progress("exporting the same components, same weights, to ONNX for ONNX Runtime")
+    refs = {n: load_reference(ckpt, n, shapes, plans[n], backend, bundle, manifest) for n in plans}
+    with tempfile.TemporaryDirectory(prefix="autoglm-ort-") as tmp:
+        files = {}
+        for name in refs:
+            # the reference module as it is: torchao-quantized modules export with their
+            # activation quantization spelled out in plain ONNX ops, so ORT runs the same math
+            module = load_reference(ckpt, name, shapes, plans[name], backend, bundle, manifest)
+            prog = ONNX.export(name, module, shapes.prefill_chunk)
+            as_is = ComponentPlan(name, "fp32", {})  # no further quantization
+            ONNX.lower({name: prog}, {}, Path(tmp), silent, {name: as_is})
+            files[name] = Path(tmp) / f"{name}.onnx"
+            del module, prog
+        t = ckpt.spec.text
+        ort_rt = OnnxRuntime(files, [1, t.num_kv_heads, shapes.max_context, t.head_dim], shapes.max_context, shapes.prefill_chunk)
+        tok = ChatTokenizer(ckpt.tokenizer_path, ckpt.spec.tokens)
+        prompt = build_chat_prompt(tok, GOLDEN_PROMPT, pre.num_tokens)
+        pixels = preprocess_image(golden_image(), pre)
+        from .host.positions import mrope_positions
+
+        positions, delta = mrope_positions(prompt.types, [pre.merged_grid])
+        qrt = EagerRuntime(refs, shapes.max_context, shapes.prefill_chunk)
+        with torch.no_grad():
+            inputs = {"vision_encoder": torch.from_numpy(pixels), "token_embedding": torch.tensor([prompt.ids[: shapes.prefill_chunk]])}
+            for name, x in inputs.items():
+                o = getattr(ort_rt, name)(x).numpy()
+                thr = _lowering_threshold(plans[name], par)
+                report.add(f"onnxruntime/{name}_vs_bundle", "independent", compare(o, getattr(bundle_runtime, name)(x).numpy()), thr)
+                report.add(f"onnxruntime/{name}_vs_reference", "independent", compare(refs[name](x).numpy(), o), thr)
+            ids = torch.tensor([prompt.ids])
+            embeds = torch.cat([refs["token_embedding"](ids[:, a : a + shapes.prefill_chunk])
+                                for a in range(0, len(prompt), shapes.prefill_chunk)], dim=1)  # fmt: skip
+            embeds[0, [i for i, k in enumerate(prompt.types) if k == IMAGE]] = refs["vision_encoder"](inputs["vision_encoder"])
+            n_new = min(par.greedy_tokens, shapes.max_context - len(prompt))
+            ort_trace = generate(ort_rt, prompt, images=[pixels], image_grids=[pre.merged_grid], max_new_tokens=n_new)
+            feed = ort_trace.tokens[:DECODE_STEPS]
+            emb = refs["token_embedding"]
+            o = _decoder_calls(ort_rt, embeds, positions, delta, shapes.prefill_chunk, feed, emb)
+            thr = _lowering_threshold(plans["text_decoder"], par)
+            report.add("onnxruntime/text_decoder_vs_bundle", "independent",
+                       compare(o, _decoder_calls(bundle_runtime, embeds, positions, delta, shapes.prefill_chunk, feed, emb)), thr)
+            report.add("onnxruntime/text_decoder_vs_reference", "independent",
+                       compare(_decoder_calls(qrt, embeds, positions, delta, shapes.prefill_chunk, feed, emb), o), thr)
+            got = generate(bundle_runtime, prompt, images=[pixels], image_grids=[pre.merged_grid], max_new_tokens=n_new)
+            report.checks.append(_greedy_check("onnxruntime/greedy_vs_bundle", ort_trace, got, par.greedy_agreement, gated=True))
+        del ort_rt
+    return report.finish({"against": "onnxruntime"})
+
+
+def _lowering_threshold(plan: ComponentPlan, par) -> float:
+    if plan.quantized:
+        return par.quantized_sqnr_db
+    return par.float_sqnr_db if plan.dtype == "fp32" else par.fp16_sqnr_db
+
+
 def _greedy_check(name: str, ref: Trace, got: Trace, threshold: float | None, gated: bool) -> dict:
     n = min(len(ref.tokens), len(got.tokens))
     same = sum(a == b for a, b in zip(ref.tokens, got.tokens))
@@ -225,9 +290,9 @@ def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, a
     from .lower import get_backend
     from .recipe import parse_recipe
 
-    if against is not None:
-        raise ExportError("--against is not implemented in this version", field="--against",
-                          expected="(omit the option)", got=against, fix="run verify without --against")  # fmt: skip
+    if against not in (None, "onnxruntime"):
+        raise ExportError("unknown independent runtime", field="--against", expected="onnxruntime", got=repr(against),
+                          fix="use --against onnxruntime or omit the option")  # fmt: skip
     bundle = Path(bundle)
     manifest = load_bundle(bundle)
     backend = get_backend(manifest["target"])
@@ -247,5 +312,10 @@ def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, a
     pre = ImagePreprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["preprocessing"].items()})
     runtime = backend.open_runtime(bundle, manifest)
     report = run_checks(runtime, ckpt, recipe, backend, plans, pre, progress, bundle=bundle, manifest=manifest)
+    if against == "onnxruntime":
+        extra = against_onnxruntime(runtime, ckpt, recipe, backend, plans, pre, progress, bundle=bundle, manifest=manifest)
+        report["checks"] += extra["checks"]
+        report["failed"] += extra["failed"]
+        report["passed"] = report["passed"] and extra["passed"]
     print(format_report(report))
     return report

@@ -126,3 +126,12 @@ def test_large_weights_go_to_external_data(tiny_ckpt, tmp_path, monkeypatch):
     proc = run_cli("run", bad, "--prompt", "hi")
     assert proc.returncode == 2 and "text_decoder.onnx.data" in proc.stderr
     torch.manual_seed(0)  # the in-process export must not depend on global RNG state
+
+
+def test_verify_against_onnxruntime_on_an_onnx_bundle(onnx_bundle):
+    proc = run_cli("verify", onnx_bundle, "--against", "onnxruntime")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("onnxruntime/")]
+    assert len(lines) == 7 and all(l.rstrip().endswith("PASS") for l in lines)
+    proc = run_cli("verify", onnx_bundle, "--against", "tflite")
+    assert proc.returncode == 2 and "onnxruntime" in proc.stderr

@@ -157,3 +157,42 @@ def test_force_replaces_and_ctrl_c_leaves_nothing(bundle, tiny_ckpt, tmp_path):
     assert "interrupted" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary directory left
     assert [p.name for p in out.iterdir()] == ["old.txt"]  # the old output is untouched
+
+
+def test_verify_against_onnxruntime(bundle):
+    """The independent-runtime gate on the ExecuTorch bundle (what CI runs for every target that executes here)."""
+    out, _ = bundle
+    proc = run_cli("verify", out, "--against", "onnxruntime")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {l.split()[0]: l for l in proc.stdout.splitlines() if l.startswith("onnxruntime/")}
+    assert len(lines) == 7 and all(l.rstrip().endswith("PASS") for l in lines.values())
+    assert "100.0% of 32 tokens agree" in lines["onnxruntime/greedy_vs_bundle"]
+
+
+def test_onnxruntime_gate_fails_on_a_wrong_bundle_output(bundle, tiny_ckpt):
+    """The gate compares real outputs: a runtime whose vision output is off by 1% fails it."""
+    import torch
+
+    from autoglm_export.bundle import load_bundle
+    from autoglm_export.checkpoint import open_checkpoint
+    from autoglm_export.components import Shapes
+    from autoglm_export.host.image import ImagePreprocessing
+    from autoglm_export.lower import get_backend
+    from autoglm_export.recipe import parse_recipe
+    from autoglm_export.verify import against_onnxruntime, make_plans
+
+    out, _ = bundle
+    manifest = load_bundle(out)
+    backend = get_backend("xnnpack")
+    recipe = parse_recipe(manifest["recipe"]["content"], "manifest")
+    ckpt = open_checkpoint(tiny_ckpt)
+    plans = make_plans(recipe, ckpt, Shapes(**recipe.shapes.model_dump()), "manifest")
+    rt = backend.open_runtime(out, manifest)
+    real = rt.vision_encoder
+    rt.vision_encoder = lambda px: real(px) * 1.01
+    pre = ImagePreprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["preprocessing"].items()})
+    report = against_onnxruntime(rt, ckpt, recipe, backend, plans, pre, bundle=out, manifest=manifest)
+    assert not report["passed"]
+    assert "onnxruntime/vision_encoder_vs_bundle" in report["failed"]
+    assert "onnxruntime/vision_encoder_vs_reference" not in report["failed"]
+    torch.manual_seed(0)

@@ -110,7 +110,10 @@ class OnnxBackend:
                 warnings.filterwarnings("ignore", message=".*dynamic axes will not be renamed")
                 program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=outs,
                                             dynamic_shapes=dyn, optimize=True, verbose=False)  # fmt: skip
-        params = {n: p.detach().float().numpy() for n, p in module.named_parameters()}
+        # plain float weights, for mapping MatMul initializers back to recipe rules in lower();
+        # torchao-quantized weights (the --against gate exports those as they are) are skipped
+        params = {n: p.detach().float().numpy() for n, p in module.named_parameters()
+                  if type(p) in (torch.Tensor, torch.nn.Parameter)}  # fmt: skip
         prefix = "decoder." if name == "text_decoder" else ""
         return {"model": program.model_proto, "params": {n.removeprefix(prefix): v for n, v in params.items()}}
 
@@ -188,7 +191,7 @@ class OnnxBackend:
             raise RuntimeError(f"{name}: {len(wanted)} quantized weights in the manifest, {found} MatMulNBits in the model")
 
     def open_runtime(self, bundle: Path, manifest: dict):
-        return OnnxRuntime(bundle, manifest)
+        return OnnxRuntime.from_bundle(bundle, manifest)
 
     def versions(self) -> dict:
         from importlib.metadata import version
@@ -197,23 +200,25 @@ class OnnxBackend:
 
 
 class OnnxRuntime:
-    """The bundle's ONNX models in ONNX Runtime; the host keeps the decoder's KV cache."""
+    """ONNX models of the components in ONNX Runtime (CPU); the host keeps the decoder's KV cache."""
 
-    def __init__(self, bundle: Path, manifest: dict) -> None:
+    def __init__(self, files: dict[str, Path], cache_shape: list[int], max_context: int, prefill_chunk: int) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.sessions = {
-            name: ort.InferenceSession(str(bundle / comp["file"]), opts, providers=["CPUExecutionProvider"])
-            for name, comp in manifest["components"].items()
-        }
-        self.max_context = manifest["shapes"]["max_context"]
-        self.prefill_chunk = manifest["shapes"]["prefill_chunk"]
-        dec = self.sessions["text_decoder"]
-        self.cache_names = [i.name for i in dec.get_inputs()][3:]
-        self.cache_shape = manifest["components"]["text_decoder"]["state"]["kv_cache"]["shape"]
+        self.sessions = {name: ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"]) for name, f in files.items()}
+        self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
+        self.cache_names = [i.name for i in self.sessions["text_decoder"].get_inputs()][3:]
+        self.cache_shape = cache_shape
         self.reset()
+
+    @classmethod
+    def from_bundle(cls, bundle: Path, manifest: dict) -> "OnnxRuntime":
+        files = {name: bundle / comp["file"] for name, comp in manifest["components"].items()}
+        shape = manifest["components"]["text_decoder"]["state"]["kv_cache"]["shape"]
+        return cls(files, shape, manifest["shapes"]["max_context"], manifest["shapes"]["prefill_chunk"])
 
     def reset(self) -> None:
         self.caches = [np.zeros(self.cache_shape, np.float32) for _ in self.cache_names]

@@ -18,7 +18,8 @@ from .fsutil import sha256_file
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REPORT = "report.json"
-PROMPT_TEMPLATE = "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|>×N<|end_of_image|>TEXT<|assistant|>\n"
+PROMPT_TEMPLATE = ("[gMASK]<sop><|user|>\n<|begin_of_image|><|image|>×N<|end_of_image|>"
+                   "[<|begin_of_audio|><|audio|>×M<|end_of_audio|>]TEXT<|assistant|>\n")
 
 
 def library_versions(extra: dict | None = None) -> dict:

@@ -71,6 +71,11 @@ class Checkpoint:
     def tokenizer_path(self) -> Path:
         return self.root / "tokenizer.json"
 
+    def chat_tokenizer(self):
+        from .host.tokenizer import ChatTokenizer
+
+        return ChatTokenizer(self.tokenizer_path, self.spec.tokens, self.spec.audio)
+
     def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor (mmap), optionally cast. The caller owns and releases it."""
         info = self.tensors.get(key)

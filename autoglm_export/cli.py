@@ -99,6 +99,7 @@ def tiny_cmd(
     preset: str = typer.Option("tiny", "--preset", help="tiny | 9b-shape"),
     layers: Optional[int] = typer.Option(None, "--layers", min=1, help="Decoder layers (default: the preset's)."),
     vision_depth: Optional[int] = typer.Option(None, "--vision-depth", min=1, help="ViT blocks."),
+    audio: bool = typer.Option(False, "--audio", help="Add a GLM-ASR audio tower (audio_config, audio token ids)."),
     force: bool = typer.Option(False, "--force"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -107,7 +108,7 @@ def tiny_cmd(
     from .tiny import write_tiny_checkpoint
 
     p = Progress(quiet)
-    write_tiny_checkpoint(out, seed=seed, preset=preset, layers=layers, vision_depth=vision_depth, force=force,
+    write_tiny_checkpoint(out, seed=seed, preset=preset, layers=layers, vision_depth=vision_depth, audio=audio, force=force,
                           progress=p.stage("tiny-checkpoint"))  # fmt: skip
     p(f"wrote {out}", "tiny-checkpoint")
 
@@ -135,13 +136,15 @@ def verify_cmd(
 def run_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     prompt: str = typer.Option(..., "--prompt"),
-    image: Optional[Path] = typer.Option(None, "--image"),
+    image: Optional[Path] = typer.Option(None, "--image", help="PNG/JPEG; resized to the bundle's image size."),
+    audio: Optional[Path] = typer.Option(None, "--audio", help="WAV/FLAC (bundles with an audio encoder)."),
+    order: str = typer.Option("image,audio,text", "--order", help="Order of the parts in the user turn."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
 ) -> None:
     """Generate text from a bundle (streams tokens to stdout)."""
     from .runner import run_bundle
 
-    run_bundle(bundle, prompt=prompt, image=image, max_new_tokens=max_new_tokens,
+    run_bundle(bundle, prompt=prompt, image=image, audio=audio, order=order, max_new_tokens=max_new_tokens,
                write=lambda s: (sys.stdout.write(s), sys.stdout.flush()))  # fmt: skip
     sys.stdout.write("\n")
 

@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from .errors import ExportError
 from .models.glm4v import layout
-from .models.glm4v.modules import TextDecoder, TokenEmbedding, VisionEncoder
+from .models.glm4v.audio_layout import audio_layout
+from .models.glm4v.modules import AudioEncoder, TextDecoder, TokenEmbedding, VisionEncoder
 from .models.glm4v.spec import ModelSpec
 
 
@@ -26,6 +27,11 @@ class Shapes:
     image_size: int = 336
     max_context: int = 2048
     prefill_chunk: int = 128
+    audio_seconds: float = 3.2  # fixed audio window; 100 log-mel frames per second
+
+    @property
+    def audio_frames(self) -> int:
+        return round(self.audio_seconds * 100)
 
 
 @dataclass(frozen=True)
@@ -89,5 +95,14 @@ registry.register(
         applies=lambda spec: True,
         build=lambda spec, shapes: TextDecoder(spec, shapes.max_context),
         keys=layout.decoder_layout,
+    )
+)
+registry.register(
+    Component(
+        name="audio_encoder",
+        description="GLM-ASR audio tower + projector: log-mel window -> audio token embeddings",
+        applies=lambda spec: spec.audio is not None,
+        build=lambda spec, shapes: AudioEncoder(spec, shapes.audio_frames),
+        keys=audio_layout,
     )
 )

@@ -76,7 +76,8 @@ def describe(path: str | Path) -> dict:
                  "rotary_dim": t.rotary_dim},
         "vision": {"depth": v.depth, "hidden": v.hidden_size, "heads": v.num_heads, "image_size": v.image_size,
                    "patch_size": v.patch_size},
-        "audio": None if spec.audio is None else {"present": True},
+        "audio": None if spec.audio is None else {"layers": spec.audio.num_layers, "hidden": spec.audio.hidden_size,
+                                                  "heads": spec.audio.num_heads, "mel_bins": spec.audio.num_mel_bins},
         "components": components,
         "total_params": total,
         "int4_bytes_est": int4_total,
@@ -94,6 +95,8 @@ def format_table(info: dict) -> str:
         f"vocab {info['text']['vocab']}, M-RoPE {info['text']['mrope_section']}",
         f"vision        {info['vision']['depth']} blocks, hidden {info['vision']['hidden']}, "
         f"image {info['vision']['image_size']}px, patch {info['vision']['patch_size']}",
+        "audio         " + (f"{info['audio']['layers']} layers, hidden {info['audio']['hidden']}, "
+                            f"{info['audio']['mel_bins']} mel bins" if info["audio"] else "none"),
         "",
         f"{'component':<18}{'params':>16}  {'dtypes':<14}{'INT4 est.':>12}{'FP16 est.':>12}",
     ]

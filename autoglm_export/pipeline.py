@@ -16,6 +16,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .components import Shapes, registry
 from .errors import ExportError, RecipeError
 from .fsutil import atomic_output_dir, refuse_existing, sha256_file
+from .host.audio import AudioPreprocessing
 from .host.image import ImagePreprocessing
 from .host.tokenizer import ChatTokenizer
 from .load import build_on_meta, load_component
@@ -38,9 +39,17 @@ def check_recipe_fits(recipe: Recipe, ckpt: Checkpoint, recipe_file: Path) -> No
         problems.append(f"shapes.max_context = {recipe.shapes.max_context}: exceeds the model's "
                         f"max_position_embeddings {t.max_position_embeddings}")  # fmt: skip
     image_tokens = (recipe.shapes.image_size // factor) ** 2
-    if image_tokens + 16 > recipe.shapes.max_context:
-        problems.append(f"shapes.max_context = {recipe.shapes.max_context}: too small for one image "
-                        f"({image_tokens} tokens) plus a prompt; raise it or lower image_size")  # fmt: skip
+    audio_tokens = 0
+    if ckpt.spec.audio is not None:
+        frames = round(recipe.shapes.audio_seconds * 100)
+        audio_tokens = frames // 8
+        if frames // 2 > ckpt.spec.audio.max_position_embeddings:
+            problems.append(f"shapes.audio_seconds = {recipe.shapes.audio_seconds}: {frames // 2} encoder positions exceed "
+                            f"the audio tower's max_position_embeddings {ckpt.spec.audio.max_position_embeddings}")  # fmt: skip
+    if image_tokens + audio_tokens + 16 > recipe.shapes.max_context:
+        problems.append(f"shapes.max_context = {recipe.shapes.max_context}: too small for one image ({image_tokens} "
+                        f"tokens){f' and one audio clip ({audio_tokens} tokens)' if audio_tokens else ''} plus a prompt; "
+                        "raise it or lower image_size / audio_seconds")  # fmt: skip
     if problems:
         raise RecipeError(recipe_file, problems)
 
@@ -61,6 +70,10 @@ def component_io(name: str, ckpt: Checkpoint, shapes: Shapes, pre: ImagePreproce
         n = pre.grid**2
         return {"inputs": [{"name": "pixel_values", "shape": [n, v.in_channels * v.patch_size**2], "dtype": f32}],
                 "outputs": [{"name": "image_embeddings", "shape": [pre.num_tokens, t.hidden_size], "dtype": f32}]}
+    if name == "audio_encoder":
+        a = ckpt.spec.audio
+        return {"inputs": [{"name": "input_features", "shape": [1, a.num_mel_bins, shapes.audio_frames], "dtype": f32}],
+                "outputs": [{"name": "audio_embeddings", "shape": [shapes.audio_frames // 8, t.hidden_size], "dtype": f32}]}
     if name == "token_embedding":
         return {"inputs": [{"name": "input_ids", "shape": [1, "T"], "dtype": i64}],
                 "outputs": [{"name": "embeddings", "shape": [1, "T", t.hidden_size], "dtype": f32}]}
@@ -86,7 +99,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
         raise RecipeError(recipe_file, [f"target = {rec.target!r}: this recipe is for {rec.target}, not --target {target}"])
     say = progress.stage("load") if hasattr(progress, "stage") else progress
     ckpt = open_checkpoint(checkpoint)
-    tokenizer = ChatTokenizer(ckpt.tokenizer_path, ckpt.spec.tokens)
+    tokenizer = ckpt.chat_tokenizer()
     check_recipe_fits(rec, ckpt, recipe_file)
     shapes = Shapes(**rec.shapes.model_dump())
     pc_file = ckpt.root / "preprocessor_config.json"
@@ -136,9 +149,11 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
                        "eos_ids": list(ckpt.spec.tokens.eos_token_ids), "pad_id": ckpt.spec.tokens.pad_token_id,
                        "bos_id": tokenizer.special["gmask"]},
             "preprocessing": pre.to_json(),
+            "audio_preprocessing": None if ckpt.spec.audio is None else AudioPreprocessing(
+                frames=shapes.audio_frames, mel_bins=ckpt.spec.audio.num_mel_bins).to_json(),
             "positions": {"scheme": "mrope-3axis", "mrope_section": list(ckpt.spec.text.mrope_section),
-                          "rule": "text: same position on t/h/w; image at cur: t=cur, h=cur+row, w=cur+col, "
-                                  "then cur += max(gh, gw); decode position = cache_index + rope_delta"},
+                          "rule": "text and audio: same position on t/h/w; image at cur: t=cur, h=cur+row, "
+                                  "w=cur+col, then cur += max(gh, gw); decode position = cache_index + rope_delta"},
             "versions": library_versions(backend.versions()),
         }  # fmt: skip
         runtime = backend.open_runtime(tmp, manifest)

@@ -33,6 +33,7 @@ class ShapesSpec(_Strict):
     image_size: int = Field(336, description="square input image side in pixels; a multiple of 28")
     max_context: int = Field(2048, description="KV cache length (prompt + generated tokens)")
     prefill_chunk: int = Field(128, description="tokens per prefill call")
+    audio_seconds: float = Field(3.2, description="fixed audio window (checkpoints with an audio tower)")
 
     @field_validator("image_size")
     @classmethod
@@ -46,6 +47,14 @@ class ShapesSpec(_Strict):
     def _positive(cls, v: int) -> int:
         if v < 2:
             raise ValueError(f"must be an integer >= 2, got {v}")
+        return v
+
+    @field_validator("audio_seconds")
+    @classmethod
+    def _audio(cls, v: float) -> float:
+        frames = v * 100
+        if v <= 0 or abs(frames - round(frames)) > 1e-6 or round(frames) % 8:
+            raise ValueError(f"must be a positive multiple of 0.08 s (8 log-mel frames = 1 audio token), got {v}; use e.g. 3.2")
         return v
 
     @model_validator(mode="after")

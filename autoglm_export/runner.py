@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from types import SimpleNamespace
+
 from .bundle import load_bundle
+from .errors import ExportError
+from .host.audio import AudioPreprocessing, load_audio, log_mel
 from .host.generate import generate
 from .host.image import ImagePreprocessing, load_image, preprocess_image
 from .host.prompt import build_chat_prompt
@@ -27,17 +31,39 @@ def open_bundle(bundle: Path):
         pad_token_id=p.get("pad_id"),
         eos_token_ids=tuple(p["eos_ids"]),
     )
-    tokenizer = ChatTokenizer(Path(bundle) / "tokenizer.json", tokens)
+    sp = p["special_ids"]
+    audio = None
+    if manifest.get("audio_preprocessing"):
+        audio = SimpleNamespace(audio_token_id=sp["audio"], audio_start_token_id=sp["begin_of_audio"],
+                                audio_end_token_id=sp["end_of_audio"])  # fmt: skip
+    tokenizer = ChatTokenizer(Path(bundle) / "tokenizer.json", tokens, audio)
     pre = ImagePreprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["preprocessing"].items()})
     return manifest, backend.open_runtime(Path(bundle), manifest), tokenizer, pre
 
 
+def parse_order(order: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in order.split(","))
+    if sorted(parts) != ["audio", "image", "text"]:
+        raise ExportError("invalid part order", field="--order", expected="image, audio and text once each, e.g. audio,text,image",
+                          got=repr(order), fix="list the three parts separated by commas")  # fmt: skip
+    return parts
+
+
 def run_bundle(bundle: str | Path, *, prompt: str, image: str | Path | None, max_new_tokens: int,
-               write: Callable[[str], object]) -> list[int]:  # fmt: skip
+               write: Callable[[str], object], audio: str | Path | None = None, order: str = "image,audio,text") -> list[int]:  # fmt: skip
     bundle = Path(bundle)
-    img = load_image(image) if image is not None else None  # fail on a bad image before loading the model
+    parts = parse_order(order)
+    img = load_image(image) if image is not None else None  # fail on bad input before loading the model
     manifest, runtime, tokenizer, pre = open_bundle(bundle)
-    chat = build_chat_prompt(tokenizer, prompt, pre.num_tokens if img is not None else None)
+    features = []
+    if audio is not None:
+        if not manifest.get("audio_preprocessing"):
+            raise ExportError("this bundle has no audio encoder", field="--audio", file=bundle,
+                              fix="export a checkpoint with an audio tower, or drop --audio")  # fmt: skip
+        apre = AudioPreprocessing(**manifest["audio_preprocessing"])
+        features = [log_mel(load_audio(audio, apre), apre)[None]]
+    audio_tokens = manifest["components"]["audio_encoder"]["outputs"][0]["shape"][0] if features else None
+    chat = build_chat_prompt(tokenizer, prompt, pre.num_tokens if img is not None else None, audio_tokens, parts)
     images = [preprocess_image(img, pre)] if img is not None else []
     generated: list[int] = []
     shown = ""
@@ -54,6 +80,6 @@ def run_bundle(bundle: str | Path, *, prompt: str, image: str | Path | None, max
             shown = text
 
     max_new = min(max_new_tokens, runtime.max_context - len(chat))
-    generate(runtime, chat, images=images, image_grids=[pre.merged_grid] * len(images), max_new_tokens=max(max_new, 1),
-             eos_ids=eos, on_token=on_token)  # fmt: skip
+    generate(runtime, chat, images=images, image_grids=[pre.merged_grid] * len(images), audios=features,
+             max_new_tokens=max(max_new, 1), eos_ids=eos, on_token=on_token)  # fmt: skip
     return generated

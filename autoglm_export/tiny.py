@@ -28,7 +28,7 @@ SPECIAL_TOKENS = [
     "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
     "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
     "<|end_of_video|>", "<|image|>", "<|video|>", "<|begin_of_audio|>", "<|end_of_audio|>",
-    "<|reserved_151347|>", "<|reserved_151348|>",
+    "<|audio|>", "<|reserved_151348|>",
 ]  # fmt: skip
 EOS_OFFSETS = (0, 7, 9, 19)  # 151329, 151336, 151338, 151348
 
@@ -49,6 +49,9 @@ class Preset:
     image_size: int = 56
     max_shard_bytes: int = 256 * 1024
     full_vocab_tokenizer: bool = False
+    audio_hidden: int = 32
+    audio_layers: int = 2
+    audio_heads: int = 2
 
 
 PRESETS = {
@@ -66,9 +69,30 @@ def special_base(vocab: int, full: bool) -> int:
     return REAL_SPECIAL_BASE if full else vocab - 32
 
 
-def make_config(p: Preset) -> dict:
-    base = special_base(p.vocab, p.full_vocab_tokenizer)
+def audio_config(p: Preset) -> dict:
+    """The GLM-ASR encoder fields (transformers' GlmAsrEncoderConfig) plus our token ids."""
     return {
+        "model_type": "glmasr_encoder",
+        "hidden_size": p.audio_hidden,
+        "intermediate_size": 4 * p.audio_hidden,
+        "num_hidden_layers": p.audio_layers,
+        "num_attention_heads": p.audio_heads,
+        "num_key_value_heads": p.audio_heads,
+        "hidden_act": "gelu",
+        "max_position_embeddings": 1500,
+        "num_mel_bins": 128,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    }
+
+
+def make_config(p: Preset, audio: bool = False) -> dict:
+    base = special_base(p.vocab, p.full_vocab_tokenizer)
+    extra = {}
+    if audio:
+        extra = {"audio_config": audio_config(p), "audio_token_id": base + 18, "audio_start_token_id": base + 16,
+                 "audio_end_token_id": base + 17, "projector_hidden_act": "gelu"}  # fmt: skip
+    return {
+        **extra,
         "architectures": ["Glm4vForConditionalGeneration"],
         "model_type": "glm4v",
         "dtype": "bfloat16",
@@ -194,6 +218,7 @@ def write_tiny_checkpoint(
     preset: str = "tiny",
     layers: int | None = None,
     vision_depth: int | None = None,
+    audio: bool = False,
     force: bool = False,
     progress=None,
     **overrides,
@@ -207,7 +232,7 @@ def write_tiny_checkpoint(
         p = replace(p, vision_depth=vision_depth)
     if overrides:
         p = replace(p, **overrides)
-    config = make_config(p)
+    config = make_config(p, audio=audio)
     base = special_base(p.vocab, p.full_vocab_tokenizer)
     gen = {
         "do_sample": False,

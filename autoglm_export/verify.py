@@ -23,8 +23,7 @@ from .errors import BundleError, ExportError
 from .host.generate import EagerRuntime, Trace, generate
 from .host.golden import GOLDEN_PROMPT, golden_image
 from .host.image import ImagePreprocessing, preprocess_image
-from .host.prompt import IMAGE, build_chat_prompt
-from .host.tokenizer import ChatTokenizer
+from .host.prompt import AUDIO, IMAGE, build_chat_prompt
 from .load import build_on_meta, load_component
 from .metrics import compare, passes
 from .progress import silent
@@ -95,21 +94,51 @@ def _decoder_calls(runtime, embeds: torch.Tensor, positions: np.ndarray, delta: 
     return torch.cat([o.reshape(1, -1) for o in out]).numpy()
 
 
+class GoldenCase:
+    """The verification inputs: the golden image (+ the golden audio clip when the model hears)
+    and prompt, per-component probe inputs, and the M-RoPE positions of the prompt."""
+
+    def __init__(self, ckpt: Checkpoint, pre: ImagePreprocessing, shapes: Shapes) -> None:
+        from .host.audio import AudioPreprocessing, log_mel
+        from .host.golden import golden_audio
+        from .host.positions import mrope_positions
+
+        tok = ckpt.chat_tokenizer()
+        self.pixels = preprocess_image(golden_image(), pre)
+        self.features = None
+        audio_tokens = None
+        if ckpt.spec.audio is not None:
+            apre = AudioPreprocessing(frames=shapes.audio_frames, mel_bins=ckpt.spec.audio.num_mel_bins)
+            self.features = log_mel(golden_audio(), apre)[None]
+            audio_tokens = shapes.audio_frames // 8
+        self.prompt = build_chat_prompt(tok, GOLDEN_PROMPT, pre.num_tokens, audio_tokens)
+        g = torch.Generator().manual_seed(0)
+        self.inputs = {
+            "vision_encoder": [torch.from_numpy(self.pixels), torch.randn(self.pixels.shape, generator=g)],
+            "token_embedding": [torch.tensor([self.prompt.ids[: shapes.prefill_chunk]]), torch.tensor([[0]])],
+        }
+        if self.features is not None:
+            self.inputs["audio_encoder"] = [torch.from_numpy(self.features), torch.randn(self.features.shape, generator=g)]
+        self.media = {"images": [self.pixels], "image_grids": [pre.merged_grid],
+                      "audios": [self.features] if self.features is not None else []}  # fmt: skip
+        self.positions, self.delta = mrope_positions(self.prompt.types, [pre.merged_grid])
+
+    def embeddings(self, modules: dict, chunk: int) -> torch.Tensor:
+        """The prompt's input embeddings with image (and audio) encodings in place."""
+        ids = torch.tensor([self.prompt.ids])
+        embeds = torch.cat([modules["token_embedding"](ids[:, a : a + chunk]) for a in range(0, len(self.prompt), chunk)], dim=1)
+        embeds[0, [i for i, t in enumerate(self.prompt.types) if t == IMAGE]] = modules["vision_encoder"](self.inputs["vision_encoder"][0])
+        if self.features is not None:
+            embeds[0, [i for i, t in enumerate(self.prompt.types) if t == AUDIO]] = modules["audio_encoder"](self.inputs["audio_encoder"][0])
+        return embeds
+
+
 def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans: dict[str, ComponentPlan],
                pre: ImagePreprocessing, progress=silent, *, bundle: Path, manifest: dict) -> dict:  # fmt: skip
     shapes = Shapes(**recipe.shapes.model_dump())
     par = recipe.parity
-    tok = ChatTokenizer(ckpt.tokenizer_path, ckpt.spec.tokens)
-    prompt = build_chat_prompt(tok, GOLDEN_PROMPT, pre.num_tokens)
-    pixels = preprocess_image(golden_image(), pre)
-    g = torch.Generator().manual_seed(0)
-    inputs = {
-        "vision_encoder": [torch.from_numpy(pixels), torch.randn(pixels.shape, generator=g)],
-        "token_embedding": [torch.tensor([prompt.ids[: shapes.prefill_chunk]]), torch.tensor([[0]])],
-    }
-    from .host.positions import mrope_positions
-
-    positions, delta = mrope_positions(prompt.types, [pre.merged_grid])
+    case = GoldenCase(ckpt, pre, shapes)
+    prompt, inputs, positions, delta = case.prompt, case.inputs, case.positions, case.delta
     report = _Report()
 
     def lowering_threshold(plan: ComponentPlan) -> float:
@@ -121,19 +150,15 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
     qrt = EagerRuntime(q, shapes.max_context, shapes.prefill_chunk)
     outs: dict[str, dict[str, np.ndarray]] = {}
     with torch.no_grad():
-        for name in ("vision_encoder", "token_embedding"):
+        for name in inputs:
             ref = np.concatenate([q[name](x).numpy().ravel() for x in inputs[name]])
             got = np.concatenate([getattr(bundle_runtime, name)(x).numpy().ravel() for x in inputs[name]])
             outs[name] = {"quantized": ref}
             report.add(f"{name}/lowered_vs_reference", "lowering", compare(ref, got), lowering_threshold(plans[name]),
                        "bundle runtime vs PyTorch with the same weights")  # fmt: skip
-        # decoder inputs: the real prompt embeddings with the image scattered in
-        ids = torch.tensor([prompt.ids])
-        embeds = torch.cat([q["token_embedding"](ids[:, a : a + shapes.prefill_chunk])
-                            for a in range(0, len(prompt), shapes.prefill_chunk)], dim=1)  # fmt: skip
-        slots = [i for i, t in enumerate(prompt.types) if t == IMAGE]
-        embeds[0, slots] = q["vision_encoder"](inputs["vision_encoder"][0])
-        probe = generate(qrt, prompt, images=[pixels], image_grids=[pre.merged_grid], max_new_tokens=DECODE_STEPS)
+        # decoder inputs: the real prompt embeddings with the image (and audio) scattered in
+        embeds = case.embeddings(q, shapes.prefill_chunk)
+        probe = generate(qrt, prompt, **case.media, max_new_tokens=DECODE_STEPS)
         feed = probe.tokens[:DECODE_STEPS]
         embed_q = q["token_embedding"]
         ref = _decoder_calls(qrt, embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)
@@ -148,8 +173,8 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
         # 2. end to end, bundle vs quantized reference
         progress(f"greedy generation of {par.greedy_tokens} tokens: bundle vs reference")
         n_new = min(par.greedy_tokens, shapes.max_context - len(prompt))
-        ref_trace = generate(qrt, prompt, images=[pixels], image_grids=[pre.merged_grid], max_new_tokens=n_new)
-        got_trace = generate(bundle_runtime, prompt, images=[pixels], image_grids=[pre.merged_grid], max_new_tokens=n_new)
+        ref_trace = generate(qrt, prompt, **case.media, max_new_tokens=n_new)
+        got_trace = generate(bundle_runtime, prompt, **case.media, max_new_tokens=n_new)
         report.checks.append(_greedy_check("end_to_end/greedy_lowered_vs_reference", ref_trace, got_trace,
                                            par.greedy_agreement, gated=True))  # fmt: skip
     del q, qrt  # keep the (small) quantized embedding: decode steps of every decoder run share it
@@ -159,7 +184,7 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
     budget = memory_budget_bytes()
     f = {}
     with torch.no_grad():
-        for name in ("vision_encoder", "token_embedding", "text_decoder"):
+        for name in [*inputs, "text_decoder"]:
             comp_bytes = 4 * sum(ckpt.tensors[k].numel for k in registry.get(name).keys(ckpt.spec))
             fp16 = plans[name].dtype == "fp16" and not plans[name].quantized
             threshold = par.fp16_sqnr_db if fp16 else None
@@ -178,9 +203,9 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
             report.add(f"{name}/reference_vs_fp32", "quantization", fig, threshold,
                        "PyTorch with the exported weights vs fp32 (the cost of the recipe)")  # fmt: skip
             f[name] = mod
-        if fp32_bytes <= budget and len(f) == 3:
+        if fp32_bytes <= budget and len(f) == len(plans):
             frt = EagerRuntime(f, shapes.max_context, shapes.prefill_chunk)
-            fp_trace = generate(frt, prompt, images=[pixels], image_grids=[pre.merged_grid], max_new_tokens=n_new)
+            fp_trace = generate(frt, prompt, **case.media, max_new_tokens=n_new)
             report.checks.append(_greedy_check("end_to_end/greedy_reference_vs_fp32", fp_trace, ref_trace, None, gated=False))
     return report.finish({"prompt_tokens": len(prompt), "greedy_tokens": n_new, "reference_tokens": ref_trace.tokens,
                           "bundle_tokens": got_trace.tokens})  # fmt: skip
@@ -213,26 +238,19 @@ def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backen
             del module, prog
         t = ckpt.spec.text
         ort_rt = OnnxRuntime(files, [1, t.num_kv_heads, shapes.max_context, t.head_dim], shapes.max_context, shapes.prefill_chunk)
-        tok = ChatTokenizer(ckpt.tokenizer_path, ckpt.spec.tokens)
-        prompt = build_chat_prompt(tok, GOLDEN_PROMPT, pre.num_tokens)
-        pixels = preprocess_image(golden_image(), pre)
-        from .host.positions import mrope_positions
-
-        positions, delta = mrope_positions(prompt.types, [pre.merged_grid])
+        case = GoldenCase(ckpt, pre, shapes)
+        prompt, positions, delta = case.prompt, case.positions, case.delta
         qrt = EagerRuntime(refs, shapes.max_context, shapes.prefill_chunk)
         with torch.no_grad():
-            inputs = {"vision_encoder": torch.from_numpy(pixels), "token_embedding": torch.tensor([prompt.ids[: shapes.prefill_chunk]])}
+            inputs = {name: xs[0] for name, xs in case.inputs.items()}
             for name, x in inputs.items():
                 o = getattr(ort_rt, name)(x).numpy()
                 thr = _lowering_threshold(plans[name], par)
                 report.add(f"onnxruntime/{name}_vs_bundle", "independent", compare(o, getattr(bundle_runtime, name)(x).numpy()), thr)
                 report.add(f"onnxruntime/{name}_vs_reference", "independent", compare(refs[name](x).numpy(), o), thr)
-            ids = torch.tensor([prompt.ids])
-            embeds = torch.cat([refs["token_embedding"](ids[:, a : a + shapes.prefill_chunk])
-                                for a in range(0, len(prompt), shapes.prefill_chunk)], dim=1)  # fmt: skip
-            embeds[0, [i for i, k in enumerate(prompt.types) if k == IMAGE]] = refs["vision_encoder"](inputs["vision_encoder"])
+            embeds = case.embeddings(refs, shapes.prefill_chunk)
             n_new = min(par.greedy_tokens, shapes.max_context - len(prompt))
-            ort_trace = generate(ort_rt, prompt, images=[pixels], image_grids=[pre.merged_grid], max_new_tokens=n_new)
+            ort_trace = generate(ort_rt, prompt, **case.media, max_new_tokens=n_new)
             feed = ort_trace.tokens[:DECODE_STEPS]
             emb = refs["token_embedding"]
             o = _decoder_calls(ort_rt, embeds, positions, delta, shapes.prefill_chunk, feed, emb)
@@ -241,7 +259,7 @@ def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backen
                        compare(o, _decoder_calls(bundle_runtime, embeds, positions, delta, shapes.prefill_chunk, feed, emb)), thr)
             report.add("onnxruntime/text_decoder_vs_reference", "independent",
                        compare(_decoder_calls(qrt, embeds, positions, delta, shapes.prefill_chunk, feed, emb), o), thr)
-            got = generate(bundle_runtime, prompt, images=[pixels], image_grids=[pre.merged_grid], max_new_tokens=n_new)
+            got = generate(bundle_runtime, prompt, **case.media, max_new_tokens=n_new)
             report.checks.append(_greedy_check("onnxruntime/greedy_vs_bundle", ort_trace, got, par.greedy_agreement, gated=True))
         del ort_rt
     return report.finish({"against": "onnxruntime"})

@@ -1,4 +1,4 @@
-"""Write host-logic golden vectors from a checkpoint: python scripts/make_golden.py CKPT OUT.json [--image-size S]."""
+"""Write host-logic golden vectors from a checkpoint: python scripts/make_golden.py CKPT OUT.json [--image-size S] [--audio-seconds A]."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 from autoglm_export.checkpoint import open_checkpoint
 from autoglm_export.host.golden import golden_vectors, write_golden
 from autoglm_export.host.image import ImagePreprocessing
-from autoglm_export.host.tokenizer import ChatTokenizer
 from autoglm_export.models.glm4v.spec import load_json
 
 
@@ -17,13 +16,19 @@ def main() -> None:
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--image-size", type=int, default=112)
+    ap.add_argument("--audio-seconds", type=float, default=3.2)
     a = ap.parse_args()
     ckpt = open_checkpoint(a.checkpoint)
     pc_file = a.checkpoint / "preprocessor_config.json"
     pc = load_json(pc_file, "preprocessor_config.json", "") if pc_file.is_file() else {}
     v = ckpt.spec.vision
     pre = ImagePreprocessing.from_checkpoint(pc, a.image_size, v.patch_size, v.spatial_merge_size)
-    write_golden(a.out, golden_vectors(ChatTokenizer(ckpt.tokenizer_path, ckpt.spec.tokens), pre))
+    audio_pre = None
+    if ckpt.spec.audio is not None:
+        from autoglm_export.host.audio import AudioPreprocessing
+
+        audio_pre = AudioPreprocessing(frames=round(a.audio_seconds * 100), mel_bins=ckpt.spec.audio.num_mel_bins)
+    write_golden(a.out, golden_vectors(ckpt.chat_tokenizer(), pre, audio_pre=audio_pre))
     print(f"wrote {a.out}")
 
 

@@ -96,7 +96,7 @@ def check_parity(ours_dir: Path, hf_dir: Path, image_size: int = 112, tol: float
     figures["text"] = worst
 
     # greedy generation from image + text
-    tok = ChatTokenizer(ckpt.tokenizer_path, spec.tokens)
+    tok = ckpt.chat_tokenizer()
     prompt = build_chat_prompt(tok, "What is on the screen?", pre.num_tokens)
     trace = generate(EagerRuntime(mods, shapes.max_context, shapes.prefill_chunk), prompt, images=[px],
                      image_grids=[pre.merged_grid], max_new_tokens=new_tokens)  # fmt: skip

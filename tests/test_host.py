@@ -21,7 +21,7 @@ from reference import hf_pixels, load_hf
 
 def _tok(ckpt_dir):
     ckpt = open_checkpoint(ckpt_dir)
-    return ckpt, ChatTokenizer(ckpt.tokenizer_path, ckpt.spec.tokens)
+    return ckpt, ckpt.chat_tokenizer()
 
 
 def test_prompt_follows_the_glm_chat_template(tiny_ckpt):

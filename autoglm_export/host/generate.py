@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ExportError
 from .positions import decode_positions, mrope_positions
-from .prompt import IMAGE, Prompt
+from .prompt import AUDIO, IMAGE, Prompt
 
 
 class Runtime(Protocol):
@@ -23,6 +23,7 @@ class Runtime(Protocol):
 
     def token_embedding(self, input_ids: torch.Tensor) -> torch.Tensor: ...
     def vision_encoder(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+    def audio_encoder(self, input_features: torch.Tensor) -> torch.Tensor: ...
     def text_decoder(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor: ...
     def reset(self) -> None: ...
 
@@ -35,6 +36,7 @@ class Trace:
     tokens: list[int] = field(default_factory=list)
     step_logits: list[np.ndarray] = field(default_factory=list)
     image_embeddings: list[np.ndarray] = field(default_factory=list)
+    audio_embeddings: list[np.ndarray] = field(default_factory=list)
 
 
 def _chunks(n: int, size: int):
@@ -42,21 +44,30 @@ def _chunks(n: int, size: int):
         yield start, min(start + size, n)
 
 
-def prefill(runtime: Runtime, prompt: Prompt, images: list[np.ndarray], image_grids: list[tuple[int, int]], trace: Trace):
+def _scatter(embeds, prompt: Prompt, kind: int, encode, inputs, record: list) -> None:
+    """Encode each image / audio clip and write the results over its placeholder tokens."""
+    slots = [i for i, t in enumerate(prompt.types) if t == kind]
+    if not inputs:
+        return
+    feats = []
+    for x in inputs:
+        f = encode(torch.as_tensor(x, dtype=torch.float32))
+        record.append(f.numpy().copy())
+        feats.append(f)
+    feats = torch.cat(feats, dim=0)
+    if feats.shape[0] != len(slots):
+        raise ValueError(f"{feats.shape[0]} encoder outputs for {len(slots)} placeholder tokens")
+    embeds[0, slots] = feats.to(embeds.dtype)
+
+
+def prefill(runtime: Runtime, prompt: Prompt, images: list[np.ndarray], image_grids: list[tuple[int, int]], trace: Trace,
+            audios: list[np.ndarray] = ()):  # fmt: skip
     n = len(prompt)
     ids = torch.tensor(prompt.ids, dtype=torch.long).unsqueeze(0)
     embeds = torch.cat([runtime.token_embedding(ids[:, a:b]) for a, b in _chunks(n, runtime.prefill_chunk)], dim=1)
-    image_slots = [i for i, t in enumerate(prompt.types) if t == IMAGE]
-    if images:
-        feats = []
-        for px in images:
-            f = runtime.vision_encoder(torch.as_tensor(px, dtype=torch.float32))
-            trace.image_embeddings.append(f.numpy().copy())
-            feats.append(f)
-        feats = torch.cat(feats, dim=0)
-        if feats.shape[0] != len(image_slots):
-            raise ValueError(f"{feats.shape[0]} image embeddings for {len(image_slots)} image tokens")
-        embeds[0, image_slots] = feats.to(embeds.dtype)
+    _scatter(embeds, prompt, IMAGE, runtime.vision_encoder, images, trace.image_embeddings)
+    if audios:
+        _scatter(embeds, prompt, AUDIO, runtime.audio_encoder, audios, trace.audio_embeddings)
     pos = torch.from_numpy(trace.positions)
     logits = None
     for a, b in _chunks(n, runtime.prefill_chunk):
@@ -70,6 +81,7 @@ def generate(
     *,
     images: list[np.ndarray] = (),
     image_grids: list[tuple[int, int]] = (),
+    audios: list[np.ndarray] = (),
     max_new_tokens: int = 32,
     eos_ids: tuple[int, ...] = (),
     force_tokens: list[int] | None = None,
@@ -89,7 +101,7 @@ def generate(
     positions, delta = mrope_positions(prompt.types, list(image_grids))
     trace = Trace(prompt_ids=list(prompt.ids), positions=positions, rope_delta=delta)
     runtime.reset()
-    logits = prefill(runtime, prompt, list(images), list(image_grids), trace)
+    logits = prefill(runtime, prompt, list(images), list(image_grids), trace, list(audios))
     cache_index = n
     for step in range(max_new_tokens):
         trace.step_logits.append(logits[0].float().numpy().copy())
@@ -124,6 +136,10 @@ class EagerRuntime:
     @torch.no_grad()
     def vision_encoder(self, pixel_values):
         return self.modules["vision_encoder"](pixel_values)
+
+    @torch.no_grad()
+    def audio_encoder(self, input_features):
+        return self.modules["audio_encoder"](input_features)
 
     @torch.no_grad()
     def text_decoder(self, embeds, position_ids, cache_position):

@@ -28,13 +28,32 @@ def golden_image(width: int = 60, height: int = 40):
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
-def golden_vectors(tokenizer, pre: ImagePreprocessing, decode_steps: int = 4) -> dict:
+def golden_audio(seconds: float = 2.0, rate: int = 16000) -> np.ndarray:
+    """A deterministic 2 s test signal: a 300 -> 1200 Hz chirp plus a little seeded noise."""
+    t = np.arange(int(seconds * rate)) / rate
+    chirp = 0.4 * np.sin(2 * np.pi * (300 * t + 225 * t * t))
+    return (chirp + 0.01 * np.random.default_rng(0).standard_normal(t.size)).astype(np.float32)
+
+
+def golden_vectors(tokenizer, pre: ImagePreprocessing, decode_steps: int = 4, audio_pre=None) -> dict:
+    """With ``audio_pre`` (an AudioPreprocessing) the prompt also carries the golden audio clip and
+    the vectors include its waveform and log-mel frames."""
     img = golden_image()
     pixels = preprocess_image(img, pre)
-    prompt = build_chat_prompt(tokenizer, GOLDEN_PROMPT, pre.num_tokens)
+    audio_tokens = audio_pre.frames // 8 if audio_pre is not None else None
+    prompt = build_chat_prompt(tokenizer, GOLDEN_PROMPT, pre.num_tokens, audio_tokens)
     pos, delta = mrope_positions(prompt.types, [pre.merged_grid])
     n = len(prompt)
-    return {
+    out = {}
+    if audio_pre is not None:
+        from .audio import log_mel
+
+        wave = golden_audio(rate=audio_pre.sample_rate)
+        mel = log_mel(wave, audio_pre)
+        out["audio"] = {"sample_rate": audio_pre.sample_rate, "waveform": [float(v) for v in wave],
+                        "preprocessing": audio_pre.to_json(),
+                        "log_mel": {"shape": list(mel.shape), "data": [float(v) for v in mel.reshape(-1)]}}  # fmt: skip
+    return out | {
         "prompt_text": GOLDEN_PROMPT,
         "prompt_ids": prompt.ids,
         "token_types": prompt.types,

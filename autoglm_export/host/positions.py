@@ -4,6 +4,7 @@ Text tokens get the same position on all three axes. An image whose merged grid 
 and which starts at position ``cur`` gets t = cur, h = cur + row, w = cur + col; the next
 token then starts at ``cur + max(gh, gw)``. Because an image occupies fewer positions than
 tokens, decode positions are ``cache_index + delta`` with ``delta = max(pos) + 1 - len``.
+Audio tokens advance like text.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from itertools import groupby
 
 import numpy as np
 
-from .prompt import IMAGE, TEXT
+from .prompt import AUDIO, IMAGE, TEXT
 
 
 def mrope_positions(types: list[int], image_grids: list[tuple[int, int]]) -> tuple[np.ndarray, int]:
@@ -32,7 +33,7 @@ def mrope_positions(types: list[int], image_grids: list[tuple[int, int]]) -> tup
             rows, cols_ = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
             block = np.stack([np.full(n, cur), cur + rows.ravel(), cur + cols_.ravel()])
             cur += max(gh, gw)
-        elif kind == TEXT:
+        elif kind in (TEXT, AUDIO):  # audio tokens advance like text on all three axes
             block = np.tile(np.arange(cur, cur + n), (3, 1))
             cur += n
         else:

@@ -1,14 +1,16 @@
 """Chat prompt building: ``[gMASK]<sop><|user|>\\n<|begin_of_image|><|image|>xN<|end_of_image|>TEXT<|assistant|>\\n``.
 
-The result carries, per token, its modality (0 text, 1 image) because M-RoPE positions and the
-embedding scatter both depend on it.
+With an audio tower, ``<|begin_of_audio|><|audio|>xM<|end_of_audio|>`` joins the user turn; the
+image, audio and text parts may come in any order. The result carries, per token, its modality
+(0 text, 1 image, 3 audio) because M-RoPE positions and the embedding scatter depend on it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TEXT, IMAGE = 0, 1
+TEXT, IMAGE, AUDIO = 0, 1, 3
+DEFAULT_ORDER = ("image", "audio", "text")
 
 
 @dataclass
@@ -24,17 +26,24 @@ class Prompt:
         return len(self.ids)
 
 
-def build_chat_prompt(tokenizer, text: str, image_tokens: int | None = None) -> Prompt:
-    """One user turn with an optional image, ready for the assistant's answer."""
+def build_chat_prompt(tokenizer, text: str, image_tokens: int | None = None, audio_tokens: int | None = None,
+                      order: tuple[str, ...] = DEFAULT_ORDER) -> Prompt:  # fmt: skip
+    """One user turn with an optional image and audio clip, ready for the assistant's answer."""
     sp = tokenizer.special
     p = Prompt()
     p.add([sp["gmask"], sp["sop"], sp["user"]])
     p.add(tokenizer.encode("\n"))
-    if image_tokens:
-        p.add([sp["begin_of_image"]])
-        p.add([sp["image"]] * image_tokens, IMAGE)
-        p.add([sp["end_of_image"]])
-    p.add(tokenizer.encode(text))
+    for part in order:
+        if part == "image" and image_tokens:
+            p.add([sp["begin_of_image"]])
+            p.add([sp["image"]] * image_tokens, IMAGE)
+            p.add([sp["end_of_image"]])
+        elif part == "audio" and audio_tokens:
+            p.add([sp["begin_of_audio"]])
+            p.add([sp["audio"]] * audio_tokens, AUDIO)
+            p.add([sp["end_of_audio"]])
+        elif part == "text":
+            p.add(tokenizer.encode(text))
     p.add([sp["assistant"]])
     p.add(tokenizer.encode("\n"))
     return p

@@ -11,7 +11,7 @@ REQUIRED = ("gmask", "sop", "user", "assistant", "begin_of_image", "end_of_image
 
 
 class ChatTokenizer:
-    def __init__(self, path: Path, tokens: TokenSpec) -> None:
+    def __init__(self, path: Path, tokens: TokenSpec, audio=None) -> None:
         from tokenizers import Tokenizer
 
         if not Path(path).is_file():
@@ -53,6 +53,14 @@ class ChatTokenizer:
                     got=f"id {self.special[name]}",
                     fix="use the tokenizer.json that ships with the checkpoint",
                 )
+
+        if audio is not None:
+            for name, cfg_id in (("audio", audio.audio_token_id), ("begin_of_audio", audio.audio_start_token_id),
+                                 ("end_of_audio", audio.audio_end_token_id)):  # fmt: skip
+                if self.tok.id_to_token(cfg_id) is None:
+                    raise CheckpointError("audio token id from config.json is not in the tokenizer", file=path,
+                                          field=name, got=str(cfg_id), fix="use the tokenizer that ships with the checkpoint")  # fmt: skip
+                self.special[name] = cfg_id
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

@@ -22,7 +22,7 @@ def export_component(name: str, module: torch.nn.Module, prefill_chunk: int) -> 
     lowering fails (DESIGN.md §2).
     """
     with torch.no_grad():
-        if name == "vision_encoder":
+        if name in ("vision_encoder", "audio_encoder"):  # fixed image size / audio window
             return export(module, module.example_inputs(), strict=True)
         T = Dim("T", min=1, max=prefill_chunk)
         length = min(4, prefill_chunk)
@@ -119,6 +119,9 @@ class ExecuTorchRuntime:
 
     def vision_encoder(self, pixel_values):
         return self.method("vision_encoder").execute([pixel_values.contiguous()])[0]
+
+    def audio_encoder(self, input_features):
+        return self.method("audio_encoder").execute([input_features.contiguous()])[0]
 
     def text_decoder(self, embeds, position_ids, cache_position):
         return self.method("text_decoder").execute([embeds.contiguous(), position_ids.contiguous(), cache_position.contiguous()])[0]

@@ -92,6 +92,8 @@ class OnnxBackend:
         with torch.no_grad():
             if name == "vision_encoder":
                 args, names, outs, dyn = module.example_inputs(), ["pixel_values"], ["image_embeddings"], None
+            elif name == "audio_encoder":
+                args, names, outs, dyn = module.example_inputs(), ["input_features"], ["audio_embeddings"], None
             elif name == "token_embedding":
                 args, names, outs, dyn = module.example_inputs(length), ["input_ids"], ["embeddings"], ({1: T},)
             elif name == "text_decoder":
@@ -228,6 +230,9 @@ class OnnxRuntime:
 
     def vision_encoder(self, pixel_values):
         return torch.from_numpy(self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.numpy()})[0])
+
+    def audio_encoder(self, input_features):
+        return torch.from_numpy(self.sessions["audio_encoder"].run(None, {"input_features": input_features.numpy()})[0])
 
     def text_decoder(self, embeds, position_ids, cache_position):
         feeds = {"inputs_embeds": embeds.numpy(), "position_ids": position_ids.numpy(),

@@ -270,8 +270,10 @@ class TokenEmbedding(nn.Module):
 
 
 def mrope_axis_selector(t: TextSpec) -> torch.Tensor:
-    """[3, 1, F] one-hot: which position axis (t, h, w) drives each rotary frequency."""
-    sel = torch.zeros(3, 1, t.rotary_dim // 2)
+    """[3, 1, head_dim/2] one-hot: which position axis (t, h, w) drives each rotary frequency.
+    Frequencies past the rotary width (inv_freq 0) take axis 0; their angle is 0 either way."""
+    sel = torch.zeros(3, 1, t.head_dim // 2)
+    sel[0, 0, t.rotary_dim // 2 :] = 1.0
     start = 0
     for i, n in enumerate(t.mrope_section):
         sel[i % 3, 0, start : start + n] = 1.0
@@ -365,8 +367,8 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(t, max_context) for _ in range(t.num_layers))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
-        self.register_buffer("inv_freq", torch.empty(t.rotary_dim // 2), persistent=False)
-        self.register_buffer("axis_selector", torch.empty(3, 1, t.rotary_dim // 2), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(t.head_dim // 2), persistent=False)
+        self.register_buffer("axis_selector", torch.empty(3, 1, t.head_dim // 2), persistent=False)
         self.register_buffer("slots", torch.empty(max_context, dtype=torch.long), persistent=False)
         self.register_buffer("rope_rot", torch.empty(t.head_dim, t.head_dim), persistent=False)
 
@@ -383,7 +385,10 @@ class TextDecoder(nn.Module):
     def init_runtime_buffers(self) -> None:
         t = self.t
         rd = t.rotary_dim
-        self.inv_freq = 1.0 / (t.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float) / rd))
+        inv_freq = 1.0 / (t.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float) / rd))
+        # zero frequencies past the rotary width: cos = 1, sin = 0 exactly, so the partial rotary
+        # needs no slicing or padding (HTP mis-executes Pad with a non-zero value)
+        self.inv_freq = torch.cat([inv_freq, torch.zeros(t.head_dim // 2 - rd // 2)])
         self.axis_selector = mrope_axis_selector(t)
         self.slots = torch.arange(self.max_context, dtype=torch.long)
         self.rope_rot = rotation_matrix(t.head_dim, rd, interleaved=True)
@@ -407,13 +412,10 @@ class TextDecoder(nn.Module):
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T, head_dim]: M-RoPE on the first rotary_dim dims (pairs share a frequency),
         identity (cos 1, sin 0) on the rest."""
-        freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # [3, T, F]
+        freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # [3, T, head_dim/2]
         freqs = (freqs * self.axis_selector).sum(0)  # each frequency takes its own axis
-        pad = self.t.head_dim - self.t.rotary_dim
         cos = torch.stack([freqs.cos(), freqs.cos()], dim=-1).flatten(-2)
         sin = torch.stack([freqs.sin(), freqs.sin()], dim=-1).flatten(-2)
-        cos = F.pad(cos, (0, pad), value=1.0)
-        sin = F.pad(sin, (0, pad), value=0.0)
         return cos.to(dtype), sin.to(dtype)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
@@ -461,3 +463,130 @@ class TextDecoderExplicitCache(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, cache_position, caches: list[torch.Tensor]):
         return self.decoder.run(inputs_embeds, position_ids, cache_position, caches)
+
+
+# ----------------------------------------------------------------------------------------
+# Audio (optional GLM-ASR tower)
+# ----------------------------------------------------------------------------------------
+
+
+class AudioAttention(nn.Module):
+    def __init__(self, a) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=True)
+        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
+        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=True)
+        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=True)
+
+    def forward(self, x, cos, sin, rot):
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + torch.matmul(q, rot) * sin
+        k = k * cos + torch.matmul(k, rot) * sin
+        groups = self.num_heads // self.num_kv
+        if groups > 1:
+            k = k.unsqueeze(2).expand(b, self.num_kv, groups, n, self.head_dim).reshape(b, self.num_heads, n, self.head_dim)
+            v = v.unsqueeze(2).expand(b, self.num_kv, groups, n, self.head_dim).reshape(b, self.num_heads, n, self.head_dim)
+        out = attention(q, k, v, None, self.head_dim**-0.5)  # bidirectional
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class AudioMLP(nn.Module):
+    def __init__(self, a) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(a.hidden_size, a.intermediate_size)
+        self.fc2 = nn.Linear(a.intermediate_size, a.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class AudioLayer(nn.Module):
+    def __init__(self, a) -> None:
+        super().__init__()
+        self.self_attn = AudioAttention(a)
+        self.mlp = AudioMLP(a)
+        self.input_layernorm = nn.LayerNorm(a.hidden_size)
+        self.post_attention_layernorm = nn.LayerNorm(a.hidden_size)
+
+    def forward(self, x, cos, sin, rot):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rot)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class AudioProjector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, 2 * out_dim)
+        self.linear_2 = nn.Linear(2 * out_dim, out_dim)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class AudioEncoder(nn.Module):
+    """input_features [1, mel_bins, frames] (log-mel of a fixed window) -> audio embeddings [frames/8, D].
+
+    Frames halve in the stride-2 conv, then every 4 encoder frames become one LM token."""
+
+    method_name = "audio_encoder"
+
+    def __init__(self, spec: ModelSpec, frames: int) -> None:
+        super().__init__()
+        from .audio_spec import MERGE
+
+        a = spec.audio
+        if frames % (2 * MERGE):
+            raise ValueError(f"audio frames {frames} must be a multiple of {2 * MERGE}")
+        self.a, self.frames, self.merge = a, frames, MERGE
+        self.positions = frames // 2
+        self.conv1 = nn.Conv1d(a.num_mel_bins, a.hidden_size, 3, padding=1)
+        self.conv2 = nn.Conv1d(a.hidden_size, a.hidden_size, 3, stride=2, padding=1)
+        self.layers = nn.ModuleList(AudioLayer(a) for _ in range(a.num_layers))
+        self.norm = nn.LayerNorm(a.hidden_size)
+        self.projector = AudioProjector(a.intermediate_size, spec.text.hidden_size)
+        self.register_buffer("rope_cos", torch.empty(self.positions, a.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(self.positions, a.head_dim), persistent=False)
+        self.register_buffer("rope_rot", torch.empty(a.head_dim, a.head_dim), persistent=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions // self.merge
+
+    def weight_map(self) -> dict[str, tuple[str, object]]:
+        from .audio_layout import AUDIO_PREFIX, PROJECTOR_PREFIX
+
+        out = {}
+        for name, _ in self.named_parameters():
+            if name.startswith("projector."):
+                out[name] = (PROJECTOR_PREFIX + name.removeprefix("projector."), None)
+            else:
+                out[name] = (AUDIO_PREFIX + name, None)
+        return out
+
+    def init_runtime_buffers(self) -> None:
+        a = self.a
+        rd = a.rotary_dim
+        inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float) / rd))
+        freqs = torch.arange(self.positions, dtype=torch.float).unsqueeze(1) * inv_freq
+        ones = torch.ones(self.positions, a.head_dim - rd)
+        self.rope_cos = torch.cat([freqs.cos(), freqs.cos(), ones], dim=-1)
+        self.rope_sin = torch.cat([freqs.sin(), freqs.sin(), torch.zeros_like(ones)], dim=-1)
+        self.rope_rot = rotation_matrix(a.head_dim, rd, interleaved=False)
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn(1, self.a.num_mel_bins, self.frames, generator=g),)
+
+    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+        x = input_features.to(self.conv1.weight.dtype)
+        x = F.gelu(self.conv1(x))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # [1, frames/2, hidden]
+        cos, sin, rot = (t.to(x.dtype) for t in (self.rope_cos, self.rope_sin, self.rope_rot))
+        for layer in self.layers:
+            x = layer(x, cos, sin, rot)
+        x = self.norm(x).reshape(-1, self.a.intermediate_size)  # 4 frames -> 1 token
+        return self.projector(x).float()

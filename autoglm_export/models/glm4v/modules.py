@@ -43,6 +43,20 @@ def mean_last_dim(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, -1, x.shape[-1], 1).mean(dim=(2, 3), keepdim=True).reshape(*lead, 1)
 
 
+def inv_frequencies(theta: float, dim: int) -> torch.Tensor:
+    """RoPE inverse frequencies for ``dim`` rotary dims: theta^(-2i/dim), i < dim/2."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, kv_heads, n, d] -> [b, kv_heads * groups, n, d] (each KV head serves ``groups`` query
+    heads), spelled out because SDPA's enable_gqa does not convert everywhere."""
+    if groups == 1:
+        return x
+    b, kv, n, d = x.shape
+    return x.unsqueeze(2).expand(b, kv, groups, n, d).reshape(b, kv * groups, n, d)
+
+
 def rotation_matrix(dim: int, rotary: int, interleaved: bool) -> torch.Tensor:
     """R with x @ R == rotate(x) on the first ``rotary`` dims and 0 elsewhere.
 
@@ -207,9 +221,7 @@ class VisionEncoder(nn.Module):
     def init_runtime_buffers(self) -> None:
         v = self.v
         pos = self.patch_positions()
-        spatial = v.head_dim // 2
-        inv_freq = 1.0 / (v.rope_theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))
-        freqs = pos[..., None].float() * inv_freq  # [N, 2, hd/4]
+        freqs = pos[..., None].float() * inv_frequencies(v.rope_theta, v.head_dim // 2)  # [N, 2, hd/4]
         hw = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
         full = torch.cat([hw, hw], dim=-1)
         self.rope_cos = full.cos()
@@ -311,10 +323,7 @@ class TextAttention(nn.Module):
             kv = (kv[0].index_copy(2, cache_position, k.to(kv[0].dtype)), kv[1].index_copy(2, cache_position, v.to(kv[1].dtype)))
             keys, values = kv[0].to(q.dtype), kv[1].to(q.dtype)
         groups = self.num_heads // self.num_kv
-        if groups > 1:  # repeat K/V explicitly: SDPA's enable_gqa does not convert everywhere
-            c = keys.shape[2]
-            keys = keys.unsqueeze(2).expand(b, self.num_kv, groups, c, self.head_dim).reshape(b, self.num_heads, c, self.head_dim)
-            values = values.unsqueeze(2).expand(b, self.num_kv, groups, c, self.head_dim).reshape(b, self.num_heads, c, self.head_dim)
+        keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
         out = self.o_proj(attention(q, keys, values, mask, self.head_dim**-0.5).transpose(1, 2).reshape(b, T, -1))
         return out if kv is None else (out, kv)
 
@@ -385,10 +394,9 @@ class TextDecoder(nn.Module):
     def init_runtime_buffers(self) -> None:
         t = self.t
         rd = t.rotary_dim
-        inv_freq = 1.0 / (t.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float) / rd))
         # zero frequencies past the rotary width: cos = 1, sin = 0 exactly, so the partial rotary
-        # needs no slicing or padding (HTP mis-executes Pad with a non-zero value)
-        self.inv_freq = torch.cat([inv_freq, torch.zeros(t.head_dim // 2 - rd // 2)])
+        # needs no slicing, padding or concatenation in the graph
+        self.inv_freq = torch.cat([inv_frequencies(t.rope_theta, rd), torch.zeros(t.head_dim // 2 - rd // 2)])
         self.axis_selector = mrope_axis_selector(t)
         self.slots = torch.arange(self.max_context, dtype=torch.long)
         self.rope_rot = rotation_matrix(t.head_dim, rd, interleaved=True)
@@ -487,10 +495,7 @@ class AudioAttention(nn.Module):
         q = q * cos + torch.matmul(q, rot) * sin
         k = k * cos + torch.matmul(k, rot) * sin
         groups = self.num_heads // self.num_kv
-        if groups > 1:
-            k = k.unsqueeze(2).expand(b, self.num_kv, groups, n, self.head_dim).reshape(b, self.num_heads, n, self.head_dim)
-            v = v.unsqueeze(2).expand(b, self.num_kv, groups, n, self.head_dim).reshape(b, self.num_heads, n, self.head_dim)
-        out = attention(q, k, v, None, self.head_dim**-0.5)  # bidirectional
+        out = attention(q, repeat_kv(k, groups), repeat_kv(v, groups), None, self.head_dim**-0.5)  # bidirectional
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -570,8 +575,7 @@ class AudioEncoder(nn.Module):
     def init_runtime_buffers(self) -> None:
         a = self.a
         rd = a.rotary_dim
-        inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float) / rd))
-        freqs = torch.arange(self.positions, dtype=torch.float).unsqueeze(1) * inv_freq
+        freqs = torch.arange(self.positions, dtype=torch.float).unsqueeze(1) * inv_frequencies(a.rope_theta, rd)
         ones = torch.ones(self.positions, a.head_dim - rd)
         self.rope_cos = torch.cat([freqs.cos(), freqs.cos(), ones], dim=-1)
         self.rope_sin = torch.cat([freqs.sin(), freqs.sin(), torch.zeros_like(ones)], dim=-1)

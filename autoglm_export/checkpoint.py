@@ -212,7 +212,7 @@ def _shard_files(root: Path) -> list[Path]:
                 "index has no weight_map", file=index_file, field="weight_map", fix="re-download the checkpoint index"
             )
         shards = []
-        for key, name in weight_map.items():
+        for _key, name in weight_map.items():
             path = _inside(root, name, index_file)
             if path not in shards:
                 shards.append(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 from .bundle import MANIFEST, PROMPT_TEMPLATE, REPORT, SCHEMA_VERSION, file_entries, library_versions, write_json
 from .checkpoint import Checkpoint, open_checkpoint
 from .components import Shapes, registry
-from .errors import ExportError, RecipeError
+from .errors import RecipeError
 from .fsutil import atomic_output_dir, refuse_existing, sha256_file
 from .host.audio import AudioPreprocessing
 from .host.image import ImagePreprocessing

@@ -182,6 +182,7 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
     # 3. quantization error: fp32 reference, one component at a time, when it fits
     fp32_bytes = sum(4 * i.numel for i in ckpt.tensors.values())
     budget = memory_budget_bytes()
+    keep_all = fp32_bytes <= budget  # the fp32 greedy run needs every fp32 component at once
     f = {}
     with torch.no_grad():
         for name in [*inputs, "text_decoder"]:
@@ -195,15 +196,17 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
             progress(f"fp32 reference for {name}")
             mod = load_reference(ckpt, name, shapes, None, backend)
             if name == "text_decoder":
-                frt = EagerRuntime({"text_decoder": mod}, shapes.max_context, shapes.prefill_chunk)
-                ref = _decoder_calls(frt, embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)
+                ref = _decoder_calls(EagerRuntime({"text_decoder": mod}, shapes.max_context, shapes.prefill_chunk),
+                                     embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)  # fmt: skip
             else:
                 ref = np.concatenate([mod(x).numpy().ravel() for x in inputs[name]])
             fig = compare(ref, outs[name]["quantized"])
             report.add(f"{name}/reference_vs_fp32", "quantization", fig, threshold,
                        "PyTorch with the exported weights vs fp32 (the cost of the recipe)")  # fmt: skip
-            f[name] = mod
-        if fp32_bytes <= budget and len(f) == len(plans):
+            if keep_all:
+                f[name] = mod
+            del mod
+        if keep_all and len(f) == len(plans):
             frt = EagerRuntime(f, shapes.max_context, shapes.prefill_chunk)
             fp_trace = generate(frt, prompt, **case.media, max_new_tokens=n_new)
             report.checks.append(_greedy_check("end_to_end/greedy_reference_vs_fp32", fp_trace, ref_trace, None, gated=False))

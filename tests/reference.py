@@ -13,7 +13,6 @@ from autoglm_export.components import Shapes, registry
 from autoglm_export.host.generate import EagerRuntime, generate
 from autoglm_export.host.image import ImagePreprocessing, preprocess_image
 from autoglm_export.host.prompt import build_chat_prompt
-from autoglm_export.host.tokenizer import ChatTokenizer
 from autoglm_export.load import build_on_meta, load_component
 
 

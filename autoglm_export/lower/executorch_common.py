@@ -112,7 +112,9 @@ class ExecuTorchRuntime:
         return self._methods[name]
 
     def metadata(self, name: str):
-        return self.method(name).execute([])[0]
+        """A runner-contract constant; list constants (get_eos_ids) come back as one output each."""
+        out = list(self.method(name).execute([]))
+        return out[0] if len(out) == 1 else out
 
     def token_embedding(self, input_ids):
         return self.method("token_embedding").execute([input_ids.contiguous()])[0]

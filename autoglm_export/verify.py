@@ -144,6 +144,10 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
     def lowering_threshold(plan: ComponentPlan) -> float:
         return _lowering_threshold(plan, par)
 
+    # 0. the runtime's own contract (metadata methods), for targets that have one
+    if hasattr(backend, "contract_checks"):
+        report.checks += backend.contract_checks(bundle_runtime, manifest)
+
     # 1. quantized references (as exported) vs the bundle
     progress("loading the PyTorch reference with the exported (quantized) weights")
     q = {name: load_reference(ckpt, name, shapes, plans[name], backend, bundle, manifest) for name in plans}
@@ -287,6 +291,10 @@ def _greedy_check(name: str, ref: Trace, got: Trace, threshold: float | None, ga
 def format_report(report: dict) -> str:
     rows = [f"{'check':<42}{'SQNR dB':>9}{'cosine':>11}{'max-abs':>11}{'gate':>8}  result"]
     for c in report["checks"]:
+        if c["kind"] == "contract":
+            detail = "all values as the manifest says" if c["passed"] else f"mismatch {c['mismatched']} missing {c['missing_methods']}"
+            rows.append(f"{c['name']:<42}{detail:>31}{'=':>8}  {'PASS' if c['passed'] else 'FAIL'}")
+            continue
         if c["kind"] == "end_to_end":
             gate = f"{c['threshold_agreement']:.0%}" if c["gated"] else "-"
             value = f"{c['agreement']:.1%} of {c['tokens']} tokens agree"

@@ -40,6 +40,8 @@ def test_bundle_layout_and_gates(bundle):
     for name in ("token_embedding", "text_decoder"):  # INT4 components, same quantized weights
         chk = c[f"{name}/lowered_vs_reference"]
         assert chk["threshold_db"] == 35 and (chk["bit_exact"] or chk["sqnr_db"] >= 35)
+    contract = c["runtime/metadata_methods"]
+    assert contract["passed"] and contract["values"]["get_max_seq_len"] == 128
     e2e = c["end_to_end/greedy_lowered_vs_reference"]
     assert e2e["tokens"] == 32 and e2e["agreement"] == 1.0 and e2e["passed"]
     # the quantization error is measured and reported, never gated for INT4 components
@@ -196,3 +198,21 @@ def test_onnxruntime_gate_fails_on_a_wrong_bundle_output(bundle, tiny_ckpt):
     assert not report["passed"]
     assert "onnxruntime/vision_encoder_vs_bundle" in report["failed"]
     assert "onnxruntime/vision_encoder_vs_reference" not in report["failed"]
+
+
+def test_contract_check_catches_a_manifest_mismatch(bundle):
+    import copy
+
+    from autoglm_export.lower.executorch_common import ExecuTorchRuntime, contract_check
+
+    out, _ = bundle
+    manifest = json.loads((out / "manifest.json").read_text())
+    rt = ExecuTorchRuntime(out / "model.pte", 128, 16)
+    assert contract_check(rt, manifest)["passed"]
+    wrong = copy.deepcopy(manifest)
+    wrong["shapes"]["max_context"] = 256
+    wrong["components"]["audio_encoder"] = {}
+    result = contract_check(rt, wrong)
+    assert not result["passed"]
+    assert result["mismatched"] == {"get_max_seq_len": 128, "get_max_context_len": 128}
+    assert result["missing_methods"] == ["audio_encoder"]

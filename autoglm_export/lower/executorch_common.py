@@ -88,6 +88,27 @@ def quiet_native_stderr():
         os.close(saved)
 
 
+def contract_check(runtime: "ExecuTorchRuntime", manifest: dict) -> dict:
+    """Every runner-contract metadata method runs and returns what the manifest promises."""
+    t = manifest["model"]["text"]
+    want = {
+        "get_max_seq_len": manifest["shapes"]["max_context"],
+        "get_max_context_len": manifest["shapes"]["max_context"],
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "get_eos_ids": manifest["prompt"]["eos_ids"],
+        "get_bos_id": manifest["prompt"]["bos_id"],
+        "get_vocab_size": t["vocab_size"],
+    }
+    got = {name: runtime.metadata(name) for name in want}
+    wrong = {name: got[name] for name in want if got[name] != want[name]}
+    methods = set(runtime.program.method_names)
+    missing = sorted(set(manifest["components"]) - methods)
+    return {"name": "runtime/metadata_methods", "kind": "contract", "gated": True, "passed": not wrong and not missing,
+            "note": "ExecuTorch LLM runner contract: metadata values and component methods",
+            "values": got, "mismatched": wrong, "missing_methods": missing}  # fmt: skip
+
+
 class ExecuTorchRuntime:
     """A bundle's ``model.pte`` through ``executorch.runtime``; same interface as ``EagerRuntime``.
 

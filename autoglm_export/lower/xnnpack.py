@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .executorch_common import ExecuTorchRuntime, delegation_stats, export_component, metadata_methods
+from .executorch_common import ExecuTorchRuntime, contract_check, delegation_stats, export_component, metadata_methods
 
 PTE = "model.pte"
 
@@ -70,6 +70,9 @@ class XnnpackBackend:
             )
         (out_dir / PTE).write_bytes(et.buffer)
         return {"files": [PTE], "methods": {name: {"file": PTE, "delegation": stats[name]} for name in programs}}
+
+    def contract_checks(self, runtime: ExecuTorchRuntime, manifest: dict) -> list[dict]:
+        return [contract_check(runtime, manifest)]
 
     def open_runtime(self, bundle: Path, manifest: dict) -> ExecuTorchRuntime:
         shapes = manifest["shapes"]

@@ -111,20 +111,6 @@ class Checkpoint:
                     h.update(chunk)
         return h.hexdigest()
 
-    def component_params(self) -> dict[str, dict]:
-        from .components import registry
-
-        out = {}
-        for comp in registry.for_spec(self.spec):
-            keys = comp.checkpoint_keys(self.spec)
-            infos = [self.tensors[k] for k in keys if k in self.tensors]
-            out[comp.name] = {
-                "params": sum(i.numel for i in infos),
-                "dtypes": sorted({i.dtype for i in infos}),
-                "tensors": len(infos),
-            }
-        return out
-
 
 def _inside(root: Path, name: str, index_file: Path) -> Path:
     """Resolve a shard name from the index, refusing anything outside the checkpoint."""

@@ -40,10 +40,7 @@ class Component:
     description: str
     applies: Callable[[ModelSpec], bool]
     build: Callable[[ModelSpec, Shapes], nn.Module]
-    keys: Callable[[ModelSpec], dict]
-
-    def checkpoint_keys(self, spec: ModelSpec) -> list[str]:
-        return list(self.keys(spec))
+    keys: Callable[[ModelSpec], dict]  # checkpoint key -> shape
 
 
 class ComponentRegistry:
@@ -60,9 +57,6 @@ class ComponentRegistry:
                 "unknown component", field=name, expected=" | ".join(self._items), fix="use one of the listed names"
             )
         return self._items[name]
-
-    def names(self) -> list[str]:
-        return list(self._items)
 
     def for_spec(self, spec: ModelSpec) -> list[Component]:
         return [c for c in self._items.values() if c.applies(spec)]

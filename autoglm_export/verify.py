@@ -141,9 +141,6 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
     prompt, inputs, positions, delta = case.prompt, case.inputs, case.positions, case.delta
     report = _Report()
 
-    def lowering_threshold(plan: ComponentPlan) -> float:
-        return _lowering_threshold(plan, par)
-
     # 0. the runtime's own contract (metadata methods), for targets that have one
     if hasattr(backend, "contract_checks"):
         report.checks += backend.contract_checks(bundle_runtime, manifest)
@@ -158,26 +155,26 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
             ref = np.concatenate([q[name](x).numpy().ravel() for x in inputs[name]])
             got = np.concatenate([getattr(bundle_runtime, name)(x).numpy().ravel() for x in inputs[name]])
             outs[name] = {"quantized": ref}
-            report.add(f"{name}/lowered_vs_reference", "lowering", compare(ref, got), lowering_threshold(plans[name]),
+            report.add(f"{name}/lowered_vs_reference", "lowering", compare(ref, got), _lowering_threshold(plans[name], par),
                        "bundle runtime vs PyTorch with the same weights")  # fmt: skip
+        # the reference's own greedy run: its tokens drive the decoder check and the end-to-end gate
+        progress(f"greedy generation of {par.greedy_tokens} tokens: reference, then bundle")
+        n_new = min(par.greedy_tokens, shapes.max_context - len(prompt))
+        ref_trace = generate(qrt, prompt, **case.media, max_new_tokens=n_new)
         # decoder inputs: the real prompt embeddings with the image (and audio) scattered in
         embeds = case.embeddings(q, shapes.prefill_chunk)
-        probe = generate(qrt, prompt, **case.media, max_new_tokens=DECODE_STEPS)
-        feed = probe.tokens[:DECODE_STEPS]
+        feed = ref_trace.tokens[: min(DECODE_STEPS, n_new)]
         embed_q = q["token_embedding"]
         ref = _decoder_calls(qrt, embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)
         got = _decoder_calls(bundle_runtime, embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)
         outs["text_decoder"] = {"quantized": ref}
         fig = compare(ref, got)
         agree = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
-        report.add("text_decoder/lowered_vs_reference", "lowering", fig, lowering_threshold(plans["text_decoder"]),
-                   f"prefill of {len(prompt)} tokens in chunks of {shapes.prefill_chunk}, then {DECODE_STEPS} decode steps",
+        report.add("text_decoder/lowered_vs_reference", "lowering", fig, _lowering_threshold(plans["text_decoder"], par),
+                   f"prefill of {len(prompt)} tokens in chunks of {shapes.prefill_chunk}, then {len(feed)} decode steps",
                    argmax_agreement=agree)  # fmt: skip
 
         # 2. end to end, bundle vs quantized reference
-        progress(f"greedy generation of {par.greedy_tokens} tokens: bundle vs reference")
-        n_new = min(par.greedy_tokens, shapes.max_context - len(prompt))
-        ref_trace = generate(qrt, prompt, **case.media, max_new_tokens=n_new)
         got_trace = generate(bundle_runtime, prompt, **case.media, max_new_tokens=n_new)
         report.checks.append(_greedy_check("end_to_end/greedy_lowered_vs_reference", ref_trace, got_trace,
                                            par.greedy_agreement, gated=True))  # fmt: skip

@@ -29,6 +29,10 @@ class Shapes:
     prefill_chunk: int = 128
     audio_seconds: float = 3.2  # fixed audio window; 100 log-mel frames per second
 
+    @classmethod
+    def from_recipe(cls, recipe) -> "Shapes":
+        return cls(**recipe.shapes.model_dump())
+
     @property
     def audio_frames(self) -> int:
         return round(self.audio_seconds * 100)

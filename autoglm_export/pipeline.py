@@ -97,11 +97,11 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     rec = load_recipe(recipe_file)
     if rec.target != target:
         raise RecipeError(recipe_file, [f"target = {rec.target!r}: this recipe is for {rec.target}, not --target {target}"])
-    say = progress.stage("load") if hasattr(progress, "stage") else progress
+    say = progress.stage("load")
     ckpt = open_checkpoint(checkpoint)
     tokenizer = ckpt.chat_tokenizer()
     check_recipe_fits(rec, ckpt, recipe_file)
-    shapes = Shapes(**rec.shapes.model_dump())
+    shapes = Shapes.from_recipe(rec)
     pc_file = ckpt.root / "preprocessor_config.json"
     pc = load_json(pc_file, "preprocessor_config.json", "copy it from the original checkpoint") if pc_file.is_file() else {}
     pre = ImagePreprocessing.from_checkpoint(pc, shapes.image_size, ckpt.spec.vision.patch_size, ckpt.spec.vision.spatial_merge_size)
@@ -109,7 +109,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     plans = make_plans(rec, ckpt, shapes, str(recipe_file))  # every rule error before any tensor is read
     backend.check_plans(plans, str(recipe_file))
 
-    stage = (lambda s: progress.stage(s)) if hasattr(progress, "stage") else (lambda s: progress)
+    stage = progress.stage
     with atomic_output_dir(out, force=force) as tmp:
         programs = {}
         for comp in registry.for_spec(ckpt.spec):

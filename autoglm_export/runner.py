@@ -37,7 +37,7 @@ def open_bundle(bundle: Path):
         audio = SimpleNamespace(audio_token_id=sp["audio"], audio_start_token_id=sp["begin_of_audio"],
                                 audio_end_token_id=sp["end_of_audio"])  # fmt: skip
     tokenizer = ChatTokenizer(Path(bundle) / "tokenizer.json", tokens, audio)
-    pre = ImagePreprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["preprocessing"].items()})
+    pre = ImagePreprocessing.from_json(manifest["preprocessing"])
     return manifest, backend.open_runtime(Path(bundle), manifest), tokenizer, pre
 
 

@@ -135,7 +135,7 @@ class GoldenCase:
 
 def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans: dict[str, ComponentPlan],
                pre: ImagePreprocessing, progress=silent, *, bundle: Path, manifest: dict) -> dict:  # fmt: skip
-    shapes = Shapes(**recipe.shapes.model_dump())
+    shapes = Shapes.from_recipe(recipe)
     par = recipe.parity
     case = GoldenCase(ckpt, pre, shapes)
     prompt, inputs, positions, delta = case.prompt, case.inputs, case.positions, case.delta
@@ -224,7 +224,7 @@ def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backen
 
     from .lower.onnxrt import BACKEND as ONNX, OnnxRuntime
 
-    shapes = Shapes(**recipe.shapes.model_dump())
+    shapes = Shapes.from_recipe(recipe)
     par = recipe.parity
     report = _Report()
     progress("exporting the same components, same weights, to ONNX for ONNX Runtime")
@@ -332,10 +332,10 @@ def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, a
     if ckpt.fingerprint() != manifest["source"]["sha256"]:
         raise BundleError("checkpoint differs from the one this bundle was exported from", file=ckpt_path,
                           field="source.sha256", fix="pass --checkpoint with the original checkpoint")  # fmt: skip
-    shapes = Shapes(**recipe.shapes.model_dump())
+    shapes = Shapes.from_recipe(recipe)
     plans = make_plans(recipe, ckpt, shapes, str(bundle / "manifest.json"))
     backend.check_plans(plans, str(bundle / "manifest.json"))
-    pre = ImagePreprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["preprocessing"].items()})
+    pre = ImagePreprocessing.from_json(manifest["preprocessing"])
     runtime = backend.open_runtime(bundle, manifest)
     report = run_checks(runtime, ckpt, recipe, backend, plans, pre, progress, bundle=bundle, manifest=manifest)
     if against == "onnxruntime":

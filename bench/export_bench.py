@@ -90,7 +90,7 @@ def main() -> None:
                                                    for k, c in manifest["components"].items()}})  # fmt: skip
         _, bundle_rt, tok, pre = open_bundle(tmp / "bundle")
         recipe = load_recipe(a.recipe)
-        shapes = Shapes(**recipe.shapes.model_dump())
+        shapes = Shapes.from_recipe(recipe)
         ckpt = open_checkpoint(ckpt_dir)
         plans = make_plans(recipe, ckpt, shapes, str(a.recipe))
         backend = get_backend("xnnpack")

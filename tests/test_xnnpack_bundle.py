@@ -189,11 +189,11 @@ def test_onnxruntime_gate_fails_on_a_wrong_bundle_output(bundle, tiny_ckpt):
     backend = get_backend("xnnpack")
     recipe = parse_recipe(manifest["recipe"]["content"], "manifest")
     ckpt = open_checkpoint(tiny_ckpt)
-    plans = make_plans(recipe, ckpt, Shapes(**recipe.shapes.model_dump()), "manifest")
+    plans = make_plans(recipe, ckpt, Shapes.from_recipe(recipe), "manifest")
     rt = backend.open_runtime(out, manifest)
     real = rt.vision_encoder
     rt.vision_encoder = lambda px: real(px) * 1.01
-    pre = ImagePreprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["preprocessing"].items()})
+    pre = ImagePreprocessing.from_json(manifest["preprocessing"])
     report = against_onnxruntime(rt, ckpt, recipe, backend, plans, pre, bundle=out, manifest=manifest)
     assert not report["passed"]
     assert "onnxruntime/vision_encoder_vs_bundle" in report["failed"]

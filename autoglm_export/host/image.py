@@ -40,6 +40,11 @@ class ImagePreprocessing:
             image_std=tuple(float(x) for x in pc.get("image_std", CLIP_STD)),
         )
 
+    @classmethod
+    def from_json(cls, data: dict) -> "ImagePreprocessing":
+        """The inverse of ``to_json`` (a manifest's ``preprocessing`` section)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size

@@ -142,10 +142,13 @@ def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path):
     report = json.loads((out / "report.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
     audio = checks["audio_encoder/lowered_vs_reference"]
-    assert audio["threshold_db"] == 60 and (audio["bit_exact"] or audio["sqnr_db"] >= 60)
+    # the recipes' audio precision: fp32 on xnnpack (float gate), fp16 on onnx (fp16 gate)
+    want = {"xnnpack": ("fp32", 60), "onnx": ("fp16", 40)}[target]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["components"]["audio_encoder"]["quantization"]["float_dtype"] == want[0]
+    assert audio["threshold_db"] == want[1] and (audio["bit_exact"] or audio["sqnr_db"] >= want[1])
     e2e = checks["end_to_end/greedy_lowered_vs_reference"]
     assert e2e["agreement"] == 1.0 and e2e["tokens"] == 32
-    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["components"]["audio_encoder"]["inputs"][0]["shape"] == [1, 128, 320]
     assert manifest["audio_preprocessing"]["frames"] == 320
     sf.write(tmp_path / "clip.wav", golden_audio(), 16000)

@@ -62,10 +62,10 @@ class OnnxBackend:
 
     def check_plans(self, plans: dict, recipe_file: str) -> None:
         for plan in plans.values():
-            if plan.dtype != "fp32":
+            if plan.dtype == "fp16" and plan.quantized:
                 raise ExportError(
-                    "the onnx target keeps float weights in fp32", file=recipe_file,
-                    field=f"quantization (component {plan.component})", expected="fp32 or int4 rules",
+                    "the onnx target cannot mix int4 and fp16 in one component", file=recipe_file,
+                    field=f"quantization (component {plan.component})", expected="fp32 with int4 rules, or all fp16",
                     got=plan.dtype, fix="use fp32 for this component's float weights",
                 )  # fmt: skip
             for w in plan.weights.values():

@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo-out
 
-.PHONY: setup test demo bench clean
+.PHONY: setup app-toolchain test demo bench clean
 
 setup: $(STAMP)
 
@@ -14,7 +14,17 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+# The Android demo's core logic is tested with Debian's kotlinc 1.3 + JUnit 4 (no Gradle, no SDK).
+# Installed here when missing; the Kotlin tests fail (never skip) if this could not install them.
+app-toolchain:
+	@command -v kotlinc >/dev/null && test -f /usr/share/java/junit4.jar && test -f /usr/share/java/gson.jar || \
+	  { echo "installing kotlin, junit4, gson (Debian packages) for the Android core tests"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get install -y -q kotlin junit4 libgoogle-gson-java >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q kotlin junit4 libgoogle-gson-java >/dev/null; } || \
+	    echo "could not install the Kotlin toolchain: tests/test_app_ports.py will fail"; }
+
+test: setup app-toolchain
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: setup

@@ -14,13 +14,6 @@ from autoglm_export.host.prompt import AUDIO, IMAGE, TEXT, build_chat_prompt
 from conftest import REPO, run_cli
 
 
-@pytest.fixture(scope="session")
-def audio_ckpt(tmp_path_factory):
-    from autoglm_export.tiny import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("audio") / "tiny-audio", seed=1, audio=True)
-
-
 @pytest.mark.parametrize("signal", ["tone", "noise"])
 def test_log_mel_matches_whisper_feature_extractor(signal):
     from transformers import WhisperFeatureExtractor
@@ -129,16 +122,19 @@ def test_golden_vectors_carry_log_mel(audio_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("target", ["xnnpack", "onnx"])
-def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path):
+def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path, request):
     """image + audio + text: component gates and 32-token greedy agreement, then run --audio."""
     import soundfile as sf
 
     from autoglm_export.host.golden import golden_audio
 
-    out = tmp_path / "bundle"
-    recipe = REPO / "recipes" / f"{target}-tiny.yaml"
-    proc = run_cli("-q", "--target", target, "--checkpoint", audio_ckpt, "--out", out, "--recipe", recipe)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if target == "xnnpack":
+        out = request.getfixturevalue("audio_xnnpack_bundle")  # shared with the app-port tests
+    else:
+        out = tmp_path / "bundle"
+        recipe = REPO / "recipes" / f"{target}-tiny.yaml"
+        proc = run_cli("-q", "--target", target, "--checkpoint", audio_ckpt, "--out", out, "--recipe", recipe)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
     audio = checks["audio_encoder/lowered_vs_reference"]

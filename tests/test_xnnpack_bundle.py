@@ -17,10 +17,8 @@ TINY_RECIPE = REPO / "recipes" / "xnnpack-tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("xnn") / "bundle"
-    proc = run_cli("--target", "xnnpack", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", TINY_RECIPE)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def bundle(xnnpack_bundle):
+    out, proc = xnnpack_bundle
     assert "lower/xnnpack" in proc.stderr  # progress output
     return out, proc
 

@@ -72,3 +72,85 @@ def golden_vectors(tokenizer, pre: ImagePreprocessing, decode_steps: int = 4, au
 def write_golden(path: Path, vectors: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(vectors, indent=1, sort_keys=True) + "\n")
+
+
+TOKENIZER_CASES = (
+    GOLDEN_PROMPT,
+    "\n",
+    "Tap the blue 'Send' button, then type 12345!",
+    "  two  spaces,\ttabs\tand\n\nnew lines  ",
+    "ünïcödé, 中文 and an emoji 🙂",
+    "they're here <|user|> not a turn",
+)
+
+
+class RecordingRuntime:
+    """Wraps a bundle runtime and logs every call (inputs and outputs) in order: the replay
+    script the app ports' generation loops must reproduce call for call."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.max_context = inner.max_context
+        self.prefill_chunk = inner.prefill_chunk
+        self.calls: list[dict] = []
+
+    def _log(self, method: str, inputs: dict, out):
+        enc = {k: _tensor_json(v) for k, v in inputs.items()}
+        self.calls.append({"method": method, "inputs": enc, "output": _tensor_json(out)})
+        return out
+
+    def token_embedding(self, input_ids):
+        return self._log("token_embedding", {"input_ids": input_ids}, self.inner.token_embedding(input_ids))
+
+    def vision_encoder(self, pixel_values):
+        return self._log("vision_encoder", {"pixel_values": pixel_values}, self.inner.vision_encoder(pixel_values))
+
+    def audio_encoder(self, input_features):
+        return self._log("audio_encoder", {"input_features": input_features}, self.inner.audio_encoder(input_features))
+
+    def text_decoder(self, embeds, position_ids, cache_position):
+        out = self.inner.text_decoder(embeds, position_ids, cache_position)
+        inputs = {"inputs_embeds": embeds, "position_ids": position_ids, "cache_position": cache_position}
+        return self._log("text_decoder", inputs, out)
+
+    def reset(self) -> None:
+        self.calls.append({"method": "reset"})
+        self.inner.reset()
+
+
+def _tensor_json(t) -> dict:
+    a = np.asarray(t.detach().numpy() if hasattr(t, "detach") else t)
+    kind = "int64" if a.dtype.kind in "iu" else "float32"
+    data = [int(v) for v in a.reshape(-1)] if kind == "int64" else [float(v) for v in a.astype(np.float32).reshape(-1)]
+    return {"dtype": kind, "shape": list(a.shape), "data": data}
+
+
+def golden_bundle(bundle: Path, out_dir: Path, max_new_tokens: int = 8) -> Path:
+    """Golden vectors from a bundle: the host vectors, tokenizer cases and a recorded greedy trace of
+    the golden image (+ golden audio when the bundle has an audio encoder) + prompt. Writes
+    ``golden.json`` beside a copy of the bundle (manifest and every file it lists)."""
+    import shutil
+
+    from ..runner import open_bundle
+    from .audio import AudioPreprocessing, log_mel
+    from .generate import generate
+
+    manifest, runtime, tokenizer, pre = open_bundle(bundle)
+    audio_pre = AudioPreprocessing(**manifest["audio_preprocessing"]) if manifest.get("audio_preprocessing") else None
+    vectors = golden_vectors(tokenizer, pre, audio_pre=audio_pre)
+    vectors["tokenizer_cases"] = [{"text": t, "ids": tokenizer.encode(t)} for t in TOKENIZER_CASES]
+    audio_tokens = manifest["components"]["audio_encoder"]["outputs"][0]["shape"][0] if audio_pre else None
+    prompt = build_chat_prompt(tokenizer, GOLDEN_PROMPT, pre.num_tokens, audio_tokens)
+    assert prompt.ids == vectors["prompt_ids"]
+    audios = [log_mel(golden_audio(rate=audio_pre.sample_rate), audio_pre)[None]] if audio_pre else []
+    rec = RecordingRuntime(runtime)
+    trace = generate(rec, prompt, images=[preprocess_image(golden_image(), pre)], image_grids=[pre.merged_grid],
+                     audios=audios, max_new_tokens=max_new_tokens, eos_ids=tuple(manifest["prompt"]["eos_ids"]))  # fmt: skip
+    vectors["trace"] = {"max_new_tokens": max_new_tokens, "tokens": trace.tokens, "calls": rec.calls,
+                        "target": manifest["target"]}  # fmt: skip
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_golden(out_dir / "golden.json", vectors)
+    for name in ("manifest.json", *manifest["files"]):
+        shutil.copyfile(Path(bundle) / name, out_dir / name)
+    return out_dir / "golden.json"

@@ -1,0 +1,59 @@
+package ai.autoglm.demo
+
+import ai.autoglm.demo.core.BundleManifest
+import ai.autoglm.demo.core.FloatTensor
+import ai.autoglm.demo.core.LongTensor
+import ai.autoglm.demo.core.ModelRuntime
+import org.pytorch.executorch.EValue
+import org.pytorch.executorch.Module
+import org.pytorch.executorch.Tensor
+import java.io.File
+
+/**
+ * The bundle's methods through ExecuTorch's Android API. Which file and method serve each
+ * component comes from the manifest; the KV cache lives inside the text_decoder method (slots at
+ * and after cache_position are masked), so a new conversation simply starts at slot 0 again.
+ */
+class ExecuTorchRuntime(private val dir: File, private val manifest: BundleManifest) : ModelRuntime {
+    private val modules = HashMap<String, Module>()
+
+    override val maxContext: Int get() = manifest.maxContext
+    override val prefillChunk: Int get() = manifest.prefillChunk
+
+    private fun module(file: String): Module = modules.getOrPut(file) {
+        Module.load(File(dir, file).absolutePath, Module.LOAD_MODE_MMAP)
+    }
+
+    private fun call(component: String, vararg inputs: Tensor): FloatTensor {
+        val spec = manifest.component(component)
+        val values = inputs.map { EValue.from(it) }.toTypedArray()
+        val out = module(spec.file).execute(spec.method, *values)[0].toTensor()
+        return FloatTensor(out.shape().map { it.toInt() }.toIntArray(), out.dataAsFloatArray)
+    }
+
+    private fun IntArray.dims(): LongArray = LongArray(size) { this[it].toLong() }
+
+    override fun tokenEmbedding(inputIds: LongTensor): FloatTensor =
+        call(BundleManifest.COMPONENT_EMBEDDING, Tensor.fromBlob(inputIds.data, inputIds.shape.dims()))
+
+    override fun visionEncoder(pixelValues: FloatTensor): FloatTensor =
+        call(BundleManifest.COMPONENT_VISION, Tensor.fromBlob(pixelValues.data, pixelValues.shape.dims()))
+
+    override fun audioEncoder(inputFeatures: FloatTensor): FloatTensor =
+        call(BundleManifest.COMPONENT_AUDIO, Tensor.fromBlob(inputFeatures.data, inputFeatures.shape.dims()))
+
+    override fun textDecoder(inputsEmbeds: FloatTensor, positionIds: LongTensor, cachePosition: LongTensor): FloatTensor =
+        call(
+            BundleManifest.COMPONENT_DECODER,
+            Tensor.fromBlob(inputsEmbeds.data, inputsEmbeds.shape.dims()),
+            Tensor.fromBlob(positionIds.data, positionIds.shape.dims()),
+            Tensor.fromBlob(cachePosition.data, cachePosition.shape.dims()),
+        )
+
+    override fun reset() = Unit
+
+    fun close() {
+        modules.values.forEach { it.destroy() }
+        modules.clear()
+    }
+}

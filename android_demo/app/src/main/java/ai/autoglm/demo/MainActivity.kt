@@ -1,0 +1,177 @@
+package ai.autoglm.demo
+
+import ai.autoglm.demo.core.BundleError
+import ai.autoglm.demo.core.BundleManifest
+import ai.autoglm.demo.core.ByteLevelBpe
+import ai.autoglm.demo.core.ChatPrompt
+import ai.autoglm.demo.core.FloatTensor
+import ai.autoglm.demo.core.Generator
+import ai.autoglm.demo.core.ImagePreprocessor
+import ai.autoglm.demo.core.LogMel
+import ai.autoglm.demo.core.TokenListener
+import android.Manifest
+import android.graphics.Bitmap
+import android.graphics.ImageDecoder
+import android.net.Uri
+import android.os.Bundle
+import android.widget.Button
+import android.widget.EditText
+import android.widget.ImageView
+import android.widget.LinearLayout
+import android.widget.ScrollView
+import android.widget.TextView
+import androidx.activity.ComponentActivity
+import androidx.activity.result.contract.ActivityResultContracts
+import java.io.File
+import java.util.concurrent.Executors
+
+/**
+ * Pick or shoot an image, record a clip, type a question, watch the answer stream in. Everything
+ * model-specific (sizes, token ids, preprocessing, methods) is read from the bundle's manifest.
+ * Push a bundle with: adb push BUNDLE/. /sdcard/Android/data/ai.autoglm.demo/files/bundle/
+ */
+class MainActivity : ComponentActivity() {
+    private val worker = Executors.newSingleThreadExecutor()
+    private lateinit var output: TextView
+    private lateinit var preview: ImageView
+    private var manifest: BundleManifest? = null
+    private var tokenizer: ByteLevelBpe? = null
+    private var runtime: ExecuTorchRuntime? = null
+    private var image: Bitmap? = null
+    private var audio: FloatArray? = null
+    private var recorder: WavRecorder? = null
+
+    private val pickImage = registerForActivityResult(ActivityResultContracts.GetContent()) { uri: Uri? ->
+        if (uri != null) setImage(ImageDecoder.decodeBitmap(ImageDecoder.createSource(contentResolver, uri)))
+    }
+    private val shootImage = registerForActivityResult(ActivityResultContracts.TakePicturePreview()) { bmp: Bitmap? ->
+        if (bmp != null) setImage(bmp)
+    }
+    private val askMic = registerForActivityResult(ActivityResultContracts.RequestPermission()) { granted ->
+        if (granted) startRecording() else output.text = "microphone permission denied"
+    }
+
+    override fun onCreate(savedInstanceState: Bundle?) {
+        super.onCreate(savedInstanceState)
+        val root = LinearLayout(this).apply { orientation = LinearLayout.VERTICAL; setPadding(24, 24, 24, 24) }
+        val question = EditText(this).apply { hint = "Ask about the screen"; setText("What is on the screen?") }
+        preview = ImageView(this).apply { adjustViewBounds = true; maxHeight = 600 }
+        output = TextView(this).apply { textSize = 16f }
+        val buttons = LinearLayout(this).apply { orientation = LinearLayout.HORIZONTAL }
+        buttons.addView(Button(this).apply { text = "Pick image"; setOnClickListener { pickImage.launch("image/*") } })
+        buttons.addView(Button(this).apply { text = "Camera"; setOnClickListener { shootImage.launch(null) } })
+        buttons.addView(Button(this).apply { text = "Record"; setOnClickListener { toggleRecording(this) } })
+        buttons.addView(Button(this).apply { text = "Ask"; setOnClickListener { ask(question.text.toString()) } })
+        root.addView(question)
+        root.addView(buttons)
+        root.addView(preview)
+        root.addView(ScrollView(this).apply { addView(output) })
+        setContentView(root)
+        loadBundle()
+    }
+
+    private fun bundleDir(): File = File(getExternalFilesDir(null), "bundle")
+
+    private fun loadBundle() {
+        output.text = "checking the bundle in ${bundleDir()} ..."
+        worker.execute {
+            val status = try {
+                val m = BundleManifest.load(bundleDir()) // sizes and SHA-256 of every file first
+                if (!BundleManifest.TARGETS_FOR_ANDROID.contains(m.target)) {
+                    throw BundleError("manifest.json", "target", BundleManifest.TARGETS_FOR_ANDROID.joinToString(" or "),
+                        m.target, "export with --target xnnpack (any arm64 phone) or --target qnn (Snapdragon 8 Gen 3)")
+                }
+                manifest = m
+                tokenizer = ByteLevelBpe.parse(File(bundleDir(), "tokenizer.json").readText())
+                runtime = ExecuTorchRuntime(bundleDir(), m)
+                "ready: ${m.target} bundle, context ${m.maxContext}" + (if (m.audio != null) ", audio" else "")
+            } catch (e: BundleError) {
+                e.message ?: "bad bundle"
+            }
+            runOnUiThread { output.text = status }
+        }
+    }
+
+    private fun setImage(bmp: Bitmap) {
+        image = bmp.copy(Bitmap.Config.ARGB_8888, false)
+        preview.setImageBitmap(image)
+    }
+
+    private fun toggleRecording(button: Button) {
+        val r = recorder
+        if (r != null) {
+            r.stop()
+            button.text = "Record"
+            return
+        }
+        if (manifest?.audio == null) {
+            output.text = "this bundle has no audio encoder"
+            return
+        }
+        button.text = "Stop"
+        askMic.launch(Manifest.permission.RECORD_AUDIO)
+    }
+
+    private fun startRecording() {
+        val cfg = manifest?.audio ?: return
+        val r = WavRecorder(cfg.sampleRate, cfg.samples)
+        recorder = r
+        worker.execute {
+            val clip = r.record()
+            recorder = null
+            audio = clip
+            runOnUiThread { output.text = "recorded %.1f s".format(clip.size / cfg.sampleRate.toFloat()) }
+        }
+    }
+
+    private fun rgbOf(bmp: Bitmap): IntArray {
+        val px = IntArray(bmp.width * bmp.height)
+        bmp.getPixels(px, 0, bmp.width, 0, 0, bmp.width, bmp.height)
+        val rgb = IntArray(px.size * 3)
+        for (i in px.indices) {
+            rgb[3 * i] = (px[i] shr 16) and 0xFF
+            rgb[3 * i + 1] = (px[i] shr 8) and 0xFF
+            rgb[3 * i + 2] = px[i] and 0xFF
+        }
+        return rgb
+    }
+
+    private fun ask(question: String) {
+        val m = manifest ?: return
+        val tok = tokenizer ?: return
+        val rt = runtime ?: return
+        val bmp = image
+        val clip = audio
+        output.text = ""
+        worker.execute {
+            val images = if (bmp != null) listOf(ImagePreprocessor.preprocess(rgbOf(bmp), bmp.width, bmp.height, m.image)) else emptyList()
+            val audios: List<FloatTensor> = if (clip != null && m.audio != null) listOf(LogMel.compute(clip, m.audio!!)) else emptyList()
+            val prompt = ChatPrompt.build(tok, m.prompt, question, if (bmp != null) m.image.numTokens else 0,
+                if (audios.isNotEmpty()) m.audioTokens ?: 0 else 0)
+            val generated = ArrayList<Int>()
+            var shown = ""
+            val grid = m.image.mergedGrid
+            val maxNew = minOf(256, m.maxContext - prompt.size)
+            Generator(rt, m.hiddenSize).generate(prompt, images, images.map { intArrayOf(grid, grid) }, audios, maxNew,
+                m.prompt.eosIds, object : TokenListener {
+                    override fun onToken(token: Int): Boolean {
+                        if (m.prompt.eosIds.contains(token)) return false
+                        generated.add(token)
+                        val text = tok.decode(generated.toIntArray())
+                        if (!text.endsWith("\uFFFD")) { // wait for the rest of a multi-byte character
+                            val delta = text.substring(shown.length)
+                            shown = text
+                            runOnUiThread { output.append(delta) }
+                        }
+                        return true
+                    }
+                })
+        }
+    }
+
+    override fun onDestroy() {
+        worker.shutdown()
+        runtime?.close()
+        super.onDestroy()
+    }
+}

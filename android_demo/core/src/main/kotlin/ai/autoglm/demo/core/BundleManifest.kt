@@ -1,0 +1,185 @@
+package ai.autoglm.demo.core
+
+import java.io.File
+import java.io.FileInputStream
+import java.security.MessageDigest
+
+/** One input or output of a component: name, shape ("T" marks the dynamic token axis) and dtype. */
+class TensorSpec(val name: String, val shape: List<String>, val dtype: String)
+
+/** A component of the bundle: which method of which file runs it, and its signature. */
+class ComponentSpec(
+    val name: String,
+    val method: String,
+    val file: String,
+    val inputs: List<TensorSpec>,
+    val outputs: List<TensorSpec>
+)
+
+class FileEntry(val bytes: Long, val sha256: String)
+
+class ImageConfig(
+    val imageSize: Int,
+    val patchSize: Int,
+    val mergeSize: Int,
+    val rescaleFactor: Double,
+    val mean: DoubleArray,
+    val std: DoubleArray,
+    val resample: String
+) {
+    val grid: Int get() = imageSize / patchSize
+    val mergedGrid: Int get() = grid / mergeSize
+    val numTokens: Int get() = mergedGrid * mergedGrid
+}
+
+class AudioConfig(val frames: Int, val melBins: Int, val sampleRate: Int, val nFft: Int, val hopLength: Int) {
+    val samples: Int get() = frames * hopLength
+}
+
+class PromptConfig(val specialIds: Map<String, Int>, val eosIds: IntArray, val bosId: Int?) {
+    fun special(name: String, file: String): Int = specialIds[name]
+        ?: throw BundleError(file, "prompt.special_ids.$name", "the id of the chat token '$name'", "nothing",
+            "re-export the bundle with autoglm-export")
+}
+
+/**
+ * The bundle's manifest.json, read the way the app needs it. Nothing model-specific is hard-coded
+ * in the app: sizes, token ids, preprocessing and method names all come from here.
+ */
+class BundleManifest(
+    val target: String,
+    val files: Map<String, FileEntry>,
+    val components: Map<String, ComponentSpec>,
+    val maxContext: Int,
+    val prefillChunk: Int,
+    val image: ImageConfig,
+    val audio: AudioConfig?,
+    val prompt: PromptConfig,
+    val vocabSize: Int,
+    val hiddenSize: Int,
+    val positionScheme: String
+) {
+    fun component(name: String): ComponentSpec = components[name]
+        ?: throw BundleError(MANIFEST, "components.$name", "a '$name' component", "none",
+            "export the bundle from a checkpoint that has it")
+
+    /** Tokens an audio clip occupies in the prompt (the audio encoder's output rows). */
+    val audioTokens: Int?
+        get() {
+            val c = components["audio_encoder"] ?: return null
+            return c.outputs[0].shape[0].toInt()
+        }
+
+    companion object {
+        const val MANIFEST = "manifest.json"
+        const val SCHEMA_VERSION = 1
+        const val COMPONENT_VISION = "vision_encoder"
+        const val COMPONENT_EMBEDDING = "token_embedding"
+        const val COMPONENT_DECODER = "text_decoder"
+        const val COMPONENT_AUDIO = "audio_encoder"
+        val TARGETS_FOR_ANDROID = listOf("xnnpack", "qnn")
+
+        fun parse(text: String, file: String = MANIFEST): BundleManifest {
+            val root = JsonNode.parse(file, text)
+            val version = root.reqInt("schema_version")
+            if (version != SCHEMA_VERSION) {
+                throw BundleError(file, "schema_version", SCHEMA_VERSION.toString(), version.toString(),
+                    "use an app built for this bundle format, or re-export")
+            }
+            val filesNode = root.reqObj("files")
+            val files = LinkedHashMap<String, FileEntry>()
+            for (name in filesNode.keys()) {
+                val f = filesNode.reqObj(name)
+                files[name] = FileEntry(f.reqLong("bytes"), f.reqString("sha256"))
+            }
+            val compsNode = root.reqObj("components")
+            val comps = LinkedHashMap<String, ComponentSpec>()
+            for (name in compsNode.keys()) {
+                val c = compsNode.reqObj(name)
+                comps[name] = ComponentSpec(name, c.reqString("method"), c.reqString("file"),
+                    tensorSpecs(c, "inputs"), tensorSpecs(c, "outputs"))
+            }
+            for (required in listOf(COMPONENT_EMBEDDING, COMPONENT_DECODER)) {
+                if (!comps.containsKey(required)) {
+                    throw BundleError(file, "components.$required", "a '$required' component", "none", "re-export the bundle")
+                }
+            }
+            val shapes = root.reqObj("shapes")
+            val pre = root.reqObj("preprocessing")
+            val image = ImageConfig(pre.reqInt("image_size"), pre.reqInt("patch_size"), pre.reqInt("merge_size"),
+                pre.reqDouble("rescale_factor"), pre.reqDoubles("image_mean"), pre.reqDoubles("image_std"),
+                pre.reqString("resample"))
+            if (image.resample != "bicubic") {
+                throw BundleError(file, "preprocessing.resample", "bicubic", image.resample, "re-export the bundle")
+            }
+            val audioNode = root.optObj("audio_preprocessing")
+            val audio = if (audioNode == null) null else AudioConfig(audioNode.reqInt("frames"), audioNode.reqInt("mel_bins"),
+                audioNode.reqInt("sample_rate"), audioNode.reqInt("n_fft"), audioNode.reqInt("hop_length"))
+            val promptNode = root.reqObj("prompt")
+            val sp = promptNode.reqObj("special_ids")
+            val special = LinkedHashMap<String, Int>()
+            for (k in sp.keys()) special[k] = sp.reqInt(k)
+            val bos = promptNode.opt("bos_id")
+            val prompt = PromptConfig(special, promptNode.reqInts("eos_ids"), bos?.asInt)
+            val text = root.reqObj("model").reqObj("text")
+            val positions = root.reqObj("positions")
+            val scheme = positions.reqString("scheme")
+            if (scheme != "mrope-3axis") {
+                throw BundleError(file, "positions.scheme", "mrope-3axis", scheme, "use an app that implements this position scheme")
+            }
+            return BundleManifest(root.reqString("target"), files, comps, shapes.reqInt("max_context"),
+                shapes.reqInt("prefill_chunk"), image, audio, prompt, text.reqInt("vocab_size"),
+                text.reqInt("hidden_size"), scheme)
+        }
+
+        private fun tensorSpecs(c: JsonNode, key: String): List<TensorSpec> {
+            val out = ArrayList<TensorSpec>()
+            val arr = c.reqArray(key)
+            for (i in 0 until arr.size()) {
+                val t = c.child("$key[$i]", arr.get(i))
+                val dims = t.reqArray("shape")
+                val shape = ArrayList<String>()
+                for (j in 0 until dims.size()) shape.add(dims.get(j).asString)
+                out.add(TensorSpec(t.reqString("name"), shape, t.reqString("dtype")))
+            }
+            return out
+        }
+
+        /** Read a bundle directory and check every file's size and SHA-256 before anything loads. */
+        fun load(dir: File): BundleManifest {
+            val mfile = File(dir, MANIFEST)
+            if (!mfile.isFile) {
+                throw BundleError(mfile.path, null, "a bundle's manifest.json", "no such file",
+                    "push the whole --out directory of autoglm-export to the device")
+            }
+            val manifest = parse(mfile.readText(Charsets.UTF_8), mfile.path)
+            for ((name, entry) in manifest.files) {
+                val f = File(dir, name)
+                if (!f.isFile || f.length() != entry.bytes) {
+                    throw BundleError(f.path, null, "${entry.bytes} bytes", if (f.isFile) "${f.length()}" else "missing",
+                        "push the bundle again; it is incomplete")
+                }
+                val digest = sha256(f)
+                if (digest != entry.sha256) {
+                    throw BundleError(f.path, "files.$name.sha256", entry.sha256, digest, "push the bundle again; this file is corrupted")
+                }
+            }
+            return manifest
+        }
+
+        fun sha256(f: File): String {
+            val md = MessageDigest.getInstance("SHA-256")
+            val buf = ByteArray(1 shl 20)
+            FileInputStream(f).use { s ->
+                while (true) {
+                    val n = s.read(buf)
+                    if (n < 0) break
+                    md.update(buf, 0, n)
+                }
+            }
+            val sb = StringBuilder()
+            for (b in md.digest()) sb.append(String.format("%02x", b))
+            return sb.toString()
+        }
+    }
+}

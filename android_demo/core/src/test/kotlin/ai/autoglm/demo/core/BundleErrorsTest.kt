@@ -1,0 +1,59 @@
+package ai.autoglm.demo.core
+
+import org.junit.Assert.assertEquals
+import org.junit.Assert.assertTrue
+import org.junit.Assert.fail
+import org.junit.Rule
+import org.junit.Test
+import org.junit.rules.TemporaryFolder
+import java.io.File
+
+/** Bad bundles get one-line errors naming the file and field; a tampered file is refused. */
+class BundleErrorsTest {
+    @get:Rule
+    val tmp = TemporaryFolder()
+
+    private fun expectError(fragment: String, block: () -> Unit) {
+        try {
+            block()
+            fail("expected a BundleError mentioning '$fragment'")
+        } catch (e: BundleError) {
+            val msg = e.message ?: ""
+            assertTrue(msg, msg.contains(fragment))
+            assertEquals("one line", 1, msg.lines().size)
+        }
+    }
+
+    private fun manifestText(): String = File(Golden.dir, "manifest.json").readText()
+
+    @Test
+    fun wrongSchemaVersion() = expectError("schema_version") {
+        BundleManifest.parse(manifestText().replace("\"schema_version\": 1", "\"schema_version\": 99"))
+    }
+
+    @Test
+    fun missingField() = expectError("shapes.max_context") {
+        BundleManifest.parse(manifestText().replace("\"max_context\"", "\"max_context_renamed\""))
+    }
+
+    @Test
+    fun notJson() = expectError("valid JSON") { BundleManifest.parse("{ nope") }
+
+    @Test
+    fun tamperedFileIsRefused() {
+        val dir = tmp.newFolder("bundle")
+        File(Golden.dir, "manifest.json").copyTo(File(dir, "manifest.json"))
+        val manifest = BundleManifest.parse(manifestText())
+        for (name in manifest.files.keys) File(dir, name).writeText("short")
+        expectError("bytes") { BundleManifest.load(dir) } // a truncated push
+        for (name in manifest.files.keys) File(dir, name).writeBytes(ByteArray(manifest.files.getValue(name).bytes.toInt()))
+        expectError("sha256") { BundleManifest.load(dir) } // right size, wrong content
+        for (name in manifest.files.keys) File(Golden.dir, name).copyTo(File(dir, name), overwrite = true)
+        assertEquals(manifest.files.keys, BundleManifest.load(dir).files.keys) // the real files pass
+    }
+
+    @Test
+    fun tokenizerOfAnotherKindIsRefused() = expectError("model.type") {
+        ByteLevelBpe.parse("{\"model\": {\"type\": \"Unigram\", \"vocab\": []}}")
+    }
+}

@@ -1,0 +1,133 @@
+import AutoGLMCore
+import PhotosUI
+import SwiftUI
+
+/// Pick a screenshot, record a question or type one, watch the answer stream in. The bundle is
+/// read from the app's Documents/bundle folder (copy it there with Finder); every size, token id
+/// and method comes from its manifest.
+@MainActor
+final class DemoModel: ObservableObject {
+    @Published var status = "loading the bundle ..."
+    @Published var answer = ""
+    @Published var recording = false
+    var manifest: BundleManifest?
+    var runtime: CoreMLRuntime?
+    var tokenizer: HubTextEncoder?
+    var image: (rgb: [UInt8], width: Int, height: Int)?
+    var audio: [Float]?
+    var recorder: AudioRecorder?
+
+    var bundleDir: URL {
+        FileManager.default.urls(for: .documentDirectory, in: .userDomainMask)[0].appendingPathComponent("bundle")
+    }
+
+    func load() {
+        do {
+            let m = try BundleManifest.load(bundleDir) // sizes and SHA-256 of every file first
+            guard m.target == "coreml" else {
+                throw BundleError(file: "manifest.json", field: "target", expected: "coreml", got: m.target,
+                                  fix: "export with autoglm-export --target coreml")
+            }
+            manifest = m
+            tokenizer = try HubTextEncoder(bundle: bundleDir)
+            runtime = CoreMLRuntime(dir: bundleDir, manifest: m)
+            status = "ready: context \(m.maxContext)" + (m.audio != nil ? ", audio" : "")
+        } catch {
+            status = "\(error)"
+        }
+    }
+
+    func setImage(_ ui: UIImage) {
+        guard let cg = ui.cgImage else { return }
+        let w = cg.width, h = cg.height
+        var rgba = [UInt8](repeating: 0, count: w * h * 4)
+        let ctx = CGContext(data: &rgba, width: w, height: h, bitsPerComponent: 8, bytesPerRow: w * 4,
+                            space: CGColorSpace(name: CGColorSpace.sRGB)!, bitmapInfo: CGImageAlphaInfo.noneSkipLast.rawValue)!
+        ctx.draw(cg, in: CGRect(x: 0, y: 0, width: w, height: h))
+        var rgb = [UInt8](repeating: 0, count: w * h * 3)
+        for i in 0..<(w * h) { for c in 0..<3 { rgb[3 * i + c] = rgba[4 * i + c] } }
+        image = (rgb, w, h)
+    }
+
+    func toggleRecording() {
+        guard let cfg = manifest?.audio else { status = "this bundle has no audio encoder"; return }
+        if let r = recorder {
+            audio = r.stop()
+            recorder = nil
+            recording = false
+            status = String(format: "recorded %.1f s", Double(audio!.count) / Double(cfg.sampleRate))
+            return
+        }
+        let r = AudioRecorder(sampleRate: cfg.sampleRate, maxSamples: cfg.samples)
+        do {
+            try r.start()
+            recorder = r
+            recording = true
+        } catch {
+            status = "\(error)"
+        }
+    }
+
+    func ask(_ question: String) {
+        guard let m = manifest, let rt = runtime, let tok = tokenizer else { return }
+        answer = ""
+        let img = image, clip = audio
+        Task.detached {
+            do {
+                let images = img.map { [ImagePreprocessor.preprocess(rgb: $0.rgb, width: $0.width, height: $0.height, config: m.image)] } ?? []
+                let audios = try clip.flatMap { c in try m.audio.map { [try LogMel.compute(c, $0)] } } ?? []
+                let prompt = try ChatPrompt.build(tok, m.prompt, text: question, imageTokens: images.isEmpty ? 0 : m.image.numTokens,
+                                                  audioTokens: audios.isEmpty ? 0 : (m.audioTokens ?? 0))
+                var generated: [Int] = []
+                var shown = ""
+                let g = m.image.mergedGrid
+                _ = try Generator(runtime: rt, hiddenSize: m.hiddenSize).generate(
+                    prompt, images: images, imageGrids: images.map { _ in (g, g) }, audios: audios,
+                    maxNewTokens: min(256, m.maxContext - prompt.ids.count), eosIds: m.prompt.eosIds) { token in
+                        if m.prompt.eosIds.contains(token) { return false }
+                        generated.append(token)
+                        let text = tok.decode(generated)
+                        if !text.hasSuffix("\u{FFFD}") { // wait for the rest of a multi-byte character
+                            let delta = String(text.dropFirst(shown.count))
+                            shown = text
+                            Task { @MainActor in self.answer += delta }
+                        }
+                        return true
+                    }
+            } catch {
+                Task { @MainActor in self.status = "\(error)" }
+            }
+        }
+    }
+}
+
+struct ContentView: View {
+    @StateObject var model = DemoModel()
+    @State var question = "What is on the screen?"
+    @State var pick: PhotosPickerItem?
+    @State var preview: UIImage?
+
+    var body: some View {
+        VStack(alignment: .leading, spacing: 12) {
+            Text(model.status).font(.footnote).foregroundStyle(.secondary)
+            if let preview { Image(uiImage: preview).resizable().scaledToFit().frame(maxHeight: 240) }
+            HStack {
+                PhotosPicker("Pick image", selection: $pick, matching: .images)
+                Button(model.recording ? "Stop" : "Record") { model.toggleRecording() }
+                Button("Ask") { model.ask(question) }
+            }
+            TextField("Question", text: $question).textFieldStyle(.roundedBorder)
+            ScrollView { Text(model.answer).frame(maxWidth: .infinity, alignment: .leading) }
+        }
+        .padding()
+        .task { model.load() }
+        .onChange(of: pick) { _, item in
+            Task {
+                if let data = try? await item?.loadTransferable(type: Data.self), let ui = UIImage(data: data) {
+                    preview = ui
+                    model.setImage(ui)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,166 @@
+import CryptoKit
+import Foundation
+
+public struct TensorSpec {
+    public let name: String
+    public let shape: [String]
+    public let dtype: String
+}
+
+public struct ComponentSpec {
+    public let name: String
+    public let method: String
+    public let file: String
+    public let inputs: [TensorSpec]
+    public let outputs: [TensorSpec]
+}
+
+public struct ImageConfig {
+    public let imageSize: Int
+    public let patchSize: Int
+    public let mergeSize: Int
+    public let rescaleFactor: Double
+    public let mean: [Double]
+    public let std: [Double]
+    public var grid: Int { imageSize / patchSize }
+    public var mergedGrid: Int { grid / mergeSize }
+    public var numTokens: Int { mergedGrid * mergedGrid }
+}
+
+public struct AudioConfig {
+    public let frames: Int
+    public let melBins: Int
+    public let sampleRate: Int
+    public let nFft: Int
+    public let hopLength: Int
+    public var samples: Int { frames * hopLength }
+}
+
+public struct PromptConfig {
+    public let specialIds: [String: Int]
+    public let eosIds: [Int]
+
+    public func special(_ name: String) throws -> Int {
+        guard let id = specialIds[name] else {
+            throw BundleError(file: BundleManifest.fileName, field: "prompt.special_ids.\(name)",
+                              expected: "the id of the chat token '\(name)'", got: "nothing", fix: JsonNode.reexport)
+        }
+        return id
+    }
+}
+
+/// The bundle's manifest.json as the app needs it; nothing model-specific is hard-coded in the app.
+public struct BundleManifest {
+    public static let fileName = "manifest.json"
+    public static let schemaVersion = 1
+    public static let vision = "vision_encoder"
+    public static let embedding = "token_embedding"
+    public static let decoder = "text_decoder"
+    public static let audioEncoder = "audio_encoder"
+
+    public let target: String
+    public let files: [String: (bytes: Int, sha256: String)]
+    public let components: [String: ComponentSpec]
+    public let maxContext: Int
+    public let prefillChunk: Int
+    public let image: ImageConfig
+    public let audio: AudioConfig?
+    public let prompt: PromptConfig
+    public let vocabSize: Int
+    public let hiddenSize: Int
+
+    public var audioTokens: Int? {
+        guard let c = components[Self.audioEncoder], let rows = c.outputs.first?.shape.first else { return nil }
+        return Int(rows)
+    }
+
+    public func component(_ name: String) throws -> ComponentSpec {
+        guard let c = components[name] else {
+            throw BundleError(file: Self.fileName, field: "components.\(name)", expected: "a '\(name)' component",
+                              got: "none", fix: "export the bundle from a checkpoint that has it")
+        }
+        return c
+    }
+
+    public static func parse(_ data: Data, file: String = fileName) throws -> BundleManifest {
+        let root = try JsonNode.parse(data, file: file)
+        let version = try root.reqInt("schema_version")
+        guard version == schemaVersion else {
+            throw BundleError(file: file, field: "schema_version", expected: "\(schemaVersion)", got: "\(version)",
+                              fix: "use an app built for this bundle format, or re-export")
+        }
+        let filesNode = try root.reqObj("files")
+        var files: [String: (bytes: Int, sha256: String)] = [:]
+        for name in filesNode.obj.keys.sorted() {
+            let f = try filesNode.reqObj(name)
+            files[name] = (try f.reqInt("bytes"), try f.reqString("sha256"))
+        }
+        let compsNode = try root.reqObj("components")
+        var comps: [String: ComponentSpec] = [:]
+        for name in compsNode.obj.keys.sorted() {
+            let c = try compsNode.reqObj(name)
+            comps[name] = ComponentSpec(name: name, method: try c.reqString("method"), file: try c.reqString("file"),
+                                        inputs: try specs(c, "inputs"), outputs: try specs(c, "outputs"))
+        }
+        let shapes = try root.reqObj("shapes")
+        let pre = try root.reqObj("preprocessing")
+        let resample = try pre.reqString("resample")
+        guard resample == "bicubic" else {
+            throw BundleError(file: file, field: "preprocessing.resample", expected: "bicubic", got: resample, fix: JsonNode.reexport)
+        }
+        let image = ImageConfig(imageSize: try pre.reqInt("image_size"), patchSize: try pre.reqInt("patch_size"),
+                                mergeSize: try pre.reqInt("merge_size"), rescaleFactor: try pre.reqDouble("rescale_factor"),
+                                mean: try pre.reqDoubles("image_mean"), std: try pre.reqDoubles("image_std"))
+        var audio: AudioConfig?
+        if let a = try root.optObj("audio_preprocessing") {
+            audio = AudioConfig(frames: try a.reqInt("frames"), melBins: try a.reqInt("mel_bins"),
+                                sampleRate: try a.reqInt("sample_rate"), nFft: try a.reqInt("n_fft"),
+                                hopLength: try a.reqInt("hop_length"))
+        }
+        let promptNode = try root.reqObj("prompt")
+        let sp = try promptNode.reqObj("special_ids")
+        var special: [String: Int] = [:]
+        for k in sp.obj.keys { special[k] = try sp.reqInt(k) }
+        let text = try root.reqObj("model").reqObj("text")
+        let scheme = try root.reqObj("positions").reqString("scheme")
+        guard scheme == "mrope-3axis" else {
+            throw BundleError(file: file, field: "positions.scheme", expected: "mrope-3axis", got: scheme,
+                              fix: "use an app that implements this position scheme")
+        }
+        return BundleManifest(target: try root.reqString("target"), files: files, components: comps,
+                              maxContext: try shapes.reqInt("max_context"), prefillChunk: try shapes.reqInt("prefill_chunk"),
+                              image: image, audio: audio,
+                              prompt: PromptConfig(specialIds: special, eosIds: try promptNode.reqInts("eos_ids")),
+                              vocabSize: try text.reqInt("vocab_size"), hiddenSize: try text.reqInt("hidden_size"))
+    }
+
+    static func specs(_ c: JsonNode, _ key: String) throws -> [TensorSpec] {
+        try c.reqArray(key).enumerated().map { i, v in
+            let t = try c.child("\(key)[\(i)]", v)
+            let shape = try t.reqArray("shape").map { "\($0)" }
+            return TensorSpec(name: try t.reqString("name"), shape: shape, dtype: try t.reqString("dtype"))
+        }
+    }
+
+    /// Read a bundle directory and check every file's size and SHA-256 before anything loads.
+    public static func load(_ dir: URL) throws -> BundleManifest {
+        let url = dir.appendingPathComponent(fileName)
+        guard let data = try? Data(contentsOf: url) else {
+            throw BundleError(file: url.path, field: nil, expected: "a bundle's manifest.json", got: "no such file",
+                              fix: "copy the whole --out directory of autoglm-export into the app's Documents")
+        }
+        let m = try parse(data, file: url.path)
+        for (name, entry) in m.files {
+            let f = dir.appendingPathComponent(name)
+            guard let bytes = try? Data(contentsOf: f, options: .mappedIfSafe), bytes.count == entry.bytes else {
+                throw BundleError(file: f.path, field: nil, expected: "\(entry.bytes) bytes", got: nil, fix: "copy the bundle again; it is incomplete")
+            }
+            let digest = SHA256.hash(data: bytes).map { String(format: "%02x", $0) }.joined()
+            guard digest == entry.sha256 else {
+                throw BundleError(file: f.path, field: "files.\(name).sha256", expected: entry.sha256, got: digest,
+                                  fix: "copy the bundle again; this file is corrupted")
+            }
+        }
+        return m
+    }
+}

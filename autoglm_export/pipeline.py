@@ -155,6 +155,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
                           "rule": "text and audio: same position on t/h/w; image at cur: t=cur, h=cur+row, "
                                   "w=cur+col, then cur += max(gh, gw); decode position = cache_index + rope_delta"},
             "versions": library_versions(backend.versions()),
+            **lowered.get("manifest", {}),  # target-specific sections (e.g. qnn: SoC, SDK, emulator note)
         }  # fmt: skip
         runtime = backend.open_runtime(tmp, manifest)
         report = run_checks(runtime, ckpt, rec, backend, plans, pre, stage("verify"), bundle=tmp, manifest=manifest)

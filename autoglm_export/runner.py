@@ -17,10 +17,11 @@ from .host.tokenizer import ChatTokenizer
 from .models.glm4v.spec import TokenSpec
 
 
-def open_bundle(bundle: Path):
+def open_bundle(bundle: Path, manifest: dict | None = None):
     from .lower import get_backend
 
-    manifest = load_bundle(bundle)  # refuses a bundle whose files do not match their hashes
+    if manifest is None:
+        manifest = load_bundle(bundle)  # refuses a bundle whose files do not match their hashes
     backend = get_backend(manifest["target"])
     p = manifest["prompt"]
     tokens = TokenSpec(
@@ -53,8 +54,10 @@ def run_bundle(bundle: str | Path, *, prompt: str, image: str | Path | None, max
                write: Callable[[str], object], audio: str | Path | None = None, order: str = "image,audio,text") -> list[int]:  # fmt: skip
     bundle = Path(bundle)
     parts = parse_order(order)
-    img = load_image(image) if image is not None else None  # fail on bad input before loading the model
-    manifest, runtime, tokenizer, pre = open_bundle(bundle)
+    # user inputs are read, and refused, before any runtime library loads (libsndfile also
+    # crashes when it first opens a file after onnxruntime-qnn's libraries are in the process)
+    img = load_image(image) if image is not None else None
+    manifest = load_bundle(bundle)
     features = []
     if audio is not None:
         if not manifest.get("audio_preprocessing"):
@@ -62,6 +65,7 @@ def run_bundle(bundle: str | Path, *, prompt: str, image: str | Path | None, max
                               fix="export a checkpoint with an audio tower, or drop --audio")  # fmt: skip
         apre = AudioPreprocessing(**manifest["audio_preprocessing"])
         features = [log_mel(load_audio(audio, apre), apre)[None]]
+    manifest, runtime, tokenizer, pre = open_bundle(bundle, manifest)
     audio_tokens = manifest["components"]["audio_encoder"]["outputs"][0]["shape"][0] if features else None
     chat = build_chat_prompt(tokenizer, prompt, pre.num_tokens if img is not None else None, audio_tokens, parts)
     images = [preprocess_image(img, pre)] if img is not None else []

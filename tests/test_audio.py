@@ -121,7 +121,7 @@ def test_golden_vectors_carry_log_mel(audio_ckpt, tmp_path):
     assert np.array_equal(mel, log_mel(np.asarray(g["audio"]["waveform"], np.float32), AudioPreprocessing(frames=320)))
 
 
-@pytest.mark.parametrize("target", ["xnnpack", "onnx"])
+@pytest.mark.parametrize("target", ["xnnpack", "onnx", "onnx-qnn"])
 def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path, request):
     """image + audio + text: component gates and 32-token greedy agreement, then run --audio."""
     import soundfile as sf
@@ -138,8 +138,8 @@ def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path, request):
     report = json.loads((out / "report.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
     audio = checks["audio_encoder/lowered_vs_reference"]
-    # the recipes' audio precision: fp32 on xnnpack (float gate), fp16 on onnx (fp16 gate)
-    want = {"xnnpack": ("fp32", 60), "onnx": ("fp16", 40)}[target]
+    # the recipes' audio precision: fp32 on xnnpack (float gate), fp16 on onnx / the HTP (fp16 gate)
+    want = {"xnnpack": ("fp32", 60), "onnx": ("fp16", 40), "onnx-qnn": ("fp16", 40)}[target]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["components"]["audio_encoder"]["quantization"]["float_dtype"] == want[0]
     assert audio["threshold_db"] == want[1] and (audio["bit_exact"] or audio["sqnr_db"] >= want[1])

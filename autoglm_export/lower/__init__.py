@@ -10,11 +10,11 @@ from ..errors import ExportError
 BACKENDS = {
     "xnnpack": "autoglm_export.lower.xnnpack",
     "onnx": "autoglm_export.lower.onnxrt",
+    "onnx-qnn": "autoglm_export.lower.onnx_qnn",
 }
 PLANNED = {
     "qnn": "ExecuTorch + Qualcomm QNN HTP (SM8650)",
     "coreml": "Core ML for the A17 Pro Neural Engine",
-    "onnx-qnn": "ONNX Runtime QNN context binaries (SM8650)",
 }
 
 

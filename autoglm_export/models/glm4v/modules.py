@@ -31,7 +31,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    # NPU exports set this: the plain rms_norm pattern is fused into one RmsNorm op there (QNN's
+    # quantized Sqrt/Reciprocal lose the small-norm inputs), while XNNPACK needs the 4-D mean
+    plain = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(mean_last_dim(xf * xf) + self.eps)).to(x.dtype)
 
@@ -471,6 +477,63 @@ class TextDecoderExplicitCache(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, cache_position, caches: list[torch.Tensor]):
         return self.decoder.run(inputs_embeds, position_ids, cache_position, caches)
+
+
+class TextDecoderStatic(nn.Module):
+    """The decoder for static-shape NPU graphs (QNN HTP): no cache writes and no position math in
+    the graph. The host computes the M-RoPE cos/sin and the additive mask, holds the KV cache, and
+    writes the returned new keys/values at their slots after each call. Keys are the C cached slots
+    followed by the T new ones, so the mask is [1, 1, T, C + T].
+
+    (inputs_embeds [1,T,D], cos [1,1,T,hd], sin [1,1,T,hd], mask [1,1,T,C+T], k_0, v_0, ...)
+        -> (logits [1,V], k_new_0 [1,kv,T,hd], v_new_0, ...)
+    """
+
+    method_name = "text_decoder"
+
+    def __init__(self, decoder: TextDecoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def cache_names(self) -> list[str]:
+        return [f"{kind}_cache_{i}" for i in range(self.decoder.t.num_layers) for kind in ("k", "v")]
+
+    def rope(self) -> dict:
+        from ...host.static_decoder import rope_table
+
+        return rope_table(self.decoder.inv_freq, self.decoder.axis_selector)
+
+    def host_inputs(self, position_ids: torch.Tensor, cache_position: torch.Tensor):
+        """cos, sin and mask for a call that writes ``cache_position`` (contiguous slots)."""
+        from ...host.static_decoder import attention_mask, rotary_cos_sin
+
+        cos, sin = rotary_cos_sin(self.rope(), position_ids.numpy())
+        mask = attention_mask(int(cache_position[0]), cache_position.numel(), self.decoder.max_context)
+        return torch.from_numpy(cos), torch.from_numpy(sin), torch.from_numpy(mask)
+
+    def forward(self, inputs_embeds, cos, sin, mask, *caches):
+        d = self.decoder
+        x = inputs_embeds
+        rot = d.rope_rot
+        new: list[torch.Tensor] = []
+        for i, layer in enumerate(d.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            b, T, _ = h.shape
+            q = a.q_proj(h).view(b, T, a.num_heads, a.head_dim).transpose(1, 2)
+            k = a.k_proj(h).view(b, T, a.num_kv, a.head_dim).transpose(1, 2)
+            v = a.v_proj(h).view(b, T, a.num_kv, a.head_dim).transpose(1, 2)
+            q = q * cos + torch.matmul(q, rot) * sin
+            k = k * cos + torch.matmul(k, rot) * sin
+            groups = a.num_heads // a.num_kv
+            keys = repeat_kv(torch.cat([caches[2 * i], k], dim=2), groups)
+            values = repeat_kv(torch.cat([caches[2 * i + 1], v], dim=2), groups)
+            out = a.o_proj(attention(q, keys, values, mask, a.head_dim**-0.5).transpose(1, 2).reshape(b, T, -1))
+            x = x + layer.post_self_attn_layernorm(out)
+            x = x + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(x)))
+            new += [k, v]
+        logits = d.lm_head(d.norm(x[:, -1:, :]))[:, 0]
+        return (logits, *new)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,510 @@
+"""--target onnx-qnn: ONNX Runtime QNN context binaries for Snapdragon 8 Gen 3 (SM8650, HTP v75).
+
+Every component becomes static-shape ONNX graphs (the token embedding and the text decoder as a
+prefill graph of ``prefill_chunk`` tokens and a decode graph of one token; the decoder in the
+``TextDecoderStatic`` form: host-side cos/sin, mask and KV cache). Components with integer
+recipe rules are quantized with ONNX Runtime's QNN helpers into QDQ models: 16-bit activations,
+8-bit weights, 4-bit on the MatMul weights an ``int4`` rule names (never on norms or gathers).
+Components whose rules say ``fp16`` stay float graphs that the HTP runs in fp16. Each graph is
+then compiled offline by the ``onnxruntime-qnn`` plugin EP (QNN 2.51) into an EPContext model
+with its QNN context binary for soc_model 57 / htp_arch 75, with CPU fallback disabled, so a
+node the HTP cannot take fails the export instead of running on the CPU.
+
+The bundle holds both the portable QDQ/float models and the compiled EPContext models.
+Verification runs the EPContext models on the x86 HTP emulator (``libQnnHtp.so``) and compares
+them with the same QDQ models on ORT's CPU provider (the "same quantization" reference) and
+with the fp32 PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailable, ExportError
+from ..host.static_decoder import attention_mask, rotary_cos_sin
+from .onnx_graph import fuse_rms_norm
+from .onnxrt import _digest
+
+SOC_MODEL, HTP_ARCH, SOC_NAME = "57", "75", "SM8650"
+OPSET = 21  # 16-bit QDQ needs opset 21; exported at 20 and raised (no op used here changed)
+CALIBRATION_SEED = 1234
+_registered = False
+
+
+def _ort_qnn():
+    global _registered
+    try:
+        import onnxruntime as ort
+        import onnxruntime_qnn
+    except ImportError as e:  # pragma: no cover - both are pinned dependencies
+        raise BackendUnavailable(
+            f"the onnx-qnn target needs onnxruntime and onnxruntime-qnn ({e.name} is missing)",
+            fix="pip install onnxruntime==1.31.1 onnxruntime-qnn==2.7.0 (make setup does)",
+        ) from None
+    if not _registered:
+        ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+        _registered = True
+    return ort, onnxruntime_qnn
+
+
+def qnn_session_options(*, fp16: bool, context_file: Path | None = None, record: bool = False):
+    """Session options that put every node on the QNN HTP backend (SM8650 / v75) or fail."""
+    ort, qnn = _ort_qnn()
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+    if not devices:
+        raise BackendUnavailable("onnxruntime-qnn registered no QNN device", fix="reinstall onnxruntime-qnn==2.7.0")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    opts = {"backend_path": qnn.get_qnn_htp_path(), "soc_model": SOC_MODEL, "htp_arch": HTP_ARCH,
+            "enable_htp_fp16_precision": "1" if fp16 else "0"}  # fmt: skip
+    so.add_provider_for_devices(devices, opts)
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if record:
+        so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    if context_file is not None:
+        so.add_session_config_entry("ep.context_enable", "1")
+        so.add_session_config_entry("ep.context_file_path", str(context_file))
+        so.add_session_config_entry("ep.context_embed_mode", "0")
+    return so
+
+
+def _graphs(name: str) -> list[str]:
+    """Static graphs of a component: one, or prefill + decode for the token-by-token ones."""
+    if name in ("token_embedding", "text_decoder"):
+        return [f"{name}_prefill", f"{name}_decode"]
+    return [name]
+
+
+class OnnxQnnBackend:
+    name = "onnx-qnn"
+    runtime_name = "onnxruntime-qnn (QNN HTP emulator on x86_64, compiled for SM8650 / v75)"
+    quantizes_in_torch = False
+
+    def __init__(self) -> None:
+        self._calibration: dict[str, object] = {}
+
+    def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
+        raise AssertionError("the onnx-qnn target quantizes after export")
+
+    def check_plans(self, plans: dict, recipe_file: str) -> None:
+        _ort_qnn()  # a missing runtime is reported before any tensor is read
+        for plan in plans.values():
+            where = f"quantization (component {plan.component})"
+            if plan.quantized and plan.dtype != "fp32":
+                raise ExportError("the onnx-qnn target cannot mix integer and fp16 rules in one component", file=recipe_file,
+                                  field=where, expected="integer rules (QDQ, 16-bit activations) or all fp16", got=plan.dtype,
+                                  fix="make the component's float rules fp32 (they become 8-bit QDQ weights) or drop its integer rules")  # fmt: skip
+            if not plan.quantized and plan.dtype != "fp16":
+                raise ExportError("the HTP has no fp32: a float component must be fp16", file=recipe_file, field=where,
+                                  expected="fp16, or int8/int4 rules", got=plan.dtype, fix="use fp16 for this component")  # fmt: skip
+            for w in plan.weights.values():
+                if w.scheme == "int4" and (w.weight.startswith("token_embedding.") or not w.weight.endswith(".weight") or
+                                           len(w.shape) != 2):  # fmt: skip
+                    raise ExportError("4-bit weights only on MatMul weights for QNN", file=recipe_file,
+                                      field=f"quantization[{w.rule}]", expected="int4 on linear weights", got=w.weight,
+                                      fix="use int8 for this weight")  # fmt: skip
+
+    # ---------------------------------------------------------------- export (one component)
+
+    def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
+        from ..models.glm4v.modules import RMSNorm, TextDecoderStatic
+
+        module = module.float().eval()
+        for m in module.modules():
+            if isinstance(m, RMSNorm):
+                m.plain = True
+        graphs, calib = {}, {}
+        with torch.no_grad():
+            if name in ("vision_encoder", "audio_encoder"):
+                (x,) = module.example_inputs()
+                in_name = "pixel_values" if name == "vision_encoder" else "input_features"
+                out_name = "image_embeddings" if name == "vision_encoder" else "audio_embeddings"
+                graphs[name] = self._onnx(module, (x,), [in_name], [out_name])
+                calib[name] = self._encoder_calibration(name, module, x)
+            elif name == "token_embedding":
+                g = torch.Generator().manual_seed(CALIBRATION_SEED)
+                vocab = module.embed_tokens.num_embeddings
+                for graph, T in (("token_embedding_prefill", prefill_chunk), ("token_embedding_decode", 1)):
+                    ids = torch.randint(0, vocab, (1, T), generator=g)
+                    graphs[graph] = self._onnx(module, (ids,), ["input_ids"], ["embeddings"])
+                    calib[graph] = [{"input_ids": torch.randint(0, vocab, (1, T), generator=g).numpy()} for _ in range(4)]
+                    calib[graph].append({"input_ids": torch.arange(vocab - T, vocab).view(1, T).numpy()})  # special tokens
+                # decoder calibration: embeddings of random tokens, the calibration image spliced in
+                seq = torch.randint(0, vocab, (1, 2 * prefill_chunk + 6), generator=g)
+                self._calibration["embeds"] = module(seq)
+            elif name == "text_decoder":
+                wrapper = TextDecoderStatic(module).eval()
+                names = ["inputs_embeds", "cos", "sin", "mask", *wrapper.cache_names()]
+                outs = ["logits", *[n + "_new" for n in wrapper.cache_names()]]
+                feeds = self._decoder_calibration(wrapper, prefill_chunk)
+                for graph, T in (("text_decoder_prefill", prefill_chunk), ("text_decoder_decode", 1)):
+                    example = next(f for f in feeds if f["inputs_embeds"].shape[1] == T)
+                    graphs[graph] = self._onnx(wrapper, tuple(torch.from_numpy(example[n]) for n in names), names, outs)
+                    calib[graph] = [f for f in feeds if f["inputs_embeds"].shape[1] == T]
+                self._calibration["rope"] = wrapper.rope()
+            else:
+                raise KeyError(name)
+        params = {n: p.detach().float().numpy() for n, p in module.named_parameters()}
+        return {"graphs": graphs, "calibration": calib, "params": params}
+
+    @staticmethod
+    def _onnx(module, args, names, outs):
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=outs,
+                                      optimize=True, verbose=False).model_proto  # fmt: skip
+        fuse_rms_norm(model)
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = OPSET
+        model.ir_version = min(model.ir_version, 10)  # ORT 1.31 reads IR <= 10 for these opsets
+        for node in model.graph.node:  # exporter debug metadata (this machine's paths)
+            del node.metadata_props[:]
+            node.doc_string = ""
+        return model  # no onnx.checker: SimplifiedLayerNormalization is an ONNX Runtime op
+
+    def _encoder_calibration(self, name: str, module, example: torch.Tensor) -> list[dict]:
+        """The calibration image (a test card unlike the verification one) or a synthetic chirp,
+        plus seeded noise; the image's encoding also calibrates the decoder."""
+        from ..host.golden import golden_audio, golden_image
+        from ..host.image import patchify
+
+        g = torch.Generator().manual_seed(CALIBRATION_SEED)
+        key = "pixel_values" if name == "vision_encoder" else "input_features"
+        if name == "vision_encoder":
+            side = module.image_size
+            img = np.asarray(golden_image(side, side).rotate(90), np.float32).transpose(2, 0, 1) / 255.0
+            img = (img - 0.45) / 0.27
+            patch, merge = module.v.patch_size, module.v.spatial_merge_size
+            real = torch.from_numpy(patchify(img.astype(np.float32), patch, merge))
+        else:
+            from ..host.audio import AudioPreprocessing, log_mel
+
+            frames = example.shape[-1]
+            real = torch.from_numpy(log_mel(golden_audio(1.5)[::-1].copy(), AudioPreprocessing(frames=frames, mel_bins=example.shape[1]))[None])
+        samples = [real, torch.randn(example.shape, generator=g), 0.5 * torch.randn(example.shape, generator=g)]
+        if name == "vision_encoder":
+            self._calibration["image"] = module(real)
+        return [{key: s.numpy().astype(np.float32)} for s in samples]
+
+    def _decoder_calibration(self, wrapper, chunk: int) -> list[dict]:
+        """Feeds of both graphs from an fp32 run: a prompt of random-token embeddings with the
+        calibration image's encoding spliced in, prefilled in chunks, then 6 decode steps."""
+        d = wrapper.decoder
+        t = d.t
+        embeds = self._calibration.get("embeds")
+        if embeds is None:  # pragma: no cover - token_embedding is exported first
+            embeds = torch.randn(1, 2 * chunk + 6, t.hidden_size, generator=torch.Generator().manual_seed(CALIBRATION_SEED))
+        embeds = embeds.clone()
+        image = self._calibration.get("image")
+        if image is not None:
+            n = min(image.shape[0], embeds.shape[1] - 4)
+            embeds[0, 3 : 3 + n] = image[:n]
+        caches = [torch.zeros(1, t.num_kv_heads, d.max_context, t.head_dim) for _ in range(2 * t.num_layers)]
+        L = embeds.shape[1]
+        feeds = []
+        calls = [(a, a + chunk) for a in range(0, L - chunk + 1, chunk)]
+        calls += [(a, a + 1) for a in range(calls[-1][1], L)]
+        for a, b in calls:
+            pos = torch.arange(a, b).unsqueeze(0).expand(3, b - a).contiguous()
+            cos, sin, mask = wrapper.host_inputs(pos, torch.arange(a, b))
+            feed = {"inputs_embeds": embeds[:, a:b].numpy().copy(), "cos": cos.numpy(), "sin": sin.numpy(), "mask": mask.numpy()}
+            feed |= {n: c.numpy().copy() for n, c in zip(wrapper.cache_names(), caches)}
+            feeds.append(feed)
+            out = wrapper(embeds[:, a:b], cos, sin, mask, *caches)
+            for i, new in enumerate(out[1:]):
+                caches[i][:, :, a:b] = new
+        return feeds
+
+    # ---------------------------------------------------------------- lower (quantize + compile)
+
+    def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
+        import onnx
+        from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+        from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+
+        ort, qnn = _ort_qnn()
+        files, methods = [], {}
+        work = Path(tempfile.mkdtemp(prefix="onnx-qnn-"))
+        try:
+            for name, prog in programs.items():
+                plan = plans[name]
+                by_digest = {_digest(v.T): n for n, v in prog["params"].items() if v.ndim == 2}
+                graphs = {}
+                for graph in _graphs(name):
+                    model = prog["graphs"][graph]
+                    fp32 = work / f"{graph}.onnx"
+                    onnx.save_model(model, str(fp32))
+                    int4 = {}
+                    if plan.quantized:
+                        inits = {i.name: i for i in model.graph.initializer}
+                        for node in model.graph.node:
+                            if node.op_type == "MatMul" and node.input[1] in inits:
+                                param = by_digest.get(_digest(onnx.numpy_helper.to_array(inits[node.input[1]])))
+                                w = plan.weights.get(param) if param else None
+                                if w is not None and w.scheme == "int4":
+                                    int4[node.input[1]] = param
+                        planned = {n for n, w in plan.weights.items() if w.scheme == "int4"}
+                        if planned - set(int4.values()):
+                            raise RuntimeError(f"{graph}: int4 weights without a MatMul: {sorted(planned - set(int4.values()))}")
+                        pre = work / f"{graph}.pre.onnx"
+                        if not qnn_preprocess_model(str(fp32), str(pre)):
+                            shutil.copyfile(fp32, pre)
+                        feeds = iter(prog["calibration"][graph])
+
+                        class Reader(CalibrationDataReader):
+                            def get_next(self):
+                                return next(feeds, None)
+
+                        overrides = {w: [{"quant_type": QuantType.QInt4, "symmetric": True, "axis": 1}] for w in int4}
+                        cfg = get_qnn_qdq_config(str(pre), Reader(), activation_type=QuantType.QUInt16,
+                                                 weight_type=QuantType.QUInt8, init_overrides=overrides or None)  # fmt: skip
+                        portable = out_dir / f"{graph}.qdq.onnx"
+                        progress(f"{graph}: QDQ 16-bit activations, 8-bit weights"
+                                 + (f", 4-bit on {len(int4)} MatMul weight(s)" if int4 else ""))  # fmt: skip
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            logging.getLogger().setLevel(logging.ERROR)
+                            quantize(str(pre), str(portable), cfg)
+                        precision = "16a4w/16a8w" if int4 else "16a8w"
+                    else:
+                        portable = out_dir / f"{graph}.onnx"
+                        shutil.copyfile(fp32, portable)
+                        precision = "fp16"
+                    _strip(portable)
+                    progress(f"{graph}: compiling the QNN context binary for {SOC_NAME} (htp_arch {HTP_ARCH})")
+                    ctx = out_dir / f"{graph}_ctx.onnx"
+                    so = qnn_session_options(fp16=precision == "fp16", context_file=ctx, record=True)
+                    try:
+                        # from bytes, not a path: ORT names the QNN graph after a hash of the model's path
+                        # when it has one, which would make the binary differ from export to export
+                        session = ort.InferenceSession(portable.read_bytes(), so)
+                    except Exception as e:
+                        raise ExportError(f"QNN could not compile {graph} ({str(e).splitlines()[0][:160]})",
+                                          field=f"component {name}", fix="a node the HTP rejects: see the QNN op support list; "
+                                          "change the recipe rule for this component") from None  # fmt: skip
+                    info = session.get_provider_graph_assignment_info()
+                    assigned = sum(len(s.get_nodes()) for s in info if s.ep_name == "QNNExecutionProvider")
+                    if any(s.ep_name != "QNNExecutionProvider" for s in info):
+                        raise RuntimeError(f"{graph}: nodes outside QNN although CPU fallback is disabled")
+                    total = len(onnx.load_model(str(portable), load_external_data=False).graph.node)
+                    del session
+                    binaries = sorted(p.name for p in out_dir.glob(f"{graph}_ctx*.bin"))
+                    if not ctx.is_file() or not binaries:
+                        raise RuntimeError(f"{graph}: onnxruntime-qnn wrote no EPContext model / context binary")
+                    _pin_context_paths(ctx)
+                    files += [portable.name, ctx.name, *binaries]
+                    graphs[graph] = {"model": portable.name, "context": ctx.name, "binaries": binaries,
+                                     "context_bytes": sum((out_dir / b).stat().st_size for b in binaries),
+                                     "precision": precision, "onnx_nodes": total, "session_nodes_on_qnn": assigned,
+                                     "int4_weights": sorted(int4.values()),
+                                     "int4_granularity": "symmetric, per output channel (QNN); a rule's group_size does not apply",
+                                     "tokens": _tokens(model, graph)}  # fmt: skip
+                methods[name] = {"file": graphs[_graphs(name)[0]]["context"], "graphs": graphs}
+                if name == "text_decoder":
+                    methods[name]["rope"] = self._calibration["rope"]
+                    methods[name]["state"] = {"kv_cache": {"held_by": "host", "note": "graphs return the new keys/values; "
+                                                           "the host writes them at cache_position"}}  # fmt: skip
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            self._calibration = {}
+        return {"files": files, "methods": methods, "manifest": {"qnn": {"soc_model": int(SOC_MODEL), "soc": SOC_NAME, "htp_arch": int(HTP_ARCH),
+                        "qnn_sdk": qnn.build_and_package_info.qnn_version, "onnxruntime_qnn": qnn.__version__,
+                        "library": "libQnnHtp.so from the onnxruntime-qnn wheel (x86_64 HTP emulator)",
+                        "emulator_note": "every check of this bundle ran on the x86 HTP emulator; device numerics, "
+                                         "speed and loading by the phone's QNN runtime are not proven here"}}}  # fmt: skip
+
+    # ---------------------------------------------------------------- verification hooks
+
+    def open_runtime(self, bundle: Path, manifest: dict):
+        return OnnxQnnRuntime(bundle, manifest, device="qnn")
+
+    def reference_component(self, name: str, plan, bundle: Path, manifest: dict):
+        """"PyTorch with the same weights" is, for a QDQ component, the same QDQ model on ORT's CPU
+        provider; fp16 components fall back to PyTorch in fp16 (None)."""
+        if not plan.quantized:
+            return None
+        rt = OnnxQnnRuntime(bundle, manifest, device="cpu", components=[name])
+        return _ComponentAdapter(rt, name)
+
+    def contract_checks(self, runtime: "OnnxQnnRuntime", manifest: dict) -> list[dict]:
+        """Gated: every node of every graph on QNN (no CPU fallback), the binaries compiled for
+        SM8650 / v75, and the EPContext models (as loaded by the runtime) matching a fresh
+        in-process compile of the same portable models."""
+        checks = []
+        bundle = runtime.bundle
+        for comp in manifest["components"].values():
+            for graph, g in comp["graphs"].items():
+                session = _ort_qnn()[0].InferenceSession(str(bundle / g["model"]),
+                                                        qnn_session_options(fp16=g["precision"] == "fp16", record=True))  # fmt: skip
+                # counted on the session's own (optimised) graph: every subgraph must belong to QNN
+                info = session.get_provider_graph_assignment_info()
+                on_qnn = sum(len(s.get_nodes()) for s in info if s.ep_name == "QNNExecutionProvider")
+                elsewhere = {s.ep_name: len(s.get_nodes()) for s in info if s.ep_name != "QNNExecutionProvider"}
+                blob = b"".join((bundle / b).read_bytes() for b in g["binaries"])
+                soc = f"soc_type={SOC_NAME};arch={HTP_ARCH}".encode() in blob
+                detail = f"{on_qnn} nodes on QNN, {sum(elsewhere.values())} elsewhere; binary " + ("SM8650/v75" if soc else "NOT SM8650/v75")
+                checks.append({"name": f"qnn/{graph}/all_nodes_on_htp", "kind": "contract", "gated": True,
+                               "passed": on_qnn > 0 and not elsewhere and soc, "detail": detail,
+                               "nodes_on_qnn": on_qnn, "nodes_elsewhere": elsewhere, "soc_type_sm8650_arch75": soc})  # fmt: skip
+                probe = runtime.probe_feeds(graph)
+                fresh = session.run(None, probe)
+                loaded = runtime.sessions[graph].run(None, probe)
+                same = all(np.array_equal(a, b) for a, b in zip(fresh, loaded))
+                checks.append({"name": f"qnn/{graph}/context_reload", "kind": "contract", "gated": True, "passed": same,
+                               "detail": "EPContext model == fresh compile, bit for bit" if same else "EPContext model differs from a fresh compile"})  # fmt: skip
+        return checks
+
+    def versions(self) -> dict:
+        from importlib.metadata import version
+
+        return {p: version(p) for p in ("onnx", "onnxruntime", "onnxruntime-qnn", "onnxscript", "torch")}
+
+
+def _tokens(model, graph: str) -> int | None:
+    if not graph.endswith(("_prefill", "_decode")):
+        return None
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return int(dims[1].dim_value)
+
+
+def _strip(path: Path) -> None:
+    """Drop the quantizer's and exporter's free-text metadata (paths, timestamps) for determinism."""
+    import onnx
+
+    m = onnx.load_model(str(path))
+    for node in m.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del m.metadata_props[:]
+    m.producer_version = ""
+    onnx.save_model(m, str(path))
+
+
+def _pin_context_paths(ctx: Path) -> None:
+    """EPContext nodes name their binary relative to the model; check none points elsewhere."""
+    import onnx
+
+    m = onnx.load_model(str(ctx))
+    for node in m.graph.node:
+        if node.op_type == "EPContext":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            cache = attrs.get("ep_cache_context", b"")
+            cache = cache.decode() if isinstance(cache, bytes) else str(cache)
+            if "/" in cache or ".." in cache:
+                raise RuntimeError(f"{ctx.name}: context binary path {cache!r} is not beside the model")
+
+
+class _ComponentAdapter:
+    """One component of an ``OnnxQnnRuntime`` called like the PyTorch module it stands for."""
+
+    def __init__(self, runtime: "OnnxQnnRuntime", name: str) -> None:
+        self.runtime, self.name = runtime, name
+
+    def __call__(self, *args):
+        return getattr(self.runtime, self.name)(*args)
+
+    def reset_cache(self) -> None:
+        self.runtime.reset()
+
+
+class OnnxQnnRuntime:
+    """The bundle's graphs in ONNX Runtime: EPContext models on the QNN HTP (``device="qnn"``) or
+    the portable QDQ/float models on the CPU provider (``device="cpu"``). Static graphs: a call
+    of exactly ``prefill_chunk`` tokens runs the prefill graph, any other length runs the decode
+    graph token by token. The host holds the KV cache and computes cos/sin and the mask."""
+
+    def __init__(self, bundle: Path, manifest: dict, device: str = "qnn", components: list[str] | None = None) -> None:
+        ort, _ = _ort_qnn()
+        self.bundle = Path(bundle)
+        self.manifest = manifest
+        self.max_context = manifest["shapes"]["max_context"]
+        self.prefill_chunk = manifest["shapes"]["prefill_chunk"]
+        self.sessions = {}
+        self.inputs: dict[str, list] = {}
+        for name, comp in manifest["components"].items():
+            if components is not None and name not in components:
+                continue
+            for graph, g in comp["graphs"].items():
+                if device == "qnn":
+                    s = ort.InferenceSession(str(self.bundle / g["context"]), qnn_session_options(fp16=g["precision"] == "fp16"))
+                else:
+                    so = ort.SessionOptions()
+                    so.log_severity_level = 3
+                    s = ort.InferenceSession(str(self.bundle / g["model"]), so, providers=["CPUExecutionProvider"])
+                self.sessions[graph] = s
+                self.inputs[graph] = s.get_inputs()
+        dec = manifest["components"].get("text_decoder")
+        self.rope = dec["rope"] if dec else None
+        self.reset()
+
+    def reset(self) -> None:
+        if "text_decoder_decode" in self.inputs:
+            self.caches = [np.zeros(i.shape, np.float32) for i in self.inputs["text_decoder_decode"][4:]]
+
+    def _run(self, graph: str, feeds: dict) -> list[np.ndarray]:
+        return self.sessions[graph].run(None, feeds)
+
+    def token_embedding(self, input_ids):
+        ids = input_ids.numpy()
+        T = ids.shape[1]
+        if T == self.prefill_chunk:
+            return torch.from_numpy(self._run("token_embedding_prefill", {"input_ids": ids})[0])
+        return torch.from_numpy(np.concatenate([self._run("token_embedding_decode", {"input_ids": ids[:, i : i + 1]})[0]
+                                                for i in range(T)], axis=1))  # fmt: skip
+
+    def vision_encoder(self, pixel_values):
+        return torch.from_numpy(self._run("vision_encoder", {"pixel_values": pixel_values.numpy().astype(np.float32)})[0])
+
+    def audio_encoder(self, input_features):
+        return torch.from_numpy(self._run("audio_encoder", {"input_features": input_features.numpy().astype(np.float32)})[0])
+
+    def text_decoder(self, embeds, position_ids, cache_position):
+        x, pos, slots = embeds.numpy().astype(np.float32), position_ids.numpy(), cache_position.numpy()
+        T = x.shape[1]
+        if T == self.prefill_chunk:
+            return torch.from_numpy(self._decoder_call("text_decoder_prefill", x, pos, slots))
+        logits = None
+        for i in range(T):  # static shapes: a shorter chunk goes token by token
+            logits = self._decoder_call("text_decoder_decode", x[:, i : i + 1], pos[:, i : i + 1], slots[i : i + 1])
+        return torch.from_numpy(logits)
+
+    def _decoder_call(self, graph: str, x, pos, slots) -> np.ndarray:
+        T = x.shape[1]
+        start = int(slots[0])
+        cos, sin = rotary_cos_sin(self.rope, pos)
+        feeds = {"inputs_embeds": x, "cos": cos, "sin": sin, "mask": attention_mask(start, T, self.max_context)}
+        names = [i.name for i in self.inputs[graph][4:]]
+        feeds |= dict(zip(names, self.caches))
+        logits, *new = self._run(graph, feeds)
+        for cache, kv in zip(self.caches, new):
+            cache[:, :, start : start + T] = kv
+        return logits
+
+    def probe_feeds(self, graph: str) -> dict:
+        """Seeded inputs of the right shapes and ranges for a graph (reload comparisons)."""
+        g = np.random.default_rng(7)
+        feeds = {}
+        for i in self.inputs[graph]:
+            shape = [int(d) for d in i.shape]
+            if i.name == "input_ids":
+                feeds[i.name] = g.integers(0, self.manifest["model"]["text"]["vocab_size"], shape).astype(np.int64)
+            elif i.name in ("cos", "sin"):
+                pos = np.tile(np.arange(5, 5 + shape[2]), (3, 1))
+                feeds["cos"], feeds["sin"] = rotary_cos_sin(self.rope, pos)
+            elif i.name == "mask":
+                feeds[i.name] = attention_mask(5, shape[2], self.max_context)
+            else:
+                feeds[i.name] = g.standard_normal(shape).astype(np.float32)
+        return feeds
+
+
+BACKEND = OnnxQnnBackend()

@@ -8,10 +8,11 @@ DEMO   ?= demo-out
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml autoglm_export/native/qnn_htp_compat.c
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(PY) -m autoglm_export.lower.qnn_libs build   # QNN 2.37 -> 2.51 compatibility layer (gcc)
 	touch $(STAMP)
 
 # The Android demo's core logic is tested with Debian's kotlinc 1.3 + JUnit 4 (no Gradle, no SDK).

@@ -63,6 +63,15 @@ def test_deterministic_and_run(bundle, tiny_ckpt, tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
 
 
+def test_verify_against_onnxruntime(bundle):
+    """The parity gate on an onnx-qnn bundle re-runs the emulator checks: nodes, SoC, reload, SQNR."""
+    out, _ = bundle
+    proc = run_cli("verify", out, "--against", "onnxruntime")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "qnn/text_decoder_decode/all_nodes_on_htp" in proc.stdout and "onnxruntime/gate" in proc.stdout
+    assert "overall: PASS" in proc.stdout
+
+
 def test_recipe_errors_are_one_line(tiny_ckpt, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(RECIPE.read_text().replace("'vision_encoder\\..*\\.weight'\n    scheme: int8", "'vision_encoder\\..*'\n    scheme: fp32"))

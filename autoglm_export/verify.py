@@ -48,7 +48,7 @@ def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentP
     if plan is None:
         return load_component(meta, ckpt, torch.float32)
     if hasattr(backend, "reference_component"):  # targets whose reference is not a PyTorch module
-        ref = backend.reference_component(name, plan, bundle, manifest)
+        ref = backend.reference_component(name, plan, bundle, manifest, load=lambda: load_component(meta, ckpt, torch.float32))
         if ref is not None:
             return ref
     if backend.quantizes_in_torch:
@@ -181,7 +181,7 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
         # 2. end to end, bundle vs quantized reference
         got_trace = generate(bundle_runtime, prompt, **case.media, max_new_tokens=n_new)
         report.checks.append(_greedy_check("end_to_end/greedy_lowered_vs_reference", ref_trace, got_trace,
-                                           par.greedy_agreement, gated=True))  # fmt: skip
+                                           par.greedy_agreement, gated=par.greedy_agreement is not None))  # fmt: skip
     del q, qrt  # keep the (small) quantized embedding: decode steps of every decoder run share it
 
     # 3. quantization error: fp32 reference, one component at a time, when it fits
@@ -274,7 +274,8 @@ def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backen
             report.add("onnxruntime/text_decoder_vs_reference", "independent",
                        compare(_decoder_calls(qrt, embeds, positions, delta, shapes.prefill_chunk, feed, emb), o), thr)
             got = generate(bundle_runtime, prompt, **case.media, max_new_tokens=n_new)
-            report.checks.append(_greedy_check("onnxruntime/greedy_vs_bundle", ort_trace, got, par.greedy_agreement, gated=True))
+            report.checks.append(_greedy_check("onnxruntime/greedy_vs_bundle", ort_trace, got, par.greedy_agreement,
+                                              gated=par.greedy_agreement is not None))  # fmt: skip
         del ort_rt
     return report.finish({"against": "onnxruntime"})
 

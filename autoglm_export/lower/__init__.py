@@ -11,9 +11,9 @@ BACKENDS = {
     "xnnpack": "autoglm_export.lower.xnnpack",
     "onnx": "autoglm_export.lower.onnxrt",
     "onnx-qnn": "autoglm_export.lower.onnx_qnn",
+    "qnn": "autoglm_export.lower.qnn",
 }
 PLANNED = {
-    "qnn": "ExecuTorch + Qualcomm QNN HTP (SM8650)",
     "coreml": "Core ML for the A17 Pro Neural Engine",
 }
 

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailable, ExportError
-from ..host.static_decoder import attention_mask, rotary_cos_sin
 from .onnx_graph import fuse_rms_norm
 from .onnxrt import _digest
+from .static_graphs import graph_names as _graphs
+from .static_graphs import StaticGraphRuntime, static_graphs
 
 SOC_MODEL, HTP_ARCH, SOC_NAME = "57", "75", "SM8650"
 OPSET = 21  # 16-bit QDQ needs opset 21; exported at 20 and raised (no op used here changed)
-CALIBRATION_SEED = 1234
 _registered = False
 
 
@@ -75,11 +75,24 @@ def qnn_session_options(*, fp16: bool, context_file: Path | None = None, record:
     return so
 
 
-def _graphs(name: str) -> list[str]:
-    """Static graphs of a component: one, or prefill + decode for the token-by-token ones."""
-    if name in ("token_embedding", "text_decoder"):
-        return [f"{name}_prefill", f"{name}_decode"]
-    return [name]
+def check_npu_plans(plans: dict, recipe_file: str) -> None:
+    """Recipe rules an HTP can run: integer components (QDQ / PT2E, 16-bit activations) or fp16
+    components, 4-bit only on linear (MatMul) weights."""
+    for plan in plans.values():
+        where = f"quantization (component {plan.component})"
+        if plan.quantized and plan.dtype != "fp32":
+            raise ExportError("an HTP target cannot mix integer and fp16 rules in one component", file=recipe_file,
+                              field=where, expected="integer rules (QDQ, 16-bit activations) or all fp16", got=plan.dtype,
+                              fix="make the component's float rules fp32 (they become 8-bit QDQ weights) or drop its integer rules")  # fmt: skip
+        if not plan.quantized and plan.dtype != "fp16":
+            raise ExportError("the HTP has no fp32: a float component must be fp16", file=recipe_file, field=where,
+                              expected="fp16, or int8/int4 rules", got=plan.dtype, fix="use fp16 for this component")  # fmt: skip
+        for w in plan.weights.values():
+            if w.scheme == "int4" and (w.weight.startswith("token_embedding.") or not w.weight.endswith(".weight") or
+                                       len(w.shape) != 2):  # fmt: skip
+                raise ExportError("4-bit weights only on MatMul weights for QNN", file=recipe_file,
+                                  field=f"quantization[{w.rule}]", expected="int4 on linear weights", got=w.weight,
+                                  fix="use int8 for this weight")  # fmt: skip
 
 
 class OnnxQnnBackend:
@@ -95,62 +108,15 @@ class OnnxQnnBackend:
 
     def check_plans(self, plans: dict, recipe_file: str) -> None:
         _ort_qnn()  # a missing runtime is reported before any tensor is read
-        for plan in plans.values():
-            where = f"quantization (component {plan.component})"
-            if plan.quantized and plan.dtype != "fp32":
-                raise ExportError("the onnx-qnn target cannot mix integer and fp16 rules in one component", file=recipe_file,
-                                  field=where, expected="integer rules (QDQ, 16-bit activations) or all fp16", got=plan.dtype,
-                                  fix="make the component's float rules fp32 (they become 8-bit QDQ weights) or drop its integer rules")  # fmt: skip
-            if not plan.quantized and plan.dtype != "fp16":
-                raise ExportError("the HTP has no fp32: a float component must be fp16", file=recipe_file, field=where,
-                                  expected="fp16, or int8/int4 rules", got=plan.dtype, fix="use fp16 for this component")  # fmt: skip
-            for w in plan.weights.values():
-                if w.scheme == "int4" and (w.weight.startswith("token_embedding.") or not w.weight.endswith(".weight") or
-                                           len(w.shape) != 2):  # fmt: skip
-                    raise ExportError("4-bit weights only on MatMul weights for QNN", file=recipe_file,
-                                      field=f"quantization[{w.rule}]", expected="int4 on linear weights", got=w.weight,
-                                      fix="use int8 for this weight")  # fmt: skip
+        check_npu_plans(plans, recipe_file)
 
     # ---------------------------------------------------------------- export (one component)
 
     def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
-        from ..models.glm4v.modules import RMSNorm, TextDecoderStatic
-
-        module = module.float().eval()
-        for m in module.modules():
-            if isinstance(m, RMSNorm):
-                m.plain = True
         graphs, calib = {}, {}
-        with torch.no_grad():
-            if name in ("vision_encoder", "audio_encoder"):
-                (x,) = module.example_inputs()
-                in_name = "pixel_values" if name == "vision_encoder" else "input_features"
-                out_name = "image_embeddings" if name == "vision_encoder" else "audio_embeddings"
-                graphs[name] = self._onnx(module, (x,), [in_name], [out_name])
-                calib[name] = self._encoder_calibration(name, module, x)
-            elif name == "token_embedding":
-                g = torch.Generator().manual_seed(CALIBRATION_SEED)
-                vocab = module.embed_tokens.num_embeddings
-                for graph, T in (("token_embedding_prefill", prefill_chunk), ("token_embedding_decode", 1)):
-                    ids = torch.randint(0, vocab, (1, T), generator=g)
-                    graphs[graph] = self._onnx(module, (ids,), ["input_ids"], ["embeddings"])
-                    calib[graph] = [{"input_ids": torch.randint(0, vocab, (1, T), generator=g).numpy()} for _ in range(4)]
-                    calib[graph].append({"input_ids": torch.arange(vocab - T, vocab).view(1, T).numpy()})  # special tokens
-                # decoder calibration: embeddings of random tokens, the calibration image spliced in
-                seq = torch.randint(0, vocab, (1, 2 * prefill_chunk + 6), generator=g)
-                self._calibration["embeds"] = module(seq)
-            elif name == "text_decoder":
-                wrapper = TextDecoderStatic(module).eval()
-                names = ["inputs_embeds", "cos", "sin", "mask", *wrapper.cache_names()]
-                outs = ["logits", *[n + "_new" for n in wrapper.cache_names()]]
-                feeds = self._decoder_calibration(wrapper, prefill_chunk)
-                for graph, T in (("text_decoder_prefill", prefill_chunk), ("text_decoder_decode", 1)):
-                    example = next(f for f in feeds if f["inputs_embeds"].shape[1] == T)
-                    graphs[graph] = self._onnx(wrapper, tuple(torch.from_numpy(example[n]) for n in names), names, outs)
-                    calib[graph] = [f for f in feeds if f["inputs_embeds"].shape[1] == T]
-                self._calibration["rope"] = wrapper.rope()
-            else:
-                raise KeyError(name)
+        for graph, spec in static_graphs(name, module, prefill_chunk, self._calibration).items():
+            graphs[graph] = self._onnx(spec.module, spec.args, spec.input_names, spec.output_names)
+            calib[graph] = spec.calibration
         params = {n: p.detach().float().numpy() for n, p in module.named_parameters()}
         return {"graphs": graphs, "calibration": calib, "params": params}
 
@@ -170,59 +136,6 @@ class OnnxQnnBackend:
             del node.metadata_props[:]
             node.doc_string = ""
         return model  # no onnx.checker: SimplifiedLayerNormalization is an ONNX Runtime op
-
-    def _encoder_calibration(self, name: str, module, example: torch.Tensor) -> list[dict]:
-        """The calibration image (a test card unlike the verification one) or a synthetic chirp,
-        plus seeded noise; the image's encoding also calibrates the decoder."""
-        from ..host.golden import golden_audio, golden_image
-        from ..host.image import patchify
-
-        g = torch.Generator().manual_seed(CALIBRATION_SEED)
-        key = "pixel_values" if name == "vision_encoder" else "input_features"
-        if name == "vision_encoder":
-            side = module.image_size
-            img = np.asarray(golden_image(side, side).rotate(90), np.float32).transpose(2, 0, 1) / 255.0
-            img = (img - 0.45) / 0.27
-            patch, merge = module.v.patch_size, module.v.spatial_merge_size
-            real = torch.from_numpy(patchify(img.astype(np.float32), patch, merge))
-        else:
-            from ..host.audio import AudioPreprocessing, log_mel
-
-            frames = example.shape[-1]
-            real = torch.from_numpy(log_mel(golden_audio(1.5)[::-1].copy(), AudioPreprocessing(frames=frames, mel_bins=example.shape[1]))[None])
-        samples = [real, torch.randn(example.shape, generator=g), 0.5 * torch.randn(example.shape, generator=g)]
-        if name == "vision_encoder":
-            self._calibration["image"] = module(real)
-        return [{key: s.numpy().astype(np.float32)} for s in samples]
-
-    def _decoder_calibration(self, wrapper, chunk: int) -> list[dict]:
-        """Feeds of both graphs from an fp32 run: a prompt of random-token embeddings with the
-        calibration image's encoding spliced in, prefilled in chunks, then 6 decode steps."""
-        d = wrapper.decoder
-        t = d.t
-        embeds = self._calibration.get("embeds")
-        if embeds is None:  # pragma: no cover - token_embedding is exported first
-            embeds = torch.randn(1, 2 * chunk + 6, t.hidden_size, generator=torch.Generator().manual_seed(CALIBRATION_SEED))
-        embeds = embeds.clone()
-        image = self._calibration.get("image")
-        if image is not None:
-            n = min(image.shape[0], embeds.shape[1] - 4)
-            embeds[0, 3 : 3 + n] = image[:n]
-        caches = [torch.zeros(1, t.num_kv_heads, d.max_context, t.head_dim) for _ in range(2 * t.num_layers)]
-        L = embeds.shape[1]
-        feeds = []
-        calls = [(a, a + chunk) for a in range(0, L - chunk + 1, chunk)]
-        calls += [(a, a + 1) for a in range(calls[-1][1], L)]
-        for a, b in calls:
-            pos = torch.arange(a, b).unsqueeze(0).expand(3, b - a).contiguous()
-            cos, sin, mask = wrapper.host_inputs(pos, torch.arange(a, b))
-            feed = {"inputs_embeds": embeds[:, a:b].numpy().copy(), "cos": cos.numpy(), "sin": sin.numpy(), "mask": mask.numpy()}
-            feed |= {n: c.numpy().copy() for n, c in zip(wrapper.cache_names(), caches)}
-            feeds.append(feed)
-            out = wrapper(embeds[:, a:b], cos, sin, mask, *caches)
-            for i, new in enumerate(out[1:]):
-                caches[i][:, :, a:b] = new
-        return feeds
 
     # ---------------------------------------------------------------- lower (quantize + compile)
 
@@ -327,7 +240,7 @@ class OnnxQnnBackend:
     def open_runtime(self, bundle: Path, manifest: dict):
         return OnnxQnnRuntime(bundle, manifest, device="qnn")
 
-    def reference_component(self, name: str, plan, bundle: Path, manifest: dict):
+    def reference_component(self, name: str, plan, bundle: Path, manifest: dict, load=None):
         """"PyTorch with the same weights" is, for a QDQ component, the same QDQ model on ORT's CPU
         provider; fp16 components fall back to PyTorch in fp16 (None)."""
         if not plan.quantized:
@@ -416,20 +329,15 @@ class _ComponentAdapter:
         self.runtime.reset()
 
 
-class OnnxQnnRuntime:
+class OnnxQnnRuntime(StaticGraphRuntime):
     """The bundle's graphs in ONNX Runtime: EPContext models on the QNN HTP (``device="qnn"``) or
-    the portable QDQ/float models on the CPU provider (``device="cpu"``). Static graphs: a call
-    of exactly ``prefill_chunk`` tokens runs the prefill graph, any other length runs the decode
-    graph token by token. The host holds the KV cache and computes cos/sin and the mask."""
+    the portable QDQ/float models on the CPU provider (``device="cpu"``)."""
 
     def __init__(self, bundle: Path, manifest: dict, device: str = "qnn", components: list[str] | None = None) -> None:
         ort, _ = _ort_qnn()
         self.bundle = Path(bundle)
-        self.manifest = manifest
-        self.max_context = manifest["shapes"]["max_context"]
-        self.prefill_chunk = manifest["shapes"]["prefill_chunk"]
         self.sessions = {}
-        self.inputs: dict[str, list] = {}
+        graph_inputs = {}
         for name, comp in manifest["components"].items():
             if components is not None and name not in components:
                 continue
@@ -441,70 +349,11 @@ class OnnxQnnRuntime:
                     so.log_severity_level = 3
                     s = ort.InferenceSession(str(self.bundle / g["model"]), so, providers=["CPUExecutionProvider"])
                 self.sessions[graph] = s
-                self.inputs[graph] = s.get_inputs()
-        dec = manifest["components"].get("text_decoder")
-        self.rope = dec["rope"] if dec else None
-        self.reset()
-
-    def reset(self) -> None:
-        if "text_decoder_decode" in self.inputs:
-            self.caches = [np.zeros(i.shape, np.float32) for i in self.inputs["text_decoder_decode"][4:]]
+                graph_inputs[graph] = [(i.name, [int(d) for d in i.shape]) for i in s.get_inputs()]
+        super().__init__(manifest, graph_inputs)
 
     def _run(self, graph: str, feeds: dict) -> list[np.ndarray]:
         return self.sessions[graph].run(None, feeds)
-
-    def token_embedding(self, input_ids):
-        ids = input_ids.numpy()
-        T = ids.shape[1]
-        if T == self.prefill_chunk:
-            return torch.from_numpy(self._run("token_embedding_prefill", {"input_ids": ids})[0])
-        return torch.from_numpy(np.concatenate([self._run("token_embedding_decode", {"input_ids": ids[:, i : i + 1]})[0]
-                                                for i in range(T)], axis=1))  # fmt: skip
-
-    def vision_encoder(self, pixel_values):
-        return torch.from_numpy(self._run("vision_encoder", {"pixel_values": pixel_values.numpy().astype(np.float32)})[0])
-
-    def audio_encoder(self, input_features):
-        return torch.from_numpy(self._run("audio_encoder", {"input_features": input_features.numpy().astype(np.float32)})[0])
-
-    def text_decoder(self, embeds, position_ids, cache_position):
-        x, pos, slots = embeds.numpy().astype(np.float32), position_ids.numpy(), cache_position.numpy()
-        T = x.shape[1]
-        if T == self.prefill_chunk:
-            return torch.from_numpy(self._decoder_call("text_decoder_prefill", x, pos, slots))
-        logits = None
-        for i in range(T):  # static shapes: a shorter chunk goes token by token
-            logits = self._decoder_call("text_decoder_decode", x[:, i : i + 1], pos[:, i : i + 1], slots[i : i + 1])
-        return torch.from_numpy(logits)
-
-    def _decoder_call(self, graph: str, x, pos, slots) -> np.ndarray:
-        T = x.shape[1]
-        start = int(slots[0])
-        cos, sin = rotary_cos_sin(self.rope, pos)
-        feeds = {"inputs_embeds": x, "cos": cos, "sin": sin, "mask": attention_mask(start, T, self.max_context)}
-        names = [i.name for i in self.inputs[graph][4:]]
-        feeds |= dict(zip(names, self.caches))
-        logits, *new = self._run(graph, feeds)
-        for cache, kv in zip(self.caches, new):
-            cache[:, :, start : start + T] = kv
-        return logits
-
-    def probe_feeds(self, graph: str) -> dict:
-        """Seeded inputs of the right shapes and ranges for a graph (reload comparisons)."""
-        g = np.random.default_rng(7)
-        feeds = {}
-        for i in self.inputs[graph]:
-            shape = [int(d) for d in i.shape]
-            if i.name == "input_ids":
-                feeds[i.name] = g.integers(0, self.manifest["model"]["text"]["vocab_size"], shape).astype(np.int64)
-            elif i.name in ("cos", "sin"):
-                pos = np.tile(np.arange(5, 5 + shape[2]), (3, 1))
-                feeds["cos"], feeds["sin"] = rotary_cos_sin(self.rope, pos)
-            elif i.name == "mask":
-                feeds[i.name] = attention_mask(5, shape[2], self.max_context)
-            else:
-                feeds[i.name] = g.standard_normal(shape).astype(np.float32)
-        return feeds
 
 
 BACKEND = OnnxQnnBackend()

@@ -1,0 +1,203 @@
+"""Static-shape graphs of each component for NPU targets (onnx-qnn, qnn), with calibration data.
+
+One graph per encoder; the token embedding and the text decoder as a prefill graph of
+``prefill_chunk`` tokens and a decode graph of one token; the decoder in the host-cache form
+(``TextDecoderStatic``). Calibration comes from fixed, seeded inputs unlike the verification
+ones: a rotated test card for the vision encoder, a reversed chirp for the audio encoder, random
+tokens with that image's encoding spliced in for the decoder (run in fp32 through prefill chunks
+and decode steps, so every graph sees the cache states it will see), plus seeded noise.
+
+``state`` carries what one component's calibration needs from another (the token embeddings,
+the image encoding) across components exported in registry order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CALIBRATION_SEED = 1234
+
+
+@dataclass
+class StaticGraph:
+    module: torch.nn.Module
+    args: tuple
+    input_names: list[str]
+    output_names: list[str]
+    calibration: list[dict]  # input name -> numpy array, one dict per calibration sample
+    tokens: int | None = None  # the static token count of prefill / decode graphs
+
+
+def graph_names(component: str) -> list[str]:
+    if component in ("token_embedding", "text_decoder"):
+        return [f"{component}_prefill", f"{component}_decode"]
+    return [component]
+
+
+@torch.no_grad()
+def static_graphs(name: str, module: torch.nn.Module, prefill_chunk: int, state: dict) -> dict[str, StaticGraph]:
+    from ..models.glm4v.modules import RMSNorm, TextDecoderStatic
+
+    module = module.float().eval()
+    for m in module.modules():
+        if isinstance(m, RMSNorm):
+            m.plain = True  # one fusable rms_norm pattern (see onnx_graph.fuse_rms_norm)
+    out: dict[str, StaticGraph] = {}
+    if name in ("vision_encoder", "audio_encoder"):
+        (x,) = module.example_inputs()
+        key = "pixel_values" if name == "vision_encoder" else "input_features"
+        res = "image_embeddings" if name == "vision_encoder" else "audio_embeddings"
+        out[name] = StaticGraph(module, (x,), [key], [res], _encoder_calibration(name, module, x, state))
+    elif name == "token_embedding":
+        g = torch.Generator().manual_seed(CALIBRATION_SEED)
+        vocab = module.embed_tokens.num_embeddings
+        for graph, T in zip(graph_names(name), (prefill_chunk, 1)):
+            ids = torch.randint(0, vocab, (1, T), generator=g)
+            calib = [{"input_ids": torch.randint(0, vocab, (1, T), generator=g).numpy()} for _ in range(4)]
+            calib.append({"input_ids": torch.arange(vocab - T, vocab).view(1, T).numpy()})  # the special tokens
+            out[graph] = StaticGraph(module, (ids,), ["input_ids"], ["embeddings"], calib, T)
+        state["embeds"] = module(torch.randint(0, vocab, (1, 4 * prefill_chunk + 6), generator=g))
+    elif name == "text_decoder":
+        wrapper = TextDecoderStatic(module).eval()
+        names = ["inputs_embeds", "cos", "sin", "mask", *wrapper.cache_names()]
+        outs = ["logits", *[n + "_new" for n in wrapper.cache_names()]]
+        feeds = _decoder_calibration(wrapper, prefill_chunk, state)
+        for graph, T in zip(graph_names(name), (prefill_chunk, 1)):
+            calib = [f for f in feeds if f["inputs_embeds"].shape[1] == T]
+            args = tuple(torch.from_numpy(calib[0][n]) for n in names)
+            out[graph] = StaticGraph(wrapper, args, names, outs, calib, T)
+        state["rope"] = wrapper.rope()
+    else:
+        raise KeyError(name)
+    return out
+
+
+def _encoder_calibration(name: str, module, example: torch.Tensor, state: dict) -> list[dict]:
+    from ..host.golden import golden_audio, golden_image
+    from ..host.image import patchify
+
+    g = torch.Generator().manual_seed(CALIBRATION_SEED)
+    key = "pixel_values" if name == "vision_encoder" else "input_features"
+    if name == "vision_encoder":
+        side = module.image_size
+        img = np.asarray(golden_image(side, side).rotate(90), np.float32).transpose(2, 0, 1) / 255.0
+        img = (img - 0.45) / 0.27
+        real = torch.from_numpy(patchify(img.astype(np.float32), module.v.patch_size, module.v.spatial_merge_size))
+    else:
+        from ..host.audio import AudioPreprocessing, log_mel
+
+        pre = AudioPreprocessing(frames=example.shape[-1], mel_bins=example.shape[1])
+        real = torch.from_numpy(log_mel(golden_audio(1.5)[::-1].copy(), pre)[None])
+    samples = [real, torch.randn(example.shape, generator=g), 0.5 * torch.randn(example.shape, generator=g)]
+    if name == "vision_encoder":
+        state["image"] = module(real)
+    return [{key: s.numpy().astype(np.float32)} for s in samples]
+
+
+def _decoder_calibration(wrapper, chunk: int, state: dict) -> list[dict]:
+    d = wrapper.decoder
+    t = d.t
+    embeds = state.get("embeds")
+    if embeds is None:  # the token embedding is exported first; this keeps a lone decoder usable
+        embeds = torch.randn(1, 4 * chunk + 6, t.hidden_size, generator=torch.Generator().manual_seed(CALIBRATION_SEED))
+    embeds = embeds.clone()
+    image = state.get("image")
+    if image is not None:
+        n = min(image.shape[0], embeds.shape[1] - 4)
+        embeds[0, 3 : 3 + n] = image[:n]
+    caches = [torch.zeros(1, t.num_kv_heads, d.max_context, t.head_dim) for _ in range(2 * t.num_layers)]
+    L = embeds.shape[1]
+    calls = [(a, a + chunk) for a in range(0, L - chunk + 1, chunk)]
+    calls += [(a, a + 1) for a in range(calls[-1][1], L)]
+    feeds = []
+    for a, b in calls:
+        pos = torch.arange(a, b).unsqueeze(0).expand(3, b - a).contiguous()
+        cos, sin, mask = wrapper.host_inputs(pos, torch.arange(a, b))
+        feed = {"inputs_embeds": embeds[:, a:b].numpy().copy(), "cos": cos.numpy(), "sin": sin.numpy(), "mask": mask.numpy()}
+        feed |= {n: c.numpy().copy() for n, c in zip(wrapper.cache_names(), caches)}
+        feeds.append(feed)
+        out = wrapper(embeds[:, a:b], cos, sin, mask, *caches)
+        for i, new in enumerate(out[1:]):
+            caches[i][:, :, a:b] = new
+    return feeds
+
+
+class StaticGraphRuntime:
+    """Host side of a bundle of static graphs, shared by the NPU targets: a call of exactly
+    ``prefill_chunk`` tokens runs the prefill graph, any other length runs the decode graph token
+    by token; the host holds the KV cache and computes cos/sin and the mask. Subclasses run one
+    graph (``_run``: input name -> array, returns the outputs in order)."""
+
+    def __init__(self, manifest: dict, graph_inputs: dict[str, list[tuple[str, list[int]]]]) -> None:
+        self.manifest = manifest
+        self.max_context = manifest["shapes"]["max_context"]
+        self.prefill_chunk = manifest["shapes"]["prefill_chunk"]
+        self.graph_inputs = graph_inputs
+        dec = manifest["components"].get("text_decoder")
+        self.rope = dec["rope"] if dec else None
+        self.reset()
+
+    def _run(self, graph: str, feeds: dict) -> list[np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        if "text_decoder_decode" in self.graph_inputs:
+            self.caches = [np.zeros(shape, np.float32) for _, shape in self.graph_inputs["text_decoder_decode"][4:]]
+
+    def token_embedding(self, input_ids):
+        ids = input_ids.numpy()
+        T = ids.shape[1]
+        if T == self.prefill_chunk:
+            return torch.from_numpy(np.asarray(self._run("token_embedding_prefill", {"input_ids": ids})[0]))
+        parts = [np.asarray(self._run("token_embedding_decode", {"input_ids": ids[:, i : i + 1]})[0]) for i in range(T)]
+        return torch.from_numpy(np.concatenate(parts, axis=1))
+
+    def vision_encoder(self, pixel_values):
+        return torch.from_numpy(np.asarray(self._run("vision_encoder", {"pixel_values": pixel_values.numpy().astype(np.float32)})[0]))
+
+    def audio_encoder(self, input_features):
+        x = input_features.numpy().astype(np.float32)
+        return torch.from_numpy(np.asarray(self._run("audio_encoder", {"input_features": x})[0]))
+
+    def text_decoder(self, embeds, position_ids, cache_position):
+        x, pos, slots = embeds.numpy().astype(np.float32), position_ids.numpy(), cache_position.numpy()
+        T = x.shape[1]
+        if T == self.prefill_chunk:
+            return torch.from_numpy(self._decoder_call("text_decoder_prefill", x, pos, slots))
+        logits = None
+        for i in range(T):  # static shapes: a shorter chunk goes token by token
+            logits = self._decoder_call("text_decoder_decode", x[:, i : i + 1], pos[:, i : i + 1], slots[i : i + 1])
+        return torch.from_numpy(logits)
+
+    def _decoder_call(self, graph: str, x, pos, slots) -> np.ndarray:
+        from ..host.static_decoder import attention_mask, rotary_cos_sin
+
+        T = x.shape[1]
+        start = int(slots[0])
+        cos, sin = rotary_cos_sin(self.rope, pos)
+        feeds = {"inputs_embeds": x, "cos": cos, "sin": sin, "mask": attention_mask(start, T, self.max_context)}
+        feeds |= {name: c for (name, _), c in zip(self.graph_inputs[graph][4:], self.caches)}
+        logits, *new = [np.asarray(o) for o in self._run(graph, feeds)]
+        for cache, kv in zip(self.caches, new):
+            cache[:, :, start : start + T] = kv
+        return logits
+
+    def probe_feeds(self, graph: str) -> dict:
+        """Seeded inputs of the right shapes and ranges for a graph (reload comparisons)."""
+        from ..host.static_decoder import attention_mask, rotary_cos_sin
+
+        g = np.random.default_rng(7)
+        feeds = {}
+        for name, shape in self.graph_inputs[graph]:
+            if name == "input_ids":
+                feeds[name] = g.integers(0, self.manifest["model"]["text"]["vocab_size"], shape).astype(np.int64)
+            elif name in ("cos", "sin"):
+                feeds["cos"], feeds["sin"] = rotary_cos_sin(self.rope, np.tile(np.arange(5, 5 + shape[2]), (3, 1)))
+            elif name == "mask":
+                feeds[name] = attention_mask(5, shape[2], self.max_context)
+            else:
+                feeds[name] = g.standard_normal(shape).astype(np.float32)
+        return feeds

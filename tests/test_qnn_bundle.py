@@ -1,0 +1,68 @@
+"""--target qnn on the tiny checkpoint: ExecuTorch + QNN HTP delegate (PT2E QnnQuantizer), compiled
+for SM8650 with the onnxruntime-qnn wheel's QNN 2.51 libraries through the compatibility layer,
+run on the x86 HTP emulator and compared with the PyTorch simulation of the same quantization."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO, run_cli, tree_snapshot
+
+RECIPE = REPO / "recipes" / "qnn-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qnn") / "bundle"
+    proc = run_cli("--target", "qnn", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", RECIPE)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_gates_graphs_and_manifest(bundle):
+    out, proc = bundle
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pte", "report.json", "tokenizer.json"]
+    m = json.loads((out / "manifest.json").read_text())
+    q = m["qnn"]
+    assert (q["soc"], q["soc_model"], q["htp_arch"]) == ("SM8650", 57, 75) and q["pte_soc_type"] == "soc_type=SM8650"
+    assert q["libraries"]["compat_layer"] and q["libraries"]["qnn_version"].startswith("2.51")
+    assert b"soc_type=SM8650" in (out / "model.pte").read_bytes()
+    graphs = {g: spec for comp in m["components"].values() for g, spec in comp["graphs"].items()}
+    assert set(graphs) == {"vision_encoder", "token_embedding_prefill", "token_embedding_decode",
+                           "text_decoder_prefill", "text_decoder_decode"}  # fmt: skip
+    assert graphs["text_decoder_prefill"]["tokens"] == 16 and graphs["text_decoder_decode"]["precision"] == "16a4w/16a8w"
+    checks = {c["name"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
+    for g, spec in graphs.items():
+        assert spec["ops_outside_delegate"] == [] and spec["contexts"] >= 1 and all(b > 0 for b in spec["context_bytes"])
+        assert checks[f"qnn/{g}/all_ops_delegated"]["passed"]
+    assert checks["runtime/metadata_methods"]["passed"]
+    for name in ("vision_encoder", "token_embedding", "text_decoder"):
+        c = checks[f"{name}/lowered_vs_reference"]
+        assert c["threshold_db"] == 30 and c["passed"] and (c["bit_exact"] or c["sqnr_db"] >= 30)
+    e2e = checks["end_to_end/greedy_lowered_vs_reference"]
+    assert e2e["gated"] is False and e2e["tokens"] == 32 and e2e["agreement"] == 1.0  # measured, reported
+    assert "overall: PASS" in proc.stdout
+
+
+def test_deterministic_verify_and_run(bundle, tiny_ckpt, tmp_path):
+    out, _ = bundle
+    again = tmp_path / "again"
+    assert run_cli("-q", "--target", "qnn", "--checkpoint", tiny_ckpt, "--out", again, "--recipe", RECIPE).returncode == 0
+    for name in ("model.pte", "manifest.json"):  # context signatures pinned: byte-identical
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name
+    proc = run_cli("verify", out)  # a fresh process rebuilds the PT2E simulation from the checkpoint
+    assert proc.returncode == 0 and "text_decoder/lowered_vs_reference" in proc.stdout, proc.stdout[-2000:]
+    proc = run_cli("run", out, "--prompt", "What is on the screen?", "--image", REPO / "tests/data/screen.png",
+                   "--max-new-tokens", "4")  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+
+
+def test_fp32_component_is_refused_in_one_line(tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(RECIPE.read_text().replace("'vision_encoder\\..*\\.weight'\n    scheme: int8", "'vision_encoder\\..*'\n    scheme: fp32"))
+    out = tmp_path / "out"
+    proc = run_cli("-q", "--target", "qnn", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", bad)
+    assert proc.returncode == 2 and "HTP has no fp32" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and tree_snapshot(out) == {}

@@ -32,6 +32,16 @@ def xnnpack_bundle(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qnn_bundle(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint exported with the qnn-tiny recipe: (bundle dir, completed process)."""
+    out = tmp_path_factory.mktemp("qnn") / "bundle"
+    proc = run_cli("--target", "qnn", "--checkpoint", tiny_ckpt, "--out", out,
+                   "--recipe", REPO / "recipes" / "qnn-tiny.yaml")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope="session")
 def audio_ckpt(tmp_path_factory) -> Path:
     from autoglm_export.tiny import write_tiny_checkpoint
 

@@ -46,7 +46,16 @@ def test_golden_trace_is_the_bundle_runtime(golden_dir, audio_xnnpack_bundle):
     assert (golden_dir.parent / "again" / "golden.json").read_bytes() == (golden_dir / "golden.json").read_bytes()
 
 
-def test_kotlin_core_against_golden_vectors(golden_dir, tmp_path):
+@pytest.fixture(scope="module")
+def golden_static_dir(qnn_bundle, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("golden-qnn") / "golden"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_golden.py"), "--bundle", str(qnn_bundle[0]),
+                           str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_kotlin_core_against_golden_vectors(golden_dir, golden_static_dir, tmp_path):
     """Compiles android_demo/core with kotlinc (Kotlin 1.3) and runs its JUnit 4 tests. Missing
     tools fail this test: `make test` installs them (Debian kotlin, junit4, libgoogle-gson-java)."""
     kotlinc = shutil.which("kotlinc")
@@ -63,11 +72,12 @@ def test_kotlin_core_against_golden_vectors(golden_dir, tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     tests = sorted(p.stem for p in (KOTLIN_CORE / "test").rglob("*Test.kt"))
     assert len(tests) >= 2
-    run = subprocess.run(["java", f"-Dgolden.dir={golden_dir}", "-cp", f"{classes}:{cp}", "org.junit.runner.JUnitCore",
+    run = subprocess.run(["java", f"-Dgolden.dir={golden_dir}", f"-Dgolden.static.dir={golden_static_dir}", "-cp", f"{classes}:{cp}", "org.junit.runner.JUnitCore",
                           *[f"ai.autoglm.demo.core.{t}" for t in tests]], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:]
     m = re.search(r"OK \((\d+) tests\)", run.stdout)
-    assert m and int(m.group(1)) >= 10, run.stdout[-2000:]
+    assert m and int(m.group(1)) >= 14, run.stdout[-2000:]
+    assert "StaticGraphReplayTest" in " ".join(tests)
 
 
 def _sources(ext: str) -> list[Path]:
@@ -109,6 +119,15 @@ def _keys_read(root: Path, ext: str) -> tuple[set[str], set[str], set[str]]:
     return required, optional, special
 
 
+def _without_optional_sections(m: dict) -> dict:
+    m = json.loads(json.dumps(m))
+    m.pop("audio_preprocessing", None)
+    for comp in m["components"].values():
+        comp.pop("graphs", None)
+        comp.pop("rope", None)
+    return m
+
+
 def _all_keys(obj) -> set[str]:
     if isinstance(obj, dict):
         return set(obj) | {k for v in obj.values() for k in _all_keys(v)}
@@ -118,10 +137,11 @@ def _all_keys(obj) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def manifests(xnnpack_bundle, audio_xnnpack_bundle) -> dict[str, dict]:
-    """xnnpack manifests without and with audio (qnn and coreml join as those targets land)."""
+def manifests(xnnpack_bundle, audio_xnnpack_bundle, qnn_bundle) -> dict[str, dict]:
+    """The Android targets' manifests: xnnpack without and with audio, qnn (coreml joins with #5)."""
     return {"xnnpack": json.loads((xnnpack_bundle[0] / "manifest.json").read_text()),
-            "xnnpack+audio": json.loads((audio_xnnpack_bundle / "manifest.json").read_text())}  # fmt: skip
+            "xnnpack+audio": json.loads((audio_xnnpack_bundle / "manifest.json").read_text()),
+            "qnn": json.loads((qnn_bundle[0] / "manifest.json").read_text())}  # fmt: skip
 
 
 @pytest.mark.parametrize("app,ext", [("android", "kt"), ("ios", "swift")])
@@ -129,14 +149,16 @@ def test_manifest_contract(app, ext, manifests):
     root = ANDROID if app == "android" else IOS
     required, optional, special = _keys_read(root, ext)
     assert len(required) >= 25 and special >= {"gmask", "image", "assistant"}, (required, special)
-    # with audio, every key the app reads exists; without, all but those inside audio_preprocessing
-    with_audio = manifests["xnnpack+audio"]
-    audio_only = _all_keys(with_audio["audio_preprocessing"])
-    for name, m in manifests.items():
-        wanted = (required | optional) if name == "xnnpack+audio" else required - audio_only
-        missing = sorted(wanted - _all_keys(m))
+    # keys inside optional sections (audio_preprocessing; a static bundle's graphs and rope) are
+    # required only where their section exists; every other key in every manifest
+    core = {name: _all_keys(_without_optional_sections(m)) for name, m in manifests.items()}
+    optional_only = set().union(*(_all_keys(m) - core[name] for name, m in manifests.items()))
+    for name in manifests:
+        missing = sorted((required - optional_only) - core[name])
         assert not missing, f"{app} reads keys that the {name} manifest lacks: {missing}"
-    assert special <= set(with_audio["prompt"]["special_ids"]), special - set(with_audio["prompt"]["special_ids"])
+    union = set().union(*(_all_keys(m) for m in manifests.values()))
+    assert not sorted((required | optional) - union), f"{app} reads keys no manifest has: {sorted((required | optional) - union)}"
+    assert special <= set(manifests["xnnpack+audio"]["prompt"]["special_ids"])
     # component names the sources use are components the exporter writes
     used = set(re.findall(r"\"((?:vision|audio)_encoder|token_embedding|text_decoder)\"", "".join(
         f.read_text() for f in root.rglob(f"*.{ext}"))))  # fmt: skip

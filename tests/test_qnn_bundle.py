@@ -14,11 +14,8 @@ RECIPE = REPO / "recipes" / "qnn-tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("qnn") / "bundle"
-    proc = run_cli("--target", "qnn", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", RECIPE)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc
+def bundle(qnn_bundle):
+    return qnn_bundle
 
 
 def test_gates_graphs_and_manifest(bundle):

@@ -144,10 +144,23 @@ def golden_bundle(bundle: Path, out_dir: Path, max_new_tokens: int = 8) -> Path:
     assert prompt.ids == vectors["prompt_ids"]
     audios = [log_mel(golden_audio(rate=audio_pre.sample_rate), audio_pre)[None]] if audio_pre else []
     rec = RecordingRuntime(runtime)
+    graph_calls: list[dict] = []
+    if hasattr(runtime, "_run"):  # static-graph bundles (qnn, onnx-qnn): also record every graph call
+        inner = runtime._run
+
+        def recorded(graph: str, feeds: dict):
+            out = inner(graph, feeds)
+            graph_calls.append({"graph": graph, "inputs": {k: _tensor_json(v) for k, v in feeds.items()},
+                                "outputs": [_tensor_json(np.asarray(o)) for o in out]})  # fmt: skip
+            return out
+
+        runtime._run = recorded
     trace = generate(rec, prompt, images=[preprocess_image(golden_image(), pre)], image_grids=[pre.merged_grid],
                      audios=audios, max_new_tokens=max_new_tokens, eos_ids=tuple(manifest["prompt"]["eos_ids"]))  # fmt: skip
     vectors["trace"] = {"max_new_tokens": max_new_tokens, "tokens": trace.tokens, "calls": rec.calls,
                         "target": manifest["target"]}  # fmt: skip
+    if graph_calls:
+        vectors["trace"]["graph_calls"] = graph_calls
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_golden(out_dir / "golden.json", vectors)

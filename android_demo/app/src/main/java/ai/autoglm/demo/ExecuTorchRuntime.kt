@@ -2,8 +2,10 @@ package ai.autoglm.demo
 
 import ai.autoglm.demo.core.BundleManifest
 import ai.autoglm.demo.core.FloatTensor
+import ai.autoglm.demo.core.GraphRunner
 import ai.autoglm.demo.core.LongTensor
 import ai.autoglm.demo.core.ModelRuntime
+import ai.autoglm.demo.core.StaticGraphRuntime
 import org.pytorch.executorch.EValue
 import org.pytorch.executorch.Module
 import org.pytorch.executorch.Tensor
@@ -57,3 +59,31 @@ class ExecuTorchRuntime(private val dir: File, private val manifest: BundleManif
         modules.clear()
     }
 }
+
+/** The static graphs of a qnn bundle (one method per graph), for [StaticGraphRuntime]. */
+class ExecuTorchGraphRunner(private val dir: File, private val manifest: BundleManifest) : GraphRunner {
+    private val module: Module by lazy {
+        val file = manifest.component(BundleManifest.COMPONENT_DECODER).file
+        Module.load(File(dir, file).absolutePath, Module.LOAD_MODE_MMAP)
+    }
+
+    override fun run(graph: String, inputs: LinkedHashMap<String, Any>): List<FloatTensor> {
+        val values = inputs.values.map { v ->
+            when (v) {
+                is FloatTensor -> EValue.from(Tensor.fromBlob(v.data, LongArray(v.shape.size) { v.shape[it].toLong() }))
+                is LongTensor -> EValue.from(Tensor.fromBlob(v.data, LongArray(v.shape.size) { v.shape[it].toLong() }))
+                else -> throw IllegalArgumentException("input of type ${v.javaClass}")
+            }
+        }.toTypedArray()
+        return module.execute(graph, *values).map { e ->
+            val t = e.toTensor()
+            FloatTensor(t.shape().map { it.toInt() }.toIntArray(), t.dataAsFloatArray)
+        }
+    }
+
+    fun close() = module.destroy()
+}
+
+/** The runtime a bundle needs: dynamic-shape methods (xnnpack) or static graphs (qnn). */
+fun openRuntime(dir: File, manifest: BundleManifest): ModelRuntime =
+    if (manifest.isStatic) StaticGraphRuntime(manifest, ExecuTorchGraphRunner(dir, manifest)) else ExecuTorchRuntime(dir, manifest)

@@ -8,6 +8,7 @@ import ai.autoglm.demo.core.FloatTensor
 import ai.autoglm.demo.core.Generator
 import ai.autoglm.demo.core.ImagePreprocessor
 import ai.autoglm.demo.core.LogMel
+import ai.autoglm.demo.core.ModelRuntime
 import ai.autoglm.demo.core.TokenListener
 import android.Manifest
 import android.graphics.Bitmap
@@ -36,7 +37,7 @@ class MainActivity : ComponentActivity() {
     private lateinit var preview: ImageView
     private var manifest: BundleManifest? = null
     private var tokenizer: ByteLevelBpe? = null
-    private var runtime: ExecuTorchRuntime? = null
+    private var runtime: ModelRuntime? = null
     private var image: Bitmap? = null
     private var audio: FloatArray? = null
     private var recorder: WavRecorder? = null
@@ -83,7 +84,7 @@ class MainActivity : ComponentActivity() {
                 }
                 manifest = m
                 tokenizer = ByteLevelBpe.parse(File(bundleDir(), "tokenizer.json").readText())
-                runtime = ExecuTorchRuntime(bundleDir(), m)
+                runtime = openRuntime(bundleDir(), m)
                 "ready: ${m.target} bundle, context ${m.maxContext}" + (if (m.audio != null) ", audio" else "")
             } catch (e: BundleError) {
                 e.message ?: "bad bundle"
@@ -171,7 +172,7 @@ class MainActivity : ComponentActivity() {
 
     override fun onDestroy() {
         worker.shutdown()
-        runtime?.close()
+        (runtime as? ExecuTorchRuntime)?.close()
         super.onDestroy()
     }
 }

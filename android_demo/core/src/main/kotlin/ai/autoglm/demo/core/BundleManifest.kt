@@ -18,6 +18,12 @@ class ComponentSpec(
 
 class FileEntry(val bytes: Long, val sha256: String)
 
+/** A static graph of an NPU bundle (qnn): its method name and its inputs in call order. */
+class StaticGraphSpec(val name: String, val inputNames: List<String>, val inputShapes: List<IntArray>)
+
+/** The decoder's rotary table for host-side cos/sin: one inverse frequency and position axis per pair. */
+class RopeTable(val invFreq: FloatArray, val axis: IntArray)
+
 class ImageConfig(
     val imageSize: Int,
     val patchSize: Int,
@@ -57,8 +63,13 @@ class BundleManifest(
     val prompt: PromptConfig,
     val vocabSize: Int,
     val hiddenSize: Int,
-    val positionScheme: String
+    val positionScheme: String,
+    val graphs: Map<String, StaticGraphSpec>,
+    val rope: RopeTable?
 ) {
+    /** Static-graph bundles (qnn) run prefill/decode graphs with a host-held KV cache. */
+    val isStatic: Boolean get() = graphs.isNotEmpty()
+
     fun component(name: String): ComponentSpec = components[name]
         ?: throw BundleError(MANIFEST, "components.$name", "a '$name' component", "none",
             "export the bundle from a checkpoint that has it")
@@ -94,10 +105,31 @@ class BundleManifest(
             }
             val compsNode = root.reqObj("components")
             val comps = LinkedHashMap<String, ComponentSpec>()
+            val graphs = LinkedHashMap<String, StaticGraphSpec>()
+            var rope: RopeTable? = null
             for (name in compsNode.keys()) {
                 val c = compsNode.reqObj(name)
                 comps[name] = ComponentSpec(name, c.reqString("method"), c.reqString("file"),
                     tensorSpecs(c, "inputs"), tensorSpecs(c, "outputs"))
+                val gs = c.optObj("graphs")
+                if (gs != null && gs.obj.size() > 0 && gs.reqObj(gs.keys()[0]).opt("inputs") != null) {
+                    for (g in gs.keys()) {
+                        val arr = gs.reqObj(g).reqArray("inputs")
+                        val names = ArrayList<String>()
+                        val shapes = ArrayList<IntArray>()
+                        for (i in 0 until arr.size()) {
+                            val t = gs.child("$g.inputs[$i]", arr.get(i))
+                            names.add(t.reqString("name"))
+                            shapes.add(t.reqInts("shape"))
+                        }
+                        graphs[g] = StaticGraphSpec(g, names, shapes)
+                    }
+                }
+                val r = c.optObj("rope")
+                if (r != null) {
+                    val inv = r.reqDoubles("inv_freq")
+                    rope = RopeTable(FloatArray(inv.size) { inv[it].toFloat() }, r.reqInts("axis"))
+                }
             }
             for (required in listOf(COMPONENT_EMBEDDING, COMPONENT_DECODER)) {
                 if (!comps.containsKey(required)) {
@@ -129,7 +161,7 @@ class BundleManifest(
             }
             return BundleManifest(root.reqString("target"), files, comps, shapes.reqInt("max_context"),
                 shapes.reqInt("prefill_chunk"), image, audio, prompt, text.reqInt("vocab_size"),
-                text.reqInt("hidden_size"), scheme)
+                text.reqInt("hidden_size"), scheme, graphs, rope)
         }
 
         private fun tensorSpecs(c: JsonNode, key: String): List<TensorSpec> {

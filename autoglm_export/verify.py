@@ -228,12 +228,9 @@ def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backen
 
     from .lower.onnxrt import BACKEND as ONNX, OnnxRuntime
 
-    if getattr(backend, "name", None) == "onnx-qnn":
-        # the bundle already runs in ONNX Runtime (QNN EP, emulator) and its verification compares it
-        # with the same QDQ models on the CPU EP, all nodes on QNN, SM8650 binaries and a reload
-        note = "onnx-qnn: the bundle's own checks above are the ONNX Runtime gate (QNN EP vs CPU EP)"
-        return {"passed": True, "failed": [], "checks": [{"name": "onnxruntime/gate", "kind": "note", "gated": False,
-                                                          "passed": None, "note": note}], "against": "onnxruntime"}  # fmt: skip
+    if hasattr(backend, "against_onnxruntime"):  # targets whose reference ONNX Runtime cannot take as is
+        return backend.against_onnxruntime(bundle_runtime=bundle_runtime, ckpt=ckpt, recipe=recipe, plans=plans, pre=pre,
+                                           progress=progress, bundle=bundle, manifest=manifest)  # fmt: skip
     shapes = Shapes.from_recipe(recipe)
     par = recipe.parity
     report = _Report()
@@ -336,6 +333,8 @@ def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, a
     bundle = Path(bundle)
     manifest = load_bundle(bundle)
     backend = get_backend(manifest["target"])
+    if against and hasattr(backend, "refuse_against"):  # fail before minutes of checks, not after
+        backend.refuse_against(against, bundle)
     recipe = parse_recipe(manifest["recipe"]["content"], bundle / "manifest.json")
     ckpt_path = Path(checkpoint) if checkpoint else Path(manifest["source"]["checkpoint"])
     if not ckpt_path.is_dir():

@@ -56,10 +56,21 @@ def test_deterministic_verify_and_run(bundle, tiny_ckpt, tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
 
 
-def test_fp32_component_is_refused_in_one_line(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("target", ["qnn", "onnx-qnn"])
+def test_htp_targets_refuse_fp32_components_in_one_line(target, tiny_ckpt, tmp_path):
+    recipe = REPO / "recipes" / f"{target}-tiny.yaml"
     bad = tmp_path / "bad.yaml"
-    bad.write_text(RECIPE.read_text().replace("'vision_encoder\\..*\\.weight'\n    scheme: int8", "'vision_encoder\\..*'\n    scheme: fp32"))
+    bad.write_text(recipe.read_text().replace("'vision_encoder\\..*\\.weight'\n    scheme: int8", "'vision_encoder\\..*'\n    scheme: fp32"))
+    assert bad.read_text() != recipe.read_text()
     out = tmp_path / "out"
-    proc = run_cli("-q", "--target", "qnn", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", bad)
+    proc = run_cli("-q", "--target", target, "--checkpoint", tiny_ckpt, "--out", out, "--recipe", bad)
     assert proc.returncode == 2 and "HTP has no fp32" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and tree_snapshot(out) == {}
+
+
+def test_no_onnxruntime_gate_for_qnn_bundles(bundle):
+    """--against onnxruntime on a qnn bundle: a one-line error naming the way that has one (onnx-qnn)."""
+    out, _ = bundle
+    proc = run_cli("verify", out, "--against", "onnxruntime")
+    assert proc.returncode == 2 and "onnx-qnn" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -33,13 +33,13 @@ def export_component(name: str, module: torch.nn.Module, prefill_chunk: int) -> 
     raise KeyError(name)
 
 
-def metadata_methods(manifest_model: dict) -> dict:
+def metadata_methods(manifest_model: dict, dynamic_shape: bool = True) -> dict:
     """Constant methods of the ExecuTorch LLM runner contract (extension/llm/runner/constants.h)."""
     return {
         "get_max_seq_len": manifest_model["max_context"],
         "get_max_context_len": manifest_model["max_context"],
         "use_kv_cache": True,
-        "enable_dynamic_shape": True,
+        "enable_dynamic_shape": dynamic_shape,
         "get_eos_ids": list(manifest_model["eos_ids"]),
         "get_bos_id": manifest_model["bos_id"],
         "get_vocab_size": manifest_model["vocab_size"],
@@ -88,22 +88,16 @@ def quiet_native_stderr():
         os.close(saved)
 
 
-def contract_check(runtime: "ExecuTorchRuntime", manifest: dict) -> dict:
-    """Every runner-contract metadata method runs and returns what the manifest promises."""
-    t = manifest["model"]["text"]
-    want = {
-        "get_max_seq_len": manifest["shapes"]["max_context"],
-        "get_max_context_len": manifest["shapes"]["max_context"],
-        "use_kv_cache": True,
-        "enable_dynamic_shape": True,
-        "get_eos_ids": manifest["prompt"]["eos_ids"],
-        "get_bos_id": manifest["prompt"]["bos_id"],
-        "get_vocab_size": t["vocab_size"],
-    }
+def contract_check(runtime: "ExecuTorchRuntime", manifest: dict, methods: set[str] | None = None,
+                   dynamic_shape: bool = True) -> dict:  # fmt: skip
+    """Every runner-contract metadata method runs and returns what the manifest promises, and the
+    program has the expected methods (the components, unless ``methods`` says otherwise)."""
+    want = metadata_methods({"max_context": manifest["shapes"]["max_context"], "eos_ids": manifest["prompt"]["eos_ids"],
+                             "bos_id": manifest["prompt"]["bos_id"], "vocab_size": manifest["model"]["text"]["vocab_size"]},
+                            dynamic_shape)  # fmt: skip
     got = {name: runtime.metadata(name) for name in want}
     wrong = {name: got[name] for name in want if got[name] != want[name]}
-    methods = set(runtime.program.method_names)
-    missing = sorted(set(manifest["components"]) - methods)
+    missing = sorted((methods or set(manifest["components"])) - set(runtime.program.method_names))
     return {"name": "runtime/metadata_methods", "kind": "contract", "gated": True, "passed": not wrong and not missing,
             "note": "ExecuTorch LLM runner contract: metadata values and component methods",
             "values": got, "mismatched": wrong, "missing_methods": missing}  # fmt: skip

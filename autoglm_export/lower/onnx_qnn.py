@@ -31,7 +31,7 @@ from ..errors import BackendUnavailable, ExportError
 from .onnx_graph import fuse_rms_norm
 from .onnxrt import _digest
 from .static_graphs import graph_names as _graphs
-from .static_graphs import StaticGraphRuntime, static_graphs
+from .static_graphs import ComponentAdapter, StaticGraphRuntime, static_graphs
 
 SOC_MODEL, HTP_ARCH, SOC_NAME = "57", "75", "SM8650"
 OPSET = 21  # 16-bit QDQ needs opset 21; exported at 20 and raised (no op used here changed)
@@ -188,11 +188,11 @@ class OnnxQnnBackend:
                             logging.getLogger().setLevel(logging.ERROR)
                             quantize(str(pre), str(portable), cfg)
                         precision = "16a4w/16a8w" if int4 else "16a8w"
+                        _strip(portable)
                     else:
                         portable = out_dir / f"{graph}.onnx"
-                        shutil.copyfile(fp32, portable)
+                        shutil.copyfile(fp32, portable)  # already stripped by _onnx
                         precision = "fp16"
-                    _strip(portable)
                     progress(f"{graph}: compiling the QNN context binary for {SOC_NAME} (htp_arch {HTP_ARCH})")
                     ctx = out_dir / f"{graph}_ctx.onnx"
                     so = qnn_session_options(fp16=precision == "fp16", context_file=ctx, record=True)
@@ -213,7 +213,7 @@ class OnnxQnnBackend:
                     binaries = sorted(p.name for p in out_dir.glob(f"{graph}_ctx*.bin"))
                     if not ctx.is_file() or not binaries:
                         raise RuntimeError(f"{graph}: onnxruntime-qnn wrote no EPContext model / context binary")
-                    _pin_context_paths(ctx)
+                    _check_context_paths(ctx)
                     files += [portable.name, ctx.name, *binaries]
                     graphs[graph] = {"model": portable.name, "context": ctx.name, "binaries": binaries,
                                      "context_bytes": sum((out_dir / b).stat().st_size for b in binaries),
@@ -246,7 +246,14 @@ class OnnxQnnBackend:
         if not plan.quantized:
             return None
         rt = OnnxQnnRuntime(bundle, manifest, device="cpu", components=[name])
-        return _ComponentAdapter(rt, name)
+        return ComponentAdapter(rt, name)
+
+    def against_onnxruntime(self, **_) -> dict:
+        """The bundle already runs in ONNX Runtime (QNN EP on the emulator) and its own checks compare
+        it with the same QDQ models on the CPU EP, all nodes on QNN, SM8650 binaries and a reload."""
+        note = "onnx-qnn: the bundle's own checks above are the ONNX Runtime gate (QNN EP vs CPU EP)"
+        return {"passed": True, "failed": [], "against": "onnxruntime",
+                "checks": [{"name": "onnxruntime/gate", "kind": "note", "gated": False, "passed": None, "note": note}]}  # fmt: skip
 
     def contract_checks(self, runtime: "OnnxQnnRuntime", manifest: dict) -> list[dict]:
         """Gated: every node of every graph on QNN (no CPU fallback), the binaries compiled for
@@ -290,7 +297,7 @@ def _tokens(model, graph: str) -> int | None:
 
 
 def _strip(path: Path) -> None:
-    """Drop the quantizer's and exporter's free-text metadata (paths, timestamps) for determinism."""
+    """Drop the quantizer's free-text metadata (paths, timestamps) for determinism."""
     import onnx
 
     m = onnx.load_model(str(path))
@@ -302,7 +309,7 @@ def _strip(path: Path) -> None:
     onnx.save_model(m, str(path))
 
 
-def _pin_context_paths(ctx: Path) -> None:
+def _check_context_paths(ctx: Path) -> None:
     """EPContext nodes name their binary relative to the model; check none points elsewhere."""
     import onnx
 
@@ -314,19 +321,6 @@ def _pin_context_paths(ctx: Path) -> None:
             cache = cache.decode() if isinstance(cache, bytes) else str(cache)
             if "/" in cache or ".." in cache:
                 raise RuntimeError(f"{ctx.name}: context binary path {cache!r} is not beside the model")
-
-
-class _ComponentAdapter:
-    """One component of an ``OnnxQnnRuntime`` called like the PyTorch module it stands for."""
-
-    def __init__(self, runtime: "OnnxQnnRuntime", name: str) -> None:
-        self.runtime, self.name = runtime, name
-
-    def __call__(self, *args):
-        return getattr(self.runtime, self.name)(*args)
-
-    def reset_cache(self) -> None:
-        self.runtime.reset()
 
 
 class OnnxQnnRuntime(StaticGraphRuntime):

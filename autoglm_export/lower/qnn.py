@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailable
-from .executorch_common import metadata_methods, quiet_native_stderr
-from .static_graphs import StaticGraphRuntime, graph_names, static_graphs
+from ..errors import BackendUnavailable, ExportError
+from .executorch_common import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_stderr
+from .static_graphs import ComponentAdapter, StaticGraphRuntime, graph_names, static_graphs
 
 PTE = "model.pte"
 SOC_NAME, SOC_MODEL, HTP_ARCH = "SM8650", 57, 75
@@ -105,12 +105,14 @@ def quantize_graph(spec, plan) -> torch.nn.Module:
     from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    from ..models.glm4v.modules import TextDecoderStatic
+
     gm = torch.export.export(spec.module, spec.args, strict=True).module()
-    prefix = "decoder." if spec.module.__class__.__name__ == "TextDecoderStatic" else ""
+    prefix = "decoder." if isinstance(spec.module, TextDecoderStatic) else ""  # the wrapper's attribute name
     int4 = {n.rsplit(".", 1)[0] for n, w in plan.weights.items() if w.scheme == "int4"}
-    paths = _linear_module_paths(gm)
-    four_bit = {node.name for node, path in paths.items() if path.removeprefix(prefix) in int4}
-    found = {paths[n].removeprefix(prefix) for n in paths if n.name in four_bit}
+    four_bit = {node.name: path.removeprefix(prefix) for node, path in _linear_module_paths(gm).items()
+                if path.removeprefix(prefix) in int4}  # fmt: skip
+    found = set(four_bit.values())
     if int4 - found:
         raise RuntimeError(f"int4 rules name linears the graph does not have: {sorted(int4 - found)}")
     q = QnnQuantizer(soc_model=QcomChipset.SM8650)
@@ -133,8 +135,8 @@ class QnnBackend:
     quantizes_in_torch = False
 
     def __init__(self) -> None:
-        self._state: dict = {}
-        self._ref_state: dict = {}
+        self._state: dict = {}  # calibration state carried across components during export
+        self._ref_states: dict[str, dict] = {}  # the same, per bundle, while verify rebuilds references
 
     def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
         raise AssertionError("the qnn target quantizes with PT2E after export")
@@ -170,7 +172,7 @@ class QnnBackend:
                 graph_info[graph] = {"component": name, "precision": precision, "tokens": spec.tokens,
                                      "inputs": [{"name": n, "shape": list(a.shape)} for n, a in zip(spec.input_names, spec.args)],
                                      "outputs": spec.output_names}  # fmt: skip
-        meta = metadata_methods(model_meta) | {"enable_dynamic_shape": False}
+        meta = metadata_methods(model_meta, dynamic_shape=False)
         progress(f"to_edge + QNN HTP lowering of {len(modules)} graph(s) for {SOC_NAME} (htp_arch {HTP_ARCH})")
         with quiet_native_stderr(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -212,12 +214,19 @@ class QnnBackend:
         if load is None:  # pragma: no cover - verify always passes a loader
             return None
         shapes = manifest["shapes"]
-        graphs = static_graphs(name, load(), shapes["prefill_chunk"], self._ref_state)
+        state = self._ref_states.setdefault(str(Path(bundle).resolve()), {})
+        graphs = static_graphs(name, load(), shapes["prefill_chunk"], state)
         if not plan.quantized:
             return None
         sims = {g: quantize_graph(spec, plan) for g, spec in graphs.items()}
         inputs = {g: [(n, list(a.shape)) for n, a in zip(spec.input_names, spec.args)] for g, spec in graphs.items()}
-        return _ComponentAdapter(_SimRuntime(manifest, sims, inputs), name)
+        return ComponentAdapter(_SimRuntime(manifest, sims, inputs), name)
+
+    def refuse_against(self, against: str, bundle: Path) -> None:
+        """Called before verification starts: this target has no independent-runtime gate."""
+        raise ExportError("the qnn target has no ONNX Runtime gate: its reference is the PT2E simulation, which "
+                          "does not export to ONNX as is", field="--against", file=bundle,
+                          fix="export the same checkpoint with --target onnx-qnn, whose bundle runs in ONNX Runtime's QNN EP")  # fmt: skip
 
     def contract_checks(self, runtime: "QnnPteRuntime", manifest: dict) -> list[dict]:
         checks = []
@@ -229,30 +238,14 @@ class QnnBackend:
                 detail = (f"{g['contexts']} QNN context(s), no op outside" if ok else f"outside the delegate: {g['ops_outside_delegate']}")
                 checks.append({"name": f"qnn/{graph}/all_ops_delegated", "kind": "contract", "gated": True,
                                "passed": ok and soc, "detail": detail + ("; SM8650" if soc else "; NOT compiled for SM8650")})  # fmt: skip
-        want = metadata_methods({"max_context": manifest["shapes"]["max_context"], "eos_ids": manifest["prompt"]["eos_ids"],
-                                 "bos_id": manifest["prompt"]["bos_id"], "vocab_size": manifest["model"]["text"]["vocab_size"]})  # fmt: skip
-        want["enable_dynamic_shape"] = False
-        got = {k: runtime.metadata(k) for k in want}
-        wrong = {k: got[k] for k in want if got[k] != want[k]}
-        checks.append({"name": "runtime/metadata_methods", "kind": "contract", "gated": True, "passed": not wrong,
-                       "detail": "all values as the manifest says" if not wrong else f"mismatch {wrong}"})  # fmt: skip
+        graphs = {g for comp in manifest["components"].values() for g in comp["graphs"]}
+        checks.append(contract_check(runtime.pte, manifest, methods=graphs, dynamic_shape=False))
         return checks
 
     def versions(self) -> dict:
         from importlib.metadata import version
 
         return {p: version(p) for p in ("executorch", "torch", "torchao", "onnxruntime-qnn")}
-
-
-class _ComponentAdapter:
-    def __init__(self, runtime, name: str) -> None:
-        self.runtime, self.name = runtime, name
-
-    def __call__(self, *args):
-        return getattr(self.runtime, self.name)(*args)
-
-    def reset_cache(self) -> None:
-        self.runtime.reset()
 
 
 class _SimRuntime(StaticGraphRuntime):
@@ -277,30 +270,17 @@ class QnnPteRuntime(StaticGraphRuntime):
 
     def __init__(self, bundle: Path, manifest: dict) -> None:
         preload_qnn_libraries()
-        from executorch.runtime import Runtime, Verification
-
         self.bundle = Path(bundle)
-        with quiet_native_stderr():
-            self.program = Runtime.get().load_program(str(self.bundle / PTE), verification=Verification.Minimal)
-        self._methods: dict = {}
+        shapes = manifest["shapes"]
+        self.pte = ExecuTorchRuntime(self.bundle / PTE, shapes["max_context"], shapes["prefill_chunk"])
         graph_inputs = {g: [(i["name"], i["shape"]) for i in spec["inputs"]]
                         for comp in manifest["components"].values() for g, spec in comp["graphs"].items()}  # fmt: skip
         super().__init__(manifest, graph_inputs)
 
-    def method(self, name: str):
-        if name not in self._methods:
-            with quiet_native_stderr():
-                self._methods[name] = self.program.load_method(name)
-        return self._methods[name]
-
-    def metadata(self, name: str):
-        out = list(self.method(name).execute([]))
-        return out[0] if len(out) == 1 else out
-
     def _run(self, graph: str, feeds: dict) -> list[np.ndarray]:
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n, _ in self.graph_inputs[graph]]
         with quiet_native_stderr():
-            out = self.method(graph).execute(args)
+            out = self.pte.method(graph).execute(args)
         return [o.numpy() for o in out]
 
 

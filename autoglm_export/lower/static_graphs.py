@@ -201,3 +201,17 @@ class StaticGraphRuntime:
             else:
                 feeds[name] = g.standard_normal(shape).astype(np.float32)
         return feeds
+
+
+class ComponentAdapter:
+    """One component of a ``StaticGraphRuntime`` called like the PyTorch module it stands for
+    (the "same quantization" reference of the NPU targets in ``verify``)."""
+
+    def __init__(self, runtime: StaticGraphRuntime, name: str) -> None:
+        self.runtime, self.name = runtime, name
+
+    def __call__(self, *args):
+        return getattr(self.runtime, self.name)(*args)
+
+    def reset_cache(self) -> None:
+        self.runtime.reset()

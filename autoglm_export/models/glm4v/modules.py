@@ -92,6 +92,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
 
 
+def rotary_qkv(attn: nn.Module, x: torch.Tensor, cos, sin, rot):
+    """q, k, v [b, heads, n, head_dim] of an attention module's projections, rotary applied
+    (cos = 1, sin = 0 on the non-rotary dims)."""
+    b, n, _ = x.shape
+    q = attn.q_proj(x).view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, n, attn.num_kv, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, n, attn.num_kv, attn.head_dim).transpose(1, 2)
+    return q * cos + torch.matmul(q, rot) * sin, k * cos + torch.matmul(k, rot) * sin, v
+
+
 class GatedMLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -316,11 +326,7 @@ class TextAttention(nn.Module):
         """With ``kv=None`` the cache is this module's state (updated in place); with
         ``kv=(k_cache, v_cache)`` it is passed in and the updated copies are returned too."""
         b, T, _ = x.shape
-        q = self.q_proj(x).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, T, self.num_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, T, self.num_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + torch.matmul(q, rot) * sin  # cos = 1, sin = 0 on the non-rotary dims
-        k = k * cos + torch.matmul(k, rot) * sin
+        q, k, v = rotary_qkv(self, x, cos, sin, rot)
         if kv is None:
             self.k_cache.index_copy_(2, cache_position, k.to(self.k_cache.dtype))
             self.v_cache.index_copy_(2, cache_position, v.to(self.v_cache.dtype))
@@ -356,13 +362,16 @@ class DecoderLayer(nn.Module):
         self.post_mlp_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
 
     def forward(self, x, cos, sin, rot, mask, cache_position, kv=None):
-        # sandwich norms: each sub-block's output is normalised before the residual add
         attn = self.self_attn(self.input_layernorm(x), cos, sin, rot, mask, cache_position, kv)
         if kv is not None:
             attn, kv = attn
-        x = x + self.post_self_attn_layernorm(attn)
-        x = x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+        x = self.after_attention(x, attn)
         return x if kv is None else (x, kv)
+
+    def after_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        # sandwich norms: each sub-block's output is normalised before the residual add
+        x = x + self.post_self_attn_layernorm(attn)
+        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
 
 class TextDecoder(nn.Module):
@@ -525,11 +534,7 @@ class TextDecoderStatic(nn.Module):
             a = layer.self_attn
             h = layer.input_layernorm(x)
             b, T, _ = h.shape
-            q = a.q_proj(h).view(b, T, a.num_heads, a.head_dim).transpose(1, 2)
-            k = a.k_proj(h).view(b, T, a.num_kv, a.head_dim).transpose(1, 2)
-            v = a.v_proj(h).view(b, T, a.num_kv, a.head_dim).transpose(1, 2)
-            q = q * cos + torch.matmul(q, rot) * sin
-            k = k * cos + torch.matmul(k, rot) * sin
+            q, k, v = rotary_qkv(a, h, cos, sin, rot)
             groups = a.num_heads // a.num_kv
             scale = a.head_dim**-0.5
             # past slots and new tokens as two score blocks, never concatenated: a concat of the
@@ -541,9 +546,7 @@ class TextDecoderStatic(nn.Module):
             w_new = torch.exp(s_new - top) * mask[..., C:]
             total = w_past.sum(dim=-1, keepdim=True) + w_new.sum(dim=-1, keepdim=True)
             att = (torch.matmul(w_past, repeat_kv(caches[2 * i + 1], groups)) + torch.matmul(w_new, repeat_kv(v, groups))) / total
-            out = a.o_proj(att.transpose(1, 2).reshape(b, T, -1))
-            x = x + layer.post_self_attn_layernorm(out)
-            x = x + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(x)))
+            x = layer.after_attention(x, a.o_proj(att.transpose(1, 2).reshape(b, T, -1)))
             new += [k, v]
         logits = d.lm_head(d.norm(x[:, -1:, :]))[:, 0]
         return (logits, *new)
@@ -565,11 +568,7 @@ class AudioAttention(nn.Module):
 
     def forward(self, x, cos, sin, rot):
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.num_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.num_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + torch.matmul(q, rot) * sin
-        k = k * cos + torch.matmul(k, rot) * sin
+        q, k, v = rotary_qkv(self, x, cos, sin, rot)
         groups = self.num_heads // self.num_kv
         out = attention(q, repeat_kv(k, groups), repeat_kv(v, groups), None, self.head_dim**-0.5)  # bidirectional
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))

@@ -96,7 +96,7 @@ def inspect_cmd(
 def tiny_cmd(
     out: Path = typer.Argument(..., help="Directory to create."),
     seed: int = typer.Option(0, "--seed"),
-    preset: str = typer.Option("tiny", "--preset", help="tiny | 9b-shape"),
+    preset: str = typer.Option("tiny", "--preset", help="tiny | guard | 9b-shape"),
     layers: Optional[int] = typer.Option(None, "--layers", min=1, help="Decoder layers (default: the preset's)."),
     vision_depth: Optional[int] = typer.Option(None, "--vision-depth", min=1, help="ViT blocks."),
     audio: bool = typer.Option(False, "--audio", help="Add a GLM-ASR audio tower (audio_config, audio token ids)."),
@@ -185,8 +185,6 @@ def quiet_third_party_logs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import click
-
     quiet_third_party_logs()
     # a shell that starts us in the background hands down SIGINT as ignored; Ctrl-C must still work
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -200,12 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"error: {e.one_line()}", file=sys.stderr)
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
-        e.show()
+    except typer.TyperException as e:  # typer's vendored click: usage errors (missing or bad options)
+        if hasattr(e, "show"):
+            e.show()
+        else:
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
 

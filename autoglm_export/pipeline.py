@@ -87,7 +87,10 @@ def component_io(name: str, ckpt: Checkpoint, shapes: Shapes, pre: ImagePreproce
     raise KeyError(name)  # fmt: skip
 
 
-def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, progress=silent) -> dict:
+def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, progress=silent, verify: bool = True) -> dict:
+    """Export ``checkpoint`` for ``target`` into ``out``. ``verify=False`` (library only, for
+    bench/scale.py's compile-time and memory measurements) skips the parity stage and says so in
+    the manifest; the CLI always verifies."""
     from .lower import get_backend
 
     out = Path(out)
@@ -107,6 +110,8 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     pre = ImagePreprocessing.from_checkpoint(pc, shapes.image_size, ckpt.spec.vision.patch_size, ckpt.spec.vision.spatial_merge_size)
     say(f"{ckpt.spec.architecture}: {len(ckpt.tensors)} tensors, {sum(i.numel for i in ckpt.tensors.values()):,} parameters")
     plans = make_plans(rec, ckpt, shapes, str(recipe_file))  # every rule error before any tensor is read
+    if hasattr(backend, "configure"):  # target-specific recipe sections: qnn contexts, calibration files
+        backend.configure(rec, str(recipe_file), tokenizer=tokenizer, pre=pre)
     backend.check_plans(plans, str(recipe_file))
 
     stage = progress.stage
@@ -120,10 +125,13 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
             hook = quantize_hook(plan, backend.torchao_config) if backend.quantizes_in_torch else None
             module = load_component(build_on_meta(lambda c=comp: c.build(ckpt.spec, shapes)), ckpt,
                                     FLOAT_DTYPES[plan.dtype], on_module=hook)  # fmt: skip
+            ckpt.close()  # unmap the shards: their pages would otherwise stay in this process's RSS
             stage("split")(f"torch.export {comp.name}")
             programs[comp.name] = backend.export(comp.name, module, shapes.prefill_chunk)
             del module
             gc.collect()
+        if hasattr(backend, "emulator_twin"):  # nothing will run the emulator twin of a shared-weight program
+            backend.emulator_twin = verify
         lowered = backend.lower(programs, model_metadata(ckpt, tokenizer, shapes), tmp, stage(f"lower/{target}"), plans)
         del programs
         gc.collect()
@@ -137,7 +145,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
             "runtime": backend.runtime_name,
             "source": {"checkpoint": str(ckpt.root.resolve()), "sha256": ckpt.fingerprint(),
                        "architecture": ckpt.spec.architecture, "config_form": ckpt.spec.config_form},
-            "recipe": {"file": str(recipe_file), "sha256": sha256_file(recipe_file), "content": rec.to_json()},
+            "recipe": {"file": str(recipe_file.resolve()), "sha256": sha256_file(recipe_file), "content": rec.to_json()},
             "shapes": {**rec.shapes.model_dump(), "dynamic_dims": {"T": [1, shapes.prefill_chunk]}},
             "model": ckpt.spec.to_json(),
             "components": {
@@ -157,16 +165,30 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
             "versions": library_versions(backend.versions()),
             **lowered.get("manifest", {}),  # target-specific sections (e.g. qnn: SoC, SDK, emulator note)
         }  # fmt: skip
-        runtime = backend.open_runtime(tmp, manifest)
-        report = run_checks(runtime, ckpt, rec, backend, plans, pre, stage("verify"), bundle=tmp, manifest=manifest)
-        del runtime
-        report["verified_on"] = f"this host: {backend.runtime_name}"
-        write_json(tmp / REPORT, report)
+        if not verify:
+            if hasattr(backend, "release"):
+                backend.release()
+            report = {"passed": None, "failed": [], "checks": [], "skipped": "export(verify=False): a measurement run; "
+                      "run `autoglm-export verify` on this bundle before using it"}  # fmt: skip
+        else:
+            runtime = backend.open_runtime(tmp, manifest)
+            try:
+                report = run_checks(runtime, ckpt, rec, backend, plans, pre, stage("verify"), bundle=tmp, manifest=manifest)
+            finally:
+                if hasattr(runtime, "close"):  # e.g. the emulator's process
+                    runtime.close()
+                if hasattr(backend, "release"):  # e.g. an emulator twin outside the bundle
+                    backend.release()
+            del runtime
+            report["verified_on"] = f"this host: {backend.runtime_name}"
+            write_json(tmp / REPORT, report)
         files = lowered["files"] + ["tokenizer.json"]
         manifest["files"] = file_entries(tmp, files)
-        manifest["verification"] = {"passed": report["passed"], "failed": report["failed"], "report": REPORT}
+        manifest["verification"] = ({"passed": report["passed"], "failed": report["failed"], "report": REPORT} if verify
+                                    else {"skipped": report["skipped"]})  # fmt: skip
         write_json(tmp / MANIFEST, manifest)
         size = sum(e["bytes"] for e in manifest["files"].values())
         stage("bundle")(f"{out}: {len(files) + 2} files, {size / 1e6:.2f} MB")
-    print(format_report(report))
+    if verify:
+        print(format_report(report))
     return report

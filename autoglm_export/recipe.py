@@ -102,6 +102,24 @@ class ParitySpec(_Strict):
         1.0, ge=0.0, le=1.0, description="share of greedy tokens that must agree; null: measured and reported, not gated")
 
 
+class QnnSpec(_Strict):
+    max_context_bytes: int = Field(
+        3_600_000_000, ge=1, le=4 * 1024**3,
+        description="estimated weight bytes per HTP context; a component that needs more is split into "
+                    "several contexts at block boundaries (the HTP limit is 4 GiB)")
+    weight_sharing: bool = Field(
+        True, description="prefill and decode graphs of a context share one copy of the weights; the x86 HTP "
+                          "emulator cannot load such contexts, so verification runs an unshared twin")
+
+
+class CalibrationSpec(_Strict):
+    images: list[str] = Field(default_factory=list, description="screenshots, relative to the recipe's directory")
+    prompts: str | None = Field(None, description="text file, one prompt per line, relative to the recipe's directory")
+
+
+CALIBRATED_TARGETS = ("qnn", "onnx-qnn")  # activation ranges from data (16-bit activations on the HTP)
+
+
 class Recipe(_Strict):
     name: str
     target: Literal["xnnpack", "qnn", "coreml", "onnx", "onnx-qnn"]
@@ -109,6 +127,17 @@ class Recipe(_Strict):
     shapes: ShapesSpec = ShapesSpec()
     quantization: list[QuantRuleSpec] = Field(default_factory=list)
     parity: ParitySpec = ParitySpec()
+    qnn: QnnSpec = QnnSpec()
+    calibration: CalibrationSpec | None = None
+
+    @model_validator(mode="after")
+    def _qnn_section(self):
+        if "qnn" in self.model_fields_set and self.target != "qnn":
+            raise ValueError(f"the qnn section applies to target qnn only; remove it from this {self.target} recipe")
+        if self.calibration is not None and self.target not in CALIBRATED_TARGETS:
+            raise ValueError(f"calibration applies to {', '.join(CALIBRATED_TARGETS)} only ({self.target} quantizes "
+                             "activations dynamically); remove it")
+        return self
 
     def match(self, weight: str) -> tuple[int | None, QuantRuleSpec | None]:
         """The first rule whose pattern fully matches ``weight`` (index, rule), or (None, None)."""

@@ -62,6 +62,14 @@ PRESETS = {
         vision_depth=24, vision_hidden=1536, vision_heads=12, vision_intermediate=13696, image_size=336,
         max_shard_bytes=4 * 1024**3, full_vocab_tokenizer=True,
     ),
+    # ~102 M parameters for the CI memory guard (tests/test_memory_guard.py): its largest tensor
+    # (gate_up_proj, 12.6 M) is an eighth of the total, so loading everything at once lands far
+    # above a ceiling derived from that tensor; 4 layers keep the export to about a minute.
+    "guard": Preset(
+        hidden=1024, layers=4, heads=8, kv_heads=2, intermediate=6144, vocab=8192, mrope_section=(8, 12, 12),
+        vision_depth=2, vision_hidden=256, vision_heads=4, vision_intermediate=1024, image_size=112,
+        max_shard_bytes=64 * 1024**2,
+    ),
 }  # fmt: skip
 
 

@@ -347,14 +347,26 @@ def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, a
                           field="source.sha256", fix="pass --checkpoint with the original checkpoint")  # fmt: skip
     shapes = Shapes.from_recipe(recipe)
     plans = make_plans(recipe, ckpt, shapes, str(bundle / "manifest.json"))
-    backend.check_plans(plans, str(bundle / "manifest.json"))
     pre = ImagePreprocessing.from_json(manifest["preprocessing"])
+    if hasattr(backend, "configure"):  # calibration files resolve against the recipe's own directory
+        backend.configure(recipe, str(bundle / "manifest.json"), tokenizer=ckpt.chat_tokenizer(), pre=pre,
+                          base=Path(manifest["recipe"]["file"]).parent)
+        recorded = (manifest.get("calibration") or {}).get("files", {})
+        if recorded:
+            from .calibration import check_unchanged
+
+            check_unchanged(recorded, backend.calibration_set, bundle / "manifest.json")
+    backend.check_plans(plans, str(bundle / "manifest.json"))
     runtime = backend.open_runtime(bundle, manifest)
-    report = run_checks(runtime, ckpt, recipe, backend, plans, pre, progress, bundle=bundle, manifest=manifest)
-    if against == "onnxruntime":
-        extra = against_onnxruntime(runtime, ckpt, recipe, backend, plans, pre, progress, bundle=bundle, manifest=manifest)
-        report["checks"] += extra["checks"]
-        report["failed"] += extra["failed"]
-        report["passed"] = report["passed"] and extra["passed"]
+    try:
+        report = run_checks(runtime, ckpt, recipe, backend, plans, pre, progress, bundle=bundle, manifest=manifest)
+        if against == "onnxruntime":
+            extra = against_onnxruntime(runtime, ckpt, recipe, backend, plans, pre, progress, bundle=bundle, manifest=manifest)
+            report["checks"] += extra["checks"]
+            report["failed"] += extra["failed"]
+            report["passed"] = report["passed"] and extra["passed"]
+    finally:
+        if hasattr(runtime, "close"):
+            runtime.close()
     print(format_report(report))
     return report

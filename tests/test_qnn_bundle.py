@@ -59,8 +59,9 @@ def test_deterministic_verify_and_run(bundle, tiny_ckpt, tmp_path):
 @pytest.mark.parametrize("target", ["qnn", "onnx-qnn"])
 def test_htp_targets_refuse_fp32_components_in_one_line(target, tiny_ckpt, tmp_path):
     recipe = REPO / "recipes" / f"{target}-tiny.yaml"
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(recipe.read_text().replace("'vision_encoder\\..*\\.weight'\n    scheme: int8", "'vision_encoder\\..*'\n    scheme: fp32"))
+    bad = tmp_path / "bad.yaml"  # calibration paths made absolute: they resolve against the recipe's directory
+    text = recipe.read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
+    bad.write_text(text.replace("'vision_encoder\\..*\\.weight'\n    scheme: int8", "'vision_encoder\\..*'\n    scheme: fp32"))
     assert bad.read_text() != recipe.read_text()
     out = tmp_path / "out"
     proc = run_cli("-q", "--target", target, "--checkpoint", tiny_ckpt, "--out", out, "--recipe", bad)
@@ -73,4 +74,49 @@ def test_no_onnxruntime_gate_for_qnn_bundles(bundle):
     out, _ = bundle
     proc = run_cli("verify", out, "--against", "onnxruntime")
     assert proc.returncode == 2 and "onnx-qnn" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_decoder_split_into_contexts_and_calibration_recorded(bundle):
+    """qnn-tiny's max_context_bytes cuts the decoder (and the audio-less encoders stay whole): both
+    decoder graphs run their two contexts back to back with nothing outside the delegate."""
+    out, _ = bundle
+    m = json.loads((out / "manifest.json").read_text())
+    dec = m["components"]["text_decoder"]
+    assert dec["contexts"]["contexts"] == 2 and dec["contexts"]["weight_sharing"] is False
+    assert [g["units"] for g in dec["contexts"]["groups"]] == [["0", "1"], ["post"]]
+    assert all(g["estimated_weight_bytes"] <= 80000 for g in dec["contexts"]["groups"])
+    for g in ("text_decoder_prefill", "text_decoder_decode"):
+        assert dec["graphs"][g]["contexts"] == 2 and dec["graphs"][g]["ops_outside_delegate"] == []
+    # partition i of prefill and decode compile into context i: the same binaries
+    assert dec["graphs"]["text_decoder_prefill"]["context_bytes"] == dec["graphs"]["text_decoder_decode"]["context_bytes"]
+    assert m["components"]["vision_encoder"]["graphs"]["vision_encoder"]["contexts"] == 1
+    cal = m["calibration"]
+    assert cal["images"] == 2 and cal["prompts"] == 6 and set(cal["files"]) == {
+        "calibration/settings.png", "calibration/chat.png", "calibration/prompts.txt"}  # fmt: skip
+    report = {c["name"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
+    assert report["qnn/text_decoder_decode/all_ops_delegated"]["detail"].startswith("2 QNN context(s)")
+
+
+def test_weight_sharing_bundle_is_verified_on_an_unshared_twin(bundle, tiny_ckpt, tmp_path):
+    """With qnn.weight_sharing the decoder's prefill and decode graphs keep one copy of each
+    context's weights (smaller than the unshared fixture); the emulator cannot load such contexts,
+    so the export verifies a twin compiled without sharing, and a later `verify` says why it cannot."""
+    out, _ = bundle
+    recipe = tmp_path / "shared.yaml"
+    text = RECIPE.read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
+    recipe.write_text(text.replace("weight_sharing: false", "weight_sharing: true").replace("max_context_bytes: 80000", "max_context_bytes: 40000"))
+    shared = tmp_path / "shared"
+    proc = run_cli("--target", "qnn", "--checkpoint", tiny_ckpt, "--out", shared, "--recipe", recipe)
+    assert proc.returncode == 0 and "overall: PASS" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads((shared / "manifest.json").read_text())
+    dec = m["components"]["text_decoder"]
+    assert dec["contexts"]["weight_sharing"] is True and dec["contexts"]["contexts"] == 2
+    assert [g["units"] for g in dec["contexts"]["groups"]] == [["0", "1"], ["post"]]  # as the fixture, one weight copy
+    unshared = json.loads((out / "manifest.json").read_text())["components"]["text_decoder"]
+    assert sum(dec["graphs"]["text_decoder_decode"]["context_bytes"]) < sum(unshared["graphs"]["text_decoder_decode"]["context_bytes"])
+    assert "twin" in m["qnn"]["emulator_note"] and sorted(p.name for p in shared.iterdir()) == [
+        "manifest.json", "model.pte", "report.json", "tokenizer.json"]  # fmt: skip
+    proc = run_cli("verify", shared, "-q")
+    assert proc.returncode == 2 and "weight_sharing: false" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -91,3 +91,33 @@ def test_unknown_and_unimplemented_targets(tiny_ckpt, tmp_path):
     proc = run_cli("--target", "coreml", "--checkpoint", tiny_ckpt, "--out", tmp_path / "o")
     assert proc.returncode == 2 and "not implemented" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ("qnn: {weight_sharing: false}\n", "qnn section applies to target qnn only"),
+    ("calibration: {prompts: calibration/prompts.txt}\n", "calibration applies to qnn, onnx-qnn only"),
+    ("qnn: {max_context_bytes: 5000000000}\n", "qnn.max_context_bytes"),
+])  # fmt: skip
+def test_target_sections_only_where_they_apply(extra, needle, tmp_path):
+    target = "qnn" if "max_context" in extra else "xnnpack"
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: r\ntarget: {target}\n{extra}")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert needle in str(e.value)
+
+
+def test_missing_calibration_file_is_one_line_before_work(tiny_ckpt, tmp_path):
+    recipe = tmp_path / "qnn.yaml"  # its calibration paths now resolve against tmp_path: not there
+    recipe.write_text((REPO / "recipes" / "qnn-tiny.yaml").read_text())
+    out = tmp_path / "out"
+    proc = run_cli("-q", "--target", "qnn", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", recipe)
+    assert proc.returncode == 2 and "calibration file not found" in proc.stderr and "calibration.images[0]" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr and tree_snapshot(out) == {}
+
+
+def test_usage_errors_are_one_clean_message():
+    proc = run_cli("export", "--target", "qnn")  # --checkpoint and --out missing
+    assert proc.returncode == 2 and "Missing option" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("--target", "xnnpack", "--no-such-flag")
+    assert proc.returncode == 2 and "No such option" in proc.stderr and "Traceback" not in proc.stderr

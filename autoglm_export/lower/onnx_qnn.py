@@ -102,9 +102,16 @@ class OnnxQnnBackend:
 
     def __init__(self) -> None:
         self._calibration: dict[str, object] = {}
+        self.calibration_set = None
 
     def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
         raise AssertionError("the onnx-qnn target quantizes after export")
+
+    def configure(self, recipe, recipe_file: str, *, tokenizer, pre, base=None) -> None:
+        from ..calibration import load_calibration
+
+        self.calibration_set = load_calibration(recipe.calibration, Path(base or Path(recipe_file).parent), recipe_file, tokenizer, pre)
+        self._calibration = {"calibration": self.calibration_set}
 
     def check_plans(self, plans: dict, recipe_file: str) -> None:
         _ort_qnn()  # a missing runtime is reported before any tensor is read
@@ -228,8 +235,9 @@ class OnnxQnnBackend:
                                                            "the host writes them at cache_position"}}  # fmt: skip
         finally:
             shutil.rmtree(work, ignore_errors=True)
-            self._calibration = {}
-        return {"files": files, "methods": methods, "manifest": {"qnn": {"soc_model": int(SOC_MODEL), "soc": SOC_NAME, "htp_arch": int(HTP_ARCH),
+            self._calibration = {"calibration": self.calibration_set}
+        cal = self.calibration_set.to_json() if self.calibration_set else None
+        return {"files": files, "methods": methods, "manifest": {"calibration": cal, "qnn": {"soc_model": int(SOC_MODEL), "soc": SOC_NAME, "htp_arch": int(HTP_ARCH),
                         "qnn_sdk": qnn.build_and_package_info.qnn_version, "onnxruntime_qnn": qnn.__version__,
                         "library": "libQnnHtp.so from the onnxruntime-qnn wheel (x86_64 HTP emulator)",
                         "emulator_note": "every check of this bundle ran on the x86 HTP emulator; device numerics, "

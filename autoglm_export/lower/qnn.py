@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ import torch
 
 from ..errors import BackendUnavailable, ExportError
 from .executorch_common import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_stderr
+from .qnn_contexts import HTP_CONTEXT_LIMIT, plan_contexts
 from .static_graphs import ComponentAdapter, StaticGraphRuntime, graph_names, static_graphs
 
 PTE = "model.pte"
@@ -80,11 +83,42 @@ def pin_context_signatures(buf: bytes) -> bytes:
     return bytes(out)
 
 
-def _compiler_spec(fp16: bool):
+def _compiler_spec(fp16: bool, weight_sharing: bool = False, multi_contexts: bool = False):
     from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
     from executorch.backends.qualcomm.utils.utils import generate_htp_compiler_spec, generate_qnn_executorch_compiler_spec
 
-    return generate_qnn_executorch_compiler_spec(soc_model=QcomChipset.SM8650, backend_options=generate_htp_compiler_spec(use_fp16=fp16))
+    htp = generate_htp_compiler_spec(use_fp16=fp16, use_weight_sharing=weight_sharing, use_multi_contexts=multi_contexts)
+    return generate_qnn_executorch_compiler_spec(soc_model=QcomChipset.SM8650, backend_options=htp)
+
+
+def _lower_group(modules: dict, args: dict, fp16: bool, ctx, plan):
+    """The graphs of one component (prefill and decode together: partition i of every graph
+    becomes context i) through ExecuTorch's QNN lowering, cut into ``ctx``'s contexts."""
+    from unittest import mock
+
+    import executorch.backends.qualcomm.utils.utils as qnn_utils
+
+    from .qnn_contexts import group_partitioner, units_by_module
+
+    spec = _compiler_spec(fp16, ctx.weight_sharing, multi_contexts=len(ctx.groups) > 1)
+    units = units_by_module(plan)
+    # to_edge_transform_and_lower_to_qnn builds its own QnnPartitioner; ours tags the same nodes
+    # and only adds the context cuts
+    with mock.patch.object(qnn_utils, "QnnPartitioner", lambda specs, **kw: group_partitioner(specs, ctx, units)):
+        with quiet_native_stderr(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return qnn_utils.to_edge_transform_and_lower_to_qnn(modules, args, spec)
+
+
+def _emit(programs: dict, meta: dict) -> bytes:
+    """One .pte from the lowered programs of every component, with the runner metadata."""
+    from executorch.backends.qualcomm.utils.utils import qnn_edge_config
+    from executorch.exir import EdgeProgramManager
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manager = EdgeProgramManager(programs, constant_methods=meta, compile_config=qnn_edge_config())
+        return pin_context_signatures(manager.to_executorch().buffer)
 
 
 def _linear_module_paths(graph_module) -> dict:
@@ -137,6 +171,11 @@ class QnnBackend:
     def __init__(self) -> None:
         self._state: dict = {}  # calibration state carried across components during export
         self._ref_states: dict[str, dict] = {}  # the same, per bundle, while verify rebuilds references
+        self._qnn = None  # the recipe's qnn section (configure)
+        self.calibration_set = None  # the recipe's calibration files, loaded (configure)
+        self._twin = None  # the emulator twin of a weight-shared model.pte, for the bundle being exported
+        self._twin_for = None
+        self.emulator_twin = True  # False when the export will not verify (pipeline.export(verify=False))
 
     def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
         raise AssertionError("the qnn target quantizes with PT2E after export")
@@ -146,18 +185,32 @@ class QnnBackend:
 
         preload_qnn_libraries()  # a missing toolchain is reported before any tensor is read
         check_npu_plans(plans, recipe_file)
+        opts = self._qnn
+        self._contexts = {name: plan_contexts(plan, len(graph_names(name)), opts.max_context_bytes,
+                                              opts.weight_sharing and len(graph_names(name)) > 1, recipe_file)
+                          for name, plan in plans.items()}  # fmt: skip
 
     def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
         return static_graphs(name, module, prefill_chunk, self._state)
 
+    def configure(self, recipe, recipe_file: str, *, tokenizer, pre, base=None) -> None:
+        from ..calibration import load_calibration
+
+        self._qnn = recipe.qnn
+        self.calibration_set = load_calibration(recipe.calibration, Path(base or Path(recipe_file).parent), recipe_file, tokenizer, pre)
+        self._state = {"calibration": self.calibration_set}
+        self._ref_states = {}
+
     def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
-        from executorch.backends.qualcomm.utils.utils import to_edge_transform_and_lower_to_qnn
         from executorch.exir.lowered_backend_module import get_lowered_submodules
 
         note = preload_qnn_libraries()
-        modules, inputs, specs, graph_info = {}, {}, {}, {}
+        opts = self._qnn
+        graph_info, lowered, contexts = {}, {}, {}
         for name, graphs in programs.items():
             plan = plans[name]
+            ctx = contexts[name] = self._contexts[name]
+            modules, precision = {}, "fp16"
             for graph, spec in graphs.items():
                 if plan.quantized:
                     int4 = any(w.scheme == "int4" for w in plan.weights.values())
@@ -166,46 +219,77 @@ class QnnBackend:
                     precision = "16a4w/16a8w" if int4 else "16a8w"
                 else:
                     modules[graph] = spec.module
-                    precision = "fp16"
-                inputs[graph] = spec.args
-                specs[graph] = _compiler_spec(fp16=precision == "fp16")
                 graph_info[graph] = {"component": name, "precision": precision, "tokens": spec.tokens,
                                      "inputs": [{"name": n, "shape": list(a.shape)} for n, a in zip(spec.input_names, spec.args)],
                                      "outputs": spec.output_names}  # fmt: skip
+            args = {g: spec.args for g, spec in graphs.items()}
+            progress(f"{name}: QNN HTP lowering of {len(modules)} graph(s) into {len(ctx.groups)} context(s) for {SOC_NAME} "
+                     f"(htp_arch {HTP_ARCH}){', weights shared' if ctx.weight_sharing else ''}")  # fmt: skip
+            lowered[name] = {"shipped": _lower_group(modules, args, precision == "fp16", ctx, plan)}
+            if ctx.weight_sharing and self.emulator_twin:  # the x86 emulator cannot load shared-weight contexts
+                progress(f"{name}: the same graphs without weight sharing, for the emulator")
+                lowered[name]["emulated"] = _lower_group(modules, args, precision == "fp16", replace(ctx, weight_sharing=False), plan)
+            del modules
         meta = metadata_methods(model_meta, dynamic_shape=False)
-        progress(f"to_edge + QNN HTP lowering of {len(modules)} graph(s) for {SOC_NAME} (htp_arch {HTP_ARCH})")
-        with quiet_native_stderr(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            edge = to_edge_transform_and_lower_to_qnn(modules, inputs, specs, constant_methods=meta)
-        for graph in modules:
-            gm = edge.exported_program(graph).graph_module
-            outside = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"
-                              and "executorch_call_delegate" not in str(n.target) and "getitem" not in str(n.target)})  # fmt: skip
-            contexts = [len(lowered.processed_bytes) for _, lowered, _ in get_lowered_submodules(gm)]
-            graph_info[graph].update({"ops_outside_delegate": outside, "contexts": len(contexts), "context_bytes": contexts})
-        progress("emitting the ExecuTorch program")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            buf = edge.to_executorch().buffer
-        buf = pin_context_signatures(buf)
-        (out_dir / PTE).write_bytes(buf)
+        files = {}
+        for variant in ("shipped", "emulated"):
+            if variant == "emulated" and not any("emulated" in low for low in lowered.values()):
+                break
+            eps = {g: low.get(variant, low["shipped"]).exported_program(g) for low in lowered.values()
+                   for g in low["shipped"].methods}  # fmt: skip
+            progress("emitting the ExecuTorch program" + (" (emulator twin)" if variant == "emulated" else ""))
+            buf = _emit(eps, meta)
+            if variant == "shipped":
+                (out_dir / PTE).write_bytes(buf)
+                for g, ep in eps.items():
+                    gm = ep.graph_module
+                    outside = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"
+                                      and "executorch_call_delegate" not in str(n.target) and "getitem" not in str(n.target)})  # fmt: skip
+                    sizes = [len(low.processed_bytes) for _, low, _ in get_lowered_submodules(gm)]
+                    graph_info[g].update({"ops_outside_delegate": outside, "contexts": len(sizes), "context_bytes": sizes})
+            else:
+                self._twin = tempfile.TemporaryDirectory(prefix="autoglm-qnn-twin-")
+                (Path(self._twin.name) / PTE).write_bytes(buf)
+                self._twin_for = str(out_dir.resolve())
+            files[variant] = buf
         methods = {}
         for name in programs:
             graphs = {g: graph_info[g] for g in graph_names(name)}
-            methods[name] = {"file": PTE, "graphs": graphs}
+            methods[name] = {"file": PTE, "graphs": graphs, "contexts": contexts[name].to_json()}
             if name == "text_decoder":
                 methods[name]["rope"] = self._state["rope"]
                 methods[name]["state"] = {"kv_cache": {"held_by": "host", "note": "graphs return the new keys/values; "
                                                        "the host writes them at cache_position"}}  # fmt: skip
-        self._state = {}
+        self._state = {"calibration": self.calibration_set}
+        buf = files["shipped"]
+        shared = any(ctx.weight_sharing for ctx in contexts.values())
         qnn = {"soc": SOC_NAME, "soc_model": SOC_MODEL, "htp_arch": HTP_ARCH, "libraries": note,
                "pte_soc_type": f"soc_type={SOC_NAME}" if f"soc_type={SOC_NAME}".encode() in buf else None,
-               "emulator_note": "every check of this bundle ran on the x86 HTP emulator; device numerics, speed and "
-                                "loading by the phone's QNN runtime libraries are not proven here"}  # fmt: skip
-        return {"files": [PTE], "methods": methods, "manifest": {"qnn": qnn}}
+               "max_context_bytes": opts.max_context_bytes, "weight_sharing": opts.weight_sharing,
+               "emulator_note": "every check of this bundle ran on the x86 HTP emulator" + (
+                   " on a twin of model.pte compiled from the same quantized graphs without weight sharing (the emulator "
+                   "cannot load shared-weight contexts); model.pte itself is checked for delegation, SoC and methods"
+                   if shared else "") + "; device numerics, speed and loading by the phone's QNN runtime libraries are "
+                                        "not proven here"}  # fmt: skip
+        cal = self.calibration_set.to_json() if self.calibration_set else None
+        return {"files": [PTE], "methods": methods, "manifest": {"qnn": qnn, "calibration": cal}}
+
+    def release(self) -> None:
+        if self._twin is not None:
+            self._twin.cleanup()
+        self._twin = self._twin_for = None
 
     def open_runtime(self, bundle: Path, manifest: dict) -> "QnnPteRuntime":
-        return QnnPteRuntime(bundle, manifest)
+        shared = any(c.get("contexts", {}).get("weight_sharing") for c in manifest["components"].values())
+        if not shared:
+            return QnnPteRuntime(bundle, manifest)
+        if self._twin is not None and self._twin_for == str(Path(bundle).resolve()):
+            return QnnPteRuntime(bundle, manifest, emulated=Path(self._twin.name) / PTE)
+        raise BackendUnavailable("this bundle's QNN contexts share weights between prefill and decode, which the x86 HTP "
+                                 "emulator cannot load ('Shared weights buffer isn't supported on this platform'); it was "
+                                 "verified at export on an unshared twin (report.json)",
+                                 fix="re-export with `qnn: {weight_sharing: false}` in the recipe to verify the shipped "
+                                     "file itself here, or run it on an SM8650 device")  # fmt: skip
 
     def reference_component(self, name: str, plan, bundle: Path, manifest: dict, load=None):
         """The PT2E-converted graphs of a quantized component (calibrated exactly as at export);
@@ -214,7 +298,7 @@ class QnnBackend:
         if load is None:  # pragma: no cover - verify always passes a loader
             return None
         shapes = manifest["shapes"]
-        state = self._ref_states.setdefault(str(Path(bundle).resolve()), {})
+        state = self._ref_states.setdefault(str(Path(bundle).resolve()), {"calibration": self.calibration_set})
         graphs = static_graphs(name, load(), shapes["prefill_chunk"], state)
         if not plan.quantized:
             return None
@@ -234,8 +318,11 @@ class QnnBackend:
         soc = f"soc_type={SOC_NAME}".encode() in blob
         for comp in manifest["components"].values():
             for graph, g in comp["graphs"].items():
-                ok = not g["ops_outside_delegate"] and g["contexts"] >= 1
-                detail = (f"{g['contexts']} QNN context(s), no op outside" if ok else f"outside the delegate: {g['ops_outside_delegate']}")
+                fits = max(g["context_bytes"], default=0) <= HTP_CONTEXT_LIMIT
+                ok = not g["ops_outside_delegate"] and g["contexts"] >= 1 and fits
+                detail = (f"{g['contexts']} QNN context(s), no op outside" if not g["ops_outside_delegate"]
+                          else f"outside the delegate: {g['ops_outside_delegate']}")  # fmt: skip
+                detail += "" if fits else f"; a context over {HTP_CONTEXT_LIMIT} bytes"
                 checks.append({"name": f"qnn/{graph}/all_ops_delegated", "kind": "contract", "gated": True,
                                "passed": ok and soc, "detail": detail + ("; SM8650" if soc else "; NOT compiled for SM8650")})  # fmt: skip
         graphs = {g for comp in manifest["components"].values() for g in comp["graphs"]}
@@ -266,22 +353,104 @@ class _SimRuntime(StaticGraphRuntime):
 
 
 class QnnPteRuntime(StaticGraphRuntime):
-    """The bundle's ``model.pte`` on the HTP emulator through ``executorch.runtime``."""
+    """The bundle's ``model.pte`` on the HTP emulator through ``executorch.runtime``, in a process of
+    its own: the emulator's libraries stay out of the exporting process (they cannot share one with
+    ONNX Runtime's QNN EP), and a crash inside them becomes an error here instead of killing the
+    export. This process still reads the program's metadata methods (no QNN code runs for those).
 
-    def __init__(self, bundle: Path, manifest: dict) -> None:
-        preload_qnn_libraries()
+    ``emulated`` is the file the emulator runs: ``model.pte`` itself, or its unshared twin when the
+    bundle's contexts share weights."""
+
+    def __init__(self, bundle: Path, manifest: dict, emulated: Path | None = None) -> None:
         self.bundle = Path(bundle)
         shapes = manifest["shapes"]
         self.pte = ExecuTorchRuntime(self.bundle / PTE, shapes["max_context"], shapes["prefill_chunk"])
         graph_inputs = {g: [(i["name"], i["shape"]) for i in spec["inputs"]]
                         for comp in manifest["components"].values() for g, spec in comp["graphs"].items()}  # fmt: skip
         super().__init__(manifest, graph_inputs)
+        self.emulated = Path(emulated or self.bundle / PTE)
+        self._worker = _EmulatorProcess(self.emulated)
 
     def _run(self, graph: str, feeds: dict) -> list[np.ndarray]:
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n, _ in self.graph_inputs[graph]]
+        return self._worker.run(graph, [np.ascontiguousarray(feeds[n]) for n, _ in self.graph_inputs[graph]])
+
+    def close(self) -> None:
+        self._worker.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_worker", None) is not None:
+            self._worker.close()
+
+
+class _EmulatorProcess:
+    """A spawned child that loads one .pte on the HTP emulator and runs methods on request."""
+
+    def __init__(self, pte: Path) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited QNN or ORT state
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_emulator_main, args=(child, str(pte)), daemon=True)
+        self._proc.start()
+        child.close()
+        self._expect(self._conn_recv(), "loading")
+
+    def _conn_recv(self):
+        try:
+            return self._conn.recv()
+        except (EOFError, ConnectionError):
+            self._proc.join(5)
+            raise ExportError(f"the HTP emulator process died (exit code {self._proc.exitcode}) running {self._pte_name()}",
+                              fix="run `autoglm-export verify` on the bundle to see the emulator's own log") from None  # fmt: skip
+
+    def _pte_name(self) -> str:
+        return "the bundle's program"
+
+    @staticmethod
+    def _expect(msg, what: str):
+        kind, payload = msg
+        if kind == "error":
+            raise BackendUnavailable(f"the HTP emulator failed {what}: {payload}",
+                                     fix="see qnn.weight_sharing in the recipe docs; the emulator cannot load shared-weight contexts")  # fmt: skip
+        return payload
+
+    def run(self, method: str, args: list[np.ndarray]) -> list[np.ndarray]:
+        self._conn.send((method, args))
+        return self._expect(self._conn_recv(), f"running {method}")
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.kill()
+
+
+def _emulator_main(conn, pte: str) -> None:
+    try:
+        preload_qnn_libraries()
+        from executorch.runtime import Runtime, Verification
+
         with quiet_native_stderr():
-            out = self.pte.method(graph).execute(args)
-        return [o.numpy() for o in out]
+            program = Runtime.get().load_program(pte, verification=Verification.Minimal)
+        methods: dict = {}
+        conn.send(("ok", None))
+    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    while (msg := conn.recv()) is not None:
+        name, args = msg
+        try:
+            with quiet_native_stderr():
+                if name not in methods:
+                    methods[name] = program.load_method(name)
+                out = methods[name].execute([torch.from_numpy(a) for a in args])
+            conn.send(("ok", [o.numpy() for o in out]))
+        except Exception as e:  # noqa: BLE001
+            conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 BACKEND = QnnBackend()

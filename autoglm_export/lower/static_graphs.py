@@ -2,13 +2,16 @@
 
 One graph per encoder; the token embedding and the text decoder as a prefill graph of
 ``prefill_chunk`` tokens and a decode graph of one token; the decoder in the host-cache form
-(``TextDecoderStatic``). Calibration comes from fixed, seeded inputs unlike the verification
-ones: a rotated test card for the vision encoder, a reversed chirp for the audio encoder, random
-tokens with that image's encoding spliced in for the decoder (run in fp32 through prefill chunks
-and decode steps, so every graph sees the cache states it will see), plus seeded noise.
+(``TextDecoderStatic``). Calibration: the recipe's screenshots and prompts (``calibration.py``;
+each prompt a chat turn with its screenshot's encoding spliced in at M-RoPE positions, as ``run``
+builds it) plus fixed, seeded inputs unlike the verification ones: a rotated test card for the
+vision encoder, a reversed chirp for the audio encoder, random tokens with that card's encoding
+spliced in for the decoder, and seeded noise. Decoder sequences run in fp32 through prefill
+chunks and decode steps, so every graph sees the cache states it will see.
 
-``state`` carries what one component's calibration needs from another (the token embeddings,
-the image encoding) across components exported in registry order.
+``state`` carries what one component's calibration needs from another (the recipe's
+``CalibrationSet`` under "calibration", token embeddings, image encodings) across components
+exported in registry order.
 """
 
 from __future__ import annotations
@@ -58,8 +61,12 @@ def static_graphs(name: str, module: torch.nn.Module, prefill_chunk: int, state:
             ids = torch.randint(0, vocab, (1, T), generator=g)
             calib = [{"input_ids": torch.randint(0, vocab, (1, T), generator=g).numpy()} for _ in range(4)]
             calib.append({"input_ids": torch.arange(vocab - T, vocab).view(1, T).numpy()})  # the special tokens
+            for p in _calibration_set(state).prompts:  # the recipe's prompts, cut as the runtime cuts them
+                ids_p = np.asarray(p.ids, np.int64)[None]
+                calib += [{"input_ids": ids_p[:, a : a + T]} for a in range(0, ids_p.shape[1] - T + 1, T)][:4]
             out[graph] = StaticGraph(module, (ids,), ["input_ids"], ["embeddings"], calib, T)
         state["embeds"] = module(torch.randint(0, vocab, (1, 4 * prefill_chunk + 6), generator=g))
+        state["prompt_embeds"] = [module(torch.tensor([p.ids])) for p in _calibration_set(state).prompts]
     elif name == "text_decoder":
         wrapper = TextDecoderStatic(module).eval()
         names = ["inputs_embeds", "cos", "sin", "mask", *wrapper.cache_names()]
@@ -94,10 +101,21 @@ def _encoder_calibration(name: str, module, example: torch.Tensor, state: dict) 
     samples = [real, torch.randn(example.shape, generator=g), 0.5 * torch.randn(example.shape, generator=g)]
     if name == "vision_encoder":
         state["image"] = module(real)
+        shots = [torch.from_numpy(pv) for pv in _calibration_set(state).pixel_values]
+        state["screenshots"] = [module(pv) for pv in shots]
+        samples = shots + samples
     return [{key: s.numpy().astype(np.float32)} for s in samples]
 
 
+def _calibration_set(state: dict):
+    from ..calibration import CalibrationSet
+
+    return state.get("calibration") or CalibrationSet()
+
+
 def _decoder_calibration(wrapper, chunk: int, state: dict) -> list[dict]:
+    from ..host.prompt import IMAGE
+
     d = wrapper.decoder
     t = d.t
     embeds = state.get("embeds")
@@ -108,17 +126,46 @@ def _decoder_calibration(wrapper, chunk: int, state: dict) -> list[dict]:
     if image is not None:
         n = min(image.shape[0], embeds.shape[1] - 4)
         embeds[0, 3 : 3 + n] = image[:n]
-    caches = [torch.zeros(1, t.num_kv_heads, d.max_context, t.head_dim) for _ in range(2 * t.num_layers)]
+    L = embeds.shape[1]
+    sequences = [(embeds, torch.arange(L).unsqueeze(0).expand(3, L).contiguous())]
+    cal = _calibration_set(state)
+    shots = state.get("screenshots") or []
+    for k, (p, pos) in enumerate(zip(cal.prompts, cal.positions)):
+        x = state["prompt_embeds"][k].clone()
+        if shots:
+            x[0, torch.tensor(p.types) == IMAGE] = shots[k % len(shots)].to(x.dtype)
+        # then a few decode steps on random tokens' embeddings, positions carrying on after the prompt
+        steps = min(4, d.max_context - x.shape[1])
+        x = torch.cat([x, embeds[:, :steps]], dim=1)
+        after = torch.arange(int(pos.max()) + 1, int(pos.max()) + 1 + steps).expand(3, steps)
+        sequences.append((x, torch.cat([torch.from_numpy(pos), after], dim=1)))
+    feeds: list[dict] = []
+    for x, pos in sequences:
+        feeds += _run_sequence(wrapper, x, pos, chunk)
+    return feeds
+
+
+DECODE_SAMPLES = 4  # decode calls recorded per sequence: each holds a copy of every layer's cache
+
+
+def _run_sequence(wrapper, embeds, positions, chunk: int) -> list[dict]:
+    """fp32 prefill chunks, then decode steps for the rest; the inputs of every prefill call and
+    of ``DECODE_SAMPLES`` evenly spaced decode calls are recorded."""
+    t = wrapper.decoder.t
+    caches = [torch.zeros(1, t.num_kv_heads, wrapper.decoder.max_context, t.head_dim) for _ in range(2 * t.num_layers)]
     L = embeds.shape[1]
     calls = [(a, a + chunk) for a in range(0, L - chunk + 1, chunk)]
-    calls += [(a, a + 1) for a in range(calls[-1][1], L)]
+    first_decode = calls[-1][1] if calls else 0
+    calls += [(a, a + 1) for a in range(first_decode, L)]
+    decodes = L - first_decode
+    keep = {first_decode + round(i * (decodes - 1) / max(1, DECODE_SAMPLES - 1)) for i in range(min(DECODE_SAMPLES, decodes))}
     feeds = []
     for a, b in calls:
-        pos = torch.arange(a, b).unsqueeze(0).expand(3, b - a).contiguous()
-        cos, sin, mask = wrapper.host_inputs(pos, torch.arange(a, b))
-        feed = {"inputs_embeds": embeds[:, a:b].numpy().copy(), "cos": cos.numpy(), "sin": sin.numpy(), "mask": mask.numpy()}
-        feed |= {n: c.numpy().copy() for n, c in zip(wrapper.cache_names(), caches)}
-        feeds.append(feed)
+        cos, sin, mask = wrapper.host_inputs(positions[:, a:b].contiguous(), torch.arange(a, b))
+        if b - a == chunk or a in keep:
+            feed = {"inputs_embeds": embeds[:, a:b].numpy().copy(), "cos": cos.numpy(), "sin": sin.numpy(), "mask": mask.numpy()}
+            feed |= {n: c.numpy().copy() for n, c in zip(wrapper.cache_names(), caches)}
+            feeds.append(feed)
         out = wrapper(embeds[:, a:b], cos, sin, mask, *caches)
         for i, new in enumerate(out[1:]):
             caches[i][:, :, a:b] = new

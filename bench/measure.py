@@ -1,0 +1,79 @@
+"""Peak memory and wall time of a command, from the kernel's own accounting.
+
+* ``tree_peak_bytes``: the high-water mark of a memory cgroup holding the command and everything
+  it starts (cgroup v2 ``memory.peak``, or v1 ``memory.max_usage_in_bytes``). It counts anonymous
+  memory plus the page cache the tree charged (shards read, files written), so it is an upper
+  bound on the tree's RSS. ``None`` where no memory cgroup can be created (not root, no
+  controller).
+* ``max_process_rss_bytes``: ``ru_maxrss`` of the largest single process of the tree (anonymous
+  plus mapped file pages), from ``getrusage(RUSAGE_CHILDREN)`` in a fresh wrapper process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_V1 = Path("/sys/fs/cgroup/memory")
+_V2 = Path("/sys/fs/cgroup")
+
+
+def _new_cgroup() -> tuple[Path, str] | None:
+    name = f"autoglm-bench-{os.getpid()}-{time.monotonic_ns()}"
+    for root, peak in ((_V1, "memory.max_usage_in_bytes"), (_V2, "memory.peak")):
+        if (root / "cgroup.procs").is_file() and ((root / "memory.stat").is_file() or root == _V2):
+            try:
+                d = root / name
+                d.mkdir()
+            except OSError:
+                continue
+            if (d / peak).is_file():
+                return d, peak
+            d.rmdir()
+    return None
+
+
+_WRAPPER = (
+    "import resource, subprocess, sys, json\n"
+    "rc = subprocess.call(sys.argv[2:])\n"
+    "open(sys.argv[1], 'w').write(json.dumps({'rc': rc, 'maxrss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n"
+)
+
+
+def measure(cmd: list[str], *, env: dict | None = None, log: Path | None = None) -> dict:
+    """Run ``cmd``; return its exit code, wall time and peak memory figures."""
+    import tempfile
+
+    group = _new_cgroup()
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as res:
+        def enter():  # runs in the child before exec: the whole tree is charged to the group
+            if group:
+                (group[0] / "cgroup.procs").write_text(str(os.getpid()))
+
+        out = open(log, "w") if log else subprocess.DEVNULL
+        t0 = time.perf_counter()
+        try:
+            subprocess.run([sys.executable, "-c", _WRAPPER, res.name, *cmd], env=env, stdout=out, stderr=subprocess.STDOUT,
+                           preexec_fn=enter, check=False)  # fmt: skip
+        finally:
+            if log:
+                out.close()
+        wall = time.perf_counter() - t0
+        data = json.loads(Path(res.name).read_text() or "{}")
+    tree = None
+    if group:
+        tree = int((group[0] / group[1]).read_text())
+        try:
+            group[0].rmdir()
+        except OSError:
+            pass
+    return {"rc": data.get("rc", -1), "wall_s": round(wall, 2), "tree_peak_bytes": tree,
+            "max_process_rss_bytes": data.get("maxrss_kib", 0) * 1024}  # fmt: skip
+
+
+if __name__ == "__main__":  # python bench/measure.py CMD...: prints the figures as JSON
+    print(json.dumps(measure(sys.argv[1:]), indent=2))

@@ -1,0 +1,47 @@
+"""CI memory guard (issue #7): a ~100 M-parameter checkpoint in the real layout exports (load ->
+quantize -> lower -> bundle; the parity stage is measured by bench/) under a ceiling derived from
+its largest tensor, so a change that loads everything at once, or keeps every component alive,
+fails here instead of on a user's 24 GiB laptop with the 9B model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from conftest import REPO, run_cli
+
+sys.path.insert(0, str(REPO / "bench"))
+from measure import measure  # noqa: E402
+
+IMPORTS = ("import autoglm_export.pipeline, executorch.exir, executorch.runtime, torchao.quantization, "
+           "executorch.backends.xnnpack.partition.xnnpack_partitioner")  # fmt: skip
+EXPORT = ("import sys; from autoglm_export.pipeline import export; "
+          "export(checkpoint=sys.argv[1], target='xnnpack', out=sys.argv[2], recipe=sys.argv[3], verify=False)")  # fmt: skip
+# Measured: the export holds ~13.7x the largest tensor's fp32 bytes above its imports (quantized
+# decoder, the edge program's copies, the serialized buffer); everything loaded at once in fp32
+# adds 8.8x more, in bf16 4.4x.
+FACTOR = 16
+
+
+def test_export_peak_memory_stays_under_a_ceiling_from_the_largest_tensor(tmp_path):
+    ckpt = tmp_path / "guard"
+    assert run_cli("tiny-checkpoint", ckpt, "--preset", "guard", "-q").returncode == 0
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    from autoglm_export.checkpoint import open_checkpoint
+
+    tensors = open_checkpoint(ckpt).tensors
+    largest = max(i.numel for i in tensors.values()) * 4  # fp32 bytes
+    total = sum(i.numel for i in tensors.values())
+    assert 95e6 < total < 115e6 and len(set(index["weight_map"].values())) > 1  # ~100 M, sharded
+    base = measure([sys.executable, "-c", IMPORTS])
+    run = measure([sys.executable, "-c", EXPORT, str(ckpt), str(tmp_path / "bundle"), str(REPO / "recipes" / "xnnpack-tiny.yaml")])
+    assert base["rc"] == 0 and run["rc"] == 0
+    ceiling = base["max_process_rss_bytes"] + FACTOR * largest
+    peak = run["max_process_rss_bytes"]
+    print(f"peak {peak / 2**20:.0f} MiB, imports {base['max_process_rss_bytes'] / 2**20:.0f} MiB, "
+          f"largest tensor fp32 {largest / 2**20:.0f} MiB, ceiling {ceiling / 2**20:.0f} MiB")
+    assert peak < ceiling, f"export peak RSS {peak / 2**20:.0f} MiB over the ceiling {ceiling / 2**20:.0f} MiB"
+    # tight enough to catch the regression it guards against: every weight held at once, even in bf16
+    assert peak + 2 * total > ceiling
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert "skipped" in manifest["verification"]

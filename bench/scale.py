@@ -74,10 +74,10 @@ def summarize(rows: list[dict], vision_depth: int) -> dict:
         a_s, b_s = fit(ns, [r["bundle_bytes"] for r in ok])
         peaks = [r["tree_peak_bytes"] or r["max_process_rss_bytes"] for r in ok]
         a_m, b_m = fit(ns, peaks)
-        # vision blocks: the bundle grows per block like the decoder per layer; estimate from the
-        # vision component's params at the measured depth (scheme bits in the manifest)
+        # the ViT blocks missing from the measured checkpoints, at the vision component's measured
+        # bits per weight (the per-block parameter count comes from the real 9B layout)
         v = ok[-1]["components"].get("vision_encoder", {})
-        v_bytes_per_block = v.get("params", 0) * v.get("effective_bits_per_weight", 0) / 8 / max(vision_depth, 1)
+        v_bytes_per_block = vision_block_params() * v.get("effective_bits_per_weight", 0) / 8
         size_full = a_s + b_s * FULL_LAYERS + v_bytes_per_block * (FULL_VISION_DEPTH - vision_depth)
         out[target] = {
             "time_s": {"intercept": round(a_t, 1), "per_layer": round(b_t, 2), "at_40_layers": round(a_t + b_t * FULL_LAYERS)},
@@ -86,6 +86,17 @@ def summarize(rows: list[dict], vision_depth: int) -> dict:
             "vs_gguf_q4_k_m": round(size_full / sum(GGUF_Q4_K_M_BYTES.values()), 3),
         }  # fmt: skip
     return out
+
+
+def vision_block_params() -> int:
+    import math
+
+    from autoglm_export.models.glm4v.layout import full_layout
+    from autoglm_export.models.glm4v.spec import parse_config
+    from autoglm_export.tiny import PRESETS, make_config
+
+    spec = parse_config(make_config(PRESETS["9b-shape"]), Path("config.json"), {"eos_token_id": [151329], "pad_token_id": 151329})
+    return sum(math.prod(s) for k, s in full_layout(spec).items() if ".visual.blocks.0." in k)
 
 
 def svg_plot(rows: list[dict]) -> str:
@@ -160,7 +171,15 @@ def main() -> None:
     ap.add_argument("--name", default="scale")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--verify", action="store_true")
+    ap.add_argument("--summarize", action="store_true", help="only recompute the summary and docs from results/NAME.json")
     args = ap.parse_args()
+    if args.summarize:
+        result = json.loads((RESULTS / f"{args.name}.json").read_text())
+        result["summary"] = summarize(result["runs"], result["vision_depth"])
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_doc(result, args.name)
+        print(json.dumps(result["summary"], indent=2))
+        return
     work = Path(args.work or tempfile.mkdtemp(prefix="autoglm-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -138,8 +138,8 @@ def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path, request):
     report = json.loads((out / "report.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
     audio = checks["audio_encoder/lowered_vs_reference"]
-    # the recipes' audio precision: fp32 on xnnpack (float gate), fp16 on onnx / the HTP (fp16 gate)
-    want = {"xnnpack": ("fp32", 60), "onnx": ("fp16", 40), "onnx-qnn": ("fp16", 40), "qnn": ("fp16", 40)}[target]
+    # the recipes' audio precision: fp16 on every target (fp16 gate against the fp32 reference)
+    want = {"xnnpack": ("fp16", 40), "onnx": ("fp16", 40), "onnx-qnn": ("fp16", 40), "qnn": ("fp16", 40)}[target]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["components"]["audio_encoder"]["quantization"]["float_dtype"] == want[0]
     assert audio["threshold_db"] == want[1] and (audio["bit_exact"] or audio["sqnr_db"] >= want[1])
@@ -152,7 +152,8 @@ def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path, request):
     sf.write(tmp_path / "clip.wav", golden_audio(), 16000)
     proc = run_cli("run", out, "--prompt", "What is said?", "--audio", tmp_path / "clip.wav", "--image",
                    REPO / "tests/data/screen.png", "--order", "audio,text,image", "--max-new-tokens", "4")  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+    # a random model may answer with EOS straight away: the text can be empty, the run must succeed
+    assert proc.returncode == 0 and proc.stdout.endswith("\n") and "error:" not in proc.stderr, proc.stderr[-2000:]
     if target == "xnnpack":
         proc = run_cli("verify", out, "--against", "onnxruntime")
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from autoglm_export.errors import RecipeError
-from autoglm_export.recipe import RECIPES_DIR, list_recipes, load_recipe
+from autoglm_export.recipe import RECIPES_DIR, list_recipes, load_recipe, parse_recipe
 from conftest import REPO, run_cli, tree_snapshot
 
 SHIPPED = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -15,6 +15,7 @@ SHIPPED = sorted(RECIPES_DIR.glob("*.yaml"))
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
+    assert parse_recipe(recipe.to_json(), path) == recipe  # the manifest's copy validates again in `verify`
     proc = run_cli("recipes", "validate", path)
     assert proc.returncode == 0 and "ok" in proc.stdout
 

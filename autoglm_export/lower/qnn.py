@@ -430,6 +430,9 @@ class _EmulatorProcess:
 
 
 def _emulator_main(conn, pte: str) -> None:
+    from ..cli import quiet_third_party_logs
+
+    quiet_third_party_logs()  # a fresh interpreter: the parent's logging setup does not carry over
     try:
         preload_qnn_libraries()
         from executorch.runtime import Runtime, Verification

@@ -145,7 +145,7 @@ def _decoder_calibration(wrapper, chunk: int, state: dict) -> list[dict]:
     return feeds
 
 
-DECODE_SAMPLES = 4  # decode calls recorded per sequence: each holds a copy of every layer's cache
+DECODE_SAMPLES = 6  # decode calls recorded per sequence: each holds a copy of every layer's cache
 
 
 def _run_sequence(wrapper, embeds, positions, chunk: int) -> list[dict]:

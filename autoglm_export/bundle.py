@@ -37,6 +37,14 @@ def file_entries(bundle: Path, names: list[str]) -> dict:
     return {n: {"bytes": (bundle / n).stat().st_size, "sha256": sha256_file(bundle / n)} for n in sorted(names)}
 
 
+def _safe_relative(name: str) -> bool:
+    """A manifest file name stays inside the bundle: plain names, or paths inside a package
+    directory (Core ML ``.mlpackage``), never absolute, hidden or with ``..``."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and all(p and not p.startswith(".") for p in parts) and (
+        len(parts) == 1 or parts[0].endswith(".mlpackage"))
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -64,7 +72,7 @@ def load_bundle(bundle: str | Path, *, check_hashes: bool = True) -> dict:
     if check_hashes:
         for name, entry in manifest["files"].items():
             path = bundle / name
-            if "/" in name or name.startswith(".") or not path.is_file():
+            if not _safe_relative(name) or not path.is_file():
                 raise BundleError("bundle file missing", file=path, field=f"files.{name}", fix=fix)
             if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
                 raise BundleError(

@@ -26,7 +26,7 @@ SCALE_BITS = 16
 class WeightPlan:
     weight: str  # "<component>.<name>"
     scheme: str  # int4 | int8 | fp16 | fp32
-    group_size: int | None
+    group_size: int | str | None  # int4: block size, or "channel" (one scale per output row; coreml)
     rule: int | None  # index of the matching rule, None when no rule matched
     params: int
     shape: tuple[int, ...]
@@ -34,7 +34,7 @@ class WeightPlan:
     @property
     def bits(self) -> float:
         if self.scheme == "int4":
-            return 4 + SCALE_BITS / self.group_size
+            return 4 + SCALE_BITS / (self.shape[-1] if self.group_size == "channel" else self.group_size)
         if self.scheme == "int8":
             return 8 + SCALE_BITS / self.shape[-1]
         return 16.0 if self.scheme == "fp16" else 32.0
@@ -54,7 +54,8 @@ class ComponentPlan:
         schemes: dict[str, int] = {}
         bits = params = 0.0
         for w in self.weights.values():
-            key = f"{w.scheme}-g{w.group_size}" if w.scheme == "int4" else w.scheme
+            key = (("int4-channel" if w.group_size == "channel" else f"int4-g{w.group_size}") if w.scheme == "int4"
+                   else w.scheme)  # fmt: skip
             schemes[key] = schemes.get(key, 0) + w.params
             bits += w.bits * w.params
             params += w.params
@@ -85,7 +86,7 @@ def plan_component(recipe: Recipe, component: str, module: nn.Module, recipe_fil
             scheme, group = None, None  # biases, norms: keep the component's float precision
         if scheme in FLOAT_DTYPES and rule is not None:
             float_votes.setdefault(scheme, full)
-        if scheme == "int4" and p.shape[-1] % group:
+        if scheme == "int4" and group != "channel" and p.shape[-1] % group:
             raise ExportError(
                 "int4 group size does not divide the weight's input width",
                 file=recipe_file,

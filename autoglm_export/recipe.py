@@ -2,7 +2,8 @@
 
 Rules are matched, first match wins, against ``<component>.<weight name>`` (for example
 ``text_decoder.layers.3.mlp.down_proj.weight``) with Python regular expressions (full match).
-Schemes: ``int4`` (group-wise, ``group_size`` required), ``int8`` (per output channel),
+Schemes: ``int4`` (group-wise, ``group_size`` required; ``channel`` = one scale per output
+row, coreml only), ``int8`` (per output channel),
 ``fp16`` / ``fp32`` (kept in float). A weight no rule matches stays fp32. Rules say nothing
 about packing: each target picks its own kernels for a scheme.
 
@@ -70,7 +71,7 @@ class ShapesSpec(_Strict):
 class QuantRuleSpec(_Strict):
     match: str = Field(description="regex, full match against '<component>.<weight name>'")
     scheme: Literal["int4", "int8", "fp16", "fp32"]
-    group_size: int | None = None
+    group_size: int | Literal["channel"] | None = None
 
     @field_validator("match")
     @classmethod
@@ -86,8 +87,8 @@ class QuantRuleSpec(_Strict):
         if self.scheme == "int4":
             if self.group_size is None:
                 raise ValueError("scheme int4 needs group_size (32, 64, 128 or 256)")
-            if self.group_size not in (16, 32, 64, 128, 256):
-                raise ValueError(f"group_size must be one of 16, 32, 64, 128, 256, got {self.group_size}")
+            if self.group_size not in (16, 32, 64, 128, 256, "channel"):
+                raise ValueError(f"group_size must be one of 16, 32, 64, 128, 256 or 'channel', got {self.group_size}")
         elif self.group_size is not None:
             raise ValueError(f"group_size applies to int4 only; remove it from this {self.scheme} rule")
         return self
@@ -134,6 +135,10 @@ class Recipe(_Strict):
     def _qnn_section(self):
         if "qnn" in self.model_fields_set and self.target != "qnn":
             raise ValueError(f"the qnn section applies to target qnn only; remove it from this {self.target} recipe")
+        channel = [i for i, r in enumerate(self.quantization) if r.group_size == "channel"]
+        if channel and self.target != "coreml":
+            raise ValueError(f"group_size 'channel' (rule {channel[0]}) is for target coreml only (per-channel INT4 for the "
+                             "Neural Engine); use a block size such as 32")
         if self.calibration is not None and self.target not in CALIBRATED_TARGETS:
             raise ValueError(f"calibration applies to {', '.join(CALIBRATED_TARGETS)} only ({self.target} quantizes "
                              "activations dynamically); remove it")

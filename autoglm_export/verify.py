@@ -148,6 +148,9 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
     # 0. the runtime's own contract (metadata methods), for targets that have one
     if hasattr(backend, "contract_checks"):
         report.checks += backend.contract_checks(bundle_runtime, manifest)
+    if hasattr(backend, "checkpoint_checks"):  # bundle weights vs an independent computation from the checkpoint
+        progress("checking the bundle's quantized weights against the checkpoint")
+        report.checks += backend.checkpoint_checks(ckpt, shapes, plans, bundle=bundle, manifest=manifest)
 
     # 1. quantized references (as exported) vs the bundle
     progress("loading the PyTorch reference with the exported (quantized) weights")

@@ -58,6 +58,16 @@ def audio_xnnpack_bundle(audio_ckpt, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def coreml_bundle(audio_ckpt, tmp_path_factory) -> Path:
+    """The tiny audio checkpoint exported with the coreml-tiny recipe (verified by the MIL interpreter)."""
+    out = tmp_path_factory.mktemp("coreml") / "bundle"
+    proc = run_cli("--target", "coreml", "--checkpoint", audio_ckpt, "--out", out,
+                   "--recipe", REPO / "recipes" / "coreml-tiny.yaml")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess (exit codes, stderr, no traceback)."""
     return subprocess.run(

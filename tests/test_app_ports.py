@@ -137,11 +137,12 @@ def _all_keys(obj) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def manifests(xnnpack_bundle, audio_xnnpack_bundle, qnn_bundle) -> dict[str, dict]:
-    """The Android targets' manifests: xnnpack without and with audio, qnn (coreml joins with #5)."""
+def manifests(xnnpack_bundle, audio_xnnpack_bundle, qnn_bundle, coreml_bundle) -> dict[str, dict]:
+    """The apps' manifests: xnnpack without and with audio, qnn (Android), coreml with audio (iOS)."""
     return {"xnnpack": json.loads((xnnpack_bundle[0] / "manifest.json").read_text()),
             "xnnpack+audio": json.loads((audio_xnnpack_bundle / "manifest.json").read_text()),
-            "qnn": json.loads((qnn_bundle[0] / "manifest.json").read_text())}  # fmt: skip
+            "qnn": json.loads((qnn_bundle[0] / "manifest.json").read_text()),
+            "coreml+audio": json.loads((coreml_bundle / "manifest.json").read_text())}  # fmt: skip
 
 
 @pytest.mark.parametrize("app,ext", [("android", "kt"), ("ios", "swift")])

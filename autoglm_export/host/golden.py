@@ -145,13 +145,15 @@ def golden_bundle(bundle: Path, out_dir: Path, max_new_tokens: int = 8) -> Path:
     audios = [log_mel(golden_audio(rate=audio_pre.sample_rate), audio_pre)[None]] if audio_pre else []
     rec = RecordingRuntime(runtime)
     graph_calls: list[dict] = []
-    if hasattr(runtime, "_run"):  # static-graph bundles (qnn, onnx-qnn): also record every graph call
+    if hasattr(runtime, "_run"):  # static-graph bundles (qnn, onnx-qnn: graph; coreml: package, function): every call
         inner = runtime._run
 
-        def recorded(graph: str, feeds: dict):
-            out = inner(graph, feeds)
-            graph_calls.append({"graph": graph, "inputs": {k: _tensor_json(v) for k, v in feeds.items()},
-                                "outputs": [_tensor_json(np.asarray(o)) for o in out]})  # fmt: skip
+        def recorded(*args):
+            *names, feeds = args
+            out = inner(*args)
+            outs = list(out.values()) if isinstance(out, dict) else out
+            graph_calls.append({"graph": "/".join(names), "inputs": {k: _tensor_json(np.asarray(v)) for k, v in feeds.items()},
+                                "outputs": [_tensor_json(np.asarray(o)) for o in outs]})  # fmt: skip
             return out
 
         runtime._run = recorded
@@ -165,5 +167,6 @@ def golden_bundle(bundle: Path, out_dir: Path, max_new_tokens: int = 8) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_golden(out_dir / "golden.json", vectors)
     for name in ("manifest.json", *manifest["files"]):
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)  # files inside a .mlpackage
         shutil.copyfile(Path(bundle) / name, out_dir / name)
     return out_dir / "golden.json"

@@ -36,3 +36,13 @@ def attention_mask(start: int, length: int, context: int) -> np.ndarray:
     past = np.broadcast_to(np.arange(context) < start, (length, context))
     new = np.tril(np.ones((length, length), dtype=bool))
     return np.concatenate([past, new], axis=1).astype(np.float32).reshape(1, 1, length, -1)
+
+
+MASK_FILL = -1.0e4  # finite: exp() of it is 0 in fp16 and fp32; -inf becomes a NaN constant in Core ML
+
+
+def additive_mask(start: int, length: int, context: int) -> np.ndarray:
+    """[1, 1, T, C] additive mask over all C cache slots (Core ML: the new tokens are written into
+    the state first): 0 where slot <= start + i, ``MASK_FILL`` elsewhere."""
+    visible = np.arange(context)[None, :] <= (start + np.arange(length))[:, None]
+    return np.where(visible, 0.0, MASK_FILL).astype(np.float32).reshape(1, 1, length, context)

@@ -12,23 +12,14 @@ BACKENDS = {
     "onnx": "autoglm_export.lower.onnxrt",
     "onnx-qnn": "autoglm_export.lower.onnx_qnn",
     "qnn": "autoglm_export.lower.qnn",
-}
-PLANNED = {
-    "coreml": "Core ML for the A17 Pro Neural Engine",
+    "coreml": "autoglm_export.lower.coreml",
 }
 
 
 def get_backend(target: str):
     if target in BACKENDS:
         return importlib.import_module(BACKENDS[target]).BACKEND
-    if target in PLANNED:
-        raise ExportError(
-            f"target '{target}' ({PLANNED[target]}) is not implemented in this version",
-            field="--target",
-            expected=" | ".join(BACKENDS),
-            fix="use one of the implemented targets",
-        )
     raise ExportError(
-        "unknown target", field="--target", expected=" | ".join([*BACKENDS, *PLANNED]), got=repr(target),
+        "unknown target", field="--target", expected=" | ".join(BACKENDS), got=repr(target),
         fix="pick one of the listed targets",
     )  # fmt: skip

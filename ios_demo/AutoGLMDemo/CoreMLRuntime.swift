@@ -4,9 +4,10 @@ import Foundation
 
 /// The bundle's components through Core ML (iOS 18): each `.mlpackage` is compiled once on first
 /// launch, loaded for the Neural Engine, and called by the input names the manifest lists. The
-/// decoder is a multifunction package ("prefill" for a full chunk, "decode" for one token) whose
-/// KV cache is Core ML state shared by both functions; a shorter last prefill chunk runs token by
-/// token through "decode", so the shared generation loop stays the same on every platform.
+/// token embedding and the decoder are multifunction packages ("prefill" for a full chunk,
+/// "decode" for one token); the decoder's KV cache is Core ML state shared by both functions and
+/// its cos/sin/mask are computed here (`StatefulDecoderInputs`); a shorter last prefill chunk runs
+/// token by token through "decode", so the shared generation loop stays the same everywhere.
 final class CoreMLRuntime: ModelRuntime {
     let manifest: BundleManifest
     let dir: URL
@@ -71,7 +72,16 @@ final class CoreMLRuntime: ModelRuntime {
     func inputName(_ component: String, _ i: Int) throws -> String { try manifest.component(component).inputs[i].name }
 
     func tokenEmbedding(_ inputIds: LongTensor) throws -> FloatTensor {
-        try run(BundleManifest.embedding, [try inputName(BundleManifest.embedding, 0): try array(inputIds.data, inputIds.shape)])
+        // a multifunction package too: a full chunk through "prefill", anything shorter id by id
+        let e = BundleManifest.embedding, name = try inputName(e, 0), t = inputIds.data.count
+        if t == prefillChunk {
+            return try run(e, [name: try array(inputIds.data, [1, t])], function: "prefill")
+        }
+        var data: [Float] = []
+        for id in inputIds.data {
+            data += try run(e, [name: try array([id], [1, 1])], function: "decode").data
+        }
+        return FloatTensor(shape: [1, t, manifest.hiddenSize], data: data)
     }
 
     func visionEncoder(_ pixelValues: FloatTensor) throws -> FloatTensor {
@@ -82,21 +92,33 @@ final class CoreMLRuntime: ModelRuntime {
         try run(BundleManifest.audioEncoder, [try inputName(BundleManifest.audioEncoder, 0): try array(inputFeatures.data, inputFeatures.shape)])
     }
 
+    /// One decoder call: the package takes inputs_embeds, cos, sin, mask and cache_start (its
+    /// KV cache is state); cos/sin/mask come from the manifest's rotary table, like the host.
+    func decoderCall(_ function: String, _ embeds: [Float], _ pos: [Int64], start: Int, t: Int) throws -> FloatTensor {
+        guard let rope = manifest.rope else {
+            throw BundleError(file: BundleManifest.fileName, field: "components.text_decoder.rope", expected: "the rotary table",
+                              got: nil, fix: "re-export with autoglm-export --target coreml")
+        }
+        let h = manifest.hiddenSize, hd = 2 * rope.invFreq.count, c = maxContext
+        let cs = StatefulDecoderInputs.cosSin(rope, positions: pos, t: t)
+        let mask = StatefulDecoderInputs.additiveMask(start: start, t: t, context: c)
+        let start32 = try MLMultiArray(shape: [1], dataType: .int32)
+        start32[0] = NSNumber(value: Int32(start))
+        return try run(BundleManifest.decoder, ["inputs_embeds": try array(embeds, [1, t, h]),
+                                                "cos": try array(cs.cos, [1, 1, t, hd]), "sin": try array(cs.sin, [1, 1, t, hd]),
+                                                "mask": try array(mask, [1, 1, t, c]), "cache_start": start32], function: function)
+    }
+
     func textDecoder(_ embeds: FloatTensor, _ positionIds: LongTensor, _ cachePosition: LongTensor) throws -> FloatTensor {
         let t = cachePosition.data.count, h = embeds.shape[2]
-        let d = BundleManifest.decoder
         if t == prefillChunk {
-            return try run(d, [try inputName(d, 0): try array(embeds.data, embeds.shape),
-                               try inputName(d, 1): try array(positionIds.data, positionIds.shape),
-                               try inputName(d, 2): try array(cachePosition.data, cachePosition.shape)], function: "prefill")
+            return try decoderCall("prefill", embeds.data, positionIds.data, start: Int(cachePosition.data[0]), t: t)
         }
         var logits: FloatTensor?
         for j in 0..<t { // static shapes: a short chunk goes through the one-token function
             let row = Array(embeds.data[(j * h)..<((j + 1) * h)])
             let pos = [positionIds.data[j], positionIds.data[t + j], positionIds.data[2 * t + j]]
-            logits = try run(d, [try inputName(d, 0): try array(row, [1, 1, h]),
-                                 try inputName(d, 1): try array(pos, [3, 1]),
-                                 try inputName(d, 2): try array([cachePosition.data[j]], [1])], function: "decode")
+            logits = try decoderCall("decode", row, pos, start: Int(cachePosition.data[j]), t: 1)
         }
         return logits!
     }

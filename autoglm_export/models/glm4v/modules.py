@@ -552,6 +552,51 @@ class TextDecoderStatic(nn.Module):
         return (logits, *new)
 
 
+class TextDecoderStateful(nn.Module):
+    """The decoder for Core ML: the KV cache is model state (Core ML states, fp16), written by
+    slice assignment at ``cache_start`` (a traced ``.item()``: ``index_put`` does not convert);
+    the host computes the M-RoPE cos/sin and a finite additive mask over all C slots (an
+    infinite mask becomes a NaN constant on this conversion path). SDPA's ``enable_gqa`` does not
+    convert, so KV heads are repeated.
+
+    (inputs_embeds [1,T,D], cos [1,1,T,hd], sin [1,1,T,hd], mask [1,1,T,C], cache_start [1] int32)
+        -> logits [1,V]; states k_cache_i / v_cache_i [1, kv, C, hd]
+    """
+
+    method_name = "text_decoder"
+
+    def __init__(self, decoder: TextDecoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+        t = decoder.t
+        shape = (1, t.num_kv_heads, decoder.max_context, t.head_dim)
+        for i in range(t.num_layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=torch.float16), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=torch.float16), persistent=False)
+
+    def cache_names(self) -> list[str]:
+        return [f"{kind}_cache_{i}" for i in range(self.decoder.t.num_layers) for kind in ("k", "v")]
+
+    def forward(self, inputs_embeds, cos, sin, mask, cache_start):
+        d = self.decoder
+        x = inputs_embeds
+        T = x.shape[1]
+        start = cache_start[0].item()
+        torch._check_is_size(start)
+        torch._check(start + T <= d.max_context)
+        for i, layer in enumerate(d.layers):
+            a = layer.self_attn
+            q, k, v = rotary_qkv(a, layer.input_layernorm(x), cos, sin, d.rope_rot)
+            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            k_cache[:, :, start : start + T] = k.to(k_cache.dtype)
+            v_cache[:, :, start : start + T] = v.to(v_cache.dtype)
+            groups = a.num_heads // a.num_kv
+            keys, values = repeat_kv(k_cache.to(q.dtype), groups), repeat_kv(v_cache.to(q.dtype), groups)
+            att = attention(q, keys, values, mask, a.head_dim**-0.5)
+            x = layer.after_attention(x, a.o_proj(att.transpose(1, 2).reshape(1, T, -1)))
+        return d.lm_head(d.norm(x[:, -1:, :]))[:, 0]
+
+
 # ----------------------------------------------------------------------------------------
 # Audio (optional GLM-ASR tower)
 # ----------------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ public struct BundleManifest {
     public let prompt: PromptConfig
     public let vocabSize: Int
     public let hiddenSize: Int
+    /// The decoder's rotary table (Core ML bundles: the app computes cos/sin for the stateful decoder).
+    public let rope: RopeTable?
 
     public var audioTokens: Int? {
         guard let c = components[Self.audioEncoder], let rows = c.outputs.first?.shape.first else { return nil }
@@ -97,8 +99,12 @@ public struct BundleManifest {
         }
         let compsNode = try root.reqObj("components")
         var comps: [String: ComponentSpec] = [:]
+        var rope: RopeTable?
         for name in compsNode.obj.keys.sorted() {
             let c = try compsNode.reqObj(name)
+            if let r = try c.optObj("rope") {
+                rope = RopeTable(invFreq: try r.reqDoubles("inv_freq").map { Float($0) }, axis: try r.reqInts("axis"))
+            }
             comps[name] = ComponentSpec(name: name, method: try c.reqString("method"), file: try c.reqString("file"),
                                         inputs: try specs(c, "inputs"), outputs: try specs(c, "outputs"))
         }
@@ -131,7 +137,7 @@ public struct BundleManifest {
                               maxContext: try shapes.reqInt("max_context"), prefillChunk: try shapes.reqInt("prefill_chunk"),
                               image: image, audio: audio,
                               prompt: PromptConfig(specialIds: special, eosIds: try promptNode.reqInts("eos_ids")),
-                              vocabSize: try text.reqInt("vocab_size"), hiddenSize: try text.reqInt("hidden_size"))
+                              vocabSize: try text.reqInt("vocab_size"), hiddenSize: try text.reqInt("hidden_size"), rope: rope)
     }
 
     static func specs(_ c: JsonNode, _ key: String) throws -> [TensorSpec] {

@@ -91,6 +91,43 @@ final class GoldenVectorsTests: XCTestCase {
         XCTAssertTrue(runtime.mismatches.isEmpty, runtime.mismatches.joined(separator: "\n"))
     }
 
+    /// Core ML bundles: the app's cos/sin/mask for the stateful decoder equal the host's, call by
+    /// call, as recorded from the bundle's packages (`trace.graph_calls`, "text_decoder/<function>").
+    func testStatefulDecoderInputs() throws {
+        let trace = golden["trace"] as! [String: Any]
+        guard (trace["target"] as! String) == "coreml" else { return XCTFail("golden vectors must come from a coreml bundle") }
+        let rope = try XCTUnwrap(manifest.rope)
+        let calls = (trace["graph_calls"] as! [[String: Any]]).filter { ($0["graph"] as! String).hasPrefix("text_decoder/") }
+        XCTAssertGreaterThan(calls.count, 2)
+        for c in calls {
+            let inputs = c["inputs"] as! [String: Any]
+            let t = ((inputs["inputs_embeds"] as! [String: Any])["shape"] as! [NSNumber])[1].intValue
+            let start = Int(floats(inputs["cache_start"])[0])
+            // the mask must be exact; cos/sin are recomputed from the call's M-RoPE positions
+            let mask = StatefulDecoderInputs.additiveMask(start: start, t: t, context: manifest.maxContext)
+            XCTAssertEqual(mask, floats(inputs["mask"]), "mask at \(start)")
+            let pos = try callPositions(start: start, t: t)
+            let cs = StatefulDecoderInputs.cosSin(rope, positions: pos, t: t)
+            assertClose(cs.cos, floats(inputs["cos"]), 1e-5, "cos at \(start)")
+            assertClose(cs.sin, floats(inputs["sin"]), 1e-5, "sin at \(start)")
+        }
+    }
+
+    /// [3, T] positions of the decoder call that writes slots start..<start+T: prompt positions from
+    /// the golden vectors, then decode positions slot + rope_delta on every axis.
+    func callPositions(start: Int, t: Int) throws -> [Int64] {
+        let prompt = (golden["positions"] as! [[NSNumber]]).map { $0.map { $0.int64Value } }
+        let delta = (golden["rope_delta"] as! NSNumber).int64Value
+        var out = [Int64](repeating: 0, count: 3 * t)
+        for axis in 0..<3 {
+            for i in 0..<t {
+                let slot = start + i
+                out[axis * t + i] = slot < prompt[axis].count ? prompt[axis][slot] : Int64(slot) + delta
+            }
+        }
+        return out
+    }
+
     func testTamperedBundleIsRefused() throws {
         let tmp = FileManager.default.temporaryDirectory.appendingPathComponent(UUID().uuidString)
         try FileManager.default.copyItem(at: Self.dir, to: tmp)

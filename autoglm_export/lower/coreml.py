@@ -1,0 +1,429 @@
+"""--target coreml: one ``.mlpackage`` per component for the A17 Pro Neural Engine (iOS 18).
+
+Each component is exported with ``torch.export`` at static shapes and converted by coremltools
+(ML Program, FP16 compute). The token embedding and the text decoder are multifunction packages:
+``prefill`` (``prefill_chunk`` tokens) and ``decode`` (1 token) share one copy of the weights; the
+decoder's KV cache is Core ML state (``TextDecoderStateful``), so the app passes no cache.
+Recipe rules become coremltools' own ``linear_quantize_weights``: INT4 per output channel by
+default (what the Neural Engine runs), block-wise INT4 (``group_size: N``; GPU/CPU) or per-channel
+INT8 as options; everything else FP16.
+
+What Linux can check (``coreml_checks``): structure, op allow-list, which ops quantized constants
+feed, finite constants, INT4/INT8 codes and scales bit for bit against ``coreml_quant``; and the
+numerics of the program through ``coreml_mil.MilInterpreter`` (numpy), states carried between
+calls. That is what the program means, not Core ML's kernels: on macOS ``verify`` runs Core ML's
+own ``predict`` instead (``CoreMLPredictRuntime``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailable, ExportError
+from . import coreml_quant
+
+DEPLOYMENT = "iOS18"
+MULTIFUNCTION = ("token_embedding", "text_decoder")
+DEFAULT_FUNCTION = "decode"
+# fp32 module for torch.export (4) + coremltools' conversion (~7 bytes per parameter: DESIGN.md §4)
+CONVERT_BYTES_PER_PARAM = 11
+
+
+def package_name(component: str) -> str:
+    return f"{component}.mlpackage"
+
+
+def function_names(component: str) -> list[str]:
+    return ["prefill", "decode"] if component in MULTIFUNCTION else ["main"]
+
+
+def quiet_coremltools() -> None:
+    # progress bars per MIL pass (tqdm) would drown our own progress lines
+    os.environ["TQDM_DISABLE"] = "1"
+    # coremltools warns on import about untested torch / sklearn versions and a missing native
+    # runtime (expected on Linux: DESIGN.md §4), and prints progress bars per pass
+    for name in ("coremltools", "coremltools.converters", "coremltools.optimize"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="coremltools")
+
+
+def _import_ct():
+    quiet_coremltools()
+    try:
+        import coremltools as ct
+    except ImportError as e:  # pragma: no cover - pinned in pyproject
+        raise BackendUnavailable(f"coremltools is not installed ({e}); run `make setup` (pins coremltools==9.0)") from None
+    return ct
+
+
+class _IntEmbedding(torch.nn.Module):
+    """Core ML takes int32 token ids (no int64 inputs)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids):
+        return self.inner.embed_tokens(input_ids).float()
+
+
+class CoreMLBackend:
+    name = "coreml"
+    runtime_name = ("Core ML predict (macOS)" if platform.system() == "Darwin"
+                    else "MIL reference interpreter (numpy; program semantics, not Core ML kernels)")  # fmt: skip
+    quantizes_in_torch = False  # coremltools quantizes the converted program
+
+    def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
+        raise AssertionError("the coreml target quantizes after conversion")
+
+    def check_plans(self, plans: dict, recipe_file: str) -> None:
+        from ..verify import memory_budget_bytes
+
+        for plan in plans.values():
+            need = CONVERT_BYTES_PER_PARAM * plan.summary()["params"]
+            if need > 2 * memory_budget_bytes():
+                raise BackendUnavailable(
+                    f"coreml converts each component whole: {plan.component} ({plan.summary()['params']:,} parameters) needs "
+                    f"about {need / 2**30:.0f} GiB, this machine has {2 * memory_budget_bytes() / 2**30:.0f} GiB; run on a "
+                    "larger machine (per-layer-group conversion is not implemented yet)")  # fmt: skip
+            fp32 = [w.weight for w in plan.weights.values() if w.scheme == "fp32"]
+            if fp32:
+                raise ExportError(
+                    "the coreml target computes in fp16 (the Neural Engine has no fp32)", file=recipe_file,
+                    field=f"quantization (component {plan.component})", expected="fp16 for every float weight",
+                    got=f"fp32 for {fp32[0]}", fix="add a final rule `- match: '.*'  scheme: fp16`",
+                )  # fmt: skip
+            for w in plan.weights.values():
+                if w.scheme in ("int4", "int8") and len(w.shape) != 2:
+                    raise ExportError(
+                        "coreml quantizes 2-D linear and embedding weights only", file=recipe_file,
+                        field=f"quantization[{w.rule}]", expected="a linear or embedding weight", got=w.weight,
+                        fix="exclude this weight with an earlier fp16 rule",
+                    )  # fmt: skip
+
+    # -- export: static torch.export graphs per Core ML function ---------------------------------
+
+    def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
+        from ..models.glm4v.modules import RMSNorm, TextDecoderStateful
+
+        module = module.float().eval()  # coremltools casts to fp16 itself (compute_precision)
+        for m in module.modules():
+            if isinstance(m, RMSNorm):
+                m.plain = True  # one rms_norm op, which coremltools lowers with overflow-safe scaling
+        graphs: dict[str, tuple] = {}
+        with torch.no_grad():
+            if name in ("vision_encoder", "audio_encoder"):
+                (x,) = module.example_inputs()
+                key, out = (("pixel_values", "image_embeddings") if name == "vision_encoder"
+                            else ("input_features", "audio_embeddings"))  # fmt: skip
+                graphs["main"] = (torch.export.export(module, (x,)), [(key, tuple(x.shape), np.float32)], [out])
+                wrapped, prefix = module, ""
+            elif name == "token_embedding":
+                wrapped, prefix = _IntEmbedding(module), "inner."
+                for fn, T in zip(function_names(name), (prefill_chunk, 1)):
+                    ids = torch.zeros(1, T, dtype=torch.int32)
+                    graphs[fn] = (torch.export.export(wrapped, (ids,)), [("input_ids", (1, T), np.int32)], ["embeddings"])
+            elif name == "text_decoder":
+                wrapped, prefix = TextDecoderStateful(module).eval(), "decoder."
+                t, C = module.t, module.max_context
+                for fn, T in zip(function_names(name), (prefill_chunk, 1)):
+                    args = (torch.zeros(1, T, t.hidden_size), torch.ones(1, 1, T, t.head_dim), torch.zeros(1, 1, T, t.head_dim),
+                            torch.zeros(1, 1, T, C), torch.zeros(1, dtype=torch.int32))  # fmt: skip
+                    spec = [("inputs_embeds", (1, T, t.hidden_size), np.float32), ("cos", (1, 1, T, t.head_dim), np.float32),
+                            ("sin", (1, 1, T, t.head_dim), np.float32), ("mask", (1, 1, T, C), np.float32),
+                            ("cache_start", (1,), np.int32)]  # fmt: skip
+                    graphs[fn] = (torch.export.export(wrapped, args), spec, ["logits"])
+            else:
+                raise KeyError(name)
+        # converted constants are named after the parameter ("p_" + dotted name with "_"); this maps
+        # them back to the recipe's weight names
+        consts = {"p_" + n.replace(".", "_"): n.removeprefix(prefix) for n, _ in wrapped.named_parameters()}
+        extra = {}
+        if name == "text_decoder":
+            from ..host.static_decoder import rope_table
+
+            extra["rope"] = rope_table(module.inv_freq, module.axis_selector)
+        return {"graphs": graphs, "consts": consts, **extra}
+
+    # -- lower: convert, quantize, package -------------------------------------------------------
+
+    def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
+        from .coreml_mil import MilProgram
+
+        ct = _import_ct()
+        files, methods = [], {}
+        for name, prog in programs.items():
+            plan = plans[name]
+            pkg = out_dir / package_name(name)
+            with tempfile.TemporaryDirectory(prefix="autoglm-coreml-") as tmp:
+                parts = {}
+                for fn, (ep, inputs, outputs) in prog["graphs"].items():
+                    progress(f"{name}/{fn}: coremltools conversion ({DEPLOYMENT}, fp16)")
+                    ml = _convert(ct, ep, inputs, outputs)
+                    configs = _quant_configs(ct, ml, prog["consts"], plan)
+                    if configs:
+                        progress(f"{name}/{fn}: linear_quantize_weights on {len(configs)} weight(s)")
+                        from coremltools.optimize.coreml import OptimizationConfig, linear_quantize_weights
+
+                        ml = linear_quantize_weights(ml, OptimizationConfig(op_name_configs=configs))
+                    parts[fn] = Path(tmp) / f"{fn}.mlpackage"
+                    ml.save(str(parts[fn]))
+                    del ml
+                if len(parts) > 1:
+                    desc = ct.utils.MultiFunctionDescriptor()
+                    for fn, path in parts.items():
+                        desc.add_function(str(path), src_function_name="main", target_function_name=fn)
+                    desc.default_function_name = DEFAULT_FUNCTION
+                    ct.utils.save_multifunction(desc, str(pkg))
+                else:
+                    shutil.copytree(parts["main"], pkg)
+            _make_deterministic(pkg)
+            program = MilProgram(pkg)
+            files += [str(p.relative_to(out_dir)) for p in sorted(pkg.rglob("*")) if p.is_file()]
+            methods[name] = {"file": package_name(name), "package": describe(program, prog["consts"], plan),
+                             **({"rope": prog["rope"]} if "rope" in prog else {})}  # fmt: skip
+        return {"files": files, "methods": methods, "manifest": {"coreml": {
+            "deployment_target": DEPLOYMENT, "compute_precision": "float16",
+            "token_embedding": "its own multifunction package (prefill / decode)",
+            "verified_here": ("structure, op allow-list, quantized-constant consumers, finite constants, INT4/INT8 codes and "
+                              "scales bit-exact vs the project's quantizer, numerics by the numpy MIL interpreter "
+                              "(program semantics, not Core ML kernels)"),
+            "needs_macos": "Core ML predict with states, compilation to .mlmodelc, MLComputePlan (which ops run on the ANE), speed",
+        }}}  # fmt: skip
+
+    # -- verification hooks --------------------------------------------------------------------
+
+    def reference_component(self, name, plan, bundle, manifest, load):
+        """The fp32 PyTorch module holding exactly the package's weights: fp16-rounded floats,
+        INT4/INT8 weights as the project's quantizer dequantizes them (bit-exact with the bundle:
+        ``weight_checks``)."""
+        module = load()
+        with torch.no_grad():
+            for pname, p in module.named_parameters():
+                w16 = p.detach().to(torch.float16).numpy()
+                wp = plan.weights.get(pname)
+                if wp is not None and wp.scheme in coreml_quant.BITS:
+                    w16 = coreml_quant.dequantize(*coreml_quant.quantize(w16, wp.scheme, wp.group_size))
+                p.copy_(torch.from_numpy(w16.astype(np.float32)))
+        return module
+
+    def checkpoint_checks(self, ckpt, shapes, plans, *, bundle: Path, manifest: dict) -> list[dict]:
+        from .coreml_checks import weight_checks
+
+        return weight_checks(ckpt, shapes, plans, bundle, manifest)
+
+    def contract_checks(self, runtime, manifest: dict) -> list[dict]:
+        from .coreml_checks import structure_checks
+
+        return structure_checks(runtime.programs, manifest)
+
+    def open_runtime(self, bundle: Path, manifest: dict):
+        if platform.system() == "Darwin":  # pragma: no cover - needs macOS (CI: .github/workflows/coreml-macos.yml)
+            return CoreMLPredictRuntime(bundle, manifest)
+        return MilRuntime(bundle, manifest)
+
+    def versions(self) -> dict:
+        from importlib.metadata import version
+
+        return {p: version(p) for p in ("coremltools", "torch", "numpy")}
+
+
+def _convert(ct, ep, inputs, outputs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ct.convert(
+            ep.run_decompositions({}),
+            inputs=[ct.TensorType(name=n, shape=s, dtype=d) for n, s, d in inputs],
+            outputs=[ct.TensorType(name=n) for n in outputs],
+            minimum_deployment_target=getattr(ct.target, DEPLOYMENT),
+            compute_precision=ct.precision.FLOAT16,
+            skip_model_load=True,
+        )
+
+
+def _const_weight(op_name: str, consts: dict) -> str | None:
+    return consts.get(op_name.removesuffix("_to_fp16"))
+
+
+def _quant_configs(ct, ml, consts: dict, plan) -> dict:
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig
+
+    configs = {}
+    for op in ml._mil_program.functions["main"].operations:
+        if op.op_type != "const":
+            continue
+        weight = _const_weight(op.name, consts)
+        wp = plan.weights.get(weight) if weight else None
+        if wp is None or wp.scheme not in coreml_quant.BITS:
+            continue
+        per_channel = wp.scheme == "int8" or wp.group_size in (None, "channel")
+        configs[op.name] = OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype=wp.scheme, weight_threshold=0,
+            granularity="per_channel" if per_channel else "per_block",
+            **({} if per_channel else {"block_size": int(wp.group_size)}),
+        )  # fmt: skip
+    planned = {n for n, w in plan.weights.items() if w.scheme in coreml_quant.BITS}
+    found = {_const_weight(n, consts) for n in configs}
+    if planned - found:
+        raise RuntimeError(f"{plan.component}: planned quantized weights with no constant in the converted program: "
+                           f"{sorted(planned - found)[:5]}")  # fmt: skip
+    return configs
+
+
+def _make_deterministic(pkg: Path) -> None:
+    """Same checkpoint and recipe, same bytes: coremltools names package items with random UUIDs
+    (derived here from the item paths instead) and serialises protobuf maps in an order that
+    varies between processes (re-serialised with sorted keys; the message is unchanged). Its
+    ``executorch_debug_handle_mapping.json`` is a debugging aid outside the package's items."""
+    from coremltools.proto import Model_pb2
+
+    (pkg / "executorch_debug_handle_mapping.json").unlink(missing_ok=True)
+    path = pkg / "Manifest.json"
+    data = json.loads(path.read_text())
+    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "autoglm-export/" + e["path"])).upper()
+               for old, e in data["itemInfoEntries"].items()}  # fmt: skip
+    data["itemInfoEntries"] = {renamed[k]: v for k, v in data["itemInfoEntries"].items()}
+    data["rootModelIdentifier"] = renamed[data["rootModelIdentifier"]]
+    path.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n")
+    root = pkg / "Data" / data["itemInfoEntries"][data["rootModelIdentifier"]]["path"]
+    spec = Model_pb2.Model()
+    spec.ParseFromString(root.read_bytes())
+    root.write_bytes(spec.SerializeToString(deterministic=True))
+
+
+def describe(program, consts: dict, plan) -> dict:
+    """The manifest's record of one package: per function its inputs, outputs, states and op
+    counts, and every quantized weight with its scheme and bits."""
+    functions = {}
+    quantized = {}
+    for fname, f in sorted(program.functions.items()):
+        ops: dict[str, int] = {}
+        for op in f.ops:
+            ops[op.type] = ops.get(op.type, 0) + 1
+            if op.type == "constexpr_blockwise_shift_scale":
+                weight = _const_weight(op.name.removesuffix("_quantized"), consts)
+                wp = plan.weights[weight]
+                quantized[op.name] = {"weight": wp.weight, "scheme": wp.scheme,
+                                      "granularity": "per_channel" if wp.scheme == "int8" or wp.group_size in (None, "channel") else "per_block",
+                                      "block_size": None if wp.group_size in (None, "channel") or wp.scheme == "int8" else int(wp.group_size),
+                                      "bits_per_weight": round(coreml_quant.effective_bits(wp.scheme, wp.shape, wp.group_size), 4)}  # fmt: skip
+        inputs = {n: t.to_json() for n, t in f.inputs.items() if not t.state}
+        states = {n: t.to_json() for n, t in f.inputs.items() if t.state}
+        outputs = {}
+        for op in f.ops:
+            for oname, t in op.outputs:
+                if oname in f.outputs:
+                    outputs[oname] = t.to_json()
+        functions[fname] = {"inputs": inputs, "outputs": outputs, "states": states, "ops": dict(sorted(ops.items()))}
+    return {"functions": functions, "quantized_weights": dict(sorted(quantized.items())),
+            "default_function": program.description()["default_function"]}  # fmt: skip
+
+
+class _PackageRuntime:
+    """Host side shared by the Linux interpreter and macOS predict: picks prefill / decode by
+    length, computes cos/sin and the mask; the KV cache lives in the package's states."""
+
+    def __init__(self, bundle: Path, manifest: dict) -> None:
+        self.manifest = manifest
+        self.max_context = manifest["shapes"]["max_context"]
+        self.prefill_chunk = manifest["shapes"]["prefill_chunk"]
+        self.rope = manifest["components"]["text_decoder"]["rope"]
+        self.bundle = bundle
+
+    def _run(self, component: str, function: str, feeds: dict) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def token_embedding(self, input_ids):
+        ids = input_ids.numpy().astype(np.int32)
+        T = ids.shape[1]
+        if T == self.prefill_chunk:
+            return torch.from_numpy(self._out("token_embedding", "prefill", {"input_ids": ids}))
+        parts = [self._out("token_embedding", "decode", {"input_ids": ids[:, i : i + 1]}) for i in range(T)]
+        return torch.from_numpy(np.concatenate(parts, axis=1))
+
+    def vision_encoder(self, pixel_values):
+        return torch.from_numpy(self._out("vision_encoder", "main", {"pixel_values": pixel_values.numpy().astype(np.float32)}))
+
+    def audio_encoder(self, input_features):
+        return torch.from_numpy(self._out("audio_encoder", "main", {"input_features": input_features.numpy().astype(np.float32)}))
+
+    def text_decoder(self, embeds, position_ids, cache_position):
+        x, pos, slots = embeds.numpy().astype(np.float32), position_ids.numpy(), cache_position.numpy()
+        T = x.shape[1]
+        if T == self.prefill_chunk:
+            return torch.from_numpy(self._decoder_call("prefill", x, pos, int(slots[0])))
+        logits = None
+        for i in range(T):  # static shapes: a shorter chunk goes token by token
+            logits = self._decoder_call("decode", x[:, i : i + 1], pos[:, i : i + 1], int(slots[i]))
+        return torch.from_numpy(logits)
+
+    def _decoder_call(self, fn: str, x, pos, start: int) -> np.ndarray:
+        from ..host.static_decoder import additive_mask, rotary_cos_sin
+
+        cos, sin = rotary_cos_sin(self.rope, pos)
+        feeds = {"inputs_embeds": x, "cos": cos, "sin": sin, "mask": additive_mask(start, x.shape[1], self.max_context),
+                 "cache_start": np.array([start], np.int32)}  # fmt: skip
+        return self._out("text_decoder", fn, feeds)
+
+    def _out(self, component: str, fn: str, feeds: dict) -> np.ndarray:
+        (value,) = self._run(component, fn, feeds).values()
+        return np.asarray(value, dtype=np.float32)
+
+
+class MilRuntime(_PackageRuntime):
+    """The bundle's packages executed by the numpy MIL interpreter (Linux)."""
+
+    def __init__(self, bundle: Path, manifest: dict) -> None:
+        from .coreml_mil import MilInterpreter, MilProgram
+
+        super().__init__(bundle, manifest)
+        self.programs = {name: MilProgram(bundle / comp["file"]) for name, comp in manifest["components"].items()}
+        self.interpreters = {name: MilInterpreter(p) for name, p in self.programs.items()}
+
+    def reset(self) -> None:
+        self.interpreters["text_decoder"].reset()
+
+    def _run(self, component: str, function: str, feeds: dict) -> dict:
+        return self.interpreters[component].run(function, feeds)
+
+
+class CoreMLPredictRuntime(_PackageRuntime):  # pragma: no cover - needs macOS
+    """Core ML's own ``predict`` with states (macOS 15+); the structure checks still read the
+    packages with ``MilProgram``."""
+
+    def __init__(self, bundle: Path, manifest: dict) -> None:
+        from .coreml_mil import MilProgram
+
+        ct = _import_ct()
+        super().__init__(bundle, manifest)
+        self.programs = {name: MilProgram(bundle / comp["file"]) for name, comp in manifest["components"].items()}
+        self.models = {}
+        for name, comp in manifest["components"].items():
+            for fn in comp["package"]["functions"]:
+                kw = {} if fn == "main" else {"function_name": fn}
+                self.models[(name, fn)] = ct.models.MLModel(str(bundle / comp["file"]), compute_units=ct.ComputeUnit.CPU_AND_NE, **kw)
+        self.reset()
+
+    def reset(self) -> None:
+        # prefill and decode are functions of one package over the same state: one state object
+        self.state = self.models[("text_decoder", "decode")].make_state()
+
+    def _run(self, component: str, function: str, feeds: dict) -> dict:
+        model = self.models[(component, function)]
+        if component == "text_decoder":
+            return model.predict(feeds, state=self.state)
+        return model.predict(feeds)
+
+
+BACKEND = CoreMLBackend()

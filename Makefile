@@ -26,7 +26,7 @@ app-toolchain:
 	    echo "could not install the Kotlin toolchain: tests/test_app_ports.py will fail"; }
 
 test: setup app-toolchain
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile
 
 demo: setup
 	rm -rf $(DEMO)

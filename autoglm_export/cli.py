@@ -178,8 +178,17 @@ def quiet_third_party_logs() -> None:
     import warnings
 
     for name in ("torchao", "torch.utils._pytree", "torch._export", "torch.onnx", "onnx_ir", "onnxscript",
-                 "onnxruntime", "coremltools"):  # fmt: skip
+                 "onnxruntime", "coremltools", "executorch"):  # fmt: skip
         logging.getLogger(name).setLevel(logging.ERROR)
+    # ExecuTorch modules call logging.basicConfig(level=INFO) on import and its Qualcomm code logs
+    # through the root logger; a root handler of our own makes those calls no-ops and keeps what
+    # reaches stderr to errors. Our progress output does not go through logging.
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.ERROR)
+        root.addHandler(handler)
+    root.setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -1,71 +1,106 @@
-"""Shared fixtures: tiny checkpoints are built once per session, in the real layout."""
+"""Shared fixtures: tiny checkpoints are built once per session, in the real layout.
+
+The suite runs on pytest-xdist workers (`-n 2 --dist loadfile`). Fixtures that several test files
+use (checkpoints, bundles) are built once per run, not once per worker: the first worker that needs
+one builds it under a file lock in the run's shared temporary directory, the others wait and reuse
+it (the pattern pytest-xdist documents for session fixtures)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
+
+# Files that take longest go first so that the two workers finish together (loadfile hands out
+# files in collection order).
+SLOW_FIRST = ["test_qnn_bundle.py", "test_app_ports.py", "test_audio.py", "test_xnnpack_bundle.py",
+              "test_memory_guard.py", "test_coreml_bundle.py"]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
+def _shared(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(path)` once per test run across xdist workers; a failed build is retried by the next user."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, common to every worker
+    path, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            build(path)
+            done.touch()
+    return path
+
+
+def _cli_bundle(tmp_path_factory, name: str, *args) -> tuple[Path, subprocess.CompletedProcess]:
+    """An export through the real CLI, shared; its process output is kept for the tests that read it."""
+
+    def build(path: Path) -> None:
+        path.mkdir()
+        proc = run_cli(*args, "--out", path / "bundle")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (path / "process.json").write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr}))
+
+    path = _shared(tmp_path_factory, name, build)
+    logged = json.loads((path / "process.json").read_text())
+    return path / "bundle", subprocess.CompletedProcess(args, 0, logged["stdout"], logged["stderr"])
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     from autoglm_export.tiny import write_tiny_checkpoint
 
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+    return _shared(tmp_path_factory, "ckpt", lambda p: write_tiny_checkpoint(p, seed=0))
 
 
 @pytest.fixture(scope="session")
 def xnnpack_bundle(tiny_ckpt, tmp_path_factory):
     """The tiny checkpoint exported with the xnnpack-tiny recipe: (bundle dir, completed process)."""
-    out = tmp_path_factory.mktemp("xnn") / "bundle"
-    proc = run_cli("--target", "xnnpack", "--checkpoint", tiny_ckpt, "--out", out,
-                   "--recipe", REPO / "recipes" / "xnnpack-tiny.yaml")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+    return _cli_bundle(tmp_path_factory, "xnnpack", "--target", "xnnpack", "--checkpoint", tiny_ckpt,
+                       "--recipe", REPO / "recipes" / "xnnpack-tiny.yaml")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def qnn_bundle(tiny_ckpt, tmp_path_factory):
     """The tiny checkpoint exported with the qnn-tiny recipe: (bundle dir, completed process)."""
-    out = tmp_path_factory.mktemp("qnn") / "bundle"
-    proc = run_cli("--target", "qnn", "--checkpoint", tiny_ckpt, "--out", out,
-                   "--recipe", REPO / "recipes" / "qnn-tiny.yaml")  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc
+    return _cli_bundle(tmp_path_factory, "qnn", "--target", "qnn", "--checkpoint", tiny_ckpt,
+                       "--recipe", REPO / "recipes" / "qnn-tiny.yaml")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def audio_ckpt(tmp_path_factory) -> Path:
     from autoglm_export.tiny import write_tiny_checkpoint
 
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("audio") / "tiny-audio", seed=1, audio=True)
+    return _shared(tmp_path_factory, "audio-ckpt", lambda p: write_tiny_checkpoint(p, seed=1, audio=True))
 
 
 @pytest.fixture(scope="session")
 def audio_xnnpack_bundle(audio_ckpt, tmp_path_factory) -> Path:
     """The tiny audio checkpoint exported with the xnnpack-tiny recipe (image + audio + text)."""
-    out = tmp_path_factory.mktemp("audio-xnn") / "bundle"
-    proc = run_cli("-q", "--target", "xnnpack", "--checkpoint", audio_ckpt, "--out", out,
-                   "--recipe", REPO / "recipes" / "xnnpack-tiny.yaml")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return _cli_bundle(tmp_path_factory, "audio-xnnpack", "-q", "--target", "xnnpack", "--checkpoint", audio_ckpt,
+                       "--recipe", REPO / "recipes" / "xnnpack-tiny.yaml")[0]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def coreml_bundle(audio_ckpt, tmp_path_factory) -> Path:
     """The tiny audio checkpoint exported with the coreml-tiny recipe (verified by the MIL interpreter)."""
-    out = tmp_path_factory.mktemp("coreml") / "bundle"
-    proc = run_cli("--target", "coreml", "--checkpoint", audio_ckpt, "--out", out,
-                   "--recipe", REPO / "recipes" / "coreml-tiny.yaml")  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+    return _cli_bundle(tmp_path_factory, "coreml", "--target", "coreml", "--checkpoint", audio_ckpt,
+                       "--recipe", REPO / "recipes" / "coreml-tiny.yaml")[0]  # fmt: skip
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

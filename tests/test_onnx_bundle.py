@@ -35,6 +35,21 @@ def test_gates_and_layout(onnx_bundle):
     assert checks["end_to_end/greedy_lowered_vs_reference"]["tokens"] == 32
 
 
+def test_failed_gate_names_the_component(tiny_ckpt, tmp_path):
+    """A gate that fails: exit 1, the component named on stderr and in report.json, the bundle kept
+    for inspection (the pipeline's behaviour for every target; onnx is the quickest to export)."""
+    recipe = tmp_path / "strict.yaml"
+    text = TINY_RECIPE.read_text().replace("float_sqnr_db: 60", "float_sqnr_db: 200")
+    assert text != TINY_RECIPE.read_text()
+    recipe.write_text(text)
+    out = tmp_path / "b"
+    proc = run_cli("-q", "--target", "onnx", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", recipe)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "vision_encoder/lowered_vs_reference" in proc.stderr and "Traceback" not in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False and report["failed"] == ["vision_encoder/lowered_vs_reference"]
+
+
 def test_decoder_linears_are_matmulnbits(onnx_bundle):
     import onnx
 

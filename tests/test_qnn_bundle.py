@@ -5,6 +5,8 @@ run on the x86 HTP emulator and compared with the PyTorch simulation of the same
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -43,17 +45,23 @@ def test_gates_graphs_and_manifest(bundle):
     assert "overall: PASS" in proc.stdout
 
 
-def test_deterministic_verify_and_run(bundle, tiny_ckpt, tmp_path):
+def test_deterministic_and_verify(bundle, tiny_ckpt, tmp_path):
+    """A second export gives the same model.pte (context signatures pinned) and manifest; `verify` in a
+    fresh process rebuilds the PT2E simulation from the checkpoint. (`run` on a qnn bundle: test_audio.)
+    The second export skips the parity stage (library `verify=False`): it only reads what was written."""
     out, _ = bundle
     again = tmp_path / "again"
-    assert run_cli("-q", "--target", "qnn", "--checkpoint", tiny_ckpt, "--out", again, "--recipe", RECIPE).returncode == 0
-    for name in ("model.pte", "manifest.json"):  # context signatures pinned: byte-identical
-        assert (out / name).read_bytes() == (again / name).read_bytes(), name
-    proc = run_cli("verify", out)  # a fresh process rebuilds the PT2E simulation from the checkpoint
+    code = ("import sys; from autoglm_export.pipeline import export; "
+            "export(checkpoint=sys.argv[1], target='qnn', out=sys.argv[2], recipe=sys.argv[3], verify=False)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt), str(again), str(RECIPE)], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "model.pte").read_bytes() == (again / "model.pte").read_bytes()
+    first, second = (json.loads((d / "manifest.json").read_text()) for d in (out, again))
+    assert "skipped" in second.pop("verification") and first.pop("verification")["passed"]
+    assert first == second
+    proc = run_cli("verify", out)
     assert proc.returncode == 0 and "text_decoder/lowered_vs_reference" in proc.stdout, proc.stdout[-2000:]
-    proc = run_cli("run", out, "--prompt", "What is on the screen?", "--image", REPO / "tests/data/screen.png",
-                   "--max-new-tokens", "4")  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("target", ["qnn", "onnx-qnn"])

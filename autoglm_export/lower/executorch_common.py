@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -75,17 +76,22 @@ def delegation_stats(edge_program: ExportedProgram) -> dict:
 
 
 @contextlib.contextmanager
-def quiet_native_stderr():
-    """Hide the runtime's native log lines (cpuinfo probing /sys on x86) from the user's terminal.
-    Failures still surface as Python exceptions."""
-    saved = os.dup(2)
+def quiet_native_output():
+    """Hide what native runtimes print to the process's stdout and stderr (cpuinfo probing /sys on
+    x86, QNN's LIBNATIVE and context teardown lines): stdout carries our report table. Failures
+    still surface as Python exceptions."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
     try:
         with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
+            for fd in saved:
+                os.dup2(null.fileno(), fd)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def contract_check(runtime: "ExecuTorchRuntime", manifest: dict, methods: set[str] | None = None,
@@ -114,7 +120,7 @@ class ExecuTorchRuntime:
         import executorch.kernels.quantized  # noqa: F401  registers embedding_4bit & co.
         from executorch.runtime import Runtime, Verification
 
-        with quiet_native_stderr():
+        with quiet_native_output():
             self.program = Runtime.get().load_program(str(pte), verification=Verification.Minimal)
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
@@ -122,7 +128,7 @@ class ExecuTorchRuntime:
 
     def method(self, name: str):
         if name not in self._methods:
-            with quiet_native_stderr():
+            with quiet_native_output():
                 self._methods[name] = self.program.load_method(name)
         return self._methods[name]
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailable, ExportError
-from .executorch_common import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_stderr
+from .executorch_common import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_output
 from .qnn_contexts import HTP_CONTEXT_LIMIT, plan_contexts
 from .static_graphs import ComponentAdapter, StaticGraphRuntime, graph_names, static_graphs
 
@@ -105,7 +105,7 @@ def _lower_group(modules: dict, args: dict, fp16: bool, ctx, plan):
     # to_edge_transform_and_lower_to_qnn builds its own QnnPartitioner; ours tags the same nodes
     # and only adds the context cuts
     with mock.patch.object(qnn_utils, "QnnPartitioner", lambda specs, **kw: group_partitioner(specs, ctx, units)):
-        with quiet_native_stderr(), warnings.catch_warnings():
+        with quiet_native_output(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return qnn_utils.to_edge_transform_and_lower_to_qnn(modules, args, spec)
 
@@ -434,20 +434,23 @@ def _emulator_main(conn, pte: str) -> None:
 
     quiet_third_party_logs()  # a fresh interpreter: the parent's logging setup does not carry over
     try:
-        preload_qnn_libraries()
         from executorch.runtime import Runtime, Verification
 
-        with quiet_native_stderr():
+        with quiet_native_output():
+            preload_qnn_libraries()
             program = Runtime.get().load_program(pte, verification=Verification.Minimal)
         methods: dict = {}
         conn.send(("ok", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
+    # QNN logs the teardown of every context at exit: this child's stdout and stderr are nobody's
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     while (msg := conn.recv()) is not None:
         name, args = msg
         try:
-            with quiet_native_stderr():
+            with quiet_native_output():
                 if name not in methods:
                     methods[name] = program.load_method(name)
                 out = methods[name].execute([torch.from_numpy(a) for a in args])

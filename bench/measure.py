@@ -44,21 +44,31 @@ _WRAPPER = (
 )
 
 
-def measure(cmd: list[str], *, env: dict | None = None, log: Path | None = None) -> dict:
-    """Run ``cmd``; return its exit code, wall time and peak memory figures."""
+def measure(cmd: list[str], *, env: dict | None = None, log: Path | None = None, timeout: float | None = None) -> dict:
+    """Run ``cmd``; return its exit code, wall time and peak memory figures. After ``timeout``
+    seconds the whole tree is killed and ``timed_out`` is true."""
+    import signal
     import tempfile
 
     group = _new_cgroup()
+    timed_out = False
     with tempfile.NamedTemporaryFile("r", suffix=".json") as res:
         def enter():  # runs in the child before exec: the whole tree is charged to the group
+            os.setsid()  # and is one process group, so a timeout stops all of it
             if group:
                 (group[0] / "cgroup.procs").write_text(str(os.getpid()))
 
         out = open(log, "w") if log else subprocess.DEVNULL
         t0 = time.perf_counter()
         try:
-            subprocess.run([sys.executable, "-c", _WRAPPER, res.name, *cmd], env=env, stdout=out, stderr=subprocess.STDOUT,
-                           preexec_fn=enter, check=False)  # fmt: skip
+            proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, res.name, *cmd], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, preexec_fn=enter)  # fmt: skip
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         finally:
             if log:
                 out.close()
@@ -72,7 +82,7 @@ def measure(cmd: list[str], *, env: dict | None = None, log: Path | None = None)
         except OSError:
             pass
     return {"rc": data.get("rc", -1), "wall_s": round(wall, 2), "tree_peak_bytes": tree,
-            "max_process_rss_bytes": data.get("maxrss_kib", 0) * 1024}  # fmt: skip
+            "max_process_rss_bytes": data.get("maxrss_kib", 0) * 1024, "timed_out": timed_out}  # fmt: skip
 
 
 if __name__ == "__main__":  # python bench/measure.py CMD...: prints the figures as JSON

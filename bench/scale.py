@@ -9,7 +9,9 @@ Checkpoints are written with ``tiny-checkpoint --preset 9b-shape`` (real widths:
 vocab 151552, 32/2 heads, ViT 1536 wide) into --work (default: a temporary directory) and removed
 after each N. Exports run through ``pipeline.export(verify=False)`` by default: the x86 HTP
 emulator and the reference runs are far too slow at full width; --verify runs them anyway.
-Results: bench/results/NAME.json; docs/benchmarks.md gets a table and an SVG plot.
+Results: bench/results/NAME.json (a later run with the same NAME, vision depth and --verify replaces
+the rows of the (target, N) pairs it measures and keeps the others); docs/benchmarks.md gets a table
+and an SVG plot of every row. --timeout stops an export that runs longer and records it as such.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ RESULTS = REPO / "bench" / "results"
 DOC = REPO / "docs" / "benchmarks.md"
 FULL_LAYERS, FULL_VISION_DEPTH = 40, 24
 GGUF_Q4_K_M_BYTES = {"text": 5.74e9, "vision": 1.66e9}  # published AutoGLM-Phone-9B Q4_K_M GGUF files
-IMPLEMENTED = ("xnnpack", "onnx", "onnx-qnn", "qnn")
+IMPLEMENTED = ("xnnpack", "onnx", "onnx-qnn", "qnn", "coreml")
 
 _EXPORT = (
     "import sys; from autoglm_export.pipeline import export; from autoglm_export.cli import quiet_third_party_logs\n"
@@ -41,10 +43,13 @@ _EXPORT = (
 )
 
 
-def run_one(ckpt: Path, target: str, out: Path, recipe: str, verify: bool, log: Path) -> dict:
+def run_one(ckpt: Path, target: str, out: Path, recipe: str, verify: bool, log: Path, timeout: float | None = None) -> dict:
     if target not in IMPLEMENTED:
         return {"target": target, "status": f"not implemented yet ({target} target: see its issue)"}
-    r = measure([sys.executable, "-c", _EXPORT, str(ckpt), target, str(out), recipe, "1" if verify else "0"], log=log)
+    r = measure([sys.executable, "-c", _EXPORT, str(ckpt), target, str(out), recipe, "1" if verify else "0"], log=log,
+                timeout=timeout)  # fmt: skip
+    if r.get("timed_out"):
+        return {"target": target, "status": f"stopped after {timeout:.0f} s (not finished)", **r}
     if r["rc"] != 0:
         tail = log.read_text()[-1500:] if log.is_file() else ""
         return {"target": target, "status": f"failed (exit {r['rc']})", "log_tail": tail, **r}
@@ -171,6 +176,7 @@ def main() -> None:
     ap.add_argument("--name", default="scale")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--verify", action="store_true")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds before an export is stopped and recorded as such")
     ap.add_argument("--summarize", action="store_true", help="only recompute the summary and docs from results/NAME.json")
     args = ap.parse_args()
     if args.summarize:
@@ -182,17 +188,17 @@ def main() -> None:
         return
     work = Path(args.work or tempfile.mkdtemp(prefix="autoglm-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
     RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = _earlier_rows(RESULTS / f"{args.name}.json", args.vision_depth, args.verify)
     for n in [int(x) for x in args.layers.split(",")]:
         ckpt = work / f"ckpt-{n}"
         subprocess.run([sys.executable, "-m", "autoglm_export.cli", "tiny-checkpoint", str(ckpt), "--preset", "9b-shape",
                         "--layers", str(n), "--vision-depth", str(args.vision_depth), "--force", "-q"], check=True)  # fmt: skip
         for target in args.targets.split(","):
             print(f"N={n} {target} ...", flush=True)
-            r = run_one(ckpt, target, work / f"bundle-{target}-{n}", "", args.verify, work / f"{target}-{n}.log")
+            r = run_one(ckpt, target, work / f"bundle-{target}-{n}", "", args.verify, work / f"{target}-{n}.log", args.timeout)
             r["layers"] = n
-            rows.append(r)
+            rows = [x for x in rows if (x["target"], x["layers"]) != (target, n)] + [r]
             print(json.dumps({k: v for k, v in r.items() if k not in ("components", "log_tail")}), flush=True)
             shutil.rmtree(work / f"bundle-{target}-{n}", ignore_errors=True)
             result = {"machine": f"{platform.machine()}, {platform.system()}, {_cores()} cores", "verify": args.verify,
@@ -201,6 +207,14 @@ def main() -> None:
         shutil.rmtree(ckpt, ignore_errors=True)
     write_doc(result, args.name)
     print(json.dumps(result["summary"], indent=2))
+
+
+def _earlier_rows(path: Path, vision_depth: int, verify: bool) -> list[dict]:
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    same = earlier["vision_depth"] == vision_depth and earlier["verify"] == verify
+    return earlier["runs"] if same else []
 
 
 def _cores() -> int:

@@ -79,6 +79,7 @@ def summarize(rows: list[dict], vision_depth: int) -> dict:
         a_s, b_s = fit(ns, [r["bundle_bytes"] for r in ok])
         peaks = [r["tree_peak_bytes"] or r["max_process_rss_bytes"] for r in ok]
         a_m, b_m = fit(ns, peaks)
+        _, b_p = fit(ns, [r["max_process_rss_bytes"] for r in ok])
         # the ViT blocks missing from the measured checkpoints, at the vision component's measured
         # bits per weight (the per-block parameter count comes from the real 9B layout)
         v = ok[-1]["components"].get("vision_encoder", {})
@@ -87,7 +88,8 @@ def summarize(rows: list[dict], vision_depth: int) -> dict:
         out[target] = {
             "time_s": {"intercept": round(a_t, 1), "per_layer": round(b_t, 2), "at_40_layers": round(a_t + b_t * FULL_LAYERS)},
             "bundle_bytes": {"intercept": round(a_s), "per_layer": round(b_s), "at_40_layers_24_blocks": round(size_full)},
-            "peak_bytes": {"min": min(peaks), "max": max(peaks), "per_layer_slope": round(b_m)},
+            "peak_bytes": {"min": min(peaks), "max": max(peaks), "per_layer_slope": round(b_m),
+                           "process_rss_per_layer_slope": round(b_p)},
             "vs_gguf_q4_k_m": round(size_full / sum(GGUF_Q4_K_M_BYTES.values()), 3),
         }  # fmt: skip
     return out
@@ -143,15 +145,21 @@ def write_doc(result: dict, name: str) -> None:
             tree = f"{r['tree_peak_bytes'] / 2**30:.2f}" if r["tree_peak_bytes"] else "n/a"
             lines.append(f"| {r['target']} | {r['layers']} | ok | {r['wall_s']:.0f} | {tree} | {r['max_process_rss_bytes'] / 2**30:.2f} | "
                          f"{r['bundle_bytes'] / 1e9:.2f} |")  # fmt: skip
+        elif "wall_s" in r:  # failed or stopped: what it used until then
+            status = "killed (SIGKILL: out of memory)" if r.get("rc") == -9 else r["status"]
+            tree = f"{r['tree_peak_bytes'] / 2**30:.2f}" if r.get("tree_peak_bytes") else "n/a"
+            lines.append(f"| {r['target']} | {r['layers']} | {status} | {r['wall_s']:.0f} | {tree} | "
+                         f"{r['max_process_rss_bytes'] / 2**30:.2f} | |")  # fmt: skip
         else:
             lines.append(f"| {r['target']} | {r.get('layers', '')} | {r['status']} | | | | |")
     if summary:
-        lines += ["", "| target | time at 40 layers s (fit) | s per layer | bundle at 40 layers + 24 blocks GB | vs Q4_K_M GGUF (7.40 GB) | peak slope MiB/layer |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "| target | time at 40 layers s (fit) | s per layer | bundle at 40 layers + 24 blocks GB | vs Q4_K_M GGUF (7.40 GB) | peak tree slope MiB/layer | max process slope MiB/layer |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for t, s in summary.items():
             lines.append(f"| {t} | {s['time_s']['at_40_layers']} | {s['time_s']['per_layer']} | "
                          f"{s['bundle_bytes']['at_40_layers_24_blocks'] / 1e9:.2f} | {s['vs_gguf_q4_k_m']} | "
-                         f"{s['peak_bytes']['per_layer_slope'] / 2**20:.0f} |")  # fmt: skip
+                         f"{s['peak_bytes']['per_layer_slope'] / 2**20:.0f} | "
+                         f"{s['peak_bytes'].get('process_rss_per_layer_slope', 0) / 2**20:.0f} |")  # fmt: skip
     svg = svg_plot(rows)
     if svg:
         (REPO / "docs" / f"{name}.svg").write_text(svg)

@@ -45,3 +45,30 @@ def test_export_peak_memory_stays_under_a_ceiling_from_the_largest_tensor(tmp_pa
     assert peak + 2 * total > ceiling
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert "skipped" in manifest["verification"]
+
+
+def test_qnn_and_coreml_refuse_what_they_measured_they_cannot_fit(monkeypatch):
+    """The 9b-shape checkpoint with one decoder layer was OOM-killed on a 24 GiB machine by both
+    targets (bench/scale); it is now refused up front with a one-line reason, on such a machine."""
+    from autoglm_export.errors import BackendUnavailable
+    from autoglm_export.lower import coreml, memory_fit, qnn
+    from autoglm_export.quantize import ComponentPlan, WeightPlan
+
+    def comp(name, n):
+        return ComponentPlan(name, "fp16", {"w": WeightPlan(f"{name}.w", "fp16", None, 0, n, (n,))})
+
+    nine_b_one_layer = {"vision_encoder": comp("vision_encoder", 239_474_176),
+                        "token_embedding": comp("token_embedding", 620_756_992),
+                        "text_decoder": comp("text_decoder", 824_730_112)}  # fmt: skip
+    tiny = {"text_decoder": comp("text_decoder", 200_000)}
+    monkeypatch.setattr(memory_fit, "physical_memory_bytes", lambda: 24 * 2**30)
+    for target, held, per in (("qnn", qnn.HELD_BYTES_PER_PARAM, qnn.LOWER_BYTES_PER_PARAM),
+                              ("coreml", coreml.HELD_BYTES_PER_PARAM, coreml.CONVERT_BYTES_PER_PARAM)):  # fmt: skip
+        memory_fit.refuse_if_over_memory(target, tiny, held=held, per_component=per, how="lowers")
+        try:
+            memory_fit.refuse_if_over_memory(target, nine_b_one_layer, held=held, per_component=per, how="lowers")
+        except BackendUnavailable as e:
+            msg = str(e)
+            assert msg.startswith(target) and "text_decoder" in msg and "24 GiB" in msg and "\n" not in msg
+        else:
+            raise AssertionError(f"{target}: the export the OOM killer stopped is not refused")

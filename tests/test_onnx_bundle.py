@@ -123,13 +123,28 @@ def test_int8_rule_is_refused_for_onnx(tiny_ckpt, tmp_path):
 
 
 def test_large_weights_go_to_external_data(tiny_ckpt, tmp_path, monkeypatch):
+    from pathlib import Path
+
     from autoglm_export.lower import onnxrt
     from autoglm_export.pipeline import export
 
     monkeypatch.setattr(onnxrt, "EXTERNAL_DATA_THRESHOLD", 1024)
+    waiting = {}
+    lower = onnxrt.OnnxBackend.lower
+
+    def spy(self, programs, *args, **kwargs):  # what the exported programs hold while they wait for lower()
+        for name, prog in programs.items():
+            waiting[name] = (max(len(t.raw_data) for t in prog["model"].graph.initializer), Path(prog["scratch"].name))
+            assert sum(f.stat().st_size for f in waiting[name][1].iterdir() if f.suffix == ".data") > 1024
+        return lower(self, programs, *args, **kwargs)
+
+    monkeypatch.setattr(onnxrt.OnnxBackend, "lower", spy)
     out = tmp_path / "ext"
     report = export(checkpoint=tiny_ckpt, target="onnx", out=out, recipe=TINY_RECIPE)
     assert report["passed"]
+    assert sorted(waiting) == ["text_decoder", "token_embedding", "vision_encoder"]
+    assert all(raw <= 1024 for raw, _ in waiting.values())  # weights spilled, not held in memory
+    assert not any(scratch.exists() for _, scratch in waiting.values())  # and the scratch files are gone
     m = json.loads((out / "manifest.json").read_text())
     data_files = [n for n in m["files"] if n.endswith(".onnx.data")]
     assert sorted(data_files) == ["text_decoder.onnx.data", "token_embedding.onnx.data", "vision_encoder.onnx.data"]
@@ -139,6 +154,21 @@ def test_large_weights_go_to_external_data(tiny_ckpt, tmp_path, monkeypatch):
     (bad / "text_decoder.onnx.data").write_bytes(b"\0" * (bad / "text_decoder.onnx.data").stat().st_size)
     proc = run_cli("run", bad, "--prompt", "hi")
     assert proc.returncode == 2 and "text_decoder.onnx.data" in proc.stderr
+
+
+def test_initializer_sizes_come_from_shapes():
+    """Protobuf cannot serialise past 2 GiB (the real fp32 token embedding is 2.5 GB), so sizes
+    must not come from ByteSize()."""
+    import onnx
+
+    from autoglm_export.lower.onnxrt import _nbytes
+
+    small = onnx.numpy_helper.from_array(np.ones((3, 5), np.float32))
+    assert _nbytes(small) == 60
+    real_embedding = onnx.TensorProto(name="embed", data_type=onnx.TensorProto.FLOAT, dims=[151552, 4096])
+    assert _nbytes(real_embedding) == 151552 * 4096 * 4
+    half = onnx.numpy_helper.from_array(np.ones((4, 4), np.float16))
+    assert _nbytes(half) == 32
 
 
 def test_verify_against_onnxruntime_on_an_onnx_bundle(onnx_bundle):

@@ -36,8 +36,13 @@ from . import coreml_quant
 DEPLOYMENT = "iOS18"
 MULTIFUNCTION = ("token_embedding", "text_decoder")
 DEFAULT_FUNCTION = "decode"
-# fp32 module for torch.export (4) + coremltools' conversion (~7 bytes per parameter: DESIGN.md §4)
-CONVERT_BYTES_PER_PARAM = 11
+# Memory model behind the up-front refusal (memory_fit.py): every component's fp32 export is held
+# until lowering (4 bytes per parameter of the whole model), and converting one component grows RSS
+# by at least CONVERT_BYTES_PER_PARAM times its parameters. 26 is a measured lower bound, not DESIGN.md §4's ~7:
+# at 9B widths (1 layer) the 620.8 M-parameter token embedding's conversion took RSS from 8.2 GiB
+# past 23 GiB before the OOM killer ended it (bench/scale, 2026-11-22).
+HELD_BYTES_PER_PARAM = 4
+CONVERT_BYTES_PER_PARAM = 26
 
 
 def package_name(component: str) -> str:
@@ -88,15 +93,11 @@ class CoreMLBackend:
         raise AssertionError("the coreml target quantizes after conversion")
 
     def check_plans(self, plans: dict, recipe_file: str) -> None:
-        from ..verify import memory_budget_bytes
+        from .memory_fit import refuse_if_over_memory
 
+        refuse_if_over_memory("coreml", plans, held=HELD_BYTES_PER_PARAM, per_component=CONVERT_BYTES_PER_PARAM,
+                              how="converts each component whole")  # fmt: skip
         for plan in plans.values():
-            need = CONVERT_BYTES_PER_PARAM * plan.summary()["params"]
-            if need > 2 * memory_budget_bytes():
-                raise BackendUnavailable(
-                    f"coreml converts each component whole: {plan.component} ({plan.summary()['params']:,} parameters) needs "
-                    f"about {need / 2**30:.0f} GiB, this machine has {2 * memory_budget_bytes() / 2**30:.0f} GiB; run on a "
-                    "larger machine (per-layer-group conversion is not implemented yet)")  # fmt: skip
             fp32 = [w.weight for w in plan.weights.values() if w.scheme == "fp32"]
             if fp32:
                 raise ExportError(

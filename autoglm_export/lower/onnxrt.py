@@ -6,6 +6,11 @@ INT4 recipe rules become ``MatMulNBits`` through ONNX Runtime's own block-wise q
 returns its KV cache explicitly (ONNX Runtime has no module state). Weights over 1 MiB go to
 external data files beside each model.
 
+Memory: each component is saved by the exporter straight to a scratch file with external data, so
+the programs waiting for ``lower`` hold graphs, not weights; ``lower`` reads one component's weights back at a
+time. Protobuf cannot serialise a message over 2 GiB, and the real token embedding alone is
+2.5 GB in fp32: sizes are computed from shapes, never by serialising.
+
 "PyTorch with the same weights" for this target is the fp32 module with every MatMulNBits
 weight replaced by its dequantized value, read back from the written model.
 """
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,7 +37,17 @@ def _file(name: str) -> str:
 
 
 def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).data).hexdigest()  # no bytes copy
+
+
+def _nbytes(tensor) -> int:
+    """Bytes of an initializer's data, from its shape (``ByteSize`` fails past 2 GiB)."""
+    import onnx
+
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return math.prod(tensor.dims) * itemsize
 
 
 def dequantize_matmul_nbits(node, inits: dict) -> np.ndarray:
@@ -112,22 +129,34 @@ class OnnxBackend:
                 warnings.filterwarnings("ignore", message=".*dynamic axes will not be renamed")
                 program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=outs,
                                             dynamic_shapes=dyn, optimize=True, verbose=False)  # fmt: skip
-        # plain float weights, for mapping MatMul initializers back to recipe rules in lower();
-        # torchao-quantized weights (the --against gate exports those as they are) are skipped
-        params = {n: p.detach().float().numpy() for n, p in module.named_parameters()
-                  if type(p) in (torch.Tensor, torch.nn.Parameter)}  # fmt: skip
-        prefix = "decoder." if name == "text_decoder" else ""
-        return {"model": program.model_proto, "params": {n.removeprefix(prefix): v for n, v in params.items()}}
+            # straight to a scratch file: building program.model_proto would copy every weight
+            # into one protobuf message (and fail past 2 GiB)
+            import onnx
+
+            scratch = tempfile.TemporaryDirectory(prefix="autoglm-onnx-")  # removed with the program
+            program.save(Path(scratch.name) / "model.onnx", external_data=True)
+            del program
+            model = onnx.load(str(Path(scratch.name) / "model.onnx"), load_external_data=False)
+            # digests of the plain 2-D float weights as the exporter lays them out for MatMul
+            # (transposed), for mapping MatMul initializers back to recipe rules in lower();
+            # torchao-quantized weights (the --against gate exports those as they are) are skipped
+            prefix = "decoder." if name == "text_decoder" else ""
+            digests = {_digest(p.detach().float().numpy().T): n.removeprefix(prefix) for n, p in module.named_parameters()
+                       if type(p) in (torch.Tensor, torch.nn.Parameter) and p.dim() == 2}  # fmt: skip
+        return {"model": model, "scratch": scratch, "digests": digests}
 
     def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
         import onnx
+        from onnx.external_data_helper import load_external_data_for_model
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         files, methods = [], {}
-        for name, prog in programs.items():
-            model, params = prog["model"], prog["params"]
+        for name in list(programs):
+            prog = programs.pop(name)  # one component's weights in memory at a time
+            model, by_digest, scratch = prog["model"], prog["digests"], prog["scratch"]
+            load_external_data_for_model(model, scratch.name)
+            scratch.cleanup()
             plan = plans[name]
-            by_digest = {_digest(v.T): n for n, v in params.items() if v.ndim == 2}
             inits = {i.name: i for i in model.graph.initializer}
             groups: dict[int, list[str]] = {}
             node_weights: dict[str, str] = {}
@@ -160,7 +189,7 @@ class OnnxBackend:
                 del node.metadata_props[:]
                 node.doc_string = ""
             path = out_dir / _file(name)
-            big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+            big = sum(_nbytes(t) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
             onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
                             location=path.name + ".data", size_threshold=EXTERNAL_DATA_THRESHOLD)  # fmt: skip
             files.append(path.name)
@@ -172,6 +201,7 @@ class OnnxBackend:
                 ops[node.op_type] = ops.get(node.op_type, 0) + 1
             methods[name] = {"file": path.name, "onnx_ops": dict(sorted(ops.items())),
                              "quantized_outputs": dict(sorted(node_weights.items()))}  # fmt: skip
+            del model, prog
         return {"files": files, "methods": methods}
 
     def apply_bundle_weights(self, name: str, module: torch.nn.Module, bundle: Path, manifest: dict) -> None:

@@ -58,6 +58,11 @@ def preload_qnn_libraries() -> dict:
     return note
 
 
+# Up-front memory refusal (memory_fit.py), lower bounds measured at 9B widths with one decoder layer
+# (bench/scale, 2026-11-22): 6.8 GiB held after exporting 1.69 B parameters; the 620.8 M-parameter
+# token embedding's two PT2E graphs and their lowering took RSS from 8.3 GiB past 23 GiB (OOM kill).
+HELD_BYTES_PER_PARAM = 4
+LOWER_BYTES_PER_PARAM = 24
 QNN_CONTEXT_MAGIC = bytes.fromhex("cdab7856")  # 0x5678abcd, little-endian: ExecuTorch's QNN context header
 
 
@@ -181,10 +186,13 @@ class QnnBackend:
         raise AssertionError("the qnn target quantizes with PT2E after export")
 
     def check_plans(self, plans: dict, recipe_file: str) -> None:
+        from .memory_fit import refuse_if_over_memory
         from .onnx_qnn import check_npu_plans
 
         preload_qnn_libraries()  # a missing toolchain is reported before any tensor is read
         check_npu_plans(plans, recipe_file)
+        refuse_if_over_memory("qnn", plans, held=HELD_BYTES_PER_PARAM, per_component=LOWER_BYTES_PER_PARAM,
+                              how="quantizes (PT2E) and lowers each component whole")  # fmt: skip
         opts = self._qnn
         self._contexts = {name: plan_contexts(plan, len(graph_names(name)), opts.max_context_bytes,
                                               opts.weight_sharing and len(graph_names(name)) > 1, recipe_file)

@@ -2,7 +2,7 @@
 with the peak memory of the whole process tree (bench/measure.py), wall time and bundle size;
 time and size are fitted linearly in N and extrapolated to the real 40 layers.
 
-    python bench/scale.py [--targets xnnpack,onnx,qnn,coreml] [--layers 1,2,4,8] [--vision-depth 1]
+    python bench/scale.py [--targets xnnpack,onnx,qnn,coreml,xnnpack:recipes/xnnpack-compact.yaml] [--layers 1,2,4,8] [--vision-depth 1]
                           [--name scale] [--work DIR] [--verify]
 
 Checkpoints are written with ``tiny-checkpoint --preset 9b-shape`` (real widths: hidden 4096,
@@ -202,13 +202,15 @@ def main() -> None:
         ckpt = work / f"ckpt-{n}"
         subprocess.run([sys.executable, "-m", "autoglm_export.cli", "tiny-checkpoint", str(ckpt), "--preset", "9b-shape",
                         "--layers", str(n), "--vision-depth", str(args.vision_depth), "--force", "-q"], check=True)  # fmt: skip
-        for target in args.targets.split(","):
-            print(f"N={n} {target} ...", flush=True)
-            r = run_one(ckpt, target, work / f"bundle-{target}-{n}", "", args.verify, work / f"{target}-{n}.log", args.timeout)
-            r["layers"] = n
-            rows = [x for x in rows if (x["target"], x["layers"]) != (target, n)] + [r]
+        for spec in args.targets.split(","):
+            target, _, recipe = spec.partition(":")  # "xnnpack:recipes/xnnpack-compact.yaml": another recipe
+            label, tag = (f"{target} ({Path(recipe).stem})", Path(recipe).stem) if recipe else (target, target)
+            print(f"N={n} {label} ...", flush=True)
+            r = run_one(ckpt, target, work / f"bundle-{tag}-{n}", recipe, args.verify, work / f"{tag}-{n}.log", args.timeout)
+            r["target"], r["layers"] = label, n
+            rows = [x for x in rows if (x["target"], x["layers"]) != (label, n)] + [r]
             print(json.dumps({k: v for k, v in r.items() if k not in ("components", "log_tail")}), flush=True)
-            shutil.rmtree(work / f"bundle-{target}-{n}", ignore_errors=True)
+            shutil.rmtree(work / f"bundle-{tag}-{n}", ignore_errors=True)
             result = {"machine": f"{platform.machine()}, {platform.system()}, {_cores()} cores", "verify": args.verify,
                       "vision_depth": args.vision_depth, "runs": rows, "summary": summarize(rows, args.vision_depth)}  # fmt: skip
             (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")

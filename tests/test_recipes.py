@@ -120,3 +120,53 @@ def test_usage_errors_are_one_clean_message():
     assert proc.returncode == 2 and "Missing option" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("--target", "xnnpack", "--no-such-flag")
     assert proc.returncode == 2 and "No such option" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compact_xnnpack_recipe_plans_the_real_9b_under_the_size_goal():
+    """Issue #7's size goal (full bundle <= 6.0 GB) on the real 9B layout, from the plan alone: the
+    default xnnpack recipe (fp32 ViT, int8 lm_head) cannot meet it, xnnpack-compact.yaml does.
+    bench/scale.py measures the bundles these plans become at 9B widths (docs/benchmarks.md)."""
+    import json
+
+    from autoglm_export.components import Shapes, registry
+    from autoglm_export.load import build_on_meta
+    from autoglm_export.models.glm4v.spec import parse_config
+    from autoglm_export.quantize import plan_component
+    from autoglm_export.recipe import load_recipe
+
+    data = REPO / "tests" / "data" / "glm41v_9b_config.json"
+    spec = parse_config(json.loads(data.read_text()), data)
+
+    def planned_bytes(recipe_name: str) -> float:
+        rec = load_recipe(RECIPES_DIR / recipe_name)
+        total = 0.0
+        for comp in registry.for_spec(spec):
+            s = plan_component(rec, comp.name, build_on_meta(lambda c=comp: c.build(spec, Shapes.from_recipe(rec))),
+                               recipe_name).summary()  # fmt: skip
+            total += s["params"] * s["effective_bits_per_weight"] / 8
+        return total
+
+    assert planned_bytes("xnnpack.yaml") > 8.0e9  # ViT 2.7 GB in fp32
+    assert 5.5e9 < planned_bytes("xnnpack-compact.yaml") <= 6.0e9
+
+
+def test_compact_xnnpack_recipe_passes_the_parity_gates(tiny_ckpt, tmp_path):
+    """The same rules at the tiny checkpoint's shapes: lowered program vs the PyTorch reference with
+    the same (more aggressive) quantization, every gate of the default recipe."""
+    import json
+
+    text = (RECIPES_DIR / "xnnpack-compact.yaml").read_text()
+    for real, tiny in (("image_size: 336", "image_size: 112"), ("max_context: 2048", "max_context: 128"),
+                       ("prefill_chunk: 128", "prefill_chunk: 16"), ("name: xnnpack-compact", "name: xnnpack-compact-tiny")):  # fmt: skip
+        assert real in text
+        text = text.replace(real, tiny)
+    recipe = tmp_path / "xnnpack-compact-tiny.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "bundle"
+    proc = run_cli("--target", "xnnpack", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", recipe)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["verification"]["passed"] is True
+    schemes = {n: c["quantization"]["params_by_scheme"] for n, c in m["components"].items()}
+    assert "int8" in schemes["vision_encoder"] and "int4-g64" in schemes["text_decoder"]
+    assert set(schemes["text_decoder"]) <= {"int4-g64", "fp32"}  # the lm_head too

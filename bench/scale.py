@@ -80,10 +80,10 @@ def summarize(rows: list[dict], vision_depth: int) -> dict:
         peaks = [r["tree_peak_bytes"] or r["max_process_rss_bytes"] for r in ok]
         a_m, b_m = fit(ns, peaks)
         _, b_p = fit(ns, [r["max_process_rss_bytes"] for r in ok])
-        # the ViT blocks missing from the measured checkpoints, at the vision component's measured
-        # bits per weight (the per-block parameter count comes from the real 9B layout)
-        v = ok[-1]["components"].get("vision_encoder", {})
-        v_bytes_per_block = vision_block_params() * v.get("effective_bits_per_weight", 0) / 8
+        # the ViT blocks missing from the measured checkpoints, at the bits the recipe plans for one
+        # block (not the component's average: at depth 1 its fp32 patch embedding, position table and
+        # norms weigh far more than in 24 blocks)
+        v_bytes_per_block = vision_block_bytes(target)
         size_full = a_s + b_s * FULL_LAYERS + v_bytes_per_block * (FULL_VISION_DEPTH - vision_depth)
         out[target] = {
             "time_s": {"intercept": round(a_t, 1), "per_layer": round(b_t, 2), "at_40_layers": round(a_t + b_t * FULL_LAYERS)},
@@ -95,15 +95,30 @@ def summarize(rows: list[dict], vision_depth: int) -> dict:
     return out
 
 
-def vision_block_params() -> int:
-    import math
+def vision_block_bytes(label: str) -> float:
+    """Planned bytes of one ViT block of the 9B layout under the recipe a row was measured with
+    ("xnnpack" -> the target's default recipe, "xnnpack (xnnpack-compact)" -> recipes/xnnpack-compact.yaml)."""
+    import dataclasses
 
-    from autoglm_export.models.glm4v.layout import full_layout
+    from autoglm_export.components import Shapes, registry
+    from autoglm_export.load import build_on_meta
     from autoglm_export.models.glm4v.spec import parse_config
+    from autoglm_export.quantize import plan_component
+    from autoglm_export.recipe import default_recipe_path, load_recipe
     from autoglm_export.tiny import PRESETS, make_config
 
-    spec = parse_config(make_config(PRESETS["9b-shape"]), Path("config.json"), {"eos_token_id": [151329], "pad_token_id": 151329})
-    return sum(math.prod(s) for k, s in full_layout(spec).items() if ".visual.blocks.0." in k)
+    target, _, stem = label.partition(" (")
+    path = REPO / "recipes" / f"{stem.rstrip(')')}.yaml" if stem else default_recipe_path(target)
+    rec = load_recipe(path)
+
+    def vision_bytes(depth: int) -> float:
+        preset = dataclasses.replace(PRESETS["9b-shape"], layers=1, vision_depth=depth)
+        spec = parse_config(make_config(preset), Path("config.json"), {"eos_token_id": [151329], "pad_token_id": 151329})
+        comp = registry.get("vision_encoder")
+        s = plan_component(rec, comp.name, build_on_meta(lambda: comp.build(spec, Shapes.from_recipe(rec))), str(path)).summary()
+        return s["params"] * s["effective_bits_per_weight"] / 8
+
+    return vision_bytes(2) - vision_bytes(1)
 
 
 def svg_plot(rows: list[dict]) -> str:

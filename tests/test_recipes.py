@@ -151,13 +151,15 @@ def test_compact_xnnpack_recipe_plans_the_real_9b_under_the_size_goal():
 
 
 def test_compact_xnnpack_recipe_passes_the_parity_gates(tiny_ckpt, tmp_path):
-    """The same rules at the tiny checkpoint's shapes: lowered program vs the PyTorch reference with
-    the same (more aggressive) quantization, every gate of the default recipe."""
+    """The same rules at the tiny checkpoint's shapes (int4 groups of 64: the tiny decoder's inputs are
+    64 wide, a group of 128 cannot divide them): lowered program vs the PyTorch reference with the
+    same (more aggressive) quantization, every gate of the default recipe."""
     import json
 
     text = (RECIPES_DIR / "xnnpack-compact.yaml").read_text()
     for real, tiny in (("image_size: 336", "image_size: 112"), ("max_context: 2048", "max_context: 128"),
-                       ("prefill_chunk: 128", "prefill_chunk: 16"), ("name: xnnpack-compact", "name: xnnpack-compact-tiny")):  # fmt: skip
+                       ("prefill_chunk: 128", "prefill_chunk: 16"), ("name: xnnpack-compact", "name: xnnpack-compact-tiny"),
+                       ("group_size: 128", "group_size: 64")):  # fmt: skip
         assert real in text
         text = text.replace(real, tiny)
     recipe = tmp_path / "xnnpack-compact-tiny.yaml"

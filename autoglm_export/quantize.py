@@ -50,6 +50,11 @@ class ComponentPlan:
     def quantized(self) -> bool:
         return any(w.scheme in ("int4", "int8") for w in self.weights.values())
 
+    @property
+    def weight_bytes(self) -> float:
+        """What the plan's weights take at their schemes' bits (scales included)."""
+        return sum(w.bits * w.params for w in self.weights.values()) / 8
+
     def summary(self) -> dict:
         schemes: dict[str, int] = {}
         bits = params = 0.0

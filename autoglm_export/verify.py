@@ -11,7 +11,6 @@ when it would not fit in memory.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,9 @@ DECODE_STEPS = 8
 
 
 def memory_budget_bytes() -> int:
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
+    from .lower.memory_fit import physical_memory_bytes
+
+    return int(physical_memory_bytes() * 0.5)
 
 
 def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentPlan | None, backend,
@@ -60,9 +61,14 @@ def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentP
 
 
 def make_plans(recipe: Recipe, ckpt: Checkpoint, shapes: Shapes, recipe_file: str) -> dict[str, ComponentPlan]:
+    return plans_for_spec(recipe, ckpt.spec, shapes, recipe_file)
+
+
+def plans_for_spec(recipe: Recipe, spec, shapes: Shapes, recipe_file: str) -> dict[str, ComponentPlan]:
+    """Every component's plan from a model spec alone (modules built on meta: no weights needed)."""
     plans = {}
-    for comp in registry.for_spec(ckpt.spec):
-        meta = build_on_meta(lambda c=comp: c.build(ckpt.spec, shapes))
+    for comp in registry.for_spec(spec):
+        meta = build_on_meta(lambda c=comp: c.build(spec, shapes))
         plans[comp.name] = plan_component(recipe, comp.name, meta, recipe_file)
     return plans
 

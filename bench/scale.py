@@ -100,12 +100,11 @@ def vision_block_bytes(label: str) -> float:
     ("xnnpack" -> the target's default recipe, "xnnpack (xnnpack-compact)" -> recipes/xnnpack-compact.yaml)."""
     import dataclasses
 
-    from autoglm_export.components import Shapes, registry
-    from autoglm_export.load import build_on_meta
+    from autoglm_export.components import Shapes
     from autoglm_export.models.glm4v.spec import parse_config
-    from autoglm_export.quantize import plan_component
     from autoglm_export.recipe import default_recipe_path, load_recipe
     from autoglm_export.tiny import PRESETS, make_config
+    from autoglm_export.verify import plans_for_spec
 
     target, _, stem = label.partition(" (")
     path = REPO / "recipes" / f"{stem.rstrip(')')}.yaml" if stem else default_recipe_path(target)
@@ -114,9 +113,7 @@ def vision_block_bytes(label: str) -> float:
     def vision_bytes(depth: int) -> float:
         preset = dataclasses.replace(PRESETS["9b-shape"], layers=1, vision_depth=depth)
         spec = parse_config(make_config(preset), Path("config.json"), {"eos_token_id": [151329], "pad_token_id": 151329})
-        comp = registry.get("vision_encoder")
-        s = plan_component(rec, comp.name, build_on_meta(lambda: comp.build(spec, Shapes.from_recipe(rec))), str(path)).summary()
-        return s["params"] * s["effective_bits_per_weight"] / 8
+        return plans_for_spec(rec, spec, Shapes.from_recipe(rec), str(path))["vision_encoder"].weight_bytes
 
     return vision_bytes(2) - vision_bytes(1)
 

@@ -128,23 +128,16 @@ def test_compact_xnnpack_recipe_plans_the_real_9b_under_the_size_goal():
     bench/scale.py measures the bundles these plans become at 9B widths (docs/benchmarks.md)."""
     import json
 
-    from autoglm_export.components import Shapes, registry
-    from autoglm_export.load import build_on_meta
+    from autoglm_export.components import Shapes
     from autoglm_export.models.glm4v.spec import parse_config
-    from autoglm_export.quantize import plan_component
-    from autoglm_export.recipe import load_recipe
+    from autoglm_export.verify import plans_for_spec
 
     data = REPO / "tests" / "data" / "glm41v_9b_config.json"
     spec = parse_config(json.loads(data.read_text()), data)
 
     def planned_bytes(recipe_name: str) -> float:
         rec = load_recipe(RECIPES_DIR / recipe_name)
-        total = 0.0
-        for comp in registry.for_spec(spec):
-            s = plan_component(rec, comp.name, build_on_meta(lambda c=comp: c.build(spec, Shapes.from_recipe(rec))),
-                               recipe_name).summary()  # fmt: skip
-            total += s["params"] * s["effective_bits_per_weight"] / 8
-        return total
+        return sum(p.weight_bytes for p in plans_for_spec(rec, spec, Shapes.from_recipe(rec), recipe_name).values())
 
     assert planned_bytes("xnnpack.yaml") > 8.0e9  # ViT 2.7 GB in fp32
     assert 5.5e9 < planned_bytes("xnnpack-compact.yaml") <= 6.0e9

@@ -38,9 +38,9 @@ MULTIFUNCTION = ("token_embedding", "text_decoder")
 DEFAULT_FUNCTION = "decode"
 # Memory model behind the up-front refusal (memory_fit.py): every component's fp32 export is held
 # until lowering (4 bytes per parameter of the whole model), and converting one component grows RSS
-# by at least CONVERT_BYTES_PER_PARAM times its parameters. 26 is a measured lower bound, not DESIGN.md §4's ~7:
-# at 9B widths (1 layer) the 620.8 M-parameter token embedding's conversion took RSS from 8.2 GiB
-# past 23 GiB before the OOM killer ended it (bench/scale, 2026-11-22).
+# by at least CONVERT_BYTES_PER_PARAM times its parameters. 26 is a measured lower bound, not
+# DESIGN.md §4's ~7: at 9B widths (1 layer) the 620.8 M-parameter token embedding's conversion took
+# RSS from 8.2 GiB past 23 GiB before the OOM killer ended it (bench/scale, 2026-11-22).
 HELD_BYTES_PER_PARAM = 4
 CONVERT_BYTES_PER_PARAM = 26
 

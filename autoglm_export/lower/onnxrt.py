@@ -44,8 +44,6 @@ def _nbytes(tensor) -> int:
     """Bytes of an initializer's data, from its shape (``ByteSize`` fails past 2 GiB)."""
     import onnx
 
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return int({e.key: e.value for e in tensor.external_data}.get("length", 0))
     itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     return math.prod(tensor.dims) * itemsize
 

@@ -441,27 +441,27 @@ def _emulator_main(conn, pte: str) -> None:
     from ..cli import quiet_third_party_logs
 
     quiet_third_party_logs()  # a fresh interpreter: the parent's logging setup does not carry over
+    # results and errors travel through the pipe, so this child's stdout and stderr are nobody's:
+    # QNN's LIBNATIVE lines, per-call logs and the teardown of every context at exit go nowhere
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
     try:
         from executorch.runtime import Runtime, Verification
 
-        with quiet_native_output():
-            preload_qnn_libraries()
-            program = Runtime.get().load_program(pte, verification=Verification.Minimal)
+        preload_qnn_libraries()
+        program = Runtime.get().load_program(pte, verification=Verification.Minimal)
         methods: dict = {}
         conn.send(("ok", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    # QNN logs the teardown of every context at exit: this child's stdout and stderr are nobody's
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     while (msg := conn.recv()) is not None:
         name, args = msg
         try:
-            with quiet_native_output():
-                if name not in methods:
-                    methods[name] = program.load_method(name)
-                out = methods[name].execute([torch.from_numpy(a) for a in args])
+            if name not in methods:
+                methods[name] = program.load_method(name)
+            out = methods[name].execute([torch.from_numpy(a) for a in args])
             conn.send(("ok", [o.numpy() for o in out]))
         except Exception as e:  # noqa: BLE001
             conn.send(("error", f"{type(e).__name__}: {e}"))

@@ -20,11 +20,18 @@ from .host.audio import AudioPreprocessing
 from .host.image import ImagePreprocessing
 from .host.tokenizer import ChatTokenizer
 from .load import build_on_meta, load_component
+from .models.glm4v.modules import TextDecoder
 from .models.glm4v.spec import load_json
 from .progress import silent
 from .quantize import FLOAT_DTYPES, quantize_hook
 from .recipe import Recipe, default_recipe_path, load_recipe
 from .verify import format_report, make_plans, run_checks
+
+
+def decoder_parts(num_layers: int, per_program: int | None) -> list[tuple[int, int]]:
+    """Layer ranges [a, b) of the decoder's programs: one, or runs of ``per_program`` layers."""
+    step = per_program or num_layers
+    return [(a, min(a + step, num_layers)) for a in range(0, num_layers, step)]
 
 
 def check_recipe_fits(recipe: Recipe, ckpt: Checkpoint, recipe_file: Path) -> None:
@@ -115,14 +122,33 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     backend.check_plans(plans, str(recipe_file))
 
     stage = progress.stage
+    parts = decoder_parts(ckpt.spec.text.num_layers, rec.lowering.decoder_layers_per_program)
     with atomic_output_dir(out, force=force) as tmp:
         programs = {}
-        for comp in registry.for_spec(ckpt.spec):
+        part_results = []
+        components = registry.for_spec(ckpt.spec)
+        if len(parts) > 1:  # the decoder first, part by part, so nothing else is held meanwhile
+            components.sort(key=lambda c: c.name != "text_decoder")
+        for comp in components:
             plan = plans[comp.name]
             s = plan.summary()
             stage("quantize")(f"{comp.name}: {s['params']:,} params, {s['params_by_scheme']}, "
                               f"{s['effective_bits_per_weight']} bits/weight")  # fmt: skip
             hook = quantize_hook(plan, backend.torchao_config) if backend.quantizes_in_torch else None
+            if comp.name == "text_decoder" and len(parts) > 1:
+                for i, (a, b) in enumerate(parts):
+                    module = load_component(build_on_meta(lambda a=a, b=b: TextDecoder(ckpt.spec, shapes.max_context, (a, b))),
+                                            ckpt, FLOAT_DTYPES[plan.dtype], on_module=hook)  # fmt: skip
+                    ckpt.close()
+                    stage("split")(f"torch.export text_decoder part {i + 1}/{len(parts)} (layers {a}..{b - 1})")
+                    program = backend.export(comp.name, module, shapes.prefill_chunk)
+                    del module
+                    part = backend.lower_part(comp.name, program, (a, b), tmp, stage(f"lower/{target}"), plan)
+                    part["output"] = "logits [1, V]" if b == ckpt.spec.text.num_layers else "hidden_states [1, T, D]"
+                    part_results.append(part)
+                    del program
+                    gc.collect()
+                continue
             module = load_component(build_on_meta(lambda c=comp: c.build(ckpt.spec, shapes)), ckpt,
                                     FLOAT_DTYPES[plan.dtype], on_module=hook)  # fmt: skip
             ckpt.close()  # unmap the shards: their pages would otherwise stay in this process's RSS
@@ -135,6 +161,9 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
         lowered = backend.lower(programs, model_metadata(ckpt, tokenizer, shapes), tmp, stage(f"lower/{target}"), plans)
         del programs
         gc.collect()
+        if part_results:
+            lowered["files"] += [f for p in part_results for f in p.pop("files", [p["file"]])]
+            lowered["methods"]["text_decoder"] = {"file": part_results[0]["file"], "programs": part_results}
         shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
 
         stage("verify")("hashing the source checkpoint")

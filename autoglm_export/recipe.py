@@ -113,6 +113,17 @@ class QnnSpec(_Strict):
                           "emulator cannot load such contexts, so verification runs an unshared twin")
 
 
+PART_TARGETS = ("xnnpack", "onnx")  # targets that lower the decoder in parts (issue #7)
+
+
+class LoweringSpec(_Strict):
+    decoder_layers_per_program: int | None = Field(
+        None, ge=1,
+        description="lower and write the text decoder in programs of this many layers, one at a time, so peak "
+                    "export memory follows this number instead of the model's layer count; the runtime chains "
+                    "them (manifest components.text_decoder.programs). null: one program")
+
+
 class CalibrationSpec(_Strict):
     images: list[str] = Field(default_factory=list, description="screenshots, relative to the recipe's directory")
     prompts: str | None = Field(None, description="text file, one prompt per line, relative to the recipe's directory")
@@ -129,6 +140,7 @@ class Recipe(_Strict):
     quantization: list[QuantRuleSpec] = Field(default_factory=list)
     parity: ParitySpec = ParitySpec()
     qnn: QnnSpec = QnnSpec()
+    lowering: LoweringSpec = LoweringSpec()
     calibration: CalibrationSpec | None = None
 
     @model_validator(mode="after")
@@ -139,6 +151,9 @@ class Recipe(_Strict):
         if channel and self.target != "coreml":
             raise ValueError(f"group_size 'channel' (rule {channel[0]}) is for target coreml only (per-channel INT4 for the "
                              "Neural Engine); use a block size such as 32")
+        if self.lowering.decoder_layers_per_program is not None and self.target not in PART_TARGETS:
+            raise ValueError(f"lowering.decoder_layers_per_program: {self.target} cannot lower the decoder in parts yet "
+                             f"(supported: {', '.join(PART_TARGETS)}); remove it")
         if self.calibration is not None and self.target not in CALIBRATED_TARGETS:
             raise ValueError(f"calibration applies to {', '.join(CALIBRATED_TARGETS)} only ({self.target} quantizes "
                              "activations dynamically); remove it")

@@ -89,11 +89,20 @@ def audio_ckpt(tmp_path_factory) -> Path:
     return _shared(tmp_path_factory, "audio-ckpt", lambda p: write_tiny_checkpoint(p, seed=1, audio=True))
 
 
+def _write_parts_recipe(path: Path) -> None:
+    path.mkdir()
+    text = (REPO / "recipes" / "xnnpack-tiny.yaml").read_text().replace("name: xnnpack-tiny", "name: xnnpack-tiny-parts")
+    (path / "xnnpack-tiny-parts.yaml").write_text(text + "lowering:\n  decoder_layers_per_program: 1\n")
+
+
 @pytest.fixture(scope="session")
 def audio_xnnpack_bundle(audio_ckpt, tmp_path_factory) -> Path:
-    """The tiny audio checkpoint exported with the xnnpack-tiny recipe (image + audio + text)."""
+    """The tiny audio checkpoint exported with the xnnpack-tiny recipe (image + audio + text), its
+    decoder lowered in parts of one layer (recipe ``lowering``): the golden vectors, the apps'
+    manifest contract and the audio tests all run through the chained parts."""
+    recipe = _shared(tmp_path_factory, "parts-recipe", _write_parts_recipe) / "xnnpack-tiny-parts.yaml"
     return _cli_bundle(tmp_path_factory, "audio-xnnpack", "-q", "--target", "xnnpack", "--checkpoint", audio_ckpt,
-                       "--recipe", REPO / "recipes" / "xnnpack-tiny.yaml")[0]  # fmt: skip
+                       "--recipe", recipe)[0]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

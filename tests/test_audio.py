@@ -148,6 +148,9 @@ def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path, request):
     # flips under the HTP's fp16 audio encoder; every other target gates 32/32
     assert e2e["tokens"] == 32 and (e2e["agreement"] == 1.0 if target != "qnn" else e2e["gated"] is False)
     assert manifest["components"]["audio_encoder"]["inputs"][0]["shape"] == [1, 128, 320]
+    if target == "xnnpack":  # its decoder in parts of one layer (conftest): the gates above ran through the chain
+        parts = manifest["components"]["text_decoder"]["programs"]
+        assert [p["layers"] for p in parts] == [[0, 1], [1, 2]] and all(p["file"] in manifest["files"] for p in parts)
     assert manifest["audio_preprocessing"]["frames"] == 320
     sf.write(tmp_path / "clip.wav", golden_audio(), 16000)
     proc = run_cli("run", out, "--prompt", "What is said?", "--audio", tmp_path / "clip.wav", "--image",

@@ -116,7 +116,8 @@ class OnnxBackend:
                 caches = wrapper.empty_caches()
                 args = (*module.example_inputs(length), caches)
                 names = ["inputs_embeds", "position_ids", "cache_position", *wrapper.cache_names()]
-                outs = ["logits", *[n + "_out" for n in wrapper.cache_names()]]
+                first = "logits" if module.has_head else "hidden_states"  # a part before the last
+                outs = [first, *[n + "_out" for n in wrapper.cache_names()]]
                 dyn = ({1: T}, {1: T}, {0: T}, [None] * len(caches))
                 module = wrapper
             else:
@@ -144,81 +145,102 @@ class OnnxBackend:
         return {"model": model, "scratch": scratch, "digests": digests}
 
     def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
+        files, methods = [], {}
+        for name in list(programs):
+            prog = programs.pop(name)  # one component's weights in memory at a time
+            written, methods[name] = self._lower_one(name, prog, plans[name], out_dir / _file(name), progress)
+            files += written
+            del prog
+        return {"files": files, "methods": methods}
+
+    def lower_part(self, name: str, program, layers: tuple[int, int], out_dir: Path, progress, plan) -> dict:
+        """One part of the decoder (``recipe.lowering``) as its own model, its KV cache inputs and
+        outputs those of its own layers (``k_cache_{layer}``)."""
+        from ..quantize import ComponentPlan
+
+        a, b = layers
+        path = out_dir / f"{name}.{a:02d}-{b - 1:02d}.onnx"
+        progress(f"{name} layers {a}..{b - 1} -> {path.name}")
+        mine = set(program["digests"].values())
+        part_plan = ComponentPlan(plan.component, plan.dtype, {n: w for n, w in plan.weights.items() if n in mine})
+        files, info = self._lower_one(name, program, part_plan, path, progress)
+        return {"file": path.name, "files": files, "method": name, "layers": [a, b], **info}
+
+    def _lower_one(self, name: str, prog: dict, plan, path: Path, progress) -> tuple[list[str], dict]:
         import onnx
         from onnx.external_data_helper import load_external_data_for_model
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        files, methods = [], {}
-        for name in list(programs):
-            prog = programs.pop(name)  # one component's weights in memory at a time
-            model, by_digest, scratch = prog["model"], prog["digests"], prog["scratch"]
-            load_external_data_for_model(model, scratch.name)
-            scratch.cleanup()
-            plan = plans[name]
-            inits = {i.name: i for i in model.graph.initializer}
-            groups: dict[int, list[str]] = {}
-            node_weights: dict[str, str] = {}
-            constant_matmuls: list[str] = []
-            for node in model.graph.node:
-                if node.op_type != "MatMul" or node.input[1] not in inits:
-                    continue
-                constant_matmuls.append(node.name)
-                param = by_digest.get(_digest(onnx.numpy_helper.to_array(inits[node.input[1]])))
-                w = plan.weights.get(param) if param else None
-                if w is not None and w.scheme == "int4":
-                    groups.setdefault(w.group_size, []).append(node.name)
-                    node_weights[node.output[0]] = param  # the quantizer renames nodes, not outputs
-            planned = {n for n, w in plan.weights.items() if w.scheme == "int4"}
-            if planned - set(node_weights.values()):
-                raise RuntimeError(f"{name}: int4 weights without a MatMul in the ONNX graph: {sorted(planned - set(node_weights.values()))}")
-            for group, nodes in sorted(groups.items()):
-                progress(f"{name}: MatMulNBits int4 (block {group}) on {len(nodes)} MatMul node(s)")
-                # the quantizer takes every MatMul with a constant weight unless told otherwise
-                # (rotary matrices, other rules' weights): exclude all but this rule's nodes
-                others = [n for n in constant_matmuls if n not in nodes]
-                quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=group, is_symmetric=True, nodes_to_exclude=others)
-                quantizer.process()
-                model = quantizer.model.model
-            n_quant = sum(1 for node in model.graph.node if node.op_type == "MatMulNBits")
-            if n_quant != len(node_weights):
-                raise RuntimeError(f"{name}: {n_quant} MatMulNBits nodes, {len(node_weights)} planned")
-            for node in model.graph.node:
-                # exporter debug metadata: FX node text and stack traces with this machine's paths
-                del node.metadata_props[:]
-                node.doc_string = ""
-            path = out_dir / _file(name)
-            big = sum(_nbytes(t) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-            onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=EXTERNAL_DATA_THRESHOLD)  # fmt: skip
-            files.append(path.name)
-            if big and (out_dir / (path.name + ".data")).exists():
-                (out_dir / (path.name + ".data")).chmod(0o644)  # onnx writes it 0600
-                files.append(path.name + ".data")
-            ops: dict[str, int] = {}
-            for node in model.graph.node:
-                ops[node.op_type] = ops.get(node.op_type, 0) + 1
-            methods[name] = {"file": path.name, "onnx_ops": dict(sorted(ops.items())),
-                             "quantized_outputs": dict(sorted(node_weights.items()))}  # fmt: skip
-            del model, prog
-        return {"files": files, "methods": methods}
+        files: list[str] = []
+        # one component's (or part's) weights, read back from its scratch file
+        model, by_digest, scratch = prog["model"], prog["digests"], prog["scratch"]
+        load_external_data_for_model(model, scratch.name)
+        scratch.cleanup()
+        inits = {i.name: i for i in model.graph.initializer}
+        groups: dict[int, list[str]] = {}
+        node_weights: dict[str, str] = {}
+        constant_matmuls: list[str] = []
+        for node in model.graph.node:
+            if node.op_type != "MatMul" or node.input[1] not in inits:
+                continue
+            constant_matmuls.append(node.name)
+            param = by_digest.get(_digest(onnx.numpy_helper.to_array(inits[node.input[1]])))
+            w = plan.weights.get(param) if param else None
+            if w is not None and w.scheme == "int4":
+                groups.setdefault(w.group_size, []).append(node.name)
+                node_weights[node.output[0]] = param  # the quantizer renames nodes, not outputs
+        planned = {n for n, w in plan.weights.items() if w.scheme == "int4"}
+        if planned - set(node_weights.values()):
+            raise RuntimeError(f"{name}: int4 weights without a MatMul in the ONNX graph: {sorted(planned - set(node_weights.values()))}")
+        for group, nodes in sorted(groups.items()):
+            progress(f"{name}: MatMulNBits int4 (block {group}) on {len(nodes)} MatMul node(s)")
+            # the quantizer takes every MatMul with a constant weight unless told otherwise
+            # (rotary matrices, other rules' weights): exclude all but this rule's nodes
+            others = [n for n in constant_matmuls if n not in nodes]
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=group, is_symmetric=True, nodes_to_exclude=others)
+            quantizer.process()
+            model = quantizer.model.model
+        n_quant = sum(1 for node in model.graph.node if node.op_type == "MatMulNBits")
+        if n_quant != len(node_weights):
+            raise RuntimeError(f"{name}: {n_quant} MatMulNBits nodes, {len(node_weights)} planned")
+        for node in model.graph.node:
+            # exporter debug metadata: FX node text and stack traces with this machine's paths
+            del node.metadata_props[:]
+            node.doc_string = ""
+        big = sum(_nbytes(t) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+        onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=EXTERNAL_DATA_THRESHOLD)  # fmt: skip
+        files.append(path.name)
+        if big and (path.parent / (path.name + ".data")).exists():
+            (path.parent / (path.name + ".data")).chmod(0o644)  # onnx writes it 0600
+            files.append(path.name + ".data")
+        ops: dict[str, int] = {}
+        for node in model.graph.node:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        info = {"file": path.name, "onnx_ops": dict(sorted(ops.items())),
+                "quantized_outputs": dict(sorted(node_weights.items()))}  # fmt: skip
+        del model
+        return files, info
 
     def apply_bundle_weights(self, name: str, module: torch.nn.Module, bundle: Path, manifest: dict) -> None:
         """Replace the planned weights by what the bundle really holds (dequantized MatMulNBits)."""
         import onnx
 
         comp = manifest["components"][name]
-        model = onnx.load(str(bundle / comp["file"]), load_external_data=True)
-        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-        wanted = comp["quantized_outputs"]
-        found = 0
-        with torch.no_grad():
-            for node in model.graph.node:
-                if node.op_type == "MatMulNBits" and node.output[0] in wanted:
-                    param = module.get_parameter(wanted[node.output[0]])
-                    param.copy_(torch.from_numpy(dequantize_matmul_nbits(node, inits)).to(param.dtype))
-                    found += 1
-        if found != len(wanted):
-            raise RuntimeError(f"{name}: {len(wanted)} quantized weights in the manifest, {found} MatMulNBits in the model")
+        for prog in comp.get("programs") or [comp]:  # a decoder in parts: each part's own model
+            model = onnx.load(str(bundle / prog["file"]), load_external_data=True)
+            inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+            wanted = prog["quantized_outputs"]
+            found = 0
+            with torch.no_grad():
+                for node in model.graph.node:
+                    if node.op_type == "MatMulNBits" and node.output[0] in wanted:
+                        param = module.get_parameter(wanted[node.output[0]])
+                        param.copy_(torch.from_numpy(dequantize_matmul_nbits(node, inits)).to(param.dtype))
+                        found += 1
+            if found != len(wanted):
+                raise RuntimeError(f"{prog['file']}: {len(wanted)} quantized weights in the manifest, {found} MatMulNBits in the model")
+            del model, inits
 
     def open_runtime(self, bundle: Path, manifest: dict):
         return OnnxRuntime.from_bundle(bundle, manifest)
@@ -230,28 +252,36 @@ class OnnxBackend:
 
 
 class OnnxRuntime:
-    """ONNX models of the components in ONNX Runtime (CPU); the host keeps the decoder's KV cache."""
+    """ONNX models of the components in ONNX Runtime (CPU); the host keeps the decoder's KV cache.
+    A decoder in parts (``decoder_parts``) runs them in order, each with its own layers' caches."""
 
-    def __init__(self, files: dict[str, Path], cache_shape: list[int], max_context: int, prefill_chunk: int) -> None:
+    def __init__(self, files: dict[str, Path], cache_shape: list[int], max_context: int, prefill_chunk: int,
+                 decoder_parts: list[Path] | None = None) -> None:  # fmt: skip
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if decoder_parts:
+            files = {n: f for n, f in files.items() if n != "text_decoder"}
         self.sessions = {name: ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"]) for name, f in files.items()}
+        self.decoder = ([ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"]) for f in decoder_parts]
+                        if decoder_parts else [self.sessions["text_decoder"]])  # fmt: skip
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
-        self.cache_names = [i.name for i in self.sessions["text_decoder"].get_inputs()][3:]
+        self.cache_names = [[i.name for i in s.get_inputs()][3:] for s in self.decoder]
         self.cache_shape = cache_shape
         self.reset()
 
     @classmethod
     def from_bundle(cls, bundle: Path, manifest: dict) -> "OnnxRuntime":
         files = {name: bundle / comp["file"] for name, comp in manifest["components"].items()}
-        shape = manifest["components"]["text_decoder"]["state"]["kv_cache"]["shape"]
-        return cls(files, shape, manifest["shapes"]["max_context"], manifest["shapes"]["prefill_chunk"])
+        dec = manifest["components"]["text_decoder"]
+        parts = [bundle / p["file"] for p in dec.get("programs") or []]
+        shape = dec["state"]["kv_cache"]["shape"]
+        return cls(files, shape, manifest["shapes"]["max_context"], manifest["shapes"]["prefill_chunk"], parts)
 
     def reset(self) -> None:
-        self.caches = [np.zeros(self.cache_shape, np.float32) for _ in self.cache_names]
+        self.caches = [[np.zeros(self.cache_shape, np.float32) for _ in names] for names in self.cache_names]
 
     def token_embedding(self, input_ids):
         return torch.from_numpy(self.sessions["token_embedding"].run(None, {"input_ids": input_ids.numpy()})[0])
@@ -263,10 +293,12 @@ class OnnxRuntime:
         return torch.from_numpy(self.sessions["audio_encoder"].run(None, {"input_features": input_features.numpy()})[0])
 
     def text_decoder(self, embeds, position_ids, cache_position):
-        feeds = {"inputs_embeds": embeds.numpy(), "position_ids": position_ids.numpy(),
-                 "cache_position": cache_position.numpy(), **dict(zip(self.cache_names, self.caches))}  # fmt: skip
-        logits, *self.caches = self.sessions["text_decoder"].run(None, feeds)
-        return torch.from_numpy(logits)
+        x = embeds.numpy()
+        for i, session in enumerate(self.decoder):
+            feeds = {"inputs_embeds": x, "position_ids": position_ids.numpy(), "cache_position": cache_position.numpy(),
+                     **dict(zip(self.cache_names[i], self.caches[i]))}  # fmt: skip
+            x, *self.caches[i] = session.run(None, feeds)
+        return torch.from_numpy(x)
 
 
 BACKEND = OnnxBackend()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .executorch_common import ExecuTorchRuntime, contract_check, delegation_stats, export_component, metadata_methods
+from .executorch_common import (ExecuTorchRuntime, contract_check, delegation_stats, export_component, metadata_methods,
+                               release_export_caches)
 
 PTE = "model.pte"
 
@@ -44,44 +45,61 @@ class XnnpackBackend:
         return export_component(name, module, prefill_chunk)
 
     def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
-        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  torchao out-variants
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
-        from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
-
         progress(f"to_edge + XNNPACK partitioning of {len(programs)} method(s)")
-        edge = to_edge_transform_and_lower(
-            programs,
-            partitioner=[XnnpackPartitioner()],
-            compile_config=EdgeCompileConfig(_check_ir_validity=False),
-            constant_methods=metadata_methods(model_meta),
-        )
-        stats = {name: delegation_stats(edge.exported_program(name)) for name in programs}
-        progress("emitting the ExecuTorch program")
-        with warnings.catch_warnings():
-            # emitted for every mutable buffer, even those InitializedMutableBufferPass handles
-            warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected")
-            et = edge.to_executorch(
-                ExecutorchBackendConfig(
-                    do_quant_fusion_and_const_prop=True,
-                    # serialise the KV cache's zeros: uninitialised memory could hold NaN bit patterns
-                    passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
-                )
-            )
-        (out_dir / PTE).write_bytes(et.buffer)
+        stats = _lower_to_pte(programs, metadata_methods(model_meta), out_dir / PTE, progress)
         return {"files": [PTE], "methods": {name: {"file": PTE, "delegation": stats[name]} for name in programs}}
+
+    def lower_part(self, name: str, program, layers: tuple[int, int], out_dir: Path, progress, plan=None) -> dict:
+        """One part of the decoder (``recipe.lowering``) as its own ``.pte`` with one method ``name``."""
+        a, b = layers
+        file = f"{name}.{a:02d}-{b - 1:02d}.pte"
+        progress(f"to_edge + XNNPACK partitioning of {name} layers {a}..{b - 1} -> {file}")
+        stats = _lower_to_pte({name: program}, {}, out_dir / file, progress)
+        return {"file": file, "method": name, "layers": [a, b], "delegation": stats[name]}
 
     def contract_checks(self, runtime: ExecuTorchRuntime, manifest: dict) -> list[dict]:
         return [contract_check(runtime, manifest)]
 
     def open_runtime(self, bundle: Path, manifest: dict) -> ExecuTorchRuntime:
-        shapes = manifest["shapes"]
-        return ExecuTorchRuntime(bundle / PTE, shapes["max_context"], shapes["prefill_chunk"])
+        return ExecuTorchRuntime.from_bundle(bundle, manifest, PTE)
 
     def versions(self) -> dict:
         from importlib.metadata import version
 
         return {p: version(p) for p in ("executorch", "torch", "torchao")}
+
+
+def _lower_to_pte(programs: dict, constant_methods: dict, path: Path, progress) -> dict:
+    """to_edge + XNNPACK partitioning + emission of ``programs`` into one ``.pte`` at ``path``;
+    returns delegation statistics per method."""
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  torchao out-variants
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+    edge = to_edge_transform_and_lower(
+        programs,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods=constant_methods or None,
+    )
+    stats = {name: delegation_stats(edge.exported_program(name)) for name in programs}
+    progress(f"emitting {path.name}")
+    with warnings.catch_warnings():
+        # emitted for every mutable buffer, even those InitializedMutableBufferPass handles
+        warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected")
+        et = edge.to_executorch(
+            ExecutorchBackendConfig(
+                do_quant_fusion_and_const_prop=True,
+                # serialise the KV cache's zeros: uninitialised memory could hold NaN bit patterns
+                passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
+            )
+        )
+    del edge
+    path.write_bytes(et.buffer)
+    del et
+    release_export_caches()
+    return stats
 
 
 BACKEND = XnnpackBackend()

@@ -379,22 +379,41 @@ class TextDecoder(nn.Module):
 
     The KV cache is module state: each call writes positions ``cache_position`` and attends to
     every cache slot at or before its own position.
+
+    ``layers=(a, b)`` builds only decoder layers a..b-1 (a *part*, lowered and written on its own
+    so that peak memory does not grow with the layer count): weights keep their full-model names
+    (``layers.{i}.…``), the part maps hidden states [1,T,D] -> [1,T,D], and only the part that
+    ends at the last layer holds the final norm and lm_head and returns logits.
     """
 
     method_name = "text_decoder"
 
-    def __init__(self, spec: ModelSpec, max_context: int) -> None:
+    def __init__(self, spec: ModelSpec, max_context: int, layers: tuple[int, int] | None = None) -> None:
         super().__init__()
         t = spec.text
         self.t = t
         self.max_context = max_context
-        self.layers = nn.ModuleList(DecoderLayer(t, max_context) for _ in range(t.num_layers))
-        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
-        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        first, end = layers or (0, t.num_layers)
+        if not 0 <= first < end <= t.num_layers:
+            raise ValueError(f"layers {layers}: need 0 <= a < b <= {t.num_layers}")
+        self.layer_ids = list(range(first, end))
+        self.has_head = end == t.num_layers
+        # placeholders without weights keep the real layer indices in the parameter names
+        self.layers = nn.ModuleList(DecoderLayer(t, max_context) if i >= first else nn.Identity() for i in range(end))
+        if self.has_head:
+            self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+            self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(t.head_dim // 2), persistent=False)
         self.register_buffer("axis_selector", torch.empty(3, 1, t.head_dim // 2), persistent=False)
         self.register_buffer("slots", torch.empty(max_context, dtype=torch.long), persistent=False)
         self.register_buffer("rope_rot", torch.empty(t.head_dim, t.head_dim), persistent=False)
+
+    def decoder_layers(self) -> list["DecoderLayer"]:
+        return [self.layers[i] for i in self.layer_ids]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.layers[self.layer_ids[0]].input_layernorm.weight.dtype
 
     def weight_map(self) -> dict[str, tuple[str, object]]:
         out: dict[str, tuple[str, object]] = {}
@@ -415,14 +434,14 @@ class TextDecoder(nn.Module):
         self.axis_selector = mrope_axis_selector(t)
         self.slots = torch.arange(self.max_context, dtype=torch.long)
         self.rope_rot = rotation_matrix(t.head_dim, rd, interleaved=True)
-        for layer in self.layers:
+        for layer in self.decoder_layers():
             attn = layer.self_attn
             shape = (1, t.num_kv_heads, self.max_context, t.head_dim)
             attn.k_cache = torch.zeros(shape)
             attn.v_cache = torch.zeros(shape)
 
     def reset_cache(self) -> None:
-        for layer in self.layers:
+        for layer in self.decoder_layers():
             layer.self_attn.k_cache.zero_()
             layer.self_attn.v_cache.zero_()
 
@@ -446,19 +465,22 @@ class TextDecoder(nn.Module):
 
     def run(self, inputs_embeds, position_ids, cache_position, caches: list[torch.Tensor] | None = None):
         """Shared body: stateful cache when ``caches`` is None, else explicit [k0, v0, k1, v1, ...]."""
-        x = inputs_embeds.to(self.norm.weight.dtype)
+        x = inputs_embeds.to(self.compute_dtype)
         cos, sin = self.rotary(position_ids, x.dtype)
         rot = self.rope_rot.to(x.dtype)
         visible = self.slots.unsqueeze(0) <= cache_position.unsqueeze(1)  # [T, C]
         mask = torch.where(visible, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
         mask = mask.unsqueeze(0).unsqueeze(0)
         new_caches: list[torch.Tensor] = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers()):
             if caches is None:
                 x = layer(x, cos, sin, rot, mask, cache_position)
             else:
                 x, kv = layer(x, cos, sin, rot, mask, cache_position, (caches[2 * i], caches[2 * i + 1]))
                 new_caches += kv
+        if not self.has_head:  # a part before the last: every position's hidden state feeds the next part
+            out = x.float()
+            return out if caches is None else (out, *new_caches)
         # keep the last position 3-D so every exporter emits a MatMul (weight quantizers skip Gemm)
         logits = self.lm_head(self.norm(x[:, -1:, :]))[:, 0].float()
         return logits if caches is None else (logits, *new_caches)
@@ -479,10 +501,10 @@ class TextDecoderExplicitCache(nn.Module):
         return (1, t.num_kv_heads, self.decoder.max_context, t.head_dim)
 
     def empty_caches(self) -> list[torch.Tensor]:
-        return [torch.zeros(self.cache_shape()) for _ in range(2 * self.decoder.t.num_layers)]
+        return [torch.zeros(self.cache_shape()) for _ in range(2 * len(self.decoder.layer_ids))]
 
     def cache_names(self) -> list[str]:
-        return [f"{kind}_cache_{i}" for i in range(self.decoder.t.num_layers) for kind in ("k", "v")]
+        return [f"{kind}_cache_{i}" for i in self.decoder.layer_ids for kind in ("k", "v")]
 
     def forward(self, inputs_embeds, position_ids, cache_position, caches: list[torch.Tensor]):
         return self.decoder.run(inputs_embeds, position_ids, cache_position, caches)
@@ -530,7 +552,7 @@ class TextDecoderStatic(nn.Module):
         rot = d.rope_rot
         C = d.max_context
         new: list[torch.Tensor] = []
-        for i, layer in enumerate(d.layers):
+        for i, layer in enumerate(d.decoder_layers()):
             a = layer.self_attn
             h = layer.input_layernorm(x)
             b, T, _ = h.shape
@@ -584,7 +606,7 @@ class TextDecoderStateful(nn.Module):
         start = cache_start[0].item()
         torch._check_is_size(start)
         torch._check(start + T <= d.max_context)
-        for i, layer in enumerate(d.layers):
+        for i, layer in enumerate(d.decoder_layers()):
             a = layer.self_attn
             q, k, v = rotary_qkv(a, layer.input_layernorm(x), cos, sin, d.rope_rot)
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")

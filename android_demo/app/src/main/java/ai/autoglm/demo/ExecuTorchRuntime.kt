@@ -13,7 +13,8 @@ import java.io.File
 
 /**
  * The bundle's methods through ExecuTorch's Android API. Which file and method serve each
- * component comes from the manifest; the KV cache lives inside the text_decoder method (slots at
+ * component comes from the manifest; the KV cache lives inside the text_decoder method (or, for a
+ * decoder lowered in parts, inside each part's method for its own layers; slots at
  * and after cache_position are masked), so a new conversation simply starts at slot 0 again.
  */
 class ExecuTorchRuntime(private val dir: File, private val manifest: BundleManifest) : ModelRuntime {
@@ -44,13 +45,17 @@ class ExecuTorchRuntime(private val dir: File, private val manifest: BundleManif
     override fun audioEncoder(inputFeatures: FloatTensor): FloatTensor =
         call(BundleManifest.COMPONENT_AUDIO, Tensor.fromBlob(inputFeatures.data, inputFeatures.shape.dims()))
 
-    override fun textDecoder(inputsEmbeds: FloatTensor, positionIds: LongTensor, cachePosition: LongTensor): FloatTensor =
-        call(
-            BundleManifest.COMPONENT_DECODER,
-            Tensor.fromBlob(inputsEmbeds.data, inputsEmbeds.shape.dims()),
-            Tensor.fromBlob(positionIds.data, positionIds.shape.dims()),
-            Tensor.fromBlob(cachePosition.data, cachePosition.shape.dims()),
-        )
+    override fun textDecoder(inputsEmbeds: FloatTensor, positionIds: LongTensor, cachePosition: LongTensor): FloatTensor {
+        val positions = EValue.from(Tensor.fromBlob(positionIds.data, positionIds.shape.dims()))
+        val slots = EValue.from(Tensor.fromBlob(cachePosition.data, cachePosition.shape.dims()))
+        var x = inputsEmbeds
+        // one program, or the decoder's parts in layer order: hidden states flow from each to the next
+        for (p in manifest.component(BundleManifest.COMPONENT_DECODER).programs) {
+            val out = module(p.file).execute(p.method, EValue.from(Tensor.fromBlob(x.data, x.shape.dims())), positions, slots)[0].toTensor()
+            x = FloatTensor(out.shape().map { it.toInt() }.toIntArray(), out.dataAsFloatArray)
+        }
+        return x
+    }
 
     override fun reset() = Unit
 

@@ -7,13 +7,21 @@ import java.security.MessageDigest
 /** One input or output of a component: name, shape ("T" marks the dynamic token axis) and dtype. */
 class TensorSpec(val name: String, val shape: List<String>, val dtype: String)
 
-/** A component of the bundle: which method of which file runs it, and its signature. */
+/** One program of a component: a method of a file; for a decoder lowered in parts, layers [first, end). */
+class ProgramSpec(val file: String, val method: String, val firstLayer: Int, val endLayer: Int)
+
+/**
+ * A component of the bundle: which method of which file runs it, and its signature. A decoder
+ * lowered in parts (recipe `lowering.decoder_layers_per_program`) has several [programs], run in
+ * order: each takes the previous one's hidden states and keeps the KV cache of its own layers.
+ */
 class ComponentSpec(
     val name: String,
     val method: String,
     val file: String,
     val inputs: List<TensorSpec>,
-    val outputs: List<TensorSpec>
+    val outputs: List<TensorSpec>,
+    val programs: List<ProgramSpec> = listOf(ProgramSpec(file, method, 0, 0))
 )
 
 class FileEntry(val bytes: Long, val sha256: String)
@@ -109,8 +117,24 @@ class BundleManifest(
             var rope: RopeTable? = null
             for (name in compsNode.keys()) {
                 val c = compsNode.reqObj(name)
-                comps[name] = ComponentSpec(name, c.reqString("method"), c.reqString("file"),
-                    tensorSpecs(c, "inputs"), tensorSpecs(c, "outputs"))
+                val method = c.reqString("method")
+                val mainFile = c.reqString("file")
+                val programs = ArrayList<ProgramSpec>()
+                val parts = if (c.opt("programs") != null) c.reqArray("programs") else null
+                if (parts == null) {
+                    programs.add(ProgramSpec(mainFile, method, 0, 0))
+                } else {
+                    for (i in 0 until parts.size()) {
+                        val p = c.child("programs[$i]", parts.get(i))
+                        val layers = p.reqInts("layers")
+                        programs.add(ProgramSpec(p.reqString("file"), p.reqString("method"), layers[0], layers[1]))
+                        if (i > 0 && layers[0] != programs[i - 1].endLayer) {
+                            throw BundleError(file, "components.$name.programs[$i].layers", "layers starting at ${programs[i - 1].endLayer}",
+                                "${layers[0]}", "re-export the bundle")
+                        }
+                    }
+                }
+                comps[name] = ComponentSpec(name, method, mainFile, tensorSpecs(c, "inputs"), tensorSpecs(c, "outputs"), programs)
                 val gs = c.optObj("graphs")
                 if (gs != null && gs.obj.size() > 0 && gs.reqObj(gs.keys()[0]).opt("inputs") != null) {
                     for (g in gs.keys()) {

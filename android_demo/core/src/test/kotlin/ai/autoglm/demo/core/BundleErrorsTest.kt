@@ -37,6 +37,19 @@ class BundleErrorsTest {
     }
 
     @Test
+    fun decoderPartsChainInLayerOrder() {
+        // the golden bundle's decoder is lowered in parts of one layer (tests/conftest.py)
+        val parts = BundleManifest.parse(manifestText()).component(BundleManifest.COMPONENT_DECODER).programs
+        assertEquals(listOf(0, 1), parts.map { it.firstLayer })
+        assertEquals(listOf(1, 2), parts.map { it.endLayer })
+    }
+
+    @Test
+    fun decoderPartsWithAGap() = expectError("components.text_decoder.programs[1].layers") {
+        BundleManifest.parse(manifestText().replaceFirst(Regex("\"layers\": \\[\\s*1,"), "\"layers\": [3,"))
+    }
+
+    @Test
     fun notJson() = expectError("valid JSON") { BundleManifest.parse("{ nope") }
 
     @Test

@@ -97,7 +97,8 @@ def summarize(rows: list[dict], vision_depth: int) -> dict:
 
 def vision_block_bytes(label: str) -> float:
     """Planned bytes of one ViT block of the 9B layout under the recipe a row was measured with
-    ("xnnpack" -> the target's default recipe, "xnnpack (xnnpack-compact)" -> recipes/xnnpack-compact.yaml)."""
+    ("xnnpack" -> the target's default recipe, "xnnpack (xnnpack-compact)" -> recipes/xnnpack-compact.yaml,
+    else bench/recipes/)."""
     import dataclasses
 
     from autoglm_export.components import Shapes
@@ -107,7 +108,11 @@ def vision_block_bytes(label: str) -> float:
     from autoglm_export.verify import plans_for_spec
 
     target, _, stem = label.partition(" (")
-    path = REPO / "recipes" / f"{stem.rstrip(')')}.yaml" if stem else default_recipe_path(target)
+    if stem:  # a shipped recipe, or one kept for the bench (bench/recipes)
+        name = f"{stem.rstrip(')')}.yaml"
+        path = next((d / name for d in (REPO / "recipes", REPO / "bench" / "recipes") if (d / name).is_file()), REPO / "recipes" / name)
+    else:
+        path = default_recipe_path(target)
     rec = load_recipe(path)
 
     def vision_bytes(depth: int) -> float:

@@ -37,6 +37,17 @@ def file_entries(bundle: Path, names: list[str]) -> dict:
     return {n: {"bytes": (bundle / n).stat().st_size, "sha256": sha256_file(bundle / n)} for n in sorted(names)}
 
 
+def part_file(name: str, layers: tuple[int, int], ext: str) -> str:
+    """File of one decoder part, layers [a, b): ``text_decoder.00-01.pte``, the same for every target."""
+    a, b = layers
+    return f"{name}.{a:02d}-{b - 1:02d}.{ext}"
+
+
+def decoder_part_paths(bundle: Path, manifest: dict) -> list[Path]:
+    """The decoder's part files in layer order; empty when the decoder is one program."""
+    return [Path(bundle) / p["file"] for p in manifest["components"]["text_decoder"].get("programs") or []]
+
+
 def _safe_relative(name: str) -> bool:
     """A manifest file name stays inside the bundle: plain names, or paths inside a package
     directory (Core ML ``.mlpackage``), never absolute, hidden or with ``..``."""

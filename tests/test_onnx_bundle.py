@@ -208,3 +208,13 @@ def test_decoder_in_parts_matches_the_whole_decoder(onnx_bundle, tiny_ckpt, tmp_
         p3 = pos.unsqueeze(0).expand(3, length).contiguous()
         np.testing.assert_allclose(chained.text_decoder(x, p3, pos).numpy(), whole.text_decoder(x, p3, pos).numpy(),
                                    rtol=0, atol=1e-5)  # fmt: skip
+    # byte-identical again: every model file of a second export (without the parity runs)
+    from autoglm_export.pipeline import export
+
+    again = tmp_path / "again"
+    export(checkpoint=tiny_ckpt, target="onnx", out=again, recipe=recipe, verify=False)
+    models = sorted(p.name for p in out.iterdir() if p.name not in ("manifest.json", "report.json"))
+    assert "text_decoder.01-01.onnx" in models and models == sorted(
+        p.name for p in again.iterdir() if p.name not in ("manifest.json", "report.json"))
+    for name in models:
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name

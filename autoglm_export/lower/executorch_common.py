@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram, export
 
+from ..bundle import decoder_part_paths
+from .export_caches import release_export_caches
+
 # bookkeeping nodes that are not compute
 _NON_COMPUTE = {"getitem", "alloc", "sym_size", "sym_size.int", "_assert_scalar", "sym_constrain_range_for_size"}
 
@@ -35,36 +38,6 @@ def export_component(name: str, module: torch.nn.Module, prefill_chunk: int) -> 
         finally:
             release_export_caches()
     raise KeyError(name)
-
-
-def release_export_caches() -> None:
-    """Drop what torch and ExecuTorch keep of an export after it is done. Strict torch.export (torch 2.13) installs the module it captured, with every weight, as a
-    global of ``torch._dynamo.functional_export`` (``__compiled_fn_*``, ``___unnamed_scope_*``) and
-    never removes it, and ShapeEnv's method caches keep the export's shape environment (and through
-    its tracked fakes the real weights) alive: each export kept its weights until the process ended,
-    +0.33 GiB per 9B decoder layer exported in parts; ExecuTorch's partitioner caches fx nodes the
-    same way. Neither is used once the program is exported / lowered."""
-    import torch._dynamo.functional_export as capture
-
-    names = vars(capture)
-    for key in [k for k in names if k.startswith(("__compiled_fn_", "___unnamed_scope_"))]:
-        del names[key]
-    # ShapeEnv's lru_cache'd methods key on the ShapeEnv, whose tracked fakes hold the real weights
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    for attr in vars(ShapeEnv).values():
-        if hasattr(attr, "cache_clear"):
-            attr.cache_clear()
-    # fake-tensor dispatch results, cached per operator call with keys that hold the export's tensors
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    FakeTensorMode.cache_clear()
-    # ExecuTorch's partitioner caches node comparisons by fx Node (whose meta leads to the ShapeEnv)
-    import sys
-
-    backend_utils = sys.modules.get("executorch.exir.backend.utils")
-    if backend_utils is not None:
-        backend_utils.is_same_node.cache_clear()
 
 
 def metadata_methods(manifest_model: dict, dynamic_shape: bool = True) -> dict:
@@ -167,8 +140,7 @@ class ExecuTorchRuntime:
     @classmethod
     def from_bundle(cls, bundle: Path, manifest: dict, pte: str) -> "ExecuTorchRuntime":
         shapes = manifest["shapes"]
-        parts = manifest["components"]["text_decoder"].get("programs") or []
-        return cls(bundle / pte, shapes["max_context"], shapes["prefill_chunk"], [bundle / p["file"] for p in parts])
+        return cls(bundle / pte, shapes["max_context"], shapes["prefill_chunk"], decoder_part_paths(bundle, manifest))
 
     @property
     def method_names(self) -> set[str]:

@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..bundle import decoder_part_paths, part_file
 from ..errors import ExportError
+from .export_caches import release_export_caches
 
 EXTERNAL_DATA_THRESHOLD = 1 << 20
 
@@ -142,6 +144,7 @@ class OnnxBackend:
             prefix = "decoder." if name == "text_decoder" else ""
             digests = {_digest(p.detach().float().numpy().T): n.removeprefix(prefix) for n, p in module.named_parameters()
                        if type(p) in (torch.Tensor, torch.nn.Parameter) and p.dim() == 2}  # fmt: skip
+        release_export_caches()
         return {"model": model, "scratch": scratch, "digests": digests}
 
     def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
@@ -159,7 +162,7 @@ class OnnxBackend:
         from ..quantize import ComponentPlan
 
         a, b = layers
-        path = out_dir / f"{name}.{a:02d}-{b - 1:02d}.onnx"
+        path = out_dir / part_file(name, layers, "onnx")
         progress(f"{name} layers {a}..{b - 1} -> {path.name}")
         mine = set(program["digests"].values())
         part_plan = ComponentPlan(plan.component, plan.dtype, {n: w for n, w in plan.weights.items() if n in mine})
@@ -275,10 +278,9 @@ class OnnxRuntime:
     @classmethod
     def from_bundle(cls, bundle: Path, manifest: dict) -> "OnnxRuntime":
         files = {name: bundle / comp["file"] for name, comp in manifest["components"].items()}
-        dec = manifest["components"]["text_decoder"]
-        parts = [bundle / p["file"] for p in dec.get("programs") or []]
-        shape = dec["state"]["kv_cache"]["shape"]
-        return cls(files, shape, manifest["shapes"]["max_context"], manifest["shapes"]["prefill_chunk"], parts)
+        shape = manifest["components"]["text_decoder"]["state"]["kv_cache"]["shape"]
+        shapes = manifest["shapes"]
+        return cls(files, shape, shapes["max_context"], shapes["prefill_chunk"], decoder_part_paths(bundle, manifest))
 
     def reset(self) -> None:
         self.caches = [[np.zeros(self.cache_shape, np.float32) for _ in names] for names in self.cache_names]

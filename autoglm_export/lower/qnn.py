@@ -371,8 +371,7 @@ class QnnPteRuntime(StaticGraphRuntime):
 
     def __init__(self, bundle: Path, manifest: dict, emulated: Path | None = None) -> None:
         self.bundle = Path(bundle)
-        shapes = manifest["shapes"]
-        self.pte = ExecuTorchRuntime(self.bundle / PTE, shapes["max_context"], shapes["prefill_chunk"])
+        self.pte = ExecuTorchRuntime.from_bundle(self.bundle, manifest, PTE)
         graph_inputs = {g: [(i["name"], i["shape"]) for i in spec["inputs"]]
                         for comp in manifest["components"].values() for g, spec in comp["graphs"].items()}  # fmt: skip
         super().__init__(manifest, graph_inputs)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .executorch_common import (ExecuTorchRuntime, contract_check, delegation_stats, export_component, metadata_methods,
-                               release_export_caches)
+from ..bundle import part_file
+from .executorch_common import ExecuTorchRuntime, contract_check, delegation_stats, export_component, metadata_methods
+from .export_caches import release_export_caches
 
 PTE = "model.pte"
 
@@ -52,7 +53,7 @@ class XnnpackBackend:
     def lower_part(self, name: str, program, layers: tuple[int, int], out_dir: Path, progress, plan=None) -> dict:
         """One part of the decoder (``recipe.lowering``) as its own ``.pte`` with one method ``name``."""
         a, b = layers
-        file = f"{name}.{a:02d}-{b - 1:02d}.pte"
+        file = part_file(name, layers, "pte")
         progress(f"to_edge + XNNPACK partitioning of {name} layers {a}..{b - 1} -> {file}")
         stats = _lower_to_pte({name: program}, {}, out_dir / file, progress)
         return {"file": file, "method": name, "layers": [a, b], "delegation": stats[name]}

@@ -143,6 +143,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
                     stage("split")(f"torch.export text_decoder part {i + 1}/{len(parts)} (layers {a}..{b - 1})")
                     program = backend.export(comp.name, module, shapes.prefill_chunk)
                     del module
+                    gc.collect()  # the module sits in reference cycles: without this its weights outlive the lowering
                     part = backend.lower_part(comp.name, program, (a, b), tmp, stage(f"lower/{target}"), plan)
                     part["output"] = "logits [1, V]" if b == ckpt.spec.text.num_layers else "hidden_states [1, T, D]"
                     part_results.append(part)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import REPO
+
 from autoglm_export.errors import RecipeError
 from autoglm_export.load import build_on_meta, load_component
 from autoglm_export.models.glm4v.modules import TextDecoder
@@ -67,3 +69,38 @@ def test_parts_need_at_least_one_layer(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
     assert "lowering.decoder_layers_per_program = 0" in str(e.value)
+
+
+def test_each_parts_weights_are_freed_before_it_is_lowered(tiny_ckpt, tmp_path, monkeypatch):
+    """Peak memory stays that of one part only if nothing keeps a part's module (or an exporter's
+    copy of it) alive into its lowering and beyond: the onnx exporter's module sits in reference
+    cycles, and torch/onnxscript keep exports in globals (``release_export_caches``)."""
+    import gc
+    import weakref
+
+    from autoglm_export.lower import get_backend
+    from autoglm_export.pipeline import export
+
+    backend = get_backend("onnx")
+    weights: list[weakref.ref] = []
+    alive_at_lowering: list[int] = []
+    real_export, real_lower_part = type(backend).export, type(backend).lower_part
+
+    def spy_export(self, name, module, prefill_chunk):
+        if name == "text_decoder":
+            weights.extend(weakref.ref(p) for p in module.parameters())
+        return real_export(self, name, module, prefill_chunk)
+
+    def spy_lower_part(self, *args, **kwargs):
+        alive_at_lowering.append(sum(w() is not None for w in weights))
+        return real_lower_part(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(backend), "export", spy_export)
+    monkeypatch.setattr(type(backend), "lower_part", spy_lower_part)
+    recipe = tmp_path / "onnx-parts.yaml"
+    recipe.write_text((REPO / "recipes" / "onnx-tiny.yaml").read_text() + "lowering:\n  decoder_layers_per_program: 1\n")
+    export(checkpoint=tiny_ckpt, target="onnx", out=tmp_path / "b", recipe=recipe, verify=False)
+    gc.collect()
+    assert len(alive_at_lowering) == 2 and len(weights) > 10
+    assert alive_at_lowering == [0, 0], f"parameters of the part being lowered still alive: {alive_at_lowering}"
+    assert not [w for w in weights if w() is not None], "a part's weights outlive the export"

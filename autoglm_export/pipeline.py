@@ -123,6 +123,17 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
 
     stage = progress.stage
     parts = decoder_parts(ckpt.spec.text.num_layers, rec.lowering.decoder_layers_per_program)
+
+    def export_module(name: str, build, plan, hook, label: str):
+        """Load ``build()``'s weights (streamed from the shards), torch.export it, and free the module."""
+        module = load_component(build_on_meta(build), ckpt, FLOAT_DTYPES[plan.dtype], on_module=hook)
+        ckpt.close()  # unmap the shards: their pages would otherwise stay in this process's RSS
+        stage("split")(f"torch.export {label}")
+        program = backend.export(name, module, shapes.prefill_chunk)
+        del module
+        gc.collect()  # modules sit in reference cycles: without this their weights outlive the lowering
+        return program
+
     with atomic_output_dir(out, force=force) as tmp:
         programs = {}
         part_results = []
@@ -137,26 +148,15 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
             hook = quantize_hook(plan, backend.torchao_config) if backend.quantizes_in_torch else None
             if comp.name == "text_decoder" and len(parts) > 1:
                 for i, (a, b) in enumerate(parts):
-                    module = load_component(build_on_meta(lambda a=a, b=b: TextDecoder(ckpt.spec, shapes.max_context, (a, b))),
-                                            ckpt, FLOAT_DTYPES[plan.dtype], on_module=hook)  # fmt: skip
-                    ckpt.close()
-                    stage("split")(f"torch.export text_decoder part {i + 1}/{len(parts)} (layers {a}..{b - 1})")
-                    program = backend.export(comp.name, module, shapes.prefill_chunk)
-                    del module
-                    gc.collect()  # the module sits in reference cycles: without this its weights outlive the lowering
+                    program = export_module(comp.name, lambda a=a, b=b: TextDecoder(ckpt.spec, shapes.max_context, (a, b)),
+                                            plan, hook, f"text_decoder part {i + 1}/{len(parts)} (layers {a}..{b - 1})")  # fmt: skip
                     part = backend.lower_part(comp.name, program, (a, b), tmp, stage(f"lower/{target}"), plan)
                     part["output"] = "logits [1, V]" if b == ckpt.spec.text.num_layers else "hidden_states [1, T, D]"
                     part_results.append(part)
                     del program
                     gc.collect()
                 continue
-            module = load_component(build_on_meta(lambda c=comp: c.build(ckpt.spec, shapes)), ckpt,
-                                    FLOAT_DTYPES[plan.dtype], on_module=hook)  # fmt: skip
-            ckpt.close()  # unmap the shards: their pages would otherwise stay in this process's RSS
-            stage("split")(f"torch.export {comp.name}")
-            programs[comp.name] = backend.export(comp.name, module, shapes.prefill_chunk)
-            del module
-            gc.collect()
+            programs[comp.name] = export_module(comp.name, lambda c=comp: c.build(ckpt.spec, shapes), plan, hook, comp.name)
         if hasattr(backend, "emulator_twin"):  # nothing will run the emulator twin of a shared-weight program
             backend.emulator_twin = verify
         lowered = backend.lower(programs, model_metadata(ckpt, tokenizer, shapes), tmp, stage(f"lower/{target}"), plans)

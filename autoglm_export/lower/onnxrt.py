@@ -167,7 +167,7 @@ class OnnxBackend:
         mine = set(program["digests"].values())
         part_plan = ComponentPlan(plan.component, plan.dtype, {n: w for n, w in plan.weights.items() if n in mine})
         files, info = self._lower_one(name, program, part_plan, path, progress)
-        return {"file": path.name, "files": files, "method": name, "layers": [a, b], **info}
+        return {"files": files, "method": name, "layers": [a, b], **info}  # info names the file
 
     def _lower_one(self, name: str, prog: dict, plan, path: Path, progress) -> tuple[list[str], dict]:
         import onnx

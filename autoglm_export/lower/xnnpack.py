@@ -50,7 +50,7 @@ class XnnpackBackend:
         stats = _lower_to_pte(programs, metadata_methods(model_meta), out_dir / PTE, progress)
         return {"files": [PTE], "methods": {name: {"file": PTE, "delegation": stats[name]} for name in programs}}
 
-    def lower_part(self, name: str, program, layers: tuple[int, int], out_dir: Path, progress, plan=None) -> dict:
+    def lower_part(self, name: str, program, layers: tuple[int, int], out_dir: Path, progress, plan) -> dict:
         """One part of the decoder (``recipe.lowering``) as its own ``.pte`` with one method ``name``."""
         a, b = layers
         file = part_file(name, layers, "pte")

@@ -119,14 +119,16 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     plans = make_plans(rec, ckpt, shapes, str(recipe_file))  # every rule error before any tensor is read
     if hasattr(backend, "configure"):  # target-specific recipe sections: qnn contexts, calibration files
         backend.configure(rec, str(recipe_file), tokenizer=tokenizer, pre=pre)
-    backend.check_plans(plans, str(recipe_file))
+    parts = decoder_parts(ckpt.spec.text.num_layers, rec.lowering.decoder_layers_per_program)
+    backend.check_plans(plans, str(recipe_file), parts=parts)
 
     stage = progress.stage
-    parts = decoder_parts(ckpt.spec.text.num_layers, rec.lowering.decoder_layers_per_program)
 
     def export_module(name: str, build, plan, hook, label: str):
         """Load ``build()``'s weights (streamed from the shards), torch.export it, and free the module."""
-        module = load_component(build_on_meta(build), ckpt, FLOAT_DTYPES[plan.dtype], on_module=hook)
+        # a backend may load in another float type (coreml: fp16, what it converts and quantizes from)
+        dtype = getattr(backend, "load_dtype", None) or FLOAT_DTYPES[plan.dtype]
+        module = load_component(build_on_meta(build), ckpt, dtype, on_module=hook)
         ckpt.close()  # unmap the shards: their pages would otherwise stay in this process's RSS
         stage("split")(f"torch.export {label}")
         program = backend.export(name, module, shapes.prefill_chunk)
@@ -164,7 +166,10 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
         gc.collect()
         if part_results:
             lowered["files"] += [f for p in part_results for f in p.pop("files", [p["file"]])]
-            lowered["methods"]["text_decoder"] = {"file": part_results[0]["file"], "programs": part_results}
+            shared = {}  # what a backend records once for the whole decoder (coreml: the rotary table)
+            for p in part_results:
+                shared.update(p.pop("component", {}))
+            lowered["methods"]["text_decoder"] = {"file": part_results[0]["file"], "programs": part_results, **shared}
         shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
 
         stage("verify")("hashing the source checkpoint")

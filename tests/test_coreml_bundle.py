@@ -53,6 +53,14 @@ def test_gates_packages_and_manifest(coreml_bundle):
     vis = m["components"]["vision_encoder"]
     assert vis["package"]["quantized_weights"] == {} and vis["quantization"]["float_dtype"] == "fp16"
     assert list(vis["package"]["functions"]) == ["main"]
+    # the rotary table the host (and the iOS app) computes cos/sin from: fp32 frequencies, although the
+    # package's weights were converted from an fp16 module
+    from autoglm_export.models.glm4v.modules import inv_frequencies
+
+    t = m["model"]["text"]
+    head_dim = t["hidden_size"] // t["num_heads"]
+    want = inv_frequencies(t["rope_theta"], int(head_dim * t["partial_rotary_factor"])).tolist()
+    assert dec["rope"]["inv_freq"][: len(want)] == want
     # every file of every package is hashed; nothing else lies in a package
     for name, comp in m["components"].items():
         on_disk = {str(p.relative_to(coreml_bundle)) for p in (coreml_bundle / comp["file"]).rglob("*") if p.is_file()}
@@ -153,7 +161,7 @@ def test_nan_mask_constant_is_caught_and_interpreter_matches_torch(tmp_path):
         prog = MilProgram(path)
         io = {"inputs": {"x": {"dtype": "fp32", "shape": [1, 8, 16]}}, "states": {},
               "outputs": {"y": {"dtype": "fp32", "shape": [1, 8, 16]}}}  # fmt: skip
-        record = {"package": {"functions": {"main": io}, "default_function": None, "quantized_weights": {}}}
+        record = {"file": "m.mlpackage", "package": {"functions": {"main": io}, "default_function": None, "quantized_weights": {}}}
         results[fill] = {c["name"].rsplit("/", 1)[1]: c["passed"] for c in structure_checks({"m": prog}, {"components": {"m": record}})}
         if fill == -1e4:
             got = MilInterpreter(prog).run("main", {"x": x.numpy()})["y"]
@@ -211,7 +219,7 @@ def test_refuses_a_component_that_cannot_be_converted_in_memory():
     from autoglm_export.quantize import ComponentPlan, WeightPlan
     from autoglm_export.verify import memory_budget_bytes
 
-    params = int(memory_budget_bytes() / 8)  # 30 bytes per parameter needed: over any machine's RAM
+    params = int(memory_budget_bytes() / 2)  # a quarter of the RAM in parameters, 8 bytes each needed
     plan = ComponentPlan("text_decoder", "fp16", {"w": WeightPlan("text_decoder.w", "fp16", None, 0, params, (params,))})
     try:
         BACKEND.check_plans({"text_decoder": plan}, "r.yaml")
@@ -221,6 +229,36 @@ def test_refuses_a_component_that_cannot_be_converted_in_memory():
         raise AssertionError("not refused")
     small = ComponentPlan("text_decoder", "fp16", {"w": WeightPlan("text_decoder.w", "fp16", None, 0, 1000, (1000,))})
     BACKEND.check_plans({"text_decoder": small}, "r.yaml")
+
+
+def test_the_real_9b_converts_in_24_gib_only_with_the_decoder_in_parts(monkeypatch):
+    """The memory model on the real layout (10.3 B parameters) for a 24 GiB machine: the decoder
+    converted whole is refused up front; in parts of two layers every part and component fits."""
+    import json
+
+    from autoglm_export.components import Shapes
+    from autoglm_export.errors import BackendUnavailable
+    from autoglm_export.lower import memory_fit
+    from autoglm_export.lower.coreml import BACKEND
+    from autoglm_export.models.glm4v.spec import parse_config
+    from autoglm_export.pipeline import decoder_parts
+    from autoglm_export.recipe import load_recipe
+    from autoglm_export.verify import plans_for_spec
+
+    data = REPO / "tests" / "data" / "glm41v_9b_config.json"
+    spec = parse_config(json.loads(data.read_text()), data)
+    rec = load_recipe(REPO / "recipes" / "coreml.yaml")
+    plans = plans_for_spec(rec, spec, Shapes.from_recipe(rec), "coreml.yaml")
+    monkeypatch.setattr(memory_fit, "physical_memory_bytes", lambda: 24 * 2**30)
+    try:
+        BACKEND.check_plans(plans, "coreml.yaml", parts=decoder_parts(40, None))
+    except BackendUnavailable as e:
+        assert "decoder_layers_per_program" in str(e), e
+    else:
+        raise AssertionError("the whole 9B decoder was not refused")
+    BACKEND.check_plans(plans, "coreml.yaml", parts=decoder_parts(40, 2))
+    sizes = memory_fit.part_params(plans["text_decoder"], decoder_parts(40, 2))
+    assert len(sizes) == 20 and sizes[0] == sizes[18] and sizes[-1] - sizes[0] == 151552 * 4096 + 4096  # lm_head, norm
 
 
 def test_golden_vectors_from_a_coreml_bundle(coreml_bundle, tmp_path):
@@ -247,3 +285,111 @@ def test_golden_vectors_from_a_coreml_bundle(coreml_bundle, tmp_path):
         cos, sin = rotary_cos_sin(rope, pos)
         assert np.allclose(cos.ravel(), x["cos"]["data"], atol=1e-6) and np.allclose(sin.ravel(), x["sin"]["data"], atol=1e-6)
         assert np.array_equal(additive_mask(start, t, m["shapes"]["max_context"]).ravel(), np.array(x["mask"]["data"], np.float32))
+
+
+def test_decoder_in_parts_matches_the_whole_decoder(coreml_bundle, audio_ckpt, tmp_path, monkeypatch):
+    """recipe ``lowering.decoder_layers_per_program: 1``: one package per layer, each with the states
+    of its own layer; the gates pass, and in the MIL interpreter the chained parts give the whole
+    package's logits over a prefill and two decode steps; a second export is byte-identical."""
+    import tempfile
+
+    import torch
+
+    from autoglm_export.lower.coreml import MilRuntime
+    from autoglm_export.pipeline import export
+
+    recipe = tmp_path / "coreml-parts.yaml"
+    recipe.write_text((REPO / "recipes" / "coreml-tiny.yaml").read_text() + "lowering:\n  decoder_layers_per_program: 1\n")
+    out = tmp_path / "parts"
+    proc = run_cli("-q", "--target", "coreml", "--checkpoint", audio_ckpt, "--out", out, "--recipe", recipe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["verification"]["passed"] is True
+    dec = m["components"]["text_decoder"]
+    parts = dec["programs"]
+    assert [p["file"] for p in parts] == ["text_decoder.00-00.mlpackage", "text_decoder.01-01.mlpackage"]
+    assert dec["rope"] == json.loads((coreml_bundle / "manifest.json").read_text())["components"]["text_decoder"]["rope"]
+    assert not (out / "text_decoder.mlpackage").exists()
+    for i, p in enumerate(parts):
+        fns = p["package"]["functions"]
+        assert sorted(fns["prefill"]["states"]) == [f"k_cache_{i}", f"v_cache_{i}"]
+        assert list(fns["decode"]["outputs"]) == (["logits"] if i == 1 else ["hidden_states"])
+        assert len(p["package"]["quantized_weights"]) == (7 if i == 1 else 6)  # 6 linears per layer, lm_head in the last
+    checks = {c["name"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
+    assert "13/13" in checks["coreml/text_decoder/int_weights_bit_exact"]["detail"]
+    assert all(checks[f"coreml/text_decoder.0{i}-0{i}/structure"]["passed"] for i in (0, 1))
+
+    whole = MilRuntime(coreml_bundle, json.loads((coreml_bundle / "manifest.json").read_text()))
+    chained = MilRuntime(out, m)
+    assert chained.decoder_labels == ["text_decoder.00-00", "text_decoder.01-01"]
+    g = torch.Generator().manual_seed(5)
+    T = m["shapes"]["prefill_chunk"]
+    for start, length in ((0, T), (T, 1), (T + 1, 1)):
+        x = torch.randn(1, length, 64, generator=g)
+        pos = torch.arange(start, start + length)
+        p3 = pos.unsqueeze(0).expand(3, length).contiguous()
+        np.testing.assert_allclose(chained.text_decoder(x, p3, pos).numpy(), whole.text_decoder(x, p3, pos).numpy(), rtol=0, atol=1e-5)
+
+    again = tmp_path / "again"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    export(checkpoint=audio_ckpt, target="coreml", out=again, recipe=recipe, verify=False)
+    # coremltools' temporary packages (one per conversion and quantization) are gone before the
+    # process exits: left to its atexit cleanup they filled the disk during a 9B export in parts
+    assert not list(scratch.rglob("*.mlpackage")), sorted(scratch.rglob("*.mlpackage"))[:3]
+    files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and f.name not in ("manifest.json", "report.json"))
+    assert "text_decoder.01-01.mlpackage/Data/com.apple.CoreML/weights/weight.bin" in files
+    for name in files:
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_multifunction_merge_equals_coremltools_save_multifunction(tmp_path):
+    """lower/coreml_multifunction.py replaces ct.utils.save_multifunction (17.8 GiB for the 9B token
+    embedding): the same functions, descriptions, ops and constants, each shared weight stored once."""
+    import struct
+
+    import torch
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+
+    from autoglm_export.lower.coreml import _convert, _import_ct
+    from autoglm_export.lower.coreml_mil import MilProgram
+    from autoglm_export.lower.coreml_multifunction import merge_functions
+
+    ct = _import_ct()
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32)).half().eval()
+    parts = {}
+    for fn, T in (("prefill", 8), ("decode", 1)):
+        ep = torch.export.export(lin, (torch.zeros(1, T, 64, dtype=torch.float16),))
+        ml = _convert(ct, ep, [("x", (1, T, 64), np.float16)], ["y"])
+        names = [op.name for op in ml._mil_program.functions["main"].operations
+                 if op.op_type == "const" and isinstance(op.val.val, np.ndarray) and op.val.val.size >= 64 * 32]  # fmt: skip
+        cfg = {n: OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", weight_threshold=0, granularity="per_channel") for n in names}
+        ml = linear_quantize_weights(ml, OptimizationConfig(op_name_configs=cfg))
+        parts[fn] = tmp_path / f"{fn}.mlpackage"
+        ml.save(str(parts[fn]))
+    desc = ct.utils.MultiFunctionDescriptor()
+    for fn, path in parts.items():
+        desc.add_function(str(path), src_function_name="main", target_function_name=fn)
+    desc.default_function_name = "decode"
+    ct.utils.save_multifunction(desc, str(tmp_path / "theirs.mlpackage"))
+    merge_functions(parts, tmp_path / "ours.mlpackage", "decode")
+    theirs, ours = MilProgram(tmp_path / "theirs.mlpackage"), MilProgram(tmp_path / "ours.mlpackage")
+    assert ours.description() == theirs.description() and sorted(ours.functions) == ["decode", "prefill"]
+    assert ours.spec.specificationVersion == theirs.spec.specificationVersion
+
+    def signature(f):  # ops by type and dataflow, with every constant decoded
+        return [(op.type, [o for o, _ in op.outputs],
+                 {k: [(kind, v.tolist() if isinstance(v, np.ndarray) else v) for kind, v in b] for k, b in sorted(op.inputs.items())},
+                 {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in sorted(op.attributes.items()) if k != "name"})
+                for op in f.ops]  # fmt: skip
+
+    for fn in ("prefill", "decode"):
+        assert signature(ours.functions[fn]) == signature(theirs.functions[fn]), fn
+        assert ours.functions[fn].inputs == theirs.functions[fn].inputs
+    weights = (tmp_path / "ours.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes()
+    count = struct.unpack_from("<I", weights, 0)[0]
+    single = [struct.unpack_from("<I", (p / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes(), 0)[0] for p in parts.values()]
+    assert count == single[0] == single[1] >= 4  # int4 data and scales (and biases) of both linears, stored once for both functions
+    ref = (tmp_path / "theirs.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes()
+    assert len(weights) == len(ref) and struct.unpack_from("<I", ref, 0)[0] == count

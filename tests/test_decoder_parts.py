@@ -54,13 +54,13 @@ def test_chained_parts_equal_the_whole_decoder(tiny_ckpt):
             assert torch.equal(x, want)
 
 
-@pytest.mark.parametrize("target", ["qnn", "coreml", "onnx-qnn"])
+@pytest.mark.parametrize("target", ["qnn", "onnx-qnn"])
 def test_targets_that_cannot_lower_in_parts_say_so(target, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(f"name: r\ntarget: {target}\nlowering: {{decoder_layers_per_program: 4}}\n")
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
-    assert "lowering.decoder_layers_per_program" in str(e.value) and "supported: xnnpack, onnx" in str(e.value)
+    assert "lowering.decoder_layers_per_program" in str(e.value) and "supported: xnnpack, onnx, coreml" in str(e.value)
 
 
 def test_parts_need_at_least_one_layer(tmp_path):

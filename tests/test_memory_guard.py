@@ -47,11 +47,12 @@ def test_export_peak_memory_stays_under_a_ceiling_from_the_largest_tensor(tmp_pa
     assert "skipped" in manifest["verification"]
 
 
-def test_qnn_and_coreml_refuse_what_they_measured_they_cannot_fit(monkeypatch):
-    """The 9b-shape checkpoint with one decoder layer was OOM-killed on a 24 GiB machine by both
-    targets (bench/scale); it is now refused up front with a one-line reason, on such a machine."""
+def test_qnn_refuses_what_it_measured_it_cannot_fit(monkeypatch):
+    """The 9b-shape checkpoint with one decoder layer was OOM-killed on a 24 GiB machine by qnn (and
+    coreml, before it converted from fp16 and in parts: test_coreml_bundle.py) (bench/scale); it is
+    now refused up front with a one-line reason, on such a machine."""
     from autoglm_export.errors import BackendUnavailable
-    from autoglm_export.lower import coreml, memory_fit, qnn
+    from autoglm_export.lower import memory_fit, qnn
     from autoglm_export.quantize import ComponentPlan, WeightPlan
 
     def comp(name, n):
@@ -62,8 +63,7 @@ def test_qnn_and_coreml_refuse_what_they_measured_they_cannot_fit(monkeypatch):
                         "text_decoder": comp("text_decoder", 824_730_112)}  # fmt: skip
     tiny = {"text_decoder": comp("text_decoder", 200_000)}
     monkeypatch.setattr(memory_fit, "physical_memory_bytes", lambda: 24 * 2**30)
-    for target, held, per in (("qnn", qnn.HELD_BYTES_PER_PARAM, qnn.LOWER_BYTES_PER_PARAM),
-                              ("coreml", coreml.HELD_BYTES_PER_PARAM, coreml.CONVERT_BYTES_PER_PARAM)):  # fmt: skip
+    for target, held, per in (("qnn", qnn.HELD_BYTES_PER_PARAM, qnn.LOWER_BYTES_PER_PARAM),):
         memory_fit.refuse_if_over_memory(target, tiny, held=held, per_component=per, how="lowers")
         try:
             memory_fit.refuse_if_over_memory(target, nine_b_one_layer, held=held, per_component=per, how="lowers")
@@ -105,3 +105,31 @@ def test_an_exported_and_lowered_modules_weights_are_freed_after_release_export_
     release_export_caches()
     gc.collect()
     assert weight() is None, "an export's weights outlive it: re-check release_export_caches against this torch"
+
+
+def test_large_weights_quantize_in_row_blocks_to_the_same_tensors(monkeypatch):
+    """The 9B's 151552 x 4096 embedding and lm_head are quantized in row blocks (temporaries of one
+    block, not of the whole weight: 11.6 -> 9.6 GiB peak at 9B widths); the tensors are identical to
+    quantizing the whole weight at once, for every scheme the xnnpack target uses."""
+    import torch
+    from torch import nn
+    from torchao.quantization import quantize_
+
+    import autoglm_export.quantize as quantize
+    from autoglm_export.lower.xnnpack import BACKEND
+
+    monkeypatch.setattr(quantize, "BLOCK_ELEMENTS", 256 * 700)  # 700 rows per block, a shorter last one
+    g = torch.Generator().manual_seed(0)
+    for kind, scheme, group in (("embedding", "int4", 64), ("linear", "int4", 128), ("linear", "int8", None), ("embedding", "int8", None)):
+        w = torch.randn(3000, 256, generator=g)
+        whole, blocks = [nn.Embedding(3000, 256) if kind == "embedding" else nn.Linear(256, 3000, bias=False) for _ in range(2)]
+        for m in (whole, blocks):
+            m.weight = nn.Parameter(w.clone(), requires_grad=False)
+        quantize_(whole, BACKEND.torchao_config(scheme, group, whole), filter_fn=lambda m, fqn: True)
+        plan = quantize.ComponentPlan("c", "fp32", {"weight": quantize.WeightPlan("c.weight", scheme, group, 0, w.numel(), tuple(w.shape))})
+        quantize.quantize_hook(plan, BACKEND.torchao_config)("", blocks)
+        a, b = whole.weight, blocks.weight
+        assert type(a) is type(b) and [getattr(a, n) for n in a.tensor_attribute_names] == [getattr(b, n) for n in b.tensor_attribute_names]
+        for n in a.tensor_data_names:
+            assert torch.equal(getattr(a, n), getattr(b, n)), (kind, scheme, n)
+    assert w.numel() > quantize.BLOCK_ELEMENTS  # the hook took the row-block path

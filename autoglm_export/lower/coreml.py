@@ -17,6 +17,7 @@ own ``predict`` instead (``CoreMLPredictRuntime``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,23 +31,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..bundle import part_file
 from ..errors import BackendUnavailable, ExportError
 from . import coreml_quant
 
 DEPLOYMENT = "iOS18"
 MULTIFUNCTION = ("token_embedding", "text_decoder")
 DEFAULT_FUNCTION = "decode"
-# Memory model behind the up-front refusal (memory_fit.py): every component's fp32 export is held
-# until lowering (4 bytes per parameter of the whole model), and converting one component grows RSS
-# by at least CONVERT_BYTES_PER_PARAM times its parameters. 26 is a measured lower bound, not
-# DESIGN.md §4's ~7: at 9B widths (1 layer) the 620.8 M-parameter token embedding's conversion took
-# RSS from 8.2 GiB past 23 GiB before the OOM killer ended it (bench/scale, 2026-11-22).
-HELD_BYTES_PER_PARAM = 4
-CONVERT_BYTES_PER_PARAM = 26
+# Memory model behind the up-front refusal (memory_fit.py): the exported fp16 programs of the
+# components converted together are held until lowering (2 bytes per parameter), and converting one
+# component or decoder part grows RSS by CONVERT_BYTES_PER_PARAM times its parameters (measured at
+# 9B widths: docs/benchmarks.md). From an fp32 module it was over 26 (the 620.8 M-parameter token
+# embedding took RSS from 8.2 GiB past 23 GiB before the OOM killer ended it).
+HELD_BYTES_PER_PARAM = 2
+CONVERT_BYTES_PER_PARAM = 6
 
 
 def package_name(component: str) -> str:
     return f"{component}.mlpackage"
+
+
+def package_records(manifest: dict) -> list[tuple[str, str, dict]]:
+    """(label, component, entry) of every package in a bundle: one per component, or one per part
+    of a decoder lowered in parts (label ``text_decoder.00-01``); entries have ``file`` and ``package``."""
+    out = []
+    for name, comp in manifest["components"].items():
+        for entry in comp.get("programs") or [comp]:
+            out.append((entry["file"].removesuffix(".mlpackage"), name, entry))
+    return out
 
 
 def function_names(component: str) -> list[str]:
@@ -72,6 +84,15 @@ def _import_ct():
     return ct
 
 
+class _Fp32LayerNorm(torch.nn.LayerNorm):
+    """layer_norm traced in fp32 inside an fp16 module: coremltools 9.0 lowers an fp16 layer_norm
+    with an fp32 epsilon (type error); its fp16 pass casts the fp32 op back to fp16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = (None if t is None else t.float() for t in (self.weight, self.bias))
+        return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
 class _IntEmbedding(torch.nn.Module):
     """Core ML takes int32 token ids (no int64 inputs)."""
 
@@ -88,15 +109,17 @@ class CoreMLBackend:
     runtime_name = ("Core ML predict (macOS)" if platform.system() == "Darwin"
                     else "MIL reference interpreter (numpy; program semantics, not Core ML kernels)")  # fmt: skip
     quantizes_in_torch = False  # coremltools quantizes the converted program
+    load_dtype = torch.float16  # weights are quantized from their fp16 values (reference_component)
 
     def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
         raise AssertionError("the coreml target quantizes after conversion")
 
-    def check_plans(self, plans: dict, recipe_file: str) -> None:
+    def check_plans(self, plans: dict, recipe_file: str, parts: list | None = None) -> None:
         from .memory_fit import refuse_if_over_memory
 
         refuse_if_over_memory("coreml", plans, held=HELD_BYTES_PER_PARAM, per_component=CONVERT_BYTES_PER_PARAM,
-                              how="converts each component whole")  # fmt: skip
+                              how="converts each component (or decoder part) whole", parts=parts,
+                              fix="or lower the decoder in parts: recipe lowering.decoder_layers_per_program")  # fmt: skip
         for plan in plans.values():
             fp32 = [w.weight for w in plan.weights.values() if w.scheme == "fp32"]
             if fp32:
@@ -118,10 +141,20 @@ class CoreMLBackend:
     def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
         from ..models.glm4v.modules import RMSNorm, TextDecoderStateful
 
-        module = module.float().eval()  # coremltools casts to fp16 itself (compute_precision)
+        # fp16 in PyTorch already: the program computes in fp16 either way (compute_precision), and
+        # converting an fp32 graph cost ~30 bytes of RAM per parameter against ~4 for an fp16 one
+        # (a 151552 x 256 embedding: +1.17 vs +0.16 GiB), which decides whether 9B converts in 24 GiB
+        extra = {}
+        if name == "text_decoder":  # from the fp32 frequencies, before the module goes to fp16
+            from ..host.static_decoder import rope_table
+
+            extra["rope"] = rope_table(module.inv_freq, module.axis_selector)
+        module = module.half().eval()
         for m in module.modules():
             if isinstance(m, RMSNorm):
                 m.plain = True  # one rms_norm op, which coremltools lowers with overflow-safe scaling
+            elif type(m) is torch.nn.LayerNorm:
+                m.__class__ = _Fp32LayerNorm
         graphs: dict[str, tuple] = {}
         with torch.no_grad():
             if name in ("vision_encoder", "audio_encoder"):
@@ -144,56 +177,22 @@ class CoreMLBackend:
                     spec = [("inputs_embeds", (1, T, t.hidden_size), np.float32), ("cos", (1, 1, T, t.head_dim), np.float32),
                             ("sin", (1, 1, T, t.head_dim), np.float32), ("mask", (1, 1, T, C), np.float32),
                             ("cache_start", (1,), np.int32)]  # fmt: skip
-                    graphs[fn] = (torch.export.export(wrapped, args), spec, ["logits"])
+                    out = "logits" if module.has_head else "hidden_states"  # a part before the last
+                    graphs[fn] = (torch.export.export(wrapped, args), spec, [out])
             else:
                 raise KeyError(name)
         # converted constants are named after the parameter ("p_" + dotted name with "_"); this maps
         # them back to the recipe's weight names
         consts = {"p_" + n.replace(".", "_"): n.removeprefix(prefix) for n, _ in wrapped.named_parameters()}
-        extra = {}
-        if name == "text_decoder":
-            from ..host.static_decoder import rope_table
-
-            extra["rope"] = rope_table(module.inv_freq, module.axis_selector)
         return {"graphs": graphs, "consts": consts, **extra}
 
     # -- lower: convert, quantize, package -------------------------------------------------------
 
     def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
-        from .coreml_mil import MilProgram
-
-        ct = _import_ct()
         files, methods = [], {}
         for name, prog in programs.items():
-            plan = plans[name]
-            pkg = out_dir / package_name(name)
-            with tempfile.TemporaryDirectory(prefix="autoglm-coreml-") as tmp:
-                parts = {}
-                for fn, (ep, inputs, outputs) in prog["graphs"].items():
-                    progress(f"{name}/{fn}: coremltools conversion ({DEPLOYMENT}, fp16)")
-                    ml = _convert(ct, ep, inputs, outputs)
-                    configs = _quant_configs(ct, ml, prog["consts"], plan)
-                    if configs:
-                        progress(f"{name}/{fn}: linear_quantize_weights on {len(configs)} weight(s)")
-                        from coremltools.optimize.coreml import OptimizationConfig, linear_quantize_weights
-
-                        ml = linear_quantize_weights(ml, OptimizationConfig(op_name_configs=configs))
-                    parts[fn] = Path(tmp) / f"{fn}.mlpackage"
-                    ml.save(str(parts[fn]))
-                    del ml
-                if len(parts) > 1:
-                    desc = ct.utils.MultiFunctionDescriptor()
-                    for fn, path in parts.items():
-                        desc.add_function(str(path), src_function_name="main", target_function_name=fn)
-                    desc.default_function_name = DEFAULT_FUNCTION
-                    ct.utils.save_multifunction(desc, str(pkg))
-                else:
-                    shutil.copytree(parts["main"], pkg)
-            _make_deterministic(pkg)
-            program = MilProgram(pkg)
-            files += [str(p.relative_to(out_dir)) for p in sorted(pkg.rglob("*")) if p.is_file()]
-            methods[name] = {"file": package_name(name), "package": describe(program, prog["consts"], plan),
-                             **({"rope": prog["rope"]} if "rope" in prog else {})}  # fmt: skip
+            written, methods[name] = self._package(prog, plans[name], out_dir, package_name(name), progress, name)
+            files += written
         return {"files": files, "methods": methods, "manifest": {"coreml": {
             "deployment_target": DEPLOYMENT, "compute_precision": "float16",
             "token_embedding": "its own multifunction package (prefill / decode)",
@@ -202,6 +201,52 @@ class CoreMLBackend:
                               "(program semantics, not Core ML kernels)"),
             "needs_macos": "Core ML predict with states, compilation to .mlmodelc, MLComputePlan (which ops run on the ANE), speed",
         }}}  # fmt: skip
+
+    def lower_part(self, name: str, program, layers: tuple[int, int], out_dir: Path, progress, plan) -> dict:
+        """One part of the decoder (``recipe.lowering``) as its own package (prefill / decode over
+        the states of its own layers); the rotary table goes to the component's entry."""
+        from ..quantize import ComponentPlan
+
+        mine = set(program["consts"].values())
+        part_plan = ComponentPlan(plan.component, plan.dtype, {n: w for n, w in plan.weights.items() if n in mine})
+        file = part_file(name, layers, "mlpackage")
+        files, entry = self._package(program, part_plan, out_dir, file, progress, f"{name} layers {layers[0]}..{layers[1] - 1}")
+        return {"files": files, "method": name, "layers": list(layers), **entry, "component": {"rope": entry.pop("rope")}}
+
+    def _package(self, prog: dict, plan, out_dir: Path, file: str, progress, label: str) -> tuple[list[str], dict]:
+        """Convert, quantize and save one component's (or part's) functions as ``file``; returns
+        the files written and the manifest entry."""
+        from .coreml_mil import MilProgram
+
+        ct = _import_ct()
+        pkg = out_dir / file
+        with tempfile.TemporaryDirectory(prefix="autoglm-coreml-") as tmp, _temp_files_in(tmp):
+            parts = {}
+            for fn, (ep, inputs, outputs) in prog["graphs"].items():
+                progress(f"{label}/{fn}: coremltools conversion ({DEPLOYMENT}, fp16)")
+                ml = _convert(ct, ep, inputs, outputs)
+                configs = _quant_configs(ct, ml, prog["consts"], plan)
+                if configs:
+                    progress(f"{label}/{fn}: linear_quantize_weights on {len(configs)} weight(s)")
+                    from coremltools.optimize.coreml import OptimizationConfig, linear_quantize_weights
+
+                    ml = linear_quantize_weights(ml, OptimizationConfig(op_name_configs=configs))
+                parts[fn] = Path(tmp) / f"{fn}.mlpackage"
+                ml.save(str(parts[fn]))
+                del ml
+            if len(parts) > 1:
+                from .coreml_multifunction import merge_functions
+
+                progress(f"{label}: one multifunction package of {', '.join(parts)} (weights shared)")
+                merge_functions(parts, pkg, DEFAULT_FUNCTION)
+            else:
+                shutil.copytree(parts["main"], pkg)
+        _make_deterministic(pkg)
+        progress(f"{label}: reading {file} back for the manifest")
+        program = MilProgram(pkg, weights=False)  # ops and types only: the weights are gigabytes at 9B
+        files = [str(p.relative_to(out_dir)) for p in sorted(pkg.rglob("*")) if p.is_file()]
+        entry = {"file": file, "package": describe(program, prog["consts"], plan), **({"rope": prog["rope"]} if "rope" in prog else {})}
+        return files, entry
 
     # -- verification hooks --------------------------------------------------------------------
 
@@ -240,6 +285,19 @@ class CoreMLBackend:
         return {p: version(p) for p in ("coremltools", "torch", "numpy")}
 
 
+@contextlib.contextmanager
+def _temp_files_in(path: str):
+    """coremltools writes a temporary .mlpackage for every conversion and every quantization and
+    removes them only when the process exits (atexit): 0.8-2 GB each at 9B widths, enough to fill
+    the disk during an export in parts. Pointed at a scratch directory, they go with it."""
+    before = tempfile.tempdir
+    tempfile.tempdir = path
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+
+
 def _convert(ct, ep, inputs, outputs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -254,7 +312,8 @@ def _convert(ct, ep, inputs, outputs):
 
 
 def _const_weight(op_name: str, consts: dict) -> str | None:
-    return consts.get(op_name.removesuffix("_to_fp16"))
+    # coremltools suffixes a constant it cast ("_to_fp16") or promoted to an op's input type
+    return consts.get(op_name.removesuffix("_promoted_to_fp16").removesuffix("_to_fp16"))
 
 
 def _quant_configs(ct, ml, consts: dict, plan) -> dict:
@@ -341,6 +400,9 @@ class _PackageRuntime:
         self.prefill_chunk = manifest["shapes"]["prefill_chunk"]
         self.rope = manifest["components"]["text_decoder"]["rope"]
         self.bundle = bundle
+        self.records = package_records(manifest)
+        # the decoder's packages in layer order: one, or one per part (hidden states passed along)
+        self.decoder_labels = [label for label, name, _ in self.records if name == "text_decoder"]
 
     def _run(self, component: str, function: str, feeds: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -373,9 +435,11 @@ class _PackageRuntime:
         from ..host.static_decoder import additive_mask, rotary_cos_sin
 
         cos, sin = rotary_cos_sin(self.rope, pos)
-        feeds = {"inputs_embeds": x, "cos": cos, "sin": sin, "mask": additive_mask(start, x.shape[1], self.max_context),
+        feeds = {"cos": cos, "sin": sin, "mask": additive_mask(start, x.shape[1], self.max_context),
                  "cache_start": np.array([start], np.int32)}  # fmt: skip
-        return self._out("text_decoder", fn, feeds)
+        for label in self.decoder_labels:
+            x = self._out(label, fn, {"inputs_embeds": x, **feeds})
+        return x
 
     def _out(self, component: str, fn: str, feeds: dict) -> np.ndarray:
         (value,) = self._run(component, fn, feeds).values()
@@ -389,11 +453,12 @@ class MilRuntime(_PackageRuntime):
         from .coreml_mil import MilInterpreter, MilProgram
 
         super().__init__(bundle, manifest)
-        self.programs = {name: MilProgram(bundle / comp["file"]) for name, comp in manifest["components"].items()}
-        self.interpreters = {name: MilInterpreter(p) for name, p in self.programs.items()}
+        self.programs = {label: MilProgram(bundle / entry["file"]) for label, _, entry in self.records}
+        self.interpreters = {label: MilInterpreter(p) for label, p in self.programs.items()}
 
     def reset(self) -> None:
-        self.interpreters["text_decoder"].reset()
+        for label in self.decoder_labels:
+            self.interpreters[label].reset()
 
     def _run(self, component: str, function: str, feeds: dict) -> dict:
         return self.interpreters[component].run(function, feeds)
@@ -408,22 +473,22 @@ class CoreMLPredictRuntime(_PackageRuntime):  # pragma: no cover - needs macOS
 
         ct = _import_ct()
         super().__init__(bundle, manifest)
-        self.programs = {name: MilProgram(bundle / comp["file"]) for name, comp in manifest["components"].items()}
+        self.programs = {label: MilProgram(bundle / entry["file"]) for label, _, entry in self.records}
         self.models = {}
-        for name, comp in manifest["components"].items():
-            for fn in comp["package"]["functions"]:
+        for label, _, entry in self.records:
+            for fn in entry["package"]["functions"]:
                 kw = {} if fn == "main" else {"function_name": fn}
-                self.models[(name, fn)] = ct.models.MLModel(str(bundle / comp["file"]), compute_units=ct.ComputeUnit.CPU_AND_NE, **kw)
+                self.models[(label, fn)] = ct.models.MLModel(str(bundle / entry["file"]), compute_units=ct.ComputeUnit.CPU_AND_NE, **kw)
         self.reset()
 
     def reset(self) -> None:
-        # prefill and decode are functions of one package over the same state: one state object
-        self.state = self.models[("text_decoder", "decode")].make_state()
+        # prefill and decode are functions of one package over the same state: one state object per package
+        self.states = {label: self.models[(label, "decode")].make_state() for label in self.decoder_labels}
 
     def _run(self, component: str, function: str, feeds: dict) -> dict:
         model = self.models[(component, function)]
-        if component == "text_decoder":
-            return model.predict(feeds, state=self.state)
+        if component in self.states:
+            return model.predict(feeds, state=self.states[component])
         return model.predict(feeds)
 
 

@@ -60,9 +60,13 @@ def _input_shape(op, key: str, declared: dict) -> tuple:
 
 
 def structure_checks(programs: dict, manifest: dict) -> list[dict]:
+    """``programs``: MilProgram per package label (``coreml.package_records``)."""
+    from .coreml import package_records
+
+    records = {label: entry["package"] for label, _, entry in package_records(manifest)}
     checks = []
     for name, program in programs.items():
-        record = manifest["components"][name]["package"]
+        record = records[name]
         problems, bad_ops, bad_quant, nonfinite = [], set(), [], []
         expected_quant = set(record["quantized_weights"])
         quant_sets = []
@@ -129,17 +133,22 @@ def weight_checks(ckpt, shapes, plans: dict, bundle: Path, manifest: dict) -> li
     from . import coreml_quant
     from .coreml_mil import MilProgram
 
+    from .coreml import package_records
+
     checks = []
-    for name, comp in manifest["components"].items():
-        wanted = comp["package"]["quantized_weights"]
+    for name in manifest["components"]:
+        wanted, packed = {}, {}
+        for _, _, entry in (r for r in package_records(manifest) if r[1] == name):  # a decoder in parts: every part
+            mine = entry["package"]["quantized_weights"]
+            if not mine:
+                continue
+            wanted.update(mine)
+            for f in MilProgram(bundle / entry["file"]).functions.values():
+                for op in f.ops:
+                    if op.type == "constexpr_blockwise_shift_scale" and op.name in mine:
+                        packed[op.name] = (op.inputs["data"][0][1], op.inputs["scale"][0][1], op.inputs.get("offset"))
         if not wanted:
             continue
-        program = MilProgram(bundle / comp["file"])
-        packed = {}
-        for f in program.functions.values():
-            for op in f.ops:
-                if op.type == "constexpr_blockwise_shift_scale" and op.name in wanted:
-                    packed[op.name] = (op.inputs["data"][0][1], op.inputs["scale"][0][1], op.inputs.get("offset"))
         c = registry.get(name)
         module = load_component(build_on_meta(lambda c=c: c.build(ckpt.spec, shapes)), ckpt, torch.float32)
         params = dict(module.named_parameters())

@@ -80,6 +80,15 @@ class WeightFile:
         return np.frombuffer(raw, NP_TYPES[dtype], count).reshape(shape)
 
 
+@dataclass(frozen=True)
+class BlobRef:
+    """A constant stored in weight.bin, not decoded (``MilProgram(weights=False)``)."""
+
+    offset: int
+    shape: tuple
+    dtype: str
+
+
 @dataclass
 class TensorType:
     dtype: str
@@ -125,7 +134,9 @@ class Function:
 class MilProgram:
     """One ``.mlpackage``: its functions, description and weights."""
 
-    def __init__(self, package: Path) -> None:
+    def __init__(self, package: Path, weights: bool = True) -> None:
+        """``weights=False``: blob-backed constants are left undecoded (``BlobRef``), for readers that
+        need the program's structure only."""
         from coremltools.proto import Model_pb2
 
         self.package = Path(package)
@@ -134,12 +145,14 @@ class MilProgram:
         root = items[manifest["rootModelIdentifier"]]
         base = self.package / "Data"
         self.model_path = base / root["path"]
+        load = weights
         weights = [base / e["path"] for e in items.values() if e["name"] == "weights"]
+        self.lazy = not load
         self.spec = Model_pb2.Model()
         self.spec.ParseFromString(self.model_path.read_bytes())
         if self.spec.WhichOneof("Type") != "mlProgram":
             raise PackageError(f"{self.model_path}: not an ML Program")
-        self.weights = WeightFile(weights[0] / "weight.bin") if weights else None
+        self.weights = WeightFile(weights[0] / "weight.bin") if weights and load else None
         self.functions: dict[str, Function] = {}
         for fname, f in self.spec.mlProgram.functions.items():
             block = f.block_specializations[f.opset]
@@ -151,6 +164,8 @@ class MilProgram:
         t = _tensor_type(v.type)
         kind = v.WhichOneof("value")
         if kind == "blobFileValue":
+            if self.lazy:
+                return BlobRef(v.blobFileValue.offset, t.shape, t.dtype)
             if self.weights is None:
                 raise PackageError(f"{self.package}: a blob is referenced but the package has no weights")
             return self.weights.array(v.blobFileValue.offset, t.shape, t.dtype)

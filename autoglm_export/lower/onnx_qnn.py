@@ -113,7 +113,7 @@ class OnnxQnnBackend:
         self.calibration_set = load_calibration(recipe.calibration, Path(base or Path(recipe_file).parent), recipe_file, tokenizer, pre)
         self._calibration = {"calibration": self.calibration_set}
 
-    def check_plans(self, plans: dict, recipe_file: str) -> None:
+    def check_plans(self, plans: dict, recipe_file: str, parts: list | None = None) -> None:
         _ort_qnn()  # a missing runtime is reported before any tensor is read
         check_npu_plans(plans, recipe_file)
 

@@ -77,7 +77,7 @@ class OnnxBackend:
     def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
         raise AssertionError("the onnx target quantizes after export")
 
-    def check_plans(self, plans: dict, recipe_file: str) -> None:
+    def check_plans(self, plans: dict, recipe_file: str, parts: list | None = None) -> None:
         for plan in plans.values():
             if plan.dtype == "fp16" and plan.quantized:
                 raise ExportError(

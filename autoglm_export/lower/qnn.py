@@ -185,7 +185,7 @@ class QnnBackend:
     def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
         raise AssertionError("the qnn target quantizes with PT2E after export")
 
-    def check_plans(self, plans: dict, recipe_file: str) -> None:
+    def check_plans(self, plans: dict, recipe_file: str, parts: list | None = None) -> None:
         from .memory_fit import refuse_if_over_memory
         from .onnx_qnn import check_npu_plans
 

@@ -24,7 +24,7 @@ class XnnpackBackend:
     runtime_name = "executorch.runtime (XNNPACK delegate, host CPU)"
     quantizes_in_torch = True
 
-    def check_plans(self, plans: dict, recipe_file: str) -> None:
+    def check_plans(self, plans: dict, recipe_file: str, parts: list | None = None) -> None:
         pass
 
     def torchao_config(self, scheme: str, group_size: int | None, module: torch.nn.Module):

@@ -8,11 +8,13 @@ import Foundation
 /// "decode" for one token); the decoder's KV cache is Core ML state shared by both functions and
 /// its cos/sin/mask are computed here (`StatefulDecoderInputs`); a shorter last prefill chunk runs
 /// token by token through "decode", so the shared generation loop stays the same everywhere.
+/// A decoder lowered in parts is one package per run of layers, called in order with the previous
+/// part's hidden states, each with its own state (its layers' KV cache).
 final class CoreMLRuntime: ModelRuntime {
     let manifest: BundleManifest
     let dir: URL
     var models: [String: MLModel] = [:]
-    var state: MLState?
+    var states: [String: MLState] = [:]
 
     var maxContext: Int { manifest.maxContext }
     var prefillChunk: Int { manifest.prefillChunk }
@@ -22,11 +24,11 @@ final class CoreMLRuntime: ModelRuntime {
         self.manifest = manifest
     }
 
-    func model(_ component: String, function: String? = nil) throws -> MLModel {
-        let spec = try manifest.component(component)
-        let key = spec.file + "#" + (function ?? "")
+    func model(_ component: String, function: String? = nil, file: String? = nil) throws -> MLModel {
+        let path = try file ?? manifest.component(component).file
+        let key = path + "#" + (function ?? "")
         if let m = models[key] { return m }
-        let compiled = try MLModel.compileModel(at: dir.appendingPathComponent(spec.file))
+        let compiled = try MLModel.compileModel(at: dir.appendingPathComponent(path))
         let config = MLModelConfiguration()
         config.computeUnits = .cpuAndNeuralEngine
         if let function { config.functionName = function }
@@ -49,17 +51,19 @@ final class CoreMLRuntime: ModelRuntime {
         return a
     }
 
-    func run(_ component: String, _ inputs: [String: MLMultiArray], function: String? = nil) throws -> FloatTensor {
-        let m = try model(component, function: function)
+    func run(_ component: String, _ inputs: [String: MLMultiArray], function: String? = nil, file: String? = nil,
+             output: String? = nil) throws -> FloatTensor {
+        let m = try model(component, function: function, file: file)
         let provider = try MLDictionaryFeatureProvider(dictionary: inputs)
         let out: MLFeatureProvider
         if component == BundleManifest.decoder {
-            if state == nil { state = m.makeState() }
-            out = try m.prediction(from: provider, using: state!)
+            let key = try file ?? manifest.component(component).file
+            if states[key] == nil { states[key] = m.makeState() }
+            out = try m.prediction(from: provider, using: states[key]!)
         } else {
             out = try m.prediction(from: provider)
         }
-        let name = try manifest.component(component).outputs[0].name
+        let name = try output ?? manifest.component(component).outputs[0].name
         guard let a = out.featureValue(for: name)?.multiArrayValue else {
             throw BundleError(file: component, field: name, expected: "a multi-array output", got: nil, fix: "re-export the bundle")
         }
@@ -104,9 +108,16 @@ final class CoreMLRuntime: ModelRuntime {
         let mask = StatefulDecoderInputs.additiveMask(start: start, t: t, context: c)
         let start32 = try MLMultiArray(shape: [1], dataType: .int32)
         start32[0] = NSNumber(value: Int32(start))
-        return try run(BundleManifest.decoder, ["inputs_embeds": try array(embeds, [1, t, h]),
-                                                "cos": try array(cs.cos, [1, 1, t, hd]), "sin": try array(cs.sin, [1, 1, t, hd]),
-                                                "mask": try array(mask, [1, 1, t, c]), "cache_start": start32], function: function)
+        let shared = ["cos": try array(cs.cos, [1, 1, t, hd]), "sin": try array(cs.sin, [1, 1, t, hd]),
+                      "mask": try array(mask, [1, 1, t, c]), "cache_start": start32]
+        let parts = try manifest.component(BundleManifest.decoder).programs
+        var x = FloatTensor(shape: [1, t, h], data: embeds)
+        for (i, part) in parts.enumerated() { // every part but the last returns hidden states for the next
+            let inputs = shared.merging(["inputs_embeds": try array(x.data, [1, t, h])]) { a, _ in a }
+            x = try run(BundleManifest.decoder, inputs, function: function, file: part.file,
+                        output: i == parts.count - 1 ? nil : "hidden_states")
+        }
+        return x
     }
 
     func textDecoder(_ embeds: FloatTensor, _ positionIds: LongTensor, _ cachePosition: LongTensor) throws -> FloatTensor {
@@ -124,6 +135,6 @@ final class CoreMLRuntime: ModelRuntime {
     }
 
     func reset() throws {
-        state = nil // a fresh KV cache for the next conversation
+        states = [:] // a fresh KV cache (every part's) for the next conversation
     }
 }

@@ -37,7 +37,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.plain:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            # in fp32 even for an fp16 module: coremltools 9.0 lowers an fp16 rms_norm with an fp32 eps
+            # (type error); its fp16 pass casts the fp32 op back to fp16 in the program
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(mean_last_dim(xf * xf) + self.eps)).to(x.dtype)
 
@@ -150,12 +152,17 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        dtype = q.dtype
+        qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
+        dtype = qkv.dtype
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        qf, kf = q.float(), k.float()  # 2-D rotary in fp32, as transformers does
-        q = (qf * cos + torch.matmul(qf, rot) * sin).to(dtype)
-        k = (kf * cos + torch.matmul(kf, rot) * sin).to(dtype)
+        # 2-D rotary in fp32, as transformers does. R is applied to all of qkv (v's third is
+        # dropped): on that contiguous view x @ R is one 2-D matmul, while on q and k alone
+        # (strided slices) torch broadcasts R to every patch, which ExecuTorch stores as a
+        # [patches, hd, hd] fp32 constant (38 MB at 9B widths)
+        turned = torch.matmul(qkv.float(), rot).unbind(1)
+        q, k, v = qkv.unbind(1)
+        q = (q.float() * cos + turned[0] * sin).to(dtype)
+        k = (k.float() * cos + turned[1] * sin).to(dtype)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         out = attention(q, k, v, None, self.head_dim**-0.5)
         return self.proj(out.transpose(0, 1).reshape(n, -1))
@@ -583,6 +590,9 @@ class TextDecoderStateful(nn.Module):
 
     (inputs_embeds [1,T,D], cos [1,1,T,hd], sin [1,1,T,hd], mask [1,1,T,C], cache_start [1] int32)
         -> logits [1,V]; states k_cache_i / v_cache_i [1, kv, C, hd]
+
+    A part of the decoder (``TextDecoder(layers=(a, b))``) holds the states of its own layers and,
+    unless it ends at the last layer, returns hidden_states [1,T,D] for the next part.
     """
 
     method_name = "text_decoder"
@@ -592,21 +602,22 @@ class TextDecoderStateful(nn.Module):
         self.decoder = decoder
         t = decoder.t
         shape = (1, t.num_kv_heads, decoder.max_context, t.head_dim)
-        for i in range(t.num_layers):
+        for i in decoder.layer_ids:  # a part (decoder.layer_ids) holds its own layers' caches
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=torch.float16), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=torch.float16), persistent=False)
 
     def cache_names(self) -> list[str]:
-        return [f"{kind}_cache_{i}" for i in range(self.decoder.t.num_layers) for kind in ("k", "v")]
+        return [f"{kind}_cache_{i}" for i in self.decoder.layer_ids for kind in ("k", "v")]
 
     def forward(self, inputs_embeds, cos, sin, mask, cache_start):
         d = self.decoder
-        x = inputs_embeds
+        dtype = d.compute_dtype  # fp32 inputs, weights in fp16 when exported for Core ML
+        x, cos, sin, mask = (t.to(dtype) for t in (inputs_embeds, cos, sin, mask))
         T = x.shape[1]
         start = cache_start[0].item()
         torch._check_is_size(start)
         torch._check(start + T <= d.max_context)
-        for i, layer in enumerate(d.decoder_layers()):
+        for i, layer in zip(d.layer_ids, d.decoder_layers()):
             a = layer.self_attn
             q, k, v = rotary_qkv(a, layer.input_layernorm(x), cos, sin, d.rope_rot)
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
@@ -616,7 +627,9 @@ class TextDecoderStateful(nn.Module):
             keys, values = repeat_kv(k_cache.to(q.dtype), groups), repeat_kv(v_cache.to(q.dtype), groups)
             att = attention(q, keys, values, mask, a.head_dim**-0.5)
             x = layer.after_attention(x, a.o_proj(att.transpose(1, 2).reshape(1, T, -1)))
-        return d.lm_head(d.norm(x[:, -1:, :]))[:, 0]
+        if not d.has_head:  # a part before the last: hidden states [1, T, D] for the next part
+            return x.float()
+        return d.lm_head(d.norm(x[:, -1:, :]))[:, 0].float()
 
 
 # ----------------------------------------------------------------------------------------

@@ -7,12 +7,23 @@ public struct TensorSpec {
     public let dtype: String
 }
 
+/// One package of a component; for a decoder lowered in parts, the one holding layers [first, end).
+public struct ProgramSpec {
+    public let file: String
+    public let firstLayer: Int
+    public let endLayer: Int
+}
+
+/// A component of the bundle and its signature. A decoder lowered in parts (recipe
+/// `lowering.decoder_layers_per_program`) has several `programs`, run in order: each takes the
+/// previous one's hidden states and keeps the KV cache (Core ML state) of its own layers.
 public struct ComponentSpec {
     public let name: String
     public let method: String
     public let file: String
     public let inputs: [TensorSpec]
     public let outputs: [TensorSpec]
+    public let programs: [ProgramSpec]
 }
 
 public struct ImageConfig {
@@ -105,8 +116,22 @@ public struct BundleManifest {
             if let r = try c.optObj("rope") {
                 rope = RopeTable(invFreq: try r.reqDoubles("inv_freq").map { Float($0) }, axis: try r.reqInts("axis"))
             }
-            comps[name] = ComponentSpec(name: name, method: try c.reqString("method"), file: try c.reqString("file"),
-                                        inputs: try specs(c, "inputs"), outputs: try specs(c, "outputs"))
+            let mainFile = try c.reqString("file")
+            var programs = [ProgramSpec(file: mainFile, firstLayer: 0, endLayer: 0)]
+            if c.opt("programs") != nil {
+                programs = []
+                for (i, v) in try c.reqArray("programs").enumerated() {
+                    let p = try c.child("programs[\(i)]", v)
+                    let layers = try p.reqInts("layers")
+                    if i > 0 && layers[0] != programs[i - 1].endLayer {
+                        throw BundleError(file: file, field: "components.\(name).programs[\(i)].layers",
+                                          expected: "layers starting at \(programs[i - 1].endLayer)", got: "\(layers[0])", fix: JsonNode.reexport)
+                    }
+                    programs.append(ProgramSpec(file: try p.reqString("file"), firstLayer: layers[0], endLayer: layers[1]))
+                }
+            }
+            comps[name] = ComponentSpec(name: name, method: try c.reqString("method"), file: mainFile,
+                                        inputs: try specs(c, "inputs"), outputs: try specs(c, "outputs"), programs: programs)
         }
         let shapes = try root.reqObj("shapes")
         let pre = try root.reqObj("preprocessing")

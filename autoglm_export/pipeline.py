@@ -123,6 +123,10 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     backend.check_plans(plans, str(recipe_file), parts=parts)
 
     stage = progress.stage
+    if hasattr(backend, "emulator_twin"):  # nothing will run the emulator twin of a shared-weight program
+        backend.emulator_twin = verify
+    if hasattr(backend, "progress"):  # a backend that quantizes and lowers inside export (qnn) reports there
+        backend.progress = stage(f"lower/{target}")
 
     def export_module(name: str, build, plan, hook, label: str):
         """Load ``build()``'s weights (streamed from the shards), torch.export it, and free the module."""
@@ -159,8 +163,6 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
                     gc.collect()
                 continue
             programs[comp.name] = export_module(comp.name, lambda c=comp: c.build(ckpt.spec, shapes), plan, hook, comp.name)
-        if hasattr(backend, "emulator_twin"):  # nothing will run the emulator twin of a shared-weight program
-            backend.emulator_twin = verify
         lowered = backend.lower(programs, model_metadata(ckpt, tokenizer, shapes), tmp, stage(f"lower/{target}"), plans)
         del programs
         gc.collect()

@@ -77,6 +77,64 @@ def test_htp_targets_refuse_fp32_components_in_one_line(target, tiny_ckpt, tmp_p
     assert len(proc.stderr.strip().splitlines()) == 1 and tree_snapshot(out) == {}
 
 
+_EMBEDDING_CONTEXT = """
+import dataclasses, json, sys
+import torch
+from autoglm_export.checkpoint import open_checkpoint
+from autoglm_export.lower import qnn
+from autoglm_export.lower.qnn_contexts import plan_contexts
+from autoglm_export.lower.static_graphs import static_graphs
+from autoglm_export.models.glm4v.modules import TokenEmbedding
+from autoglm_export.quantize import plan_component
+from autoglm_export.recipe import load_recipe
+
+qnn.preload_qnn_libraries()
+spec = open_checkpoint(sys.argv[1]).spec
+spec = dataclasses.replace(spec, text=dataclasses.replace(spec.text, vocab_size=16384))
+torch.manual_seed(0)
+module = TokenEmbedding(spec)
+recipe = load_recipe(sys.argv[2])
+plan = plan_component(recipe, "token_embedding", module, sys.argv[2])
+graphs = static_graphs("token_embedding", module, 16, {})
+quantized = {g: qnn.quantize_graph(s, plan) for g, s in graphs.items()}
+gm = quantized["token_embedding_decode"]
+emb = next(n for n in gm.graph.nodes if n.op == "call_function" and "embedding" in str(n.target))
+deq = emb.args[0]
+codes = getattr(gm, deq.args[0].target)
+scales = getattr(gm, deq.args[1].target)
+ctx = plan_contexts(plan, 2, 10**9, True, sys.argv[2])
+low = qnn._lower_group(quantized, {g: s.args for g, s in graphs.items()}, False, ctx, plan)
+from executorch.exir.lowered_backend_module import get_lowered_submodules
+sizes = [len(m.processed_bytes) for _, m, _ in get_lowered_submodules(low.exported_program("token_embedding_decode").graph_module)]
+# the same conversion with torchao's constant folding evaluating every dequantize node, as it does unpatched
+import contextlib
+patched, qnn._dequantize_nodes_not_evaluated = qnn._dequantize_nodes_not_evaluated, contextlib.nullcontext
+plain = qnn.quantize_graph(graphs["token_embedding_decode"], plan)
+qnn._dequantize_nodes_not_evaluated = patched
+consts = lambda g: [getattr(g, n.target) for n in g.graph.nodes if n.op == "get_attr" and isinstance(getattr(g, n.target), torch.Tensor)]
+same = plain.code == gm.code and all(torch.equal(a, b) for a, b in zip(consts(plain), consts(gm), strict=True))
+print(json.dumps({"dequant": str(deq.target), "codes": [str(codes.dtype), list(codes.shape)], "scales": list(scales.shape),
+                  "params": module.embed_tokens.weight.numel(), "context_bytes": sizes, "same_as_unpatched": same}))
+"""
+
+
+def test_token_embedding_is_int8_per_row_in_its_htp_context(tiny_ckpt):
+    """The embedding table's weights are 8-bit codes with one scale per row (QnnQuantizer's
+    per-channel embedding), about one byte per parameter in the HTP context. Quantized per tensor,
+    QNN kept the table at 4 bytes per parameter (at 9B widths: 2.5 GB of a qnn bundle) and lowering
+    it took ~28 bytes of host memory per parameter (docs/benchmarks.md)."""
+    proc = subprocess.run([sys.executable, "-c", _EMBEDDING_CONTEXT, str(tiny_ckpt), str(RECIPE)], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["dequant"] == "quantized_decomposed.dequantize_per_channel.default"
+    assert r["codes"] == ["torch.int8", [16384, 64]] and r["scales"] == [16384]
+    assert len(r["context_bytes"]) == 1 and r["context_bytes"][0] < 1.25 * r["params"], r
+    # quantize_graph skips evaluating dequantize nodes during constant folding (12 bytes per parameter
+    # of the largest weight); the converted graph and its constants are the same as without that
+    assert r["same_as_unpatched"]
+
+
 def test_no_onnxruntime_gate_for_qnn_bundles(bundle):
     """--against onnxruntime on a qnn bundle: a one-line error naming the way that has one (onnx-qnn)."""
     out, _ = bundle

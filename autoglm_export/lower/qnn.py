@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import contextmanager
 import tempfile
 import warnings
 from dataclasses import replace
@@ -26,7 +27,9 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailable, ExportError
+from ..progress import silent
 from .executorch_common import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_output
+from .export_caches import release_export_caches
 from .qnn_contexts import HTP_CONTEXT_LIMIT, plan_contexts
 from .static_graphs import ComponentAdapter, StaticGraphRuntime, graph_names, static_graphs
 
@@ -58,11 +61,12 @@ def preload_qnn_libraries() -> dict:
     return note
 
 
-# Up-front memory refusal (memory_fit.py), lower bounds measured at 9B widths with one decoder layer
-# (bench/scale, 2026-11-22): 6.8 GiB held after exporting 1.69 B parameters; the 620.8 M-parameter
-# token embedding's two PT2E graphs and their lowering took RSS from 8.3 GiB past 23 GiB (OOM kill).
+# Up-front memory refusal (memory_fit.py): lower bounds fitted to the 9B shape with one decoder layer
+# (bench/scale, 2026-11-23): largest process 20.4 GiB for 1.69 B parameters, the 824.7 M-parameter
+# decoder (lm_head and one layer) quantized and lowered whole; 4 x 1.69 B + 18 x 0.82 B = 20.1 GiB.
+# Two layers would need ~24 GiB: refused on a 24 GiB machine (the decoder is not lowered in parts yet).
 HELD_BYTES_PER_PARAM = 4
-LOWER_BYTES_PER_PARAM = 24
+LOWER_BYTES_PER_PARAM = 18
 QNN_CONTEXT_MAGIC = bytes.fromhex("cdab7856")  # 0x5678abcd, little-endian: ExecuTorch's QNN context header
 
 
@@ -155,7 +159,8 @@ def quantize_graph(spec, plan) -> torch.nn.Module:
     if int4 - found:
         raise RuntimeError(f"int4 rules name linears the graph does not have: {sorted(int4 - found)}")
     q = QnnQuantizer(soc_model=QcomChipset.SM8650)
-    q.set_default_quant_config(QuantDtype.use_16a8w, is_linear_per_channel=True, is_conv_per_channel=True)
+    q.set_default_quant_config(QuantDtype.use_16a8w, is_linear_per_channel=True, is_conv_per_channel=True,
+                                is_embedding_per_channel=True)
     if four_bit:
         q.set_submodule_qconfig_list([(lambda node: node.name in four_bit,
                                        QConfig(QuantDtype.use_16a4w, is_linear_per_channel=True))])  # fmt: skip
@@ -165,7 +170,34 @@ def quantize_graph(spec, plan) -> torch.nn.Module:
         with torch.no_grad():
             for feed in spec.calibration:
                 prepared(*[torch.from_numpy(feed[n]) for n in spec.input_names])
-        return convert_pt2e(prepared)
+        with _dequantize_nodes_not_evaluated():
+            return convert_pt2e(prepared)
+
+
+@contextmanager
+def _dequantize_nodes_not_evaluated():
+    """convert_pt2e's constant folding evaluates every weight's dequantize node and then throws the
+    value away (dequantize is never folded: ConstantFolder.is_impure). Evaluating it costs an int64
+    and an fp32 copy of the weight, 12 bytes per parameter: 7.4 GB for the 9B's 151552 x 4096
+    lm_head. Answering "unknown" for those nodes up front gives the same graph without the copies."""
+    from torchao.quantization.pt2e import constant_fold
+
+    folder = constant_fold.ConstantFolder
+    original = folder._deduce_value
+    dequantize = {torch.ops.quantized_decomposed.dequantize_per_channel.default,
+                  torch.ops.quantized_decomposed.dequantize_per_tensor.default,
+                  torch.ops.quantized_decomposed.dequantize_per_tensor.tensor}  # fmt: skip
+
+    def deduce(self, node):
+        if node.op == "call_function" and node.target in dequantize:
+            return self.unknown_value
+        return original(self, node)
+
+    folder._deduce_value = deduce
+    try:
+        yield
+    finally:
+        folder._deduce_value = original
 
 
 class QnnBackend:
@@ -180,6 +212,8 @@ class QnnBackend:
         self.calibration_set = None  # the recipe's calibration files, loaded (configure)
         self._twin = None  # the emulator twin of a weight-shared model.pte, for the bundle being exported
         self._twin_for = None
+        self._plans: dict = {}  # check_plans: what export lowers each component to
+        self.progress = silent  # set by the pipeline: export quantizes and lowers, which takes minutes
         self.emulator_twin = True  # False when the export will not verify (pipeline.export(verify=False))
 
     def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
@@ -194,12 +228,10 @@ class QnnBackend:
         refuse_if_over_memory("qnn", plans, held=HELD_BYTES_PER_PARAM, per_component=LOWER_BYTES_PER_PARAM,
                               how="quantizes (PT2E) and lowers each component whole")  # fmt: skip
         opts = self._qnn
+        self._plans = plans
         self._contexts = {name: plan_contexts(plan, len(graph_names(name)), opts.max_context_bytes,
                                               opts.weight_sharing and len(graph_names(name)) > 1, recipe_file)
                           for name, plan in plans.items()}  # fmt: skip
-
-    def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
-        return static_graphs(name, module, prefill_chunk, self._state)
 
     def configure(self, recipe, recipe_file: str, *, tokenizer, pre, base=None) -> None:
         from ..calibration import load_calibration
@@ -209,35 +241,47 @@ class QnnBackend:
         self._state = {"calibration": self.calibration_set}
         self._ref_states = {}
 
+    def export(self, name: str, module: torch.nn.Module, prefill_chunk: int) -> dict:
+        """The component's static graphs, quantized and lowered at once: only their lowered form
+        (contexts of int8/int4 codes) waits for the other components, not the fp32 module (at 9B
+        widths the held fp32 modules of the encoders and the token embedding were 3.4 GB)."""
+        graphs = static_graphs(name, module, prefill_chunk, self._state)
+        return self._lower_component(name, graphs, self._plans[name], self.progress)
+
+    def _lower_component(self, name: str, graphs: dict, plan, progress) -> dict:
+        ctx = self._contexts[name]
+        modules, precision, graph_info = {}, "fp16", {}
+        for graph, spec in graphs.items():
+            if plan.quantized:
+                int4 = any(w.scheme == "int4" for w in plan.weights.values())
+                progress(f"{graph}: PT2E QnnQuantizer, {'16a4w on int4-rule linears, ' if int4 else ''}16a8w elsewhere")
+                modules[graph] = quantize_graph(spec, plan)
+                precision = "16a4w/16a8w" if int4 else "16a8w"
+            else:
+                modules[graph] = spec.module
+            graph_info[graph] = {"component": name, "precision": precision, "tokens": spec.tokens,
+                                 "inputs": [{"name": n, "shape": list(a.shape)} for n, a in zip(spec.input_names, spec.args)],
+                                 "outputs": spec.output_names}  # fmt: skip
+        args = {g: spec.args for g, spec in graphs.items()}
+        progress(f"{name}: QNN HTP lowering of {len(modules)} graph(s) into {len(ctx.groups)} context(s) for {SOC_NAME} "
+                 f"(htp_arch {HTP_ARCH}){', weights shared' if ctx.weight_sharing else ''}")  # fmt: skip
+        lowered = {"graph_info": graph_info, "shipped": _lower_group(modules, args, precision == "fp16", ctx, plan)}
+        if ctx.weight_sharing and self.emulator_twin:  # the x86 emulator cannot load shared-weight contexts
+            progress(f"{name}: the same graphs without weight sharing, for the emulator")
+            lowered["emulated"] = _lower_group(modules, args, precision == "fp16", replace(ctx, weight_sharing=False), plan)
+        del modules
+        release_export_caches()
+        return lowered
+
     def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
+        """``programs``: each component as ``export`` lowered it; emitted here into one ``model.pte``."""
         from executorch.exir.lowered_backend_module import get_lowered_submodules
 
         note = preload_qnn_libraries()
         opts = self._qnn
-        graph_info, lowered, contexts = {}, {}, {}
-        for name, graphs in programs.items():
-            plan = plans[name]
-            ctx = contexts[name] = self._contexts[name]
-            modules, precision = {}, "fp16"
-            for graph, spec in graphs.items():
-                if plan.quantized:
-                    int4 = any(w.scheme == "int4" for w in plan.weights.values())
-                    progress(f"{graph}: PT2E QnnQuantizer, {'16a4w on int4-rule linears, ' if int4 else ''}16a8w elsewhere")
-                    modules[graph] = quantize_graph(spec, plan)
-                    precision = "16a4w/16a8w" if int4 else "16a8w"
-                else:
-                    modules[graph] = spec.module
-                graph_info[graph] = {"component": name, "precision": precision, "tokens": spec.tokens,
-                                     "inputs": [{"name": n, "shape": list(a.shape)} for n, a in zip(spec.input_names, spec.args)],
-                                     "outputs": spec.output_names}  # fmt: skip
-            args = {g: spec.args for g, spec in graphs.items()}
-            progress(f"{name}: QNN HTP lowering of {len(modules)} graph(s) into {len(ctx.groups)} context(s) for {SOC_NAME} "
-                     f"(htp_arch {HTP_ARCH}){', weights shared' if ctx.weight_sharing else ''}")  # fmt: skip
-            lowered[name] = {"shipped": _lower_group(modules, args, precision == "fp16", ctx, plan)}
-            if ctx.weight_sharing and self.emulator_twin:  # the x86 emulator cannot load shared-weight contexts
-                progress(f"{name}: the same graphs without weight sharing, for the emulator")
-                lowered[name]["emulated"] = _lower_group(modules, args, precision == "fp16", replace(ctx, weight_sharing=False), plan)
-            del modules
+        contexts = {name: self._contexts[name] for name in programs}
+        graph_info = {g: info for low in programs.values() for g, info in low.pop("graph_info").items()}
+        lowered = programs
         meta = metadata_methods(model_meta, dynamic_shape=False)
         files = {}
         for variant in ("shipped", "emulated"):

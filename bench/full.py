@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import DOC, FULL_LAYERS, FULL_VISION_DEPTH, GGUF_Q4_K_M_BYTES, RESULTS, _cores, run_one  # noqa: E402
+from scale import FULL_LAYERS, FULL_VISION_DEPTH, GGUF_Q4_K_M_BYTES, RESULTS, _cores, replace_doc_block, run_one  # noqa: E402
 
 _BEGIN, _END = "<!-- full-bench -->", "<!-- /full-bench -->"
 
@@ -43,14 +43,7 @@ def write_doc(result: dict) -> None:
             peak = f"{r['max_process_rss_bytes'] / 2**30:.2f}" if r.get("max_process_rss_bytes") else ""
             lines.append(f"| {r['target']} | {r['status']} | {wall} | | {peak} | | | |")
     lines.append(_END)
-    text = DOC.read_text()
-    block = "\n".join(lines) + "\n"
-    if _BEGIN in text:
-        a, b = text.index(_BEGIN), text.index(_END) + len(_END) + 1
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n## Full size (40 layers, 24 ViT blocks)\n\n" + block
-    DOC.write_text(text)
+    replace_doc_block(lines, _BEGIN, _END, "## Full size (40 layers, 24 ViT blocks)")
 
 
 def main() -> None:

@@ -182,14 +182,19 @@ def write_doc(result: dict, name: str) -> None:
         (REPO / "docs" / f"{name}.svg").write_text(svg)
         lines += ["", f"![peak memory against layers]({name}.svg)"]
     lines.append("<!-- /scale-bench -->")
+    replace_doc_block(lines, "<!-- scale-bench -->", "<!-- /scale-bench -->", "## Scale (9B widths)")
+
+
+def replace_doc_block(lines: list[str], begin: str, end: str, heading: str) -> None:
+    """Put ``lines`` (from ``begin`` to ``end`` markers) in docs/benchmarks.md in place of the block
+    a previous run wrote, or under ``heading`` at the end the first time."""
     text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
     block = "\n".join(lines) + "\n"
-    if "<!-- scale-bench -->" in text:
-        a = text.index("<!-- scale-bench -->")
-        b = text.index("<!-- /scale-bench -->") + len("<!-- /scale-bench -->\n")
+    if begin in text:
+        a, b = text.index(begin), text.index(end) + len(end) + 1
         text = text[:a] + block + text[b:]
     else:
-        text = text.rstrip("\n") + "\n\n## Scale (9B widths)\n\n" + block
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n" + block
     DOC.write_text(text)
 
 

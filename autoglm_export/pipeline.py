@@ -144,8 +144,19 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
         programs = {}
         part_results = []
         components = registry.for_spec(ckpt.spec)
-        if len(parts) > 1:  # the decoder first, part by part, so nothing else is held meanwhile
-            components.sort(key=lambda c: c.name != "text_decoder")
+        # a decoder in parts goes first, part by part, so nothing else is held meanwhile; a backend
+        # that calibrates the decoder on the other components' outputs (qnn) writes those first
+        decoder_last = len(parts) > 1 and getattr(backend, "decoder_parts_last", False)
+        if len(parts) > 1:
+            components.sort(key=lambda c: (c.name == "text_decoder") == decoder_last)
+        lowered = None
+
+        def lower_components() -> dict:
+            out = backend.lower(programs, model_metadata(ckpt, tokenizer, shapes), tmp, stage(f"lower/{target}"), plans)
+            programs.clear()
+            gc.collect()
+            return out
+
         for comp in components:
             plan = plans[comp.name]
             s = plan.summary()
@@ -153,6 +164,8 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
                               f"{s['effective_bits_per_weight']} bits/weight")  # fmt: skip
             hook = quantize_hook(plan, backend.torchao_config) if backend.quantizes_in_torch else None
             if comp.name == "text_decoder" and len(parts) > 1:
+                if decoder_last:
+                    lowered = lower_components()
                 for i, (a, b) in enumerate(parts):
                     program = export_module(comp.name, lambda a=a, b=b: TextDecoder(ckpt.spec, shapes.max_context, (a, b)),
                                             plan, hook, f"text_decoder part {i + 1}/{len(parts)} (layers {a}..{b - 1})")  # fmt: skip
@@ -163,9 +176,8 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
                     gc.collect()
                 continue
             programs[comp.name] = export_module(comp.name, lambda c=comp: c.build(ckpt.spec, shapes), plan, hook, comp.name)
-        lowered = backend.lower(programs, model_metadata(ckpt, tokenizer, shapes), tmp, stage(f"lower/{target}"), plans)
-        del programs
-        gc.collect()
+        if lowered is None:
+            lowered = lower_components()
         if part_results:
             lowered["files"] += [f for p in part_results for f in p.pop("files", [p["file"]])]
             shared = {}  # what a backend records once for the whole decoder (coreml: the rotary table)

@@ -8,6 +8,7 @@ memory in fp32 as a whole. The torchao configuration for a scheme comes from the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,6 +55,16 @@ class ComponentPlan:
     def weight_bytes(self) -> float:
         """What the plan's weights take at their schemes' bits (scales included)."""
         return sum(w.bits * w.params for w in self.weights.values()) / 8
+
+    def decoder_part(self, layers: tuple[int, int], num_layers: int) -> "ComponentPlan":
+        """The weights of decoder layers [a, b), and the final norm and lm_head when b is the last."""
+        a, b = layers
+
+        def mine(name: str) -> bool:
+            m = re.match(r"layers\.(\d+)\.", name)
+            return a <= int(m.group(1)) < b if m else b == num_layers
+
+        return ComponentPlan(self.component, self.dtype, {n: w for n, w in self.weights.items() if mine(n)})
 
     def summary(self) -> dict:
         schemes: dict[str, int] = {}

@@ -113,7 +113,7 @@ class QnnSpec(_Strict):
                           "emulator cannot load such contexts, so verification runs an unshared twin")
 
 
-PART_TARGETS = ("xnnpack", "onnx", "coreml")  # targets that lower the decoder in parts (issue #7)
+PART_TARGETS = ("xnnpack", "onnx", "coreml", "qnn")  # targets that lower the decoder in parts (issue #7)
 
 
 class LoweringSpec(_Strict):

@@ -25,6 +25,7 @@ from .host.image import ImagePreprocessing, preprocess_image
 from .host.prompt import AUDIO, IMAGE, build_chat_prompt
 from .load import build_on_meta, load_component
 from .metrics import compare, passes
+from .models.glm4v.modules import TextDecoder
 from .progress import silent
 from .quantize import FLOAT_DTYPES, ComponentPlan, plan_component, quantize_hook
 from .recipe import Recipe
@@ -49,7 +50,11 @@ def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentP
     if plan is None:
         return load_component(meta, ckpt, torch.float32)
     if hasattr(backend, "reference_component"):  # targets whose reference is not a PyTorch module
-        ref = backend.reference_component(name, plan, bundle, manifest, load=lambda: load_component(meta, ckpt, torch.float32))
+        def load(layers=None):  # layers: one part of the decoder (targets that rebuild a decoder in parts)
+            part = meta if layers is None else build_on_meta(lambda: TextDecoder(ckpt.spec, shapes.max_context, layers))
+            return load_component(part, ckpt, torch.float32)
+
+        ref = backend.reference_component(name, plan, bundle, manifest, load=load)
         if ref is not None:
             return ref
     if backend.quantizes_in_torch:
@@ -303,29 +308,30 @@ def _greedy_check(name: str, ref: Trace, got: Trace, threshold: float | None, ga
 
 
 def format_report(report: dict) -> str:
-    rows = [f"{'check':<46}{'SQNR dB':>9}{'cosine':>11}{'max-abs':>11}{'gate':>8}  result"]
+    w = max([46] + [len(c["name"]) + 2 for c in report["checks"]])
+    rows = [f"{'check':<{w}}{'SQNR dB':>9}{'cosine':>11}{'max-abs':>11}{'gate':>8}  result"]
     for c in report["checks"]:
         if c["kind"] == "contract":
             if "detail" in c:
                 detail = c["detail"]
             else:
                 detail = "all values as the manifest says" if c["passed"] else f"mismatch {c['mismatched']} missing {c['missing_methods']}"
-            rows.append(f"{c['name']:<46}{detail:>31}{'=':>8}  {'PASS' if c['passed'] else 'FAIL'}")
+            rows.append(f"{c['name']:<{w}}{detail:>31}{'=':>8}  {'PASS' if c['passed'] else 'FAIL'}")
             continue
         if c["kind"] == "end_to_end":
             gate = f"{c['threshold_agreement']:.0%}" if c["gated"] else "-"
             value = f"{c['agreement']:.1%} of {c['tokens']} tokens agree"
             result = ("PASS" if c["passed"] else "FAIL") if c["gated"] else "reported"
-            rows.append(f"{c['name']:<46}{value:>31}{gate:>8}  {result}")
+            rows.append(f"{c['name']:<{w}}{value:>31}{gate:>8}  {result}")
             continue
         if "finite" not in c:
-            rows.append(f"{c['name']:<46}{'':>31}{'-':>8}  {c['note']}")
+            rows.append(f"{c['name']:<{w}}{'':>31}{'-':>8}  {c['note']}")
             continue
         sq = "exact" if c["bit_exact"] else ("nan" if c["sqnr_db"] is None else f"{c['sqnr_db']:.1f}")
         ma = "nan" if c["max_abs"] is None else f"{c['max_abs']:.2e}"
         gate = f">={c['threshold_db']:.0f}" if c["gated"] else "-"
         result = ("PASS" if c["passed"] else "FAIL") if c["gated"] else "reported"
-        rows.append(f"{c['name']:<46}{sq:>9}{c['cosine']:>11.6f}{ma:>11}{gate:>8}  {result}")
+        rows.append(f"{c['name']:<{w}}{sq:>9}{c['cosine']:>11.6f}{ma:>11}{gate:>8}  {result}")
     rows.append(f"overall: {'PASS' if report['passed'] else 'FAIL: ' + ', '.join(report['failed'])}")
     return "\n".join(rows)
 

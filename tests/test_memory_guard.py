@@ -51,18 +51,22 @@ def test_qnn_refuses_what_it_measured_it_cannot_fit(monkeypatch):
     """The 9b-shape checkpoint with one decoder layer was OOM-killed on a 24 GiB machine by qnn (and
     coreml, before it converted from fp16 and in parts: test_coreml_bundle.py) (bench/scale). With the
     token embedding per row and each component lowered as it is exported it exports there (largest
-    process 20.4 GiB); two layers, lowered whole, would not, and are refused up front in one line."""
+    process 20.4 GiB); two layers, lowered whole, would not, and are refused up front in one line. In
+    parts of one layer (recipes/qnn.yaml) every part is lowered alone: all 40 layers are let through."""
     from autoglm_export.errors import BackendUnavailable
     from autoglm_export.lower import memory_fit, qnn
+    from autoglm_export.pipeline import decoder_parts
     from autoglm_export.quantize import ComponentPlan, WeightPlan
 
     def comp(name, n):
         return ComponentPlan(name, "fp16", {"w": WeightPlan(f"{name}.w", "fp16", None, 0, n, (n,))})
 
     def nine_b(layers):
+        decoder = {f"layers.{i}.w": WeightPlan(f"layers.{i}.w", "int4", 32, 0, 203_973_120, (203_973_120,)) for i in range(layers)}
+        decoder["lm_head.weight"] = WeightPlan("lm_head.weight", "int8", None, 0, 620_756_992, (620_756_992,))
         return {"vision_encoder": comp("vision_encoder", 239_474_176),
                 "token_embedding": comp("token_embedding", 620_756_992),
-                "text_decoder": comp("text_decoder", 824_730_112 + (layers - 1) * 203_973_120)}  # fmt: skip
+                "text_decoder": ComponentPlan("text_decoder", "fp16", decoder)}  # fmt: skip
 
     monkeypatch.setattr(memory_fit, "physical_memory_bytes", lambda: 24 * 2**30)
     held, per = qnn.HELD_BYTES_PER_PARAM, qnn.LOWER_BYTES_PER_PARAM
@@ -78,6 +82,7 @@ def test_qnn_refuses_what_it_measured_it_cannot_fit(monkeypatch):
         assert msg.startswith("qnn") and "text_decoder" in msg and "24 GiB" in msg and "\n" not in msg
     else:
         raise AssertionError("qnn: two 9B layers lowered whole do not fit 24 GiB and are not refused")
+    memory_fit.refuse_if_over_memory("qnn", nine_b(40), held=held, per_component=per, how="lowers", parts=decoder_parts(40, 1))
 
 
 def test_an_exported_and_lowered_modules_weights_are_freed_after_release_export_caches():

@@ -20,18 +20,29 @@ def bundle(qnn_bundle):
     return qnn_bundle
 
 
+PARTS = ["text_decoder.00-00.pte", "text_decoder.01-01.pte"]  # qnn-tiny: the decoder in parts of one layer
+
+
 def test_gates_graphs_and_manifest(bundle):
     out, proc = bundle
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pte", "report.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "model.pte", "report.json", "tokenizer.json", *PARTS])
     m = json.loads((out / "manifest.json").read_text())
     q = m["qnn"]
     assert (q["soc"], q["soc_model"], q["htp_arch"]) == ("SM8650", 57, 75) and q["pte_soc_type"] == "soc_type=SM8650"
     assert q["libraries"]["compat_layer"] and q["libraries"]["qnn_version"].startswith("2.51")
-    assert b"soc_type=SM8650" in (out / "model.pte").read_bytes()
-    graphs = {g: spec for comp in m["components"].values() for g, spec in comp["graphs"].items()}
-    assert set(graphs) == {"vision_encoder", "token_embedding_prefill", "token_embedding_decode",
-                           "text_decoder_prefill", "text_decoder_decode"}  # fmt: skip
-    assert graphs["text_decoder_prefill"]["tokens"] == 16 and graphs["text_decoder_decode"]["precision"] == "16a4w/16a8w"
+    for f in ("model.pte", *PARTS):
+        assert b"soc_type=SM8650" in (out / f).read_bytes()
+    graphs = {g: spec for comp in m["components"].values() if "graphs" in comp for g, spec in comp["graphs"].items()}
+    assert set(graphs) == {"vision_encoder", "token_embedding_prefill", "token_embedding_decode"}
+    programs = m["components"]["text_decoder"]["programs"]
+    assert [(p["file"], p["layers"]) for p in programs] == [(PARTS[0], [0, 1]), (PARTS[1], [1, 2])]
+    for p in programs:
+        graphs |= {f"{p['file']}:{g}": spec for g, spec in p["graphs"].items()}
+    first, last = (p["graphs"]["text_decoder_decode"] for p in programs)
+    # each part takes its own layer's caches; hidden states pass from the first to the last, which has the head
+    assert [i["name"] for i in first["inputs"]][4:] == ["k_cache_0", "v_cache_0"] and first["outputs"][0] == "hidden_states"
+    assert [i["name"] for i in last["inputs"]][4:] == ["k_cache_1", "v_cache_1"] and last["outputs"][0] == "logits"
+    assert programs[0]["graphs"]["text_decoder_prefill"]["tokens"] == 16 and first["precision"] == "16a4w/16a8w"
     checks = {c["name"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
     for g, spec in graphs.items():
         assert spec["ops_outside_delegate"] == [] and spec["contexts"] >= 1 and all(b > 0 for b in spec["context_bytes"])
@@ -56,7 +67,8 @@ def test_deterministic_and_verify(bundle, tiny_ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt), str(again), str(RECIPE)], capture_output=True,
                           text=True, cwd=REPO, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (out / "model.pte").read_bytes() == (again / "model.pte").read_bytes()
+    for f in ("model.pte", *PARTS):
+        assert (out / f).read_bytes() == (again / f).read_bytes(), f
     first, second = (json.loads((d / "manifest.json").read_text()) for d in (out, again))
     assert "skipped" in second.pop("verification") and first.pop("verification")["passed"]
     assert first == second
@@ -144,13 +156,14 @@ def test_no_onnxruntime_gate_for_qnn_bundles(bundle):
 
 
 def test_decoder_split_into_contexts_and_calibration_recorded(bundle):
-    """qnn-tiny's max_context_bytes cuts the decoder (and the audio-less encoders stay whole): both
-    decoder graphs run their two contexts back to back with nothing outside the delegate."""
+    """qnn-tiny's max_context_bytes cuts the decoder's last part (and the audio-less encoders stay
+    whole): both of its graphs run their two contexts back to back with nothing outside the delegate."""
     out, _ = bundle
     m = json.loads((out / "manifest.json").read_text())
-    dec = m["components"]["text_decoder"]
+    first, dec = m["components"]["text_decoder"]["programs"]
+    assert [g["units"] for g in first["contexts"]["groups"]] == [["0"]]
     assert dec["contexts"]["contexts"] == 2 and dec["contexts"]["weight_sharing"] is False
-    assert [g["units"] for g in dec["contexts"]["groups"]] == [["0", "1"], ["post"]]
+    assert [g["units"] for g in dec["contexts"]["groups"]] == [["1"], ["post"]]
     assert all(g["estimated_weight_bytes"] <= 80000 for g in dec["contexts"]["groups"])
     for g in ("text_decoder_prefill", "text_decoder_decode"):
         assert dec["graphs"][g]["contexts"] == 2 and dec["graphs"][g]["ops_outside_delegate"] == []
@@ -161,16 +174,18 @@ def test_decoder_split_into_contexts_and_calibration_recorded(bundle):
     assert cal["images"] == 2 and cal["prompts"] == 6 and set(cal["files"]) == {
         "calibration/settings.png", "calibration/chat.png", "calibration/prompts.txt"}  # fmt: skip
     report = {c["name"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
-    assert report["qnn/text_decoder_decode/all_ops_delegated"]["detail"].startswith("2 QNN context(s)")
+    assert report[f"qnn/{PARTS[1]}:text_decoder_decode/all_ops_delegated"]["detail"].startswith("2 QNN context(s)")
 
 
 def test_weight_sharing_bundle_is_verified_on_an_unshared_twin(bundle, tiny_ckpt, tmp_path):
     """With qnn.weight_sharing the decoder's prefill and decode graphs keep one copy of each
     context's weights (smaller than the unshared fixture); the emulator cannot load such contexts,
-    so the export verifies a twin compiled without sharing, and a later `verify` says why it cannot."""
+    so the export verifies a twin compiled without sharing, and a later `verify` says why it cannot.
+    This export also keeps the decoder in one program (the fixture's is in parts)."""
     out, _ = bundle
     recipe = tmp_path / "shared.yaml"
     text = RECIPE.read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
+    text = text.replace("decoder_layers_per_program: 1", "decoder_layers_per_program: null")
     recipe.write_text(text.replace("weight_sharing: false", "weight_sharing: true").replace("max_context_bytes: 80000", "max_context_bytes: 40000"))
     shared = tmp_path / "shared"
     proc = run_cli("--target", "qnn", "--checkpoint", tiny_ckpt, "--out", shared, "--recipe", recipe)
@@ -179,8 +194,10 @@ def test_weight_sharing_bundle_is_verified_on_an_unshared_twin(bundle, tiny_ckpt
     dec = m["components"]["text_decoder"]
     assert dec["contexts"]["weight_sharing"] is True and dec["contexts"]["contexts"] == 2
     assert [g["units"] for g in dec["contexts"]["groups"]] == [["0", "1"], ["post"]]  # as the fixture, one weight copy
-    unshared = json.loads((out / "manifest.json").read_text())["components"]["text_decoder"]
-    assert sum(dec["graphs"]["text_decoder_decode"]["context_bytes"]) < sum(unshared["graphs"]["text_decoder_decode"]["context_bytes"])
+    unshared = json.loads((out / "manifest.json").read_text())["components"]["text_decoder"]["programs"]
+    assert "programs" not in dec and dec["file"] == "model.pte"
+    assert sum(dec["graphs"]["text_decoder_decode"]["context_bytes"]) < sum(
+        sum(p["graphs"]["text_decoder_decode"]["context_bytes"]) for p in unshared)
     assert "twin" in m["qnn"]["emulator_note"] and sorted(p.name for p in shared.iterdir()) == [
         "manifest.json", "model.pte", "report.json", "tokenizer.json"]  # fmt: skip
     proc = run_cli("verify", shared, "-q")

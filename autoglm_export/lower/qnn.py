@@ -2,7 +2,9 @@
 
 Every component becomes the static graphs of ``static_graphs`` (encoders; token embedding and
 text decoder as a prefill graph of ``prefill_chunk`` tokens and a decode graph of one token,
-the decoder in the host-cache form), each a method of one ``model.pte``. Components with integer
+the decoder in the host-cache form), each a method of one ``model.pte``; a decoder lowered in parts
+(recipe ``lowering``) is one ``.pte`` per part with the same two methods, each part calibrated on
+what the part before it computed. Components with integer
 recipe rules are quantized with ExecuTorch's ``QnnQuantizer`` (PT2E): 16-bit activations and
 8-bit per-channel weights by default, 4-bit per-channel on the linears an ``int4`` rule names
 (16a4w); ``fp16`` components are compiled for the HTP's fp16 path. Lowering uses the QNN
@@ -31,7 +33,7 @@ from ..progress import silent
 from .executorch_common import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_output
 from .export_caches import release_export_caches
 from .qnn_contexts import HTP_CONTEXT_LIMIT, plan_contexts
-from .static_graphs import ComponentAdapter, StaticGraphRuntime, graph_names, static_graphs
+from .static_graphs import ComponentAdapter, StaticGraphRuntime, graph_entries, graph_names, static_graphs
 
 PTE = "model.pte"
 SOC_NAME, SOC_MODEL, HTP_ARCH = "SM8650", 57, 75
@@ -64,7 +66,8 @@ def preload_qnn_libraries() -> dict:
 # Up-front memory refusal (memory_fit.py): lower bounds fitted to the 9B shape with one decoder layer
 # (bench/scale, 2026-11-23): largest process 20.4 GiB for 1.69 B parameters, the 824.7 M-parameter
 # decoder (lm_head and one layer) quantized and lowered whole; 4 x 1.69 B + 18 x 0.82 B = 20.1 GiB.
-# Two layers would need ~24 GiB: refused on a 24 GiB machine (the decoder is not lowered in parts yet).
+# Two layers lowered whole would need ~24 GiB: refused on a 24 GiB machine unless the decoder is
+# lowered in parts (recipe lowering.decoder_layers_per_program).
 HELD_BYTES_PER_PARAM = 4
 LOWER_BYTES_PER_PARAM = 18
 QNN_CONTEXT_MAGIC = bytes.fromhex("cdab7856")  # 0x5678abcd, little-endian: ExecuTorch's QNN context header
@@ -204,6 +207,9 @@ class QnnBackend:
     name = "qnn"
     runtime_name = "executorch.runtime + QNN HTP delegate (x86_64 HTP emulator), compiled for SM8650 / v75"
     quantizes_in_torch = False
+    # the decoder's calibration runs on the token embedding's and vision encoder's outputs, so a
+    # decoder in parts comes after them (their model.pte is written first, nothing else is held)
+    decoder_parts_last = True
 
     def __init__(self) -> None:
         self._state: dict = {}  # calibration state carried across components during export
@@ -213,6 +219,8 @@ class QnnBackend:
         self._twin = None  # the emulator twin of a weight-shared model.pte, for the bundle being exported
         self._twin_for = None
         self._plans: dict = {}  # check_plans: what export lowers each component to
+        self._contexts: dict = {}  # check_plans: the HTP contexts of each component, or of each decoder part
+        self._num_layers = 0
         self.progress = silent  # set by the pipeline: export quantizes and lowers, which takes minutes
         self.emulator_twin = True  # False when the export will not verify (pipeline.export(verify=False))
 
@@ -225,31 +233,40 @@ class QnnBackend:
 
         preload_qnn_libraries()  # a missing toolchain is reported before any tensor is read
         check_npu_plans(plans, recipe_file)
-        refuse_if_over_memory("qnn", plans, held=HELD_BYTES_PER_PARAM, per_component=LOWER_BYTES_PER_PARAM,
-                              how="quantizes (PT2E) and lowers each component whole")  # fmt: skip
+        refuse_if_over_memory("qnn", plans, held=HELD_BYTES_PER_PARAM, per_component=LOWER_BYTES_PER_PARAM, parts=parts,
+                              how="quantizes (PT2E) and lowers each component (or decoder part) whole",
+                              fix="or lower the decoder in parts: recipe lowering.decoder_layers_per_program")  # fmt: skip
         opts = self._qnn
-        self._plans = plans
-        self._contexts = {name: plan_contexts(plan, len(graph_names(name)), opts.max_context_bytes,
-                                              opts.weight_sharing and len(graph_names(name)) > 1, recipe_file)
-                          for name, plan in plans.items()}  # fmt: skip
+        self._plans = dict(plans)
+        if parts and len(parts) > 1 and "text_decoder" in plans:  # keyed (name, layers): what export meets
+            whole = self._plans.pop("text_decoder")
+            self._num_layers = parts[-1][1]
+            for layers in parts:
+                self._plans[("text_decoder", layers)] = whole.decoder_part(layers, self._num_layers)
+        self._contexts = {key: plan_contexts(plan, 2 if plan.component in ("token_embedding", "text_decoder") else 1,
+                                             opts.max_context_bytes, opts.weight_sharing and plan.component in
+                                             ("token_embedding", "text_decoder"), recipe_file)
+                          for key, plan in self._plans.items()}  # fmt: skip
 
     def configure(self, recipe, recipe_file: str, *, tokenizer, pre, base=None) -> None:
         from ..calibration import load_calibration
 
         self._qnn = recipe.qnn
         self.calibration_set = load_calibration(recipe.calibration, Path(base or Path(recipe_file).parent), recipe_file, tokenizer, pre)
-        self._state = {"calibration": self.calibration_set}
+        self._state = {"calibration": self.calibration_set}  # until release(): decoder parts come after lower()
         self._ref_states = {}
 
     def export(self, name: str, module: torch.nn.Module, prefill_chunk: int) -> dict:
         """The component's static graphs, quantized and lowered at once: only their lowered form
         (contexts of int8/int4 codes) waits for the other components, not the fp32 module (at 9B
         widths the held fp32 modules of the encoders and the token embedding were 3.4 GB)."""
+        key = name
+        if name == "text_decoder" and len(module.layer_ids) < module.t.num_layers:  # one part
+            key = (name, (module.layer_ids[0], module.layer_ids[-1] + 1))
         graphs = static_graphs(name, module, prefill_chunk, self._state)
-        return self._lower_component(name, graphs, self._plans[name], self.progress)
+        return self._lower_component(name, graphs, self._plans[key], self._contexts[key], self.progress)
 
-    def _lower_component(self, name: str, graphs: dict, plan, progress) -> dict:
-        ctx = self._contexts[name]
+    def _lower_component(self, name: str, graphs: dict, plan, ctx, progress) -> dict:
         modules, precision, graph_info = {}, "fp16", {}
         for graph, spec in graphs.items():
             if plan.quantized:
@@ -265,7 +282,8 @@ class QnnBackend:
         args = {g: spec.args for g, spec in graphs.items()}
         progress(f"{name}: QNN HTP lowering of {len(modules)} graph(s) into {len(ctx.groups)} context(s) for {SOC_NAME} "
                  f"(htp_arch {HTP_ARCH}){', weights shared' if ctx.weight_sharing else ''}")  # fmt: skip
-        lowered = {"graph_info": graph_info, "shipped": _lower_group(modules, args, precision == "fp16", ctx, plan)}
+        lowered = {"graph_info": graph_info, "contexts": ctx,
+                   "shipped": _lower_group(modules, args, precision == "fp16", ctx, plan)}
         if ctx.weight_sharing and self.emulator_twin:  # the x86 emulator cannot load shared-weight contexts
             progress(f"{name}: the same graphs without weight sharing, for the emulator")
             lowered["emulated"] = _lower_group(modules, args, precision == "fp16", replace(ctx, weight_sharing=False), plan)
@@ -274,25 +292,64 @@ class QnnBackend:
         return lowered
 
     def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
-        """``programs``: each component as ``export`` lowered it; emitted here into one ``model.pte``."""
-        from executorch.exir.lowered_backend_module import get_lowered_submodules
-
+        """``programs``: each component as ``export`` lowered it; emitted here into one ``model.pte``
+        (a decoder in parts is not among them: ``lower_part`` writes each part's own file)."""
         note = preload_qnn_libraries()
         opts = self._qnn
-        contexts = {name: self._contexts[name] for name in programs}
-        graph_info = {g: info for low in programs.values() for g, info in low.pop("graph_info").items()}
-        lowered = programs
-        meta = metadata_methods(model_meta, dynamic_shape=False)
-        files = {}
+        contexts = {name: low["contexts"] for name, low in programs.items()}
+        graph_info, soc = self._write_program(list(programs.values()), metadata_methods(model_meta, dynamic_shape=False),
+                                              out_dir, PTE, progress)  # fmt: skip
+        methods = {}
+        for name in programs:
+            graphs = {g: graph_info[g] for g in graph_names(name)}
+            methods[name] = {"file": PTE, "graphs": graphs, "contexts": contexts[name].to_json()}
+            if name == "text_decoder":
+                methods[name].update(self._decoder_entry())
+        shared = opts.weight_sharing and any(n in plans for n in ("token_embedding", "text_decoder"))
+        qnn = {"soc": SOC_NAME, "soc_model": SOC_MODEL, "htp_arch": HTP_ARCH, "libraries": note,
+               "pte_soc_type": f"soc_type={SOC_NAME}" if soc else None,
+               "max_context_bytes": opts.max_context_bytes, "weight_sharing": opts.weight_sharing,
+               "emulator_note": "every check of this bundle ran on the x86 HTP emulator" + (
+                   " on twins of its .pte files compiled from the same quantized graphs without weight sharing (the "
+                   "emulator cannot load shared-weight contexts); the shipped files themselves are checked for delegation, "
+                   "SoC and methods" if shared else "") + "; device numerics, speed and loading by the phone's QNN runtime "
+                                                          "libraries are not proven here"}  # fmt: skip
+        cal = self.calibration_set.to_json() if self.calibration_set else None
+        return {"files": [PTE], "methods": methods, "manifest": {"qnn": qnn, "calibration": cal}}
+
+    def lower_part(self, name: str, program: dict, layers: tuple[int, int], out_dir: Path, progress, plan) -> dict:
+        """One part of the decoder (``recipe.lowering``), as ``export`` lowered it, emitted into its
+        own ``.pte`` with the methods text_decoder_prefill / text_decoder_decode over its layers' caches."""
+        from ..bundle import part_file
+
+        file = part_file(name, layers, "pte")
+        ctx = program["contexts"]
+        graph_info, _ = self._write_program([program], {}, out_dir, file, progress)
+        return {"file": file, "method": name, "layers": list(layers), "graphs": graph_info, "contexts": ctx.to_json(),
+                "component": self._decoder_entry()}  # fmt: skip
+
+    def _decoder_entry(self) -> dict:
+        return {"rope": self._state["rope"],
+                "state": {"kv_cache": {"held_by": "host", "note": "graphs return the new keys/values; the host writes "
+                                       "them at cache_position"}}}  # fmt: skip
+
+    def _write_program(self, lowered: list[dict], meta: dict, out_dir: Path, file: str, progress) -> tuple[dict, bool]:
+        """Emit the graphs of ``lowered`` (components or one decoder part) as the methods of
+        ``out_dir/file``, and of its emulator twin when contexts share weights; returns each graph's
+        manifest entry and whether the file is compiled for SM8650."""
+        from executorch.exir.lowered_backend_module import get_lowered_submodules
+
+        graph_info = {g: info for low in lowered for g, info in low.pop("graph_info").items()}
+        soc = False
         for variant in ("shipped", "emulated"):
-            if variant == "emulated" and not any("emulated" in low for low in lowered.values()):
+            if variant == "emulated" and not any("emulated" in low for low in lowered):
                 break
-            eps = {g: low.get(variant, low["shipped"]).exported_program(g) for low in lowered.values()
-                   for g in low["shipped"].methods}  # fmt: skip
-            progress("emitting the ExecuTorch program" + (" (emulator twin)" if variant == "emulated" else ""))
+            eps = {g: low.get(variant, low["shipped"]).exported_program(g) for low in lowered for g in low["shipped"].methods}
+            progress(f"emitting {file}" + (" (emulator twin)" if variant == "emulated" else ""))
             buf = _emit(eps, meta)
             if variant == "shipped":
-                (out_dir / PTE).write_bytes(buf)
+                (out_dir / file).write_bytes(buf)
+                soc = f"soc_type={SOC_NAME}".encode() in buf
                 for g, ep in eps.items():
                     gm = ep.graph_module
                     outside = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"
@@ -300,43 +357,28 @@ class QnnBackend:
                     sizes = [len(low.processed_bytes) for _, low, _ in get_lowered_submodules(gm)]
                     graph_info[g].update({"ops_outside_delegate": outside, "contexts": len(sizes), "context_bytes": sizes})
             else:
-                self._twin = tempfile.TemporaryDirectory(prefix="autoglm-qnn-twin-")
-                (Path(self._twin.name) / PTE).write_bytes(buf)
-                self._twin_for = str(out_dir.resolve())
-            files[variant] = buf
-        methods = {}
-        for name in programs:
-            graphs = {g: graph_info[g] for g in graph_names(name)}
-            methods[name] = {"file": PTE, "graphs": graphs, "contexts": contexts[name].to_json()}
-            if name == "text_decoder":
-                methods[name]["rope"] = self._state["rope"]
-                methods[name]["state"] = {"kv_cache": {"held_by": "host", "note": "graphs return the new keys/values; "
-                                                       "the host writes them at cache_position"}}  # fmt: skip
-        self._state = {"calibration": self.calibration_set}
-        buf = files["shipped"]
-        shared = any(ctx.weight_sharing for ctx in contexts.values())
-        qnn = {"soc": SOC_NAME, "soc_model": SOC_MODEL, "htp_arch": HTP_ARCH, "libraries": note,
-               "pte_soc_type": f"soc_type={SOC_NAME}" if f"soc_type={SOC_NAME}".encode() in buf else None,
-               "max_context_bytes": opts.max_context_bytes, "weight_sharing": opts.weight_sharing,
-               "emulator_note": "every check of this bundle ran on the x86 HTP emulator" + (
-                   " on a twin of model.pte compiled from the same quantized graphs without weight sharing (the emulator "
-                   "cannot load shared-weight contexts); model.pte itself is checked for delegation, SoC and methods"
-                   if shared else "") + "; device numerics, speed and loading by the phone's QNN runtime libraries are "
-                                        "not proven here"}  # fmt: skip
-        cal = self.calibration_set.to_json() if self.calibration_set else None
-        return {"files": [PTE], "methods": methods, "manifest": {"qnn": qnn, "calibration": cal}}
+                if self._twin is None:
+                    self._twin = tempfile.TemporaryDirectory(prefix="autoglm-qnn-twin-")
+                    self._twin_for = str(out_dir.resolve())
+                (Path(self._twin.name) / file).write_bytes(buf)
+            del buf, eps
+        for low in lowered:  # the lowered programs (and their contexts) are in the file now
+            low.clear()
+        return graph_info, soc
 
     def release(self) -> None:
         if self._twin is not None:
             self._twin.cleanup()
         self._twin = self._twin_for = None
+        self._state = {"calibration": self.calibration_set}
 
     def open_runtime(self, bundle: Path, manifest: dict) -> "QnnPteRuntime":
-        shared = any(c.get("contexts", {}).get("weight_sharing") for c in manifest["components"].values())
+        shared = any(p.get("contexts", {}).get("weight_sharing") for c in manifest["components"].values()
+                     for p in c.get("programs") or [c])  # fmt: skip
         if not shared:
             return QnnPteRuntime(bundle, manifest)
         if self._twin is not None and self._twin_for == str(Path(bundle).resolve()):
-            return QnnPteRuntime(bundle, manifest, emulated=Path(self._twin.name) / PTE)
+            return QnnPteRuntime(bundle, manifest, emulated=Path(self._twin.name))
         raise BackendUnavailable("this bundle's QNN contexts share weights between prefill and decode, which the x86 HTP "
                                  "emulator cannot load ('Shared weights buffer isn't supported on this platform'); it was "
                                  "verified at export on an unshared twin (report.json)",
@@ -346,16 +388,30 @@ class QnnBackend:
     def reference_component(self, name: str, plan, bundle: Path, manifest: dict, load=None):
         """The PT2E-converted graphs of a quantized component (calibrated exactly as at export);
         None for fp16 components (PyTorch in fp16). Components are visited in registry order, so
-        the calibration state the decoder needs is rebuilt on the way."""
+        the calibration state the decoder needs is rebuilt on the way; a decoder in parts is
+        rebuilt part by part (``load(layers)``), each calibrated on the one before."""
         if load is None:  # pragma: no cover - verify always passes a loader
             return None
-        shapes = manifest["shapes"]
+        chunk = manifest["shapes"]["prefill_chunk"]
         state = self._ref_states.setdefault(str(Path(bundle).resolve()), {"calibration": self.calibration_set})
-        graphs = static_graphs(name, load(), shapes["prefill_chunk"], state)
+        programs = manifest["components"][name].get("programs") if name == "text_decoder" else None
+        if not programs:
+            graphs = static_graphs(name, load(), chunk, state)
+            if not plan.quantized:
+                return None
+            sims = {g: quantize_graph(spec, plan) for g, spec in graphs.items()}
+            inputs = {g: [(n, list(a.shape)) for n, a in zip(spec.input_names, spec.args)] for g, spec in graphs.items()}
+            return ComponentAdapter(_SimRuntime(manifest, sims, inputs), name)
+        sims, inputs = {}, {}
+        last = programs[-1]["layers"][1]
+        for p in programs:
+            layers = tuple(p["layers"])
+            graphs = static_graphs(name, load(layers), chunk, state)
+            for g, spec in graphs.items():
+                sims[f"{p['file']}:{g}"] = quantize_graph(spec, plan.decoder_part(layers, last)) if plan.quantized else spec.module
+                inputs[f"{p['file']}:{g}"] = [(n, list(a.shape)) for n, a in zip(spec.input_names, spec.args)]
         if not plan.quantized:
             return None
-        sims = {g: quantize_graph(spec, plan) for g, spec in graphs.items()}
-        inputs = {g: [(n, list(a.shape)) for n, a in zip(spec.input_names, spec.args)] for g, spec in graphs.items()}
         return ComponentAdapter(_SimRuntime(manifest, sims, inputs), name)
 
     def refuse_against(self, against: str, bundle: Path) -> None:
@@ -366,18 +422,18 @@ class QnnBackend:
 
     def contract_checks(self, runtime: "QnnPteRuntime", manifest: dict) -> list[dict]:
         checks = []
-        blob = (runtime.bundle / PTE).read_bytes()
-        soc = f"soc_type={SOC_NAME}".encode() in blob
-        for comp in manifest["components"].values():
-            for graph, g in comp["graphs"].items():
-                fits = max(g["context_bytes"], default=0) <= HTP_CONTEXT_LIMIT
-                ok = not g["ops_outside_delegate"] and g["contexts"] >= 1 and fits
-                detail = (f"{g['contexts']} QNN context(s), no op outside" if not g["ops_outside_delegate"]
-                          else f"outside the delegate: {g['ops_outside_delegate']}")  # fmt: skip
-                detail += "" if fits else f"; a context over {HTP_CONTEXT_LIMIT} bytes"
-                checks.append({"name": f"qnn/{graph}/all_ops_delegated", "kind": "contract", "gated": True,
-                               "passed": ok and soc, "detail": detail + ("; SM8650" if soc else "; NOT compiled for SM8650")})  # fmt: skip
-        graphs = {g for comp in manifest["components"].values() for g in comp["graphs"]}
+        soc = {}  # file -> compiled for SM8650
+        for key, (file, _, g) in graph_entries(manifest).items():
+            if file not in soc:
+                soc[file] = f"soc_type={SOC_NAME}".encode() in (runtime.bundle / file).read_bytes()
+            fits = max(g["context_bytes"], default=0) <= HTP_CONTEXT_LIMIT
+            ok = not g["ops_outside_delegate"] and g["contexts"] >= 1 and fits
+            detail = (f"{g['contexts']} QNN context(s), no op outside" if not g["ops_outside_delegate"]
+                      else f"outside the delegate: {g['ops_outside_delegate']}")  # fmt: skip
+            detail += "" if fits else f"; a context over {HTP_CONTEXT_LIMIT} bytes"
+            checks.append({"name": f"qnn/{key}/all_ops_delegated", "kind": "contract", "gated": True,
+                           "passed": ok and soc[file], "detail": detail + ("; SM8650" if soc[file] else "; NOT compiled for SM8650")})  # fmt: skip
+        graphs = {graph for file, graph, _ in graph_entries(manifest).values() if file == PTE}
         checks.append(contract_check(runtime.pte, manifest, methods=graphs, dynamic_shape=False))
         return checks
 
@@ -393,8 +449,6 @@ class _SimRuntime(StaticGraphRuntime):
     def __init__(self, manifest: dict, sims: dict, graph_inputs: dict) -> None:
         self.sims = sims
         super().__init__(manifest, graph_inputs)
-        if "text_decoder_decode" not in sims:
-            self.caches = []
 
     @torch.no_grad()
     def _run(self, graph: str, feeds: dict) -> list[np.ndarray]:
@@ -405,25 +459,29 @@ class _SimRuntime(StaticGraphRuntime):
 
 
 class QnnPteRuntime(StaticGraphRuntime):
-    """The bundle's ``model.pte`` on the HTP emulator through ``executorch.runtime``, in a process of
-    its own: the emulator's libraries stay out of the exporting process (they cannot share one with
-    ONNX Runtime's QNN EP), and a crash inside them becomes an error here instead of killing the
-    export. This process still reads the program's metadata methods (no QNN code runs for those).
+    """The bundle's ``.pte`` files on the HTP emulator through ``executorch.runtime``, in a process
+    of its own: the emulator's libraries stay out of the exporting process (they cannot share one
+    with ONNX Runtime's QNN EP), and a crash inside them becomes an error here instead of killing
+    the export. This process still reads ``model.pte``'s metadata methods (no QNN code runs for those).
 
-    ``emulated`` is the file the emulator runs: ``model.pte`` itself, or its unshared twin when the
-    bundle's contexts share weights."""
+    ``emulated``: a directory of twins of the bundle's files, which the emulator runs instead of
+    the shipped ones when the bundle's contexts share weights."""
 
     def __init__(self, bundle: Path, manifest: dict, emulated: Path | None = None) -> None:
         self.bundle = Path(bundle)
-        self.pte = ExecuTorchRuntime.from_bundle(self.bundle, manifest, PTE)
-        graph_inputs = {g: [(i["name"], i["shape"]) for i in spec["inputs"]]
-                        for comp in manifest["components"].values() for g, spec in comp["graphs"].items()}  # fmt: skip
+        shapes = manifest["shapes"]
+        # model.pte alone: the decoder parts' programs are only ever loaded by the emulator process
+        self.pte = ExecuTorchRuntime(self.bundle / PTE, shapes["max_context"], shapes["prefill_chunk"])
+        self.entries = graph_entries(manifest)
+        graph_inputs = {key: [(i["name"], i["shape"]) for i in g["inputs"]] for key, (_, _, g) in self.entries.items()}
         super().__init__(manifest, graph_inputs)
-        self.emulated = Path(emulated or self.bundle / PTE)
-        self._worker = _EmulatorProcess(self.emulated)
+        files = sorted({file for file, _, _ in self.entries.values()})
+        where = Path(emulated) if emulated else self.bundle
+        self._worker = _EmulatorProcess({f: where / f for f in files})
 
     def _run(self, graph: str, feeds: dict) -> list[np.ndarray]:
-        return self._worker.run(graph, [np.ascontiguousarray(feeds[n]) for n, _ in self.graph_inputs[graph]])
+        file, method, _ = self.entries[graph]
+        return self._worker.run(file, method, [np.ascontiguousarray(feeds[n]) for n, _ in self.graph_inputs[graph]])
 
     def close(self) -> None:
         self._worker.close()
@@ -434,14 +492,15 @@ class QnnPteRuntime(StaticGraphRuntime):
 
 
 class _EmulatorProcess:
-    """A spawned child that loads one .pte on the HTP emulator and runs methods on request."""
+    """A spawned child that loads the bundle's .pte files on the HTP emulator (each when first
+    used) and runs their methods on request."""
 
-    def __init__(self, pte: Path) -> None:
+    def __init__(self, files: dict[str, Path]) -> None:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited QNN or ORT state
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_emulator_main, args=(child, str(pte)), daemon=True)
+        self._proc = ctx.Process(target=_emulator_main, args=(child, {f: str(p) for f, p in files.items()}), daemon=True)
         self._proc.start()
         child.close()
         self._expect(self._conn_recv(), "loading")
@@ -451,11 +510,8 @@ class _EmulatorProcess:
             return self._conn.recv()
         except (EOFError, ConnectionError):
             self._proc.join(5)
-            raise ExportError(f"the HTP emulator process died (exit code {self._proc.exitcode}) running {self._pte_name()}",
+            raise ExportError(f"the HTP emulator process died (exit code {self._proc.exitcode}) running the bundle's program",
                               fix="run `autoglm-export verify` on the bundle to see the emulator's own log") from None  # fmt: skip
-
-    def _pte_name(self) -> str:
-        return "the bundle's program"
 
     @staticmethod
     def _expect(msg, what: str):
@@ -465,9 +521,9 @@ class _EmulatorProcess:
                                      fix="see qnn.weight_sharing in the recipe docs; the emulator cannot load shared-weight contexts")  # fmt: skip
         return payload
 
-    def run(self, method: str, args: list[np.ndarray]) -> list[np.ndarray]:
-        self._conn.send((method, args))
-        return self._expect(self._conn_recv(), f"running {method}")
+    def run(self, file: str, method: str, args: list[np.ndarray]) -> list[np.ndarray]:
+        self._conn.send((file, method, args))
+        return self._expect(self._conn_recv(), f"running {method} of {file}")
 
     def close(self) -> None:
         if self._proc.is_alive():
@@ -480,7 +536,7 @@ class _EmulatorProcess:
                 self._proc.kill()
 
 
-def _emulator_main(conn, pte: str) -> None:
+def _emulator_main(conn, files: dict[str, str]) -> None:
     from ..cli import quiet_third_party_logs
 
     quiet_third_party_logs()  # a fresh interpreter: the parent's logging setup does not carry over
@@ -493,18 +549,21 @@ def _emulator_main(conn, pte: str) -> None:
         from executorch.runtime import Runtime, Verification
 
         preload_qnn_libraries()
-        program = Runtime.get().load_program(pte, verification=Verification.Minimal)
+        runtime = Runtime.get()
+        programs = {PTE: runtime.load_program(files[PTE], verification=Verification.Minimal)} if PTE in files else {}
         methods: dict = {}
         conn.send(("ok", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     while (msg := conn.recv()) is not None:
-        name, args = msg
+        file, name, args = msg
         try:
-            if name not in methods:
-                methods[name] = program.load_method(name)
-            out = methods[name].execute([torch.from_numpy(a) for a in args])
+            if (file, name) not in methods:
+                if file not in programs:
+                    programs[file] = runtime.load_program(files[file], verification=Verification.Minimal)
+                methods[(file, name)] = programs[file].load_method(name)
+            out = methods[(file, name)].execute([torch.from_numpy(a) for a in args])
             conn.send(("ok", [o.numpy() for o in out]))
         except Exception as e:  # noqa: BLE001
             conn.send(("error", f"{type(e).__name__}: {e}"))

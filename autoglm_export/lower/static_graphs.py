@@ -70,7 +70,7 @@ def static_graphs(name: str, module: torch.nn.Module, prefill_chunk: int, state:
     elif name == "text_decoder":
         wrapper = TextDecoderStatic(module).eval()
         names = ["inputs_embeds", "cos", "sin", "mask", *wrapper.cache_names()]
-        outs = ["logits", *[n + "_new" for n in wrapper.cache_names()]]
+        outs = wrapper.output_names()
         feeds = _decoder_calibration(wrapper, prefill_chunk, state)
         for graph, T in zip(graph_names(name), (prefill_chunk, 1)):
             calib = [f for f in feeds if f["inputs_embeds"].shape[1] == T]
@@ -114,6 +114,23 @@ def _calibration_set(state: dict):
 
 
 def _decoder_calibration(wrapper, chunk: int, state: dict) -> list[dict]:
+    """Feeds of every recorded call of the decoder (or of one part of it). A part after the first
+    is calibrated on what the part before it computed in fp32 for the same sequences
+    (``state["decoder_sequences"]``), so chained parts see the activations the whole decoder sees."""
+    sequences = _decoder_sequences(wrapper, chunk, state) if wrapper.decoder.layer_ids[0] == 0 else state.pop("decoder_sequences")
+    feeds: list[dict] = []
+    hidden = []
+    for x, pos in sequences:
+        got, out = _run_sequence(wrapper, x, pos, chunk)
+        feeds += got
+        hidden.append((out, pos))
+    if not wrapper.decoder.has_head:
+        state["decoder_sequences"] = hidden
+    return feeds
+
+
+def _decoder_sequences(wrapper, chunk: int, state: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs_embeds [1, L, D], position_ids [3, L]) of each calibration sequence."""
     from ..host.prompt import IMAGE
 
     d = wrapper.decoder
@@ -139,20 +156,20 @@ def _decoder_calibration(wrapper, chunk: int, state: dict) -> list[dict]:
         x = torch.cat([x, embeds[:, :steps]], dim=1)
         after = torch.arange(int(pos.max()) + 1, int(pos.max()) + 1 + steps).expand(3, steps)
         sequences.append((x, torch.cat([torch.from_numpy(pos), after], dim=1)))
-    feeds: list[dict] = []
-    for x, pos in sequences:
-        feeds += _run_sequence(wrapper, x, pos, chunk)
-    return feeds
+    return sequences
 
 
 DECODE_SAMPLES = 6  # decode calls recorded per sequence: each holds a copy of every layer's cache
 
 
-def _run_sequence(wrapper, embeds, positions, chunk: int) -> list[dict]:
+def _run_sequence(wrapper, embeds, positions, chunk: int) -> tuple[list[dict], torch.Tensor | None]:
     """fp32 prefill chunks, then decode steps for the rest; the inputs of every prefill call and
-    of ``DECODE_SAMPLES`` evenly spaced decode calls are recorded."""
-    t = wrapper.decoder.t
-    caches = [torch.zeros(1, t.num_kv_heads, wrapper.decoder.max_context, t.head_dim) for _ in range(2 * t.num_layers)]
+    of ``DECODE_SAMPLES`` evenly spaced decode calls are recorded. Also returns, for a part before
+    the last, its hidden states over the whole sequence (the next part's inputs)."""
+    d = wrapper.decoder
+    t = d.t
+    caches = [torch.zeros(1, t.num_kv_heads, d.max_context, t.head_dim) for _ in range(2 * len(d.layer_ids))]
+    hidden = None if d.has_head else torch.zeros_like(embeds)
     L = embeds.shape[1]
     calls = [(a, a + chunk) for a in range(0, L - chunk + 1, chunk)]
     first_decode = calls[-1][1] if calls else 0
@@ -169,14 +186,39 @@ def _run_sequence(wrapper, embeds, positions, chunk: int) -> list[dict]:
         out = wrapper(embeds[:, a:b], cos, sin, mask, *caches)
         for i, new in enumerate(out[1:]):
             caches[i][:, :, a:b] = new
-    return feeds
+        if hidden is not None:
+            hidden[:, a:b] = out[0]
+    return feeds, hidden
+
+
+def decoder_graph_keys(component: dict) -> list[dict[str, str]]:
+    """The decoder's programs in layer order, each {"prefill": key, "decode": key}: the graph names
+    for a decoder in one program; ``"<file>:<graph>"`` for each part of a decoder lowered in parts
+    (every part file has the same two methods)."""
+    programs = component.get("programs")
+    if not programs:
+        return [{"prefill": "text_decoder_prefill", "decode": "text_decoder_decode"}]
+    return [{kind: f"{p['file']}:text_decoder_{kind}" for kind in ("prefill", "decode")} for p in programs]
+
+
+def graph_entries(manifest: dict) -> dict[str, tuple[str, str, dict]]:
+    """Every static graph of a bundle: key (``decoder_graph_keys``) -> (file, method, manifest entry)."""
+    out = {}
+    for comp in manifest["components"].values():
+        for p in comp.get("programs") or [comp]:
+            for graph, g in p.get("graphs", {}).items():
+                key = f"{p['file']}:{graph}" if comp.get("programs") else graph
+                out[key] = (p.get("file"), graph, g)
+    return out
 
 
 class StaticGraphRuntime:
     """Host side of a bundle of static graphs, shared by the NPU targets: a call of exactly
     ``prefill_chunk`` tokens runs the prefill graph, any other length runs the decode graph token
-    by token; the host holds the KV cache and computes cos/sin and the mask. Subclasses run one
-    graph (``_run``: input name -> array, returns the outputs in order)."""
+    by token; the host holds the KV cache and computes cos/sin and the mask. A decoder lowered in
+    parts runs its programs in layer order, the hidden states of each feeding the next, each with
+    its own layers' caches. Subclasses run one graph (``_run``: graph key, input name -> array,
+    returns the outputs in order)."""
 
     def __init__(self, manifest: dict, graph_inputs: dict[str, list[tuple[str, list[int]]]]) -> None:
         self.manifest = manifest
@@ -185,14 +227,15 @@ class StaticGraphRuntime:
         self.graph_inputs = graph_inputs
         dec = manifest["components"].get("text_decoder")
         self.rope = dec["rope"] if dec else None
+        keys = decoder_graph_keys(dec) if dec else []
+        self.decoder_keys = [k for k in keys if k["decode"] in graph_inputs]  # none: a runtime of other components
         self.reset()
 
     def _run(self, graph: str, feeds: dict) -> list[np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def reset(self) -> None:
-        if "text_decoder_decode" in self.graph_inputs:
-            self.caches = [np.zeros(shape, np.float32) for _, shape in self.graph_inputs["text_decoder_decode"][4:]]
+        self.caches = [[np.zeros(shape, np.float32) for _, shape in self.graph_inputs[k["decode"]][4:]] for k in self.decoder_keys]
 
     def token_embedding(self, input_ids):
         ids = input_ids.numpy()
@@ -213,24 +256,27 @@ class StaticGraphRuntime:
         x, pos, slots = embeds.numpy().astype(np.float32), position_ids.numpy(), cache_position.numpy()
         T = x.shape[1]
         if T == self.prefill_chunk:
-            return torch.from_numpy(self._decoder_call("text_decoder_prefill", x, pos, slots))
+            return torch.from_numpy(self._decoder_call("prefill", x, pos, slots))
         logits = None
         for i in range(T):  # static shapes: a shorter chunk goes token by token
-            logits = self._decoder_call("text_decoder_decode", x[:, i : i + 1], pos[:, i : i + 1], slots[i : i + 1])
+            logits = self._decoder_call("decode", x[:, i : i + 1], pos[:, i : i + 1], slots[i : i + 1])
         return torch.from_numpy(logits)
 
-    def _decoder_call(self, graph: str, x, pos, slots) -> np.ndarray:
+    def _decoder_call(self, kind: str, x, pos, slots) -> np.ndarray:
         from ..host.static_decoder import attention_mask, rotary_cos_sin
 
         T = x.shape[1]
         start = int(slots[0])
         cos, sin = rotary_cos_sin(self.rope, pos)
-        feeds = {"inputs_embeds": x, "cos": cos, "sin": sin, "mask": attention_mask(start, T, self.max_context)}
-        feeds |= {name: c for (name, _), c in zip(self.graph_inputs[graph][4:], self.caches)}
-        logits, *new = [np.asarray(o) for o in self._run(graph, feeds)]
-        for cache, kv in zip(self.caches, new):
-            cache[:, :, start : start + T] = kv
-        return logits
+        mask = attention_mask(start, T, self.max_context)
+        for keys, caches in zip(self.decoder_keys, self.caches):  # hidden states flow from each part to the next
+            graph = keys[kind]
+            feeds = {"inputs_embeds": x, "cos": cos, "sin": sin, "mask": mask}
+            feeds |= {name: c for (name, _), c in zip(self.graph_inputs[graph][4:], caches)}
+            x, *new = [np.asarray(o) for o in self._run(graph, feeds)]
+            for cache, kv in zip(caches, new):
+                cache[:, :, start : start + T] = kv
+        return x
 
     def probe_feeds(self, graph: str) -> dict:
         """Seeded inputs of the right shapes and ranges for a graph (reload comparisons)."""

@@ -526,6 +526,9 @@ class TextDecoderStatic(nn.Module):
     (inputs_embeds [1,T,D], cos [1,1,T,hd], sin [1,1,T,hd], mask [1,1,T,C+T], k_0, v_0, ...)
         -> (logits [1,V], k_new_0 [1,kv,T,hd], v_new_0, ...)
 
+    A part of the decoder (``TextDecoder(layers=(a, b))``) takes the caches of its own layers and,
+    unless it ends at the last layer, returns hidden_states [1,T,D] for the next part.
+
     ``mask`` is the 0/1 visibility; attention is exp(s - max s) * mask normalised, exactly softmax
     over the visible slots (hidden ones get exactly 0), with a small quantized range everywhere,
     computed over the cached slots and the new tokens as two blocks (no concatenation).
@@ -538,7 +541,11 @@ class TextDecoderStatic(nn.Module):
         self.decoder = decoder
 
     def cache_names(self) -> list[str]:
-        return [f"{kind}_cache_{i}" for i in range(self.decoder.t.num_layers) for kind in ("k", "v")]
+        return [f"{kind}_cache_{i}" for i in self.decoder.layer_ids for kind in ("k", "v")]
+
+    def output_names(self) -> list[str]:
+        first = "logits" if self.decoder.has_head else "hidden_states"
+        return [first, *[n + "_new" for n in self.cache_names()]]
 
     def rope(self) -> dict:
         from ...host.static_decoder import rope_table
@@ -577,6 +584,8 @@ class TextDecoderStatic(nn.Module):
             att = (torch.matmul(w_past, repeat_kv(caches[2 * i + 1], groups)) + torch.matmul(w_new, repeat_kv(v, groups))) / total
             x = layer.after_attention(x, a.o_proj(att.transpose(1, 2).reshape(b, T, -1)))
             new += [k, v]
+        if not d.has_head:  # a part before the last
+            return (x, *new)
         logits = d.lm_head(d.norm(x[:, -1:, :]))[:, 0]
         return (logits, *new)
 

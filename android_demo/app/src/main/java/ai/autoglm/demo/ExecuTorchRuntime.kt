@@ -65,10 +65,14 @@ class ExecuTorchRuntime(private val dir: File, private val manifest: BundleManif
     }
 }
 
-/** The static graphs of a qnn bundle (one method per graph), for [StaticGraphRuntime]. */
+/**
+ * The static graphs of a qnn bundle (one method per graph: model.pte, and one file per part of a
+ * decoder lowered in parts), for [StaticGraphRuntime].
+ */
 class ExecuTorchGraphRunner(private val dir: File, private val manifest: BundleManifest) : GraphRunner {
-    private val module: Module by lazy {
-        val file = manifest.component(BundleManifest.COMPONENT_DECODER).file
+    private val modules = HashMap<String, Module>()
+
+    private fun module(file: String): Module = modules.getOrPut(file) {
         Module.load(File(dir, file).absolutePath, Module.LOAD_MODE_MMAP)
     }
 
@@ -80,13 +84,17 @@ class ExecuTorchGraphRunner(private val dir: File, private val manifest: BundleM
                 else -> throw IllegalArgumentException("input of type ${v.javaClass}")
             }
         }.toTypedArray()
-        return module.execute(graph, *values).map { e ->
+        val spec = manifest.graphs.getValue(graph)
+        return module(spec.file).execute(spec.method, *values).map { e ->
             val t = e.toTensor()
             FloatTensor(t.shape().map { it.toInt() }.toIntArray(), t.dataAsFloatArray)
         }
     }
 
-    fun close() = module.destroy()
+    fun close() {
+        modules.values.forEach { it.destroy() }
+        modules.clear()
+    }
 }
 
 /** The runtime a bundle needs: dynamic-shape methods (xnnpack) or static graphs (qnn). */

@@ -26,8 +26,12 @@ class ComponentSpec(
 
 class FileEntry(val bytes: Long, val sha256: String)
 
-/** A static graph of an NPU bundle (qnn): its method name and its inputs in call order. */
-class StaticGraphSpec(val name: String, val inputNames: List<String>, val inputShapes: List<IntArray>)
+/**
+ * A static graph of an NPU bundle (qnn): which method of which file runs it, and its inputs in call
+ * order. [name] is its key in [BundleManifest.graphs]: the method name, or "file:method" for the
+ * graphs of a decoder lowered in parts (every part file has the same methods).
+ */
+class StaticGraphSpec(val name: String, val file: String, val method: String, val inputNames: List<String>, val inputShapes: List<IntArray>)
 
 /** The decoder's rotary table for host-side cos/sin: one inverse frequency and position axis per pair. */
 class RopeTable(val invFreq: FloatArray, val axis: IntArray)
@@ -78,6 +82,17 @@ class BundleManifest(
     /** Static-graph bundles (qnn) run prefill/decode graphs with a host-held KV cache. */
     val isStatic: Boolean get() = graphs.isNotEmpty()
 
+    /**
+     * The decoder's (prefill, decode) graph keys of each of its programs in layer order: one pair,
+     * or one per part of a decoder lowered in parts (hidden states flow from each to the next).
+     */
+    val decoderGraphs: List<Pair<String, String>>
+        get() {
+            val programs = component(COMPONENT_DECODER).programs
+            if (programs.size == 1 && programs[0].endLayer == 0) return listOf(Pair("text_decoder_prefill", "text_decoder_decode"))
+            return programs.map { Pair("${it.file}:text_decoder_prefill", "${it.file}:text_decoder_decode") }
+        }
+
     fun component(name: String): ComponentSpec = components[name]
         ?: throw BundleError(MANIFEST, "components.$name", "a '$name' component", "none",
             "export the bundle from a checkpoint that has it")
@@ -123,32 +138,21 @@ class BundleManifest(
                 val parts = if (c.opt("programs") != null) c.reqArray("programs") else null
                 if (parts == null) {
                     programs.add(ProgramSpec(mainFile, method, 0, 0))
+                    readGraphs(c, mainFile, "", graphs)
                 } else {
                     for (i in 0 until parts.size()) {
                         val p = c.child("programs[$i]", parts.get(i))
                         val layers = p.reqInts("layers")
-                        programs.add(ProgramSpec(p.reqString("file"), p.reqString("method"), layers[0], layers[1]))
+                        val partFile = p.reqString("file")
+                        programs.add(ProgramSpec(partFile, p.reqString("method"), layers[0], layers[1]))
                         if (i > 0 && layers[0] != programs[i - 1].endLayer) {
                             throw BundleError(file, "components.$name.programs[$i].layers", "layers starting at ${programs[i - 1].endLayer}",
                                 "${layers[0]}", "re-export the bundle")
                         }
+                        readGraphs(p, partFile, "$partFile:", graphs)
                     }
                 }
                 comps[name] = ComponentSpec(name, method, mainFile, tensorSpecs(c, "inputs"), tensorSpecs(c, "outputs"), programs)
-                val gs = c.optObj("graphs")
-                if (gs != null && gs.obj.size() > 0 && gs.reqObj(gs.keys()[0]).opt("inputs") != null) {
-                    for (g in gs.keys()) {
-                        val arr = gs.reqObj(g).reqArray("inputs")
-                        val names = ArrayList<String>()
-                        val shapes = ArrayList<IntArray>()
-                        for (i in 0 until arr.size()) {
-                            val t = gs.child("$g.inputs[$i]", arr.get(i))
-                            names.add(t.reqString("name"))
-                            shapes.add(t.reqInts("shape"))
-                        }
-                        graphs[g] = StaticGraphSpec(g, names, shapes)
-                    }
-                }
                 val r = c.optObj("rope")
                 if (r != null) {
                     val inv = r.reqDoubles("inv_freq")
@@ -186,6 +190,23 @@ class BundleManifest(
             return BundleManifest(root.reqString("target"), files, comps, shapes.reqInt("max_context"),
                 shapes.reqInt("prefill_chunk"), image, audio, prompt, text.reqInt("vocab_size"),
                 text.reqInt("hidden_size"), scheme, graphs, rope)
+        }
+
+        /** The static graphs of a component or decoder part [node] in [file], keyed [prefix] + method name. */
+        private fun readGraphs(node: JsonNode, file: String, prefix: String, into: MutableMap<String, StaticGraphSpec>) {
+            val gs = node.optObj("graphs") ?: return
+            if (gs.obj.size() == 0 || gs.reqObj(gs.keys()[0]).opt("inputs") == null) return // not a static-graph bundle
+            for (g in gs.keys()) {
+                val arr = gs.reqObj(g).reqArray("inputs")
+                val names = ArrayList<String>()
+                val shapes = ArrayList<IntArray>()
+                for (i in 0 until arr.size()) {
+                    val t = gs.child("$g.inputs[$i]", arr.get(i))
+                    names.add(t.reqString("name"))
+                    shapes.add(t.reqInts("shape"))
+                }
+                into[prefix + g] = StaticGraphSpec(prefix + g, file, g, names, shapes)
+            }
         }
 
         private fun tensorSpecs(c: JsonNode, key: String): List<TensorSpec> {

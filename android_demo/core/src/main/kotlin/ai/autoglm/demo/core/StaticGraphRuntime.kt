@@ -1,8 +1,11 @@
 package ai.autoglm.demo.core
 
-/** Runs one static graph (a method of the bundle) with named inputs; outputs in graph order. */
+/** Runs one static graph (a method of one of the bundle's files) with named inputs; outputs in graph order. */
 interface GraphRunner {
-    /** [inputs] maps input names to FloatTensor or LongTensor values, in the graph's call order. */
+    /**
+     * [graph] is the graph's key in [BundleManifest.graphs] (its spec names the file and method);
+     * [inputs] maps input names to FloatTensor or LongTensor values, in the graph's call order.
+     */
     fun run(graph: String, inputs: LinkedHashMap<String, Any>): List<FloatTensor>
 }
 
@@ -11,22 +14,26 @@ interface GraphRunner {
  * StaticGraphRuntime: a call of exactly prefill_chunk tokens runs the *_prefill graph, any other
  * length runs the *_decode graph token by token; the host holds the KV cache, computes the M-RoPE
  * cos/sin from the manifest's rotary table and the 0/1 visibility of the cached slots followed by
- * the new tokens, and writes the returned keys/values at their slots.
+ * the new tokens, and writes the returned keys/values at their slots. A decoder lowered in parts
+ * runs its programs in layer order, the hidden states of each feeding the next, each with the
+ * caches of its own layers.
  */
 class StaticGraphRuntime(private val manifest: BundleManifest, private val runner: GraphRunner) : ModelRuntime {
     override val maxContext: Int get() = manifest.maxContext
     override val prefillChunk: Int get() = manifest.prefillChunk
-    private var caches: List<FloatArray> = emptyList()
-    private val decode: StaticGraphSpec? = manifest.graphs["text_decoder_decode"]
+    private val decoderGraphs: List<Pair<String, String>> = manifest.decoderGraphs
+    private var caches: List<List<FloatArray>> = emptyList() // per decoder program, per cache input
 
     init {
         reset()
     }
 
     override fun reset() {
-        val d = decode ?: return
-        caches = d.inputShapes.drop(4).map { FloatArray(numel(it)) }
+        caches = decoderGraphs.map { (_, decode) -> spec(decode).inputShapes.drop(4).map { FloatArray(numel(it)) } }
     }
+
+    private fun spec(graph: String): StaticGraphSpec = manifest.graphs[graph] ?: throw BundleError(BundleManifest.MANIFEST,
+        "components.text_decoder.graphs.$graph", "the $graph graph", "none", "re-export the bundle with autoglm-export")
 
     override fun tokenEmbedding(inputIds: LongTensor): FloatTensor {
         val t = inputIds.data.size
@@ -50,34 +57,40 @@ class StaticGraphRuntime(private val manifest: BundleManifest, private val runne
 
     override fun textDecoder(inputsEmbeds: FloatTensor, positionIds: LongTensor, cachePosition: LongTensor): FloatTensor {
         val t = cachePosition.data.size
-        if (t == prefillChunk) return decoderCall("text_decoder_prefill", inputsEmbeds, positionIds, cachePosition)
+        if (t == prefillChunk) return decoderCall(true, inputsEmbeds, positionIds, cachePosition)
         val h = inputsEmbeds.shape[2]
         var logits: FloatTensor? = null
         for (i in 0 until t) { // static shapes: a shorter chunk goes token by token
             val x = FloatTensor(intArrayOf(1, 1, h), inputsEmbeds.data.copyOfRange(i * h, (i + 1) * h))
             val p = LongTensor(intArrayOf(3, 1), longArrayOf(positionIds.data[i], positionIds.data[t + i], positionIds.data[2 * t + i]))
-            logits = decoderCall("text_decoder_decode", x, p, LongTensor(intArrayOf(1), longArrayOf(cachePosition.data[i])))
+            logits = decoderCall(false, x, p, LongTensor(intArrayOf(1), longArrayOf(cachePosition.data[i])))
         }
         return logits!!
     }
 
-    private fun decoderCall(graph: String, x: FloatTensor, pos: LongTensor, slots: LongTensor): FloatTensor {
-        val spec = manifest.graphs[graph] ?: throw BundleError(BundleManifest.MANIFEST, "components.text_decoder.graphs.$graph",
-            "the $graph graph", "none", "re-export the bundle with autoglm-export")
+    private fun decoderCall(prefill: Boolean, x: FloatTensor, pos: LongTensor, slots: LongTensor): FloatTensor {
         val rope = manifest.rope ?: throw BundleError(BundleManifest.MANIFEST, "components.text_decoder.rope", "the rotary table",
             "none", "re-export the bundle with autoglm-export")
         val t = slots.data.size
         val start = slots.data[0].toInt()
         val cs = cosSin(rope, pos, t)
-        val inputs = LinkedHashMap<String, Any>()
-        inputs["inputs_embeds"] = x
-        inputs["cos"] = cs[0]
-        inputs["sin"] = cs[1]
-        inputs["mask"] = visibility(start, t, maxContext)
-        for (i in caches.indices) inputs[spec.inputNames[4 + i]] = FloatTensor(spec.inputShapes[4 + i], caches[i])
-        val out = runner.run(graph, inputs)
-        for (i in caches.indices) writeSlots(caches[i], spec.inputShapes[4 + i], out[1 + i], start, t)
-        return out[0]
+        val mask = visibility(start, t, maxContext)
+        var h = x
+        for ((k, graphs) in decoderGraphs.withIndex()) { // hidden states flow from each part to the next
+            val graph = if (prefill) graphs.first else graphs.second
+            val spec = spec(graph)
+            val own = caches[k]
+            val inputs = LinkedHashMap<String, Any>()
+            inputs["inputs_embeds"] = h
+            inputs["cos"] = cs[0]
+            inputs["sin"] = cs[1]
+            inputs["mask"] = mask
+            for (i in own.indices) inputs[spec.inputNames[4 + i]] = FloatTensor(spec.inputShapes[4 + i], own[i])
+            val out = runner.run(graph, inputs)
+            for (i in own.indices) writeSlots(own[i], spec.inputShapes[4 + i], out[1 + i], start, t)
+            h = out[0]
+        }
+        return h
     }
 
     companion object {

@@ -119,7 +119,8 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     plans = make_plans(rec, ckpt, shapes, str(recipe_file))  # every rule error before any tensor is read
     if hasattr(backend, "configure"):  # target-specific recipe sections: qnn contexts, calibration files
         backend.configure(rec, str(recipe_file), tokenizer=tokenizer, pre=pre)
-    parts = decoder_parts(ckpt.spec.text.num_layers, rec.lowering.decoder_layers_per_program)
+    per_program = rec.lowering.decoder_layers_per_program  # a recipe that asks for parts gets them, even one
+    parts = decoder_parts(ckpt.spec.text.num_layers, per_program) if per_program else None
     backend.check_plans(plans, str(recipe_file), parts=parts)
 
     stage = progress.stage
@@ -146,8 +147,8 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
         components = registry.for_spec(ckpt.spec)
         # a decoder in parts goes first, part by part, so nothing else is held meanwhile; a backend
         # that calibrates the decoder on the other components' outputs (qnn) writes those first
-        decoder_last = len(parts) > 1 and getattr(backend, "decoder_parts_last", False)
-        if len(parts) > 1:
+        decoder_last = bool(parts) and getattr(backend, "decoder_parts_last", False)
+        if parts:
             components.sort(key=lambda c: (c.name == "text_decoder") == decoder_last)
         lowered = None
 
@@ -163,7 +164,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
             stage("quantize")(f"{comp.name}: {s['params']:,} params, {s['params_by_scheme']}, "
                               f"{s['effective_bits_per_weight']} bits/weight")  # fmt: skip
             hook = quantize_hook(plan, backend.torchao_config) if backend.quantizes_in_torch else None
-            if comp.name == "text_decoder" and len(parts) > 1:
+            if comp.name == "text_decoder" and parts:
                 if decoder_last:
                     lowered = lower_components()
                 for i, (a, b) in enumerate(parts):

@@ -36,7 +36,7 @@ def refuse_if_over_memory(target: str, plans: dict, *, held: float, per_componen
     """``parts``: the decoder's layer ranges when it is lowered in parts, first and alone, each part
     freed before the next; the other components are then held together until lowered."""
     units = []  # (what is lowered, its parameters, parameters held beside it)
-    in_parts = bool(parts) and len(parts) > 1 and "text_decoder" in plans
+    in_parts = bool(parts) and "text_decoder" in plans
     rest = sum(p.summary()["params"] for n, p in plans.items() if not (in_parts and n == "text_decoder"))
     for name, plan in plans.items():
         if in_parts and name == "text_decoder":

@@ -220,7 +220,7 @@ class QnnBackend:
         self._twin_for = None
         self._plans: dict = {}  # check_plans: what export lowers each component to
         self._contexts: dict = {}  # check_plans: the HTP contexts of each component, or of each decoder part
-        self._num_layers = 0
+        self._in_parts = False  # check_plans: the recipe lowers the decoder in parts
         self.progress = silent  # set by the pipeline: export quantizes and lowers, which takes minutes
         self.emulator_twin = True  # False when the export will not verify (pipeline.export(verify=False))
 
@@ -238,11 +238,11 @@ class QnnBackend:
                               fix="or lower the decoder in parts: recipe lowering.decoder_layers_per_program")  # fmt: skip
         opts = self._qnn
         self._plans = dict(plans)
-        if parts and len(parts) > 1 and "text_decoder" in plans:  # keyed (name, layers): what export meets
+        self._in_parts = bool(parts) and "text_decoder" in plans
+        if self._in_parts:  # keyed (name, layers): what export meets
             whole = self._plans.pop("text_decoder")
-            self._num_layers = parts[-1][1]
             for layers in parts:
-                self._plans[("text_decoder", layers)] = whole.decoder_part(layers, self._num_layers)
+                self._plans[("text_decoder", layers)] = whole.decoder_part(layers, parts[-1][1])
         self._contexts = {key: plan_contexts(plan, 2 if plan.component in ("token_embedding", "text_decoder") else 1,
                                              opts.max_context_bytes, opts.weight_sharing and plan.component in
                                              ("token_embedding", "text_decoder"), recipe_file)
@@ -261,7 +261,7 @@ class QnnBackend:
         (contexts of int8/int4 codes) waits for the other components, not the fp32 module (at 9B
         widths the held fp32 modules of the encoders and the token embedding were 3.4 GB)."""
         key = name
-        if name == "text_decoder" and len(module.layer_ids) < module.t.num_layers:  # one part
+        if name == "text_decoder" and self._in_parts:
             key = (name, (module.layer_ids[0], module.layer_ids[-1] + 1))
         graphs = static_graphs(name, module, prefill_chunk, self._state)
         return self._lower_component(name, graphs, self._plans[key], self._contexts[key], self.progress)

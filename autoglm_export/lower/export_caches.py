@@ -3,7 +3,7 @@
 Each of them leaves the exported module's weights reachable from module globals or caches
 (torch 2.13, executorch 1.x, onnxscript 0.x): with the decoder lowered in parts, every finished
 part stayed in memory until the process ended (+0.33 GiB per 9B layer for xnnpack, +0.77 for
-onnx, bench/scale). None of it is used once a program is exported or lowered. These are
+onnx, ~+1.1 for qnn's PT2E, bench/scale). None of it is used once a program is exported or lowered. These are
 internals named by hand; tests/test_memory_guard.py fails if an upgrade moves them and the
 weights stay alive.
 """
@@ -35,6 +35,7 @@ def release_export_caches() -> None:
                     setattr(obj, attr, None)
     _release_torch_export()
     _release_executorch()
+    _release_torchao()
 
 
 def _release_torch_export() -> None:
@@ -69,3 +70,14 @@ def _release_executorch() -> None:
             for value in list(vars(module).values()):
                 if isinstance(value, backend_utils.WhyNoPartition):
                     value.node = None
+
+
+def _release_torchao() -> None:
+    # functools caches keyed by the module (torchao's copy of torch.ao's helper, and torch.ao's own):
+    # prepare_pt2e's and convert_pt2e's graph modules, with the fp32 weights and int8 codes of every
+    # component (or decoder part) PT2E ever quantized
+    for name, attr in (("torchao.utils", "_assert_and_get_unique_device"),
+                       ("torch.ao.quantization.fx.utils", "assert_and_get_unique_device")):  # fmt: skip
+        fn = getattr(sys.modules.get(name), attr, None)
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()

@@ -4,7 +4,8 @@ an OOM kill minutes into an export says nothing and can freeze a laptop.
 The model is a lower bound fitted to measurements at 9B widths (bench/scale, docs/benchmarks.md):
 the exported graphs of the components lowered together are held until lowering (``held`` bytes
 per parameter), and lowering one component grows RSS by ``per_component`` bytes per parameter. A
-decoder lowered in parts is lowered first, one part at a time, with nothing else held.
+decoder lowered in parts is lowered one part at a time with nothing else held (first, or for qnn
+after the other components' program is written and freed).
 """
 
 from __future__ import annotations

@@ -251,6 +251,7 @@ class QnnBackend:
     def configure(self, recipe, recipe_file: str, *, tokenizer, pre, base=None) -> None:
         from ..calibration import load_calibration
 
+        self.release()  # an earlier export's emulator twin, should it have failed before its own release
         self._qnn = recipe.qnn
         self.calibration_set = load_calibration(recipe.calibration, Path(base or Path(recipe_file).parent), recipe_file, tokenizer, pre)
         self._state = {"calibration": self.calibration_set}  # until release(): decoder parts come after lower()

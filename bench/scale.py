@@ -157,7 +157,8 @@ def write_doc(result: dict, name: str) -> None:
     lines = ["<!-- scale-bench -->", f"Written by `bench/scale.py` ({result['machine']}); exports "
              f"{'with' if result['verify'] else 'without'} the parity stage, vision depth {result['vision_depth']}.", "",
              "| target | layers | status | wall s | peak tree GiB | max process GiB | bundle GB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
+    first = {t: i for i, t in enumerate(dict.fromkeys(r["target"] for r in rows))}  # targets as first measured
+    for r in sorted(rows, key=lambda r: (first[r["target"]], r["layers"])):
         if r.get("status") == "ok":
             tree = f"{r['tree_peak_bytes'] / 2**30:.2f}" if r["tree_peak_bytes"] else "n/a"
             lines.append(f"| {r['target']} | {r['layers']} | ok | {r['wall_s']:.0f} | {tree} | {r['max_process_rss_bytes'] / 2**30:.2f} | "

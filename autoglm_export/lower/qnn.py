@@ -33,7 +33,7 @@ from ..progress import silent
 from .executorch_common import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_output
 from .export_caches import release_export_caches
 from .qnn_contexts import HTP_CONTEXT_LIMIT, plan_contexts
-from .static_graphs import ComponentAdapter, StaticGraphRuntime, graph_entries, graph_names, static_graphs
+from .static_graphs import ComponentAdapter, StaticGraphRuntime, graph_entries, graph_key, graph_names, static_graphs
 
 PTE = "model.pte"
 SOC_NAME, SOC_MODEL, HTP_ARCH = "SM8650", 57, 75
@@ -243,9 +243,8 @@ class QnnBackend:
             whole = self._plans.pop("text_decoder")
             for layers in parts:
                 self._plans[("text_decoder", layers)] = whole.decoder_part(layers, parts[-1][1])
-        self._contexts = {key: plan_contexts(plan, 2 if plan.component in ("token_embedding", "text_decoder") else 1,
-                                             opts.max_context_bytes, opts.weight_sharing and plan.component in
-                                             ("token_embedding", "text_decoder"), recipe_file)
+        self._contexts = {key: plan_contexts(plan, len(graph_names(plan.component)), opts.max_context_bytes,
+                                             opts.weight_sharing and len(graph_names(plan.component)) > 1, recipe_file)
                           for key, plan in self._plans.items()}  # fmt: skip
 
     def configure(self, recipe, recipe_file: str, *, tokenizer, pre, base=None) -> None:
@@ -409,8 +408,8 @@ class QnnBackend:
             layers = tuple(p["layers"])
             graphs = static_graphs(name, load(layers), chunk, state)
             for g, spec in graphs.items():
-                sims[f"{p['file']}:{g}"] = quantize_graph(spec, plan.decoder_part(layers, last)) if plan.quantized else spec.module
-                inputs[f"{p['file']}:{g}"] = [(n, list(a.shape)) for n, a in zip(spec.input_names, spec.args)]
+                sims[graph_key(p["file"], g)] = quantize_graph(spec, plan.decoder_part(layers, last)) if plan.quantized else spec.module
+                inputs[graph_key(p["file"], g)] = [(n, list(a.shape)) for n, a in zip(spec.input_names, spec.args)]
         if not plan.quantized:
             return None
         return ComponentAdapter(_SimRuntime(manifest, sims, inputs), name)

@@ -196,9 +196,13 @@ def decoder_graph_keys(component: dict) -> list[dict[str, str]]:
     for a decoder in one program; ``"<file>:<graph>"`` for each part of a decoder lowered in parts
     (every part file has the same two methods)."""
     programs = component.get("programs")
-    if not programs:
-        return [{"prefill": "text_decoder_prefill", "decode": "text_decoder_decode"}]
-    return [{kind: f"{p['file']}:text_decoder_{kind}" for kind in ("prefill", "decode")} for p in programs]
+    return [{kind: graph_key(p.get("file") if programs else None, f"text_decoder_{kind}") for kind in ("prefill", "decode")}
+            for p in programs or [component]]
+
+
+def graph_key(part_file: str | None, graph: str) -> str:
+    """A graph's key in a runtime: its name, or ``"<file>:<graph>"`` in a decoder part's file."""
+    return f"{part_file}:{graph}" if part_file else graph
 
 
 def graph_entries(manifest: dict) -> dict[str, tuple[str, str, dict]]:
@@ -207,8 +211,7 @@ def graph_entries(manifest: dict) -> dict[str, tuple[str, str, dict]]:
     for comp in manifest["components"].values():
         for p in comp.get("programs") or [comp]:
             for graph, g in p.get("graphs", {}).items():
-                key = f"{p['file']}:{graph}" if comp.get("programs") else graph
-                out[key] = (p.get("file"), graph, g)
+                out[graph_key(p["file"] if comp.get("programs") else None, graph)] = (p.get("file"), graph, g)
     return out
 
 

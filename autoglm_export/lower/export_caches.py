@@ -47,7 +47,13 @@ def _release_torch_export() -> None:
         for key in [k for k in names if k.startswith(("__compiled_fn_", "___unnamed_scope_"))]:
             del names[key]
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental import proxy_tensor
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    # the last trace's fake tensor -> graph node map (refilled by each export, read right after it):
+    # its nodes lead to the traced module; at 9B widths the vision encoder's fp32 weights (~1 GiB)
+    # stayed alive through the next component
+    proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT.clear()
 
     # ShapeEnv's lru_cache'd methods key on the ShapeEnv, whose tracked fakes hold the real weights
     for attr in vars(ShapeEnv).values():

@@ -364,6 +364,9 @@ class QnnBackend:
             del buf, eps
         for low in lowered:  # the lowered programs (and their contexts) are in the file now
             low.clear()
+        # emitting ran fake-tensor passes whose dispatch cache keys hold the lowered modules, and
+        # through them every quantized weight (9B: both token embedding graphs' int8 tables, 1.16 GiB)
+        release_export_caches()
         return graph_info, soc
 
     def release(self) -> None:

@@ -20,6 +20,7 @@ from .host.audio import AudioPreprocessing
 from .host.image import ImagePreprocessing
 from .host.tokenizer import ChatTokenizer
 from .load import build_on_meta, load_component
+from .lower.export_caches import return_freed_memory
 from .models.glm4v.modules import TextDecoder
 from .models.glm4v.spec import load_json
 from .progress import silent
@@ -139,6 +140,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
         program = backend.export(name, module, shapes.prefill_chunk)
         del module
         gc.collect()  # modules sit in reference cycles: without this their weights outlive the lowering
+        return_freed_memory()
         return program
 
     with atomic_output_dir(out, force=force) as tmp:

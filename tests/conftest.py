@@ -76,19 +76,17 @@ def xnnpack_bundle(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qnn_bundle(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint exported with the qnn-tiny recipe: (bundle dir, completed process)."""
+    return _cli_bundle(tmp_path_factory, "qnn", "--target", "qnn", "--checkpoint", tiny_ckpt,
+                       "--recipe", REPO / "recipes" / "qnn-tiny.yaml")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def audio_ckpt(tmp_path_factory) -> Path:
     from autoglm_export.tiny import write_tiny_checkpoint
 
     return _shared(tmp_path_factory, "audio-ckpt", lambda p: write_tiny_checkpoint(p, seed=1, audio=True))
-
-
-@pytest.fixture(scope="session")
-def qnn_bundle(audio_ckpt, tmp_path_factory):
-    """The tiny audio checkpoint exported with the qnn-tiny recipe (image + audio + text, the decoder
-    in parts of one layer): (bundle dir, completed process). One qnn export serves the qnn bundle
-    tests, the audio end-to-end test and the Kotlin static-graph replay (a qnn export is CI's longest)."""
-    return _cli_bundle(tmp_path_factory, "qnn", "--target", "qnn", "--checkpoint", audio_ckpt,
-                       "--recipe", REPO / "recipes" / "qnn-tiny.yaml")  # fmt: skip
 
 
 def _write_parts_recipe(path: Path) -> None:

@@ -130,8 +130,6 @@ def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path, request):
 
     if target == "xnnpack":
         out = request.getfixturevalue("audio_xnnpack_bundle")  # shared with the app-port tests
-    elif target == "qnn":
-        out = request.getfixturevalue("qnn_bundle")[0]  # shared with test_qnn_bundle and the app-port tests
     else:
         out = tmp_path / "bundle"
         recipe = REPO / "recipes" / f"{target}-tiny.yaml"

@@ -10,6 +10,8 @@ weights stay alive.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
 import sys
 
@@ -36,6 +38,26 @@ def release_export_caches() -> None:
     _release_torch_export()
     _release_executorch()
     _release_torchao()
+    gc.collect()
+    return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Give the memory glibc holds in its free lists back to the OS. Freed tensors of a few MiB stay
+    in the per-thread arenas (glibc raises its mmap threshold after each large free), where the next
+    component cannot always reuse them: at 9B widths (qnn, one layer) the decoder part started with
+    ~4 GiB more RSS without trims than with them. No-op without glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl, macOS
+        return None
 
 
 def _release_torch_export() -> None:

@@ -134,13 +134,13 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
         """Load ``build()``'s weights (streamed from the shards), torch.export it, and free the module."""
         # a backend may load in another float type (coreml: fp16, what it converts and quantizes from)
         dtype = getattr(backend, "load_dtype", None) or FLOAT_DTYPES[plan.dtype]
+        return_freed_memory()  # what the last component (and any program written since) freed
         module = load_component(build_on_meta(build), ckpt, dtype, on_module=hook)
         ckpt.close()  # unmap the shards: their pages would otherwise stay in this process's RSS
         stage("split")(f"torch.export {label}")
         program = backend.export(name, module, shapes.prefill_chunk)
         del module
         gc.collect()  # modules sit in reference cycles: without this their weights outlive the lowering
-        return_freed_memory()
         return program
 
     with atomic_output_dir(out, force=force) as tmp:

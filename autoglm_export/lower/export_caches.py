@@ -38,15 +38,15 @@ def release_export_caches() -> None:
     _release_torch_export()
     _release_executorch()
     _release_torchao()
-    gc.collect()
-    return_freed_memory()
 
 
 def return_freed_memory() -> None:
     """Give the memory glibc holds in its free lists back to the OS. Freed tensors of a few MiB stay
     in the per-thread arenas (glibc raises its mmap threshold after each large free), where the next
     component cannot always reuse them: at 9B widths (qnn, one layer) the decoder part started with
-    ~4 GiB more RSS without trims than with them. No-op without glibc."""
+    ~4 GiB more RSS without trims than with them. Not free: the next allocations fault their pages
+    in again (a trim after every export and lowering made a tiny export 18% slower), so the pipeline
+    calls it once per component. No-op without glibc."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -195,9 +195,8 @@ def decoder_graph_keys(component: dict) -> list[dict[str, str]]:
     """The decoder's programs in layer order, each {"prefill": key, "decode": key}: the graph names
     for a decoder in one program; ``"<file>:<graph>"`` for each part of a decoder lowered in parts
     (every part file has the same two methods)."""
-    programs = component.get("programs")
-    return [{kind: graph_key(p.get("file") if programs else None, f"text_decoder_{kind}") for kind in ("prefill", "decode")}
-            for p in programs or [component]]
+    files = [p["file"] for p in component.get("programs") or []] or [None]
+    return [{kind: graph_key(f, f"text_decoder_{kind}") for kind in ("prefill", "decode")} for f in files]
 
 
 def graph_key(part_file: str | None, graph: str) -> str:

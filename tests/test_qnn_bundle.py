@@ -108,6 +108,12 @@ module = TokenEmbedding(spec)
 recipe = load_recipe(sys.argv[2])
 plan = plan_component(recipe, "token_embedding", module, sys.argv[2])
 graphs = static_graphs("token_embedding", module, 16, {})
+qnn.QUANTIZE_SLICE_ELEMENTS = 1000  # 15 rows of 64 per slice: the table is quantized in 1093 slices, the last one short
+sliced, whole = [], qnn.quantize_per_channel_in_slices
+def counted(weight, *a, **k):
+    sliced.append(list(weight.shape))
+    return whole(weight, *a, **k)
+qnn.quantize_per_channel_in_slices = counted
 quantized = {g: qnn.quantize_graph(s, plan) for g, s in graphs.items()}
 gm = quantized["token_embedding_decode"]
 emb = next(n for n in gm.graph.nodes if n.op == "call_function" and "embedding" in str(n.target))
@@ -118,15 +124,22 @@ ctx = plan_contexts(plan, 2, 10**9, True, sys.argv[2])
 low = qnn._lower_group(quantized, {g: s.args for g, s in graphs.items()}, False, ctx, plan)
 from executorch.exir.lowered_backend_module import get_lowered_submodules
 sizes = [len(m.processed_bytes) for _, m, _ in get_lowered_submodules(low.exported_program("token_embedding_decode").graph_module)]
-# the same conversion with torchao's constant folding evaluating every dequantize node, as it does unpatched
+# the same conversion with torchao's constant folding as it is (every dequantize node evaluated, each
+# weight quantized whole)
 import contextlib
-patched, qnn._dequantize_nodes_not_evaluated = qnn._dequantize_nodes_not_evaluated, contextlib.nullcontext
+patched, qnn._lean_weight_folding = qnn._lean_weight_folding, contextlib.nullcontext
 plain = qnn.quantize_graph(graphs["token_embedding_decode"], plan)
-qnn._dequantize_nodes_not_evaluated = patched
+qnn._lean_weight_folding = patched
 consts = lambda g: [getattr(g, n.target) for n in g.graph.nodes if n.op == "get_attr" and isinstance(getattr(g, n.target), torch.Tensor)]
 same = plain.code == gm.code and all(torch.equal(a, b) for a, b in zip(consts(plain), consts(gm), strict=True))
+# lowering reads only the converted graphs: the float table (still registered on them, unused) is freed
+params = module.embed_tokens.weight.numel()
+qnn._shed_float_weights([module], quantized.values())
+shed = module.embed_tokens.weight.numel() == 0 and not any(t.is_floating_point() and t.numel() >= codes.numel()
+                                                           for g in quantized.values() for t in g.state_dict().values())
 print(json.dumps({"dequant": str(deq.target), "codes": [str(codes.dtype), list(codes.shape)], "scales": list(scales.shape),
-                  "params": module.embed_tokens.weight.numel(), "context_bytes": sizes, "same_as_unpatched": same}))
+                  "params": params, "context_bytes": sizes, "same_as_unpatched": same,
+                  "sliced": sliced, "float_table_freed": shed, "codes_kept": codes.data_ptr() != 0}))
 """
 
 
@@ -143,8 +156,11 @@ def test_token_embedding_is_int8_per_row_in_its_htp_context(tiny_ckpt):
     assert r["codes"] == ["torch.int8", [16384, 64]] and r["scales"] == [16384]
     assert len(r["context_bytes"]) == 1 and r["context_bytes"][0] < 1.25 * r["params"], r
     # quantize_graph skips evaluating dequantize nodes during constant folding (12 bytes per parameter
-    # of the largest weight); the converted graph and its constants are the same as without that
+    # of the largest weight) and quantizes weights a slice of rows at a time (8 bytes per parameter);
+    # the converted graph and its constants are the same as without either
     assert r["same_as_unpatched"]
+    assert r["sliced"].count([16384, 64]) == 2, r["sliced"]  # the table of each graph went through the slices
+    assert r["float_table_freed"] and r["codes_kept"]
 
 
 def test_no_onnxruntime_gate_for_qnn_bundles(bundle):

@@ -18,6 +18,7 @@ rebuilt deterministically from the checkpoint with the same calibration data.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from contextlib import contextmanager
 import tempfile
@@ -63,13 +64,13 @@ def preload_qnn_libraries() -> dict:
     return note
 
 
-# Up-front memory refusal (memory_fit.py): lower bounds fitted to the 9B shape with one decoder layer
-# (bench/scale, 2026-11-23): largest process 20.4 GiB for 1.69 B parameters, the 824.7 M-parameter
-# decoder (lm_head and one layer) quantized and lowered whole; 4 x 1.69 B + 18 x 0.82 B = 20.1 GiB.
-# Two layers lowered whole would need ~24 GiB: refused on a 24 GiB machine unless the decoder is
-# lowered in parts (recipe lowering.decoder_layers_per_program).
-HELD_BYTES_PER_PARAM = 4
-LOWER_BYTES_PER_PARAM = 18
+# Up-front memory refusal (memory_fit.py): lower bounds fitted to the 9B shape (bench/scale,
+# 2026-11-23, after quantize_graph and the lowering stopped cloning and holding float weights).
+# In parts (recipes/qnn.yaml), one layer: largest process 11.29 GiB; the bound for the last part
+# (lm_head and one layer, 824.7 M parameters) is 12 x 0.82 B = 9.2 GiB. Two layers lowered whole
+# (bench/recipes/qnn-whole.yaml): 16.38 GiB; bound 2 x 1.89 B + 12 x 1.03 B = 15.0 GiB.
+HELD_BYTES_PER_PARAM = 2
+LOWER_BYTES_PER_PARAM = 12
 QNN_CONTEXT_MAGIC = bytes.fromhex("cdab7856")  # 0x5678abcd, little-endian: ExecuTorch's QNN context header
 
 
@@ -115,11 +116,21 @@ def _lower_group(modules: dict, args: dict, fp16: bool, ctx, plan):
     spec = _compiler_spec(fp16, ctx.weight_sharing, multi_contexts=len(ctx.groups) > 1)
     units = units_by_module(plan)
     # to_edge_transform_and_lower_to_qnn builds its own QnnPartitioner; ours tags the same nodes
-    # and only adds the context cuts
-    with mock.patch.object(qnn_utils, "QnnPartitioner", lambda specs, **kw: group_partitioner(specs, ctx, units)):
+    # and only adds the context cuts. It also exports each graph again, with strict=True: dynamo's
+    # capture clones every weight (see quantize_graph). Non-strict export keeps the module paths of a
+    # PT2E-converted graph's nodes, which the context cuts read.
+    with mock.patch.object(qnn_utils, "QnnPartitioner", lambda specs, **kw: group_partitioner(specs, ctx, units)), \
+         mock.patch.object(torch.export, "export", _non_strict(torch.export.export)):
         with quiet_native_output(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return qnn_utils.to_edge_transform_and_lower_to_qnn(modules, args, spec)
+
+
+def _non_strict(export):
+    def non_strict_export(*args, **kwargs):
+        return export(*args, **{**kwargs, "strict": False})
+
+    return non_strict_export
 
 
 def _emit(programs: dict, meta: dict) -> bytes:
@@ -153,7 +164,10 @@ def quantize_graph(spec, plan) -> torch.nn.Module:
 
     from ..models.glm4v.modules import TextDecoderStatic
 
-    gm = torch.export.export(spec.module, spec.args, strict=True).module()
+    # non-strict: strict export (dynamo) clones every weight it captures into a cache of real values
+    # and holds up to three times the component's fp32 weights while tracing (+6.9 GiB for the 9B
+    # token embedding's 2.3 GiB table, measured); these graphs hold no state that needs dynamo
+    gm = torch.export.export(spec.module, spec.args, strict=False).module()
     prefix = "decoder." if isinstance(spec.module, TextDecoderStatic) else ""  # the wrapper's attribute name
     int4 = {n.rsplit(".", 1)[0] for n, w in plan.weights.items() if w.scheme == "int4"}
     four_bit = {node.name: path.removeprefix(prefix) for node, path in _linear_module_paths(gm).items()
@@ -173,16 +187,23 @@ def quantize_graph(spec, plan) -> torch.nn.Module:
         with torch.no_grad():
             for feed in spec.calibration:
                 prepared(*[torch.from_numpy(feed[n]) for n in spec.input_names])
-        with _dequantize_nodes_not_evaluated():
+        with _lean_weight_folding():
             return convert_pt2e(prepared)
 
 
+# weights quantized at once in PT2E's constant folding: a slice of this many elements at a time
+QUANTIZE_SLICE_ELEMENTS = 1 << 24
+
+
 @contextmanager
-def _dequantize_nodes_not_evaluated():
-    """convert_pt2e's constant folding evaluates every weight's dequantize node and then throws the
-    value away (dequantize is never folded: ConstantFolder.is_impure). Evaluating it costs an int64
-    and an fp32 copy of the weight, 12 bytes per parameter: 7.4 GB for the 9B's 151552 x 4096
-    lm_head. Answering "unknown" for those nodes up front gives the same graph without the copies."""
+def _lean_weight_folding():
+    """convert_pt2e folds each weight's quantize node into its integer codes, and evaluates every
+    dequantize node only to throw the value away (dequantize is never folded:
+    ConstantFolder.is_impure). Both cost whole-weight temporaries: the dequantize an int64 and an
+    fp32 copy (12 bytes per parameter, 7.4 GB for the 9B's 151552 x 4096 lm_head), quantize_per_channel
+    two fp32 copies (2 x 2.3 GiB for the 9B token embedding, measured). Dequantize nodes are answered
+    "unknown" up front and per-channel quantize runs a slice of channels at a time: the same graph
+    and the same codes (the op is elementwise per channel) without the copies."""
     from torchao.quantization.pt2e import constant_fold
 
     folder = constant_fold.ConstantFolder
@@ -190,10 +211,14 @@ def _dequantize_nodes_not_evaluated():
     dequantize = {torch.ops.quantized_decomposed.dequantize_per_channel.default,
                   torch.ops.quantized_decomposed.dequantize_per_tensor.default,
                   torch.ops.quantized_decomposed.dequantize_per_tensor.tensor}  # fmt: skip
+    quantize = torch.ops.quantized_decomposed.quantize_per_channel.default
 
     def deduce(self, node):
         if node.op == "call_function" and node.target in dequantize:
             return self.unknown_value
+        if node.op == "call_function" and node.target is quantize and self.lifted_constant_names is None:
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            return quantize_per_channel_in_slices(*args, **kwargs)
         return original(self, node)
 
     folder._deduce_value = deduce
@@ -201,6 +226,44 @@ def _dequantize_nodes_not_evaluated():
         yield
     finally:
         folder._deduce_value = original
+
+
+def quantize_per_channel_in_slices(weight, scales, zero_points, axis, quant_min, quant_max, dtype):
+    """``quantized_decomposed.quantize_per_channel`` a slice of channels at a time (axis 0 of a
+    contiguous weight; anything else runs the op whole)."""
+    op = torch.ops.quantized_decomposed.quantize_per_channel.default
+    channels = weight.shape[0] if weight.dim() else 0
+    per_channel = weight.numel() // channels if channels else 0
+    if axis != 0 or not weight.is_contiguous() or weight.numel() <= QUANTIZE_SLICE_ELEMENTS or not per_channel:
+        return op(weight, scales, zero_points, axis, quant_min, quant_max, dtype)
+    step = max(1, QUANTIZE_SLICE_ELEMENTS // per_channel)
+    out = torch.empty(weight.shape, dtype=dtype)
+    for start in range(0, channels, step):
+        n = min(step, channels - start)
+        out.narrow(0, start, n).copy_(op(weight.narrow(0, start, n), scales.narrow(0, start, n),
+                                         zero_points.narrow(0, start, n), 0, quant_min, quant_max, dtype))  # fmt: skip
+    return out
+
+
+def _shed_float_weights(float_modules, quantized) -> None:
+    """Free the float weights that lowering will not read. convert_pt2e folds each weight into
+    integer codes but leaves the float original registered on the converted graph module, and the
+    float module stays referenced by its caller until the lowering returns: at 9B widths the decoder
+    part with the lm_head held 3.1 GiB of fp32 through the QNN lowering, and the lowering re-exported
+    the unused weights as constants."""
+    used = set()
+    for gm in quantized:
+        targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+            if name not in targets:
+                owner, _, leaf = name.rpartition(".")
+                delattr(gm.get_submodule(owner), leaf)
+        attrs = [functools.reduce(getattr, target.split("."), gm) for target in targets]
+        used |= {t.untyped_storage().data_ptr() for t in attrs if isinstance(t, torch.Tensor)}
+    for module in float_modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.untyped_storage().data_ptr() not in used:
+                t.data = torch.empty(0, dtype=t.dtype)
 
 
 class QnnBackend:
@@ -279,6 +342,8 @@ class QnnBackend:
             graph_info[graph] = {"component": name, "precision": precision, "tokens": spec.tokens,
                                  "inputs": [{"name": n, "shape": list(a.shape)} for n, a in zip(spec.input_names, spec.args)],
                                  "outputs": spec.output_names}  # fmt: skip
+        if plan.quantized:
+            _shed_float_weights({id(spec.module): spec.module for spec in graphs.values()}.values(), modules.values())
         args = {g: spec.args for g, spec in graphs.items()}
         progress(f"{name}: QNN HTP lowering of {len(modules)} graph(s) into {len(ctx.groups)} context(s) for {SOC_NAME} "
                  f"(htp_arch {HTP_ARCH}){', weights shared' if ctx.weight_sharing else ''}")  # fmt: skip

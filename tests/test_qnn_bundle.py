@@ -132,9 +132,10 @@ plain = qnn.quantize_graph(graphs["token_embedding_decode"], plan)
 qnn._lean_weight_folding = patched
 consts = lambda g: [getattr(g, n.target) for n in g.graph.nodes if n.op == "get_attr" and isinstance(getattr(g, n.target), torch.Tensor)]
 same = plain.code == gm.code and all(torch.equal(a, b) for a, b in zip(consts(plain), consts(gm), strict=True))
-# lowering reads only the converted graphs: the float table (still registered on them, unused) is freed
+# lowering reads only the converted graphs (quantize_graph dropped the unread float table from them):
+# the module's float table is freed
 params = module.embed_tokens.weight.numel()
-qnn._shed_float_weights([module], quantized.values())
+qnn._free_float_weights([module], quantized.values())
 shed = module.embed_tokens.weight.numel() == 0 and not any(t.is_floating_point() and t.numel() >= codes.numel()
                                                            for g in quantized.values() for t in g.state_dict().values())
 print(json.dumps({"dequant": str(deq.target), "codes": [str(codes.dtype), list(codes.shape)], "scales": list(scales.shape),

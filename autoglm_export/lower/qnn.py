@@ -188,7 +188,20 @@ def quantize_graph(spec, plan) -> torch.nn.Module:
             for feed in spec.calibration:
                 prepared(*[torch.from_numpy(feed[n]) for n in spec.input_names])
         with _lean_weight_folding():
-            return convert_pt2e(prepared)
+            converted = convert_pt2e(prepared)
+    _drop_unread_weights(converted)
+    return converted
+
+
+def _drop_unread_weights(gm) -> None:
+    """convert_pt2e folds each weight into integer codes but leaves the float original registered on
+    the graph module, unread; the QNN lowering re-exported it as a constant (the 9B's fp32 lm_head,
+    2.3 GiB, through the lowering of the last part)."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if name not in read:
+            owner, _, leaf = name.rpartition(".")
+            delattr(gm.get_submodule(owner), leaf)
 
 
 # weights quantized at once in PT2E's constant folding: a slice of this many elements at a time
@@ -232,37 +245,28 @@ def quantize_per_channel_in_slices(weight, scales, zero_points, axis, quant_min,
     """``quantized_decomposed.quantize_per_channel`` a slice of channels at a time (axis 0 of a
     contiguous weight; anything else runs the op whole)."""
     op = torch.ops.quantized_decomposed.quantize_per_channel.default
-    channels = weight.shape[0] if weight.dim() else 0
-    per_channel = weight.numel() // channels if channels else 0
-    if axis != 0 or not weight.is_contiguous() or weight.numel() <= QUANTIZE_SLICE_ELEMENTS or not per_channel:
+    if axis != 0 or not weight.is_contiguous() or weight.numel() <= QUANTIZE_SLICE_ELEMENTS:
         return op(weight, scales, zero_points, axis, quant_min, quant_max, dtype)
-    step = max(1, QUANTIZE_SLICE_ELEMENTS // per_channel)
+    rows = max(1, QUANTIZE_SLICE_ELEMENTS // (weight.numel() // weight.shape[0]))
     out = torch.empty(weight.shape, dtype=dtype)
-    for start in range(0, channels, step):
-        n = min(step, channels - start)
-        out.narrow(0, start, n).copy_(op(weight.narrow(0, start, n), scales.narrow(0, start, n),
-                                         zero_points.narrow(0, start, n), 0, quant_min, quant_max, dtype))  # fmt: skip
+    for w, s, z, o in zip(weight.split(rows), scales.split(rows), zero_points.split(rows), out.split(rows)):
+        o.copy_(op(w, s, z, 0, quant_min, quant_max, dtype))
     return out
 
 
-def _shed_float_weights(float_modules, quantized) -> None:
-    """Free the float weights that lowering will not read. convert_pt2e folds each weight into
-    integer codes but leaves the float original registered on the converted graph module, and the
-    float module stays referenced by its caller until the lowering returns: at 9B widths the decoder
-    part with the lm_head held 3.1 GiB of fp32 through the QNN lowering, and the lowering re-exported
-    the unused weights as constants."""
-    used = set()
+def _free_float_weights(float_modules, quantized) -> None:
+    """Free the tensors of ``float_modules`` that no graph of ``quantized`` reads. Once PT2E has
+    calibrated and converted a component, lowering reads only the converted graphs, but the float
+    module stays referenced by its caller until the lowering returns (9B decoder part with the
+    lm_head: 3.1 GiB of fp32 held through the QNN lowering)."""
+    read = set()
     for gm in quantized:
-        targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-        for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-            if name not in targets:
-                owner, _, leaf = name.rpartition(".")
-                delattr(gm.get_submodule(owner), leaf)
-        attrs = [functools.reduce(getattr, target.split("."), gm) for target in targets]
-        used |= {t.untyped_storage().data_ptr() for t in attrs if isinstance(t, torch.Tensor)}
+        for n in gm.graph.nodes:
+            if n.op == "get_attr" and isinstance(t := functools.reduce(getattr, n.target.split("."), gm), torch.Tensor):
+                read.add(t.untyped_storage().data_ptr())
     for module in float_modules:
         for t in [*module.parameters(), *module.buffers()]:
-            if t.untyped_storage().data_ptr() not in used:
+            if t.untyped_storage().data_ptr() not in read:
                 t.data = torch.empty(0, dtype=t.dtype)
 
 
@@ -343,7 +347,7 @@ class QnnBackend:
                                  "inputs": [{"name": n, "shape": list(a.shape)} for n, a in zip(spec.input_names, spec.args)],
                                  "outputs": spec.output_names}  # fmt: skip
         if plan.quantized:
-            _shed_float_weights({id(spec.module): spec.module for spec in graphs.values()}.values(), modules.values())
+            _free_float_weights([spec.module for spec in graphs.values()], modules.values())
         args = {g: spec.args for g, spec in graphs.items()}
         progress(f"{name}: QNN HTP lowering of {len(modules)} graph(s) into {len(ctx.groups)} context(s) for {SOC_NAME} "
                  f"(htp_arch {HTP_ARCH}){', weights shared' if ctx.weight_sharing else ''}")  # fmt: skip

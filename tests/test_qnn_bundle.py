@@ -43,6 +43,7 @@ def test_gates_graphs_and_manifest(bundle):
     assert [i["name"] for i in first["inputs"]][4:] == ["k_cache_0", "v_cache_0"] and first["outputs"][0] == "hidden_states"
     assert [i["name"] for i in last["inputs"]][4:] == ["k_cache_1", "v_cache_1"] and last["outputs"][0] == "logits"
     assert programs[0]["graphs"]["text_decoder_prefill"]["tokens"] == 16 and first["precision"] == "16a4w/16a8w"
+    assert "per output channel" in first["int4_granularity"] and "int4_granularity" not in graphs["vision_encoder"]
     checks = {c["name"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
     for g, spec in graphs.items():
         assert spec["ops_outside_delegate"] == [] and spec["contexts"] >= 1 and all(b > 0 for b in spec["context_bytes"])
@@ -86,6 +87,21 @@ def test_htp_targets_refuse_fp32_components_in_one_line(target, tiny_ckpt, tmp_p
     out = tmp_path / "out"
     proc = run_cli("-q", "--target", target, "--checkpoint", tiny_ckpt, "--out", out, "--recipe", bad)
     assert proc.returncode == 2 and "HTP has no fp32" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and tree_snapshot(out) == {}
+
+
+def test_qnn_refuses_a_4_bit_token_embedding_in_one_line(tiny_ckpt, tmp_path):
+    """The HTP stores a 4-bit Gather table at a byte per weight, as an 8-bit one (measured: 1.20 vs
+    1.17 bytes per weight of the lowered context), so an int4 rule on the table is refused."""
+    bad = tmp_path / "bad.yaml"
+    text = RECIPE.read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
+    bad.write_text(text.replace("'token_embedding\\.embed_tokens\\.weight'\n    scheme: int8",
+                                "'token_embedding\\.embed_tokens\\.weight'\n    scheme: int4\n    group_size: 32"))
+    assert "scheme: int4\n    group_size: 32\n  - match: 'vision" in bad.read_text()
+    out = tmp_path / "out"
+    proc = run_cli("-q", "--target", "qnn", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", bad)
+    assert proc.returncode == 2 and "4-bit weights only on MatMul weights" in proc.stderr, proc.stderr
+    assert "token_embedding.embed_tokens.weight" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and tree_snapshot(out) == {}
 
 
@@ -162,6 +178,66 @@ def test_token_embedding_is_int8_per_row_in_its_htp_context(tiny_ckpt):
     assert r["same_as_unpatched"]
     assert r["sliced"].count([16384, 64]) == 2, r["sliced"]  # the table of each graph went through the slices
     assert r["float_table_freed"] and r["codes_kept"]
+
+
+_VISION_CONTEXT = """
+import json, sys
+import torch
+from autoglm_export.checkpoint import open_checkpoint
+from autoglm_export.load import build_on_meta, load_component
+from autoglm_export.lower import qnn
+from autoglm_export.lower.qnn_contexts import plan_contexts
+from autoglm_export.lower.static_graphs import static_graphs
+from autoglm_export.models.glm4v.modules import PatchMerger, VisionEncoder
+from autoglm_export.quantize import plan_component
+from autoglm_export.recipe import load_recipe
+
+qnn.preload_qnn_libraries()
+ckpt = open_checkpoint(sys.argv[1])
+out = {}
+for path in sys.argv[2:]:
+    module = load_component(build_on_meta(lambda: VisionEncoder(ckpt.spec, 112)), ckpt)
+    torch.manual_seed(0)  # a wider merger MLP than the tiny one (64 x 96): HTP contexts grow in pages of 4 KiB
+    module.merger = PatchMerger(ckpt.spec.vision.out_hidden_size, 2048).eval()
+    recipe = load_recipe(path)
+    plan = plan_component(recipe, "vision_encoder", module, path)
+    graphs = static_graphs("vision_encoder", module, 16, {})
+    g = graphs["vision_encoder"]
+    paths = {n.name: p for n, p in qnn._linear_module_paths(torch.export.export(g.module, g.args, strict=False).module()).items()}
+    gm = qnn.quantize_graph(g, plan)
+    ranges = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and "linear" in str(n.target):
+            deq = n.args[1]  # converted weights are renamed (_frozen_param*); the linear nodes keep their names
+            ranges[paths[n.name]] = [deq.args[4], deq.args[5]]
+    ctx = plan_contexts(plan, 1, 10**9, False, path)
+    low = qnn._lower_group({"vision_encoder": gm}, {"vision_encoder": graphs["vision_encoder"].args}, False, ctx, plan)
+    from executorch.exir.lowered_backend_module import get_lowered_submodules
+    sizes = [len(m.processed_bytes) for _, m, _ in get_lowered_submodules(low.exported_program("vision_encoder").graph_module)]
+    out[path] = {"ranges": ranges, "context_bytes": sizes}
+print(json.dumps(out))
+"""
+
+
+def test_compact_recipe_puts_the_vision_merger_in_4_bits(tiny_ckpt):
+    """recipes/qnn-compact.yaml (the 9B bundle under 6.0 GB, docs/benchmarks.md): the merger's
+    linears take 4-bit codes (16a4w), the ViT blocks keep 8-bit, and the HTP context shrinks by about
+    half a byte per merger weight against qnn.yaml's all-8-bit encoder."""
+    compact, default = REPO / "recipes" / "qnn-compact.yaml", REPO / "recipes" / "qnn.yaml"
+    proc = subprocess.run([sys.executable, "-c", _VISION_CONTEXT, str(tiny_ckpt), str(compact), str(default)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    small, full = r[str(compact)], r[str(default)]
+    assert full["ranges"].keys() == small["ranges"].keys() and all(v == [-127, 127] for v in full["ranges"].values())
+    merger = {k for k in small["ranges"] if "merger" in k}
+    assert len(merger) == 4, small["ranges"]  # proj, gate_proj, up_proj, down_proj
+    assert all(small["ranges"][k] == [-7, 7] for k in merger)
+    assert all(v == [-127, 127] for k, v in small["ranges"].items() if k not in merger)
+    dim = json.loads((tiny_ckpt / "config.json").read_text())["vision_config"]["out_hidden_size"]
+    merger_params = dim * dim + 3 * dim * 2048
+    saved = full["context_bytes"][0] - small["context_bytes"][0]
+    assert 0.4 * merger_params < saved < 0.6 * merger_params, (saved, merger_params, r)
 
 
 def test_no_onnxruntime_gate_for_qnn_bundles(bundle):

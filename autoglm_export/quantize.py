@@ -87,6 +87,11 @@ def _quantizable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding))
 
 
+# QnnQuantizer and ONNX Runtime's QNN helpers quantize 4-bit weights per output channel, whatever a
+# rule's group_size says
+PER_CHANNEL_INT4_TARGETS = ("qnn", "onnx-qnn")
+
+
 def plan_component(recipe: Recipe, component: str, module: nn.Module, recipe_file: str) -> ComponentPlan:
     """Decide a scheme for every parameter of ``module`` (built on meta) from the recipe rules."""
     float_votes: dict[str, str] = {}
@@ -98,6 +103,8 @@ def plan_component(recipe: Recipe, component: str, module: nn.Module, recipe_fil
         rule_idx, rule = recipe.match(full)
         scheme = rule.scheme if rule else "fp32"
         group = rule.group_size if rule else None
+        if scheme == "int4" and recipe.target in PER_CHANNEL_INT4_TARGETS:
+            group = "channel"  # what their quantizers do: planned bytes and bits follow the artifact, not the rule
         if scheme in ("int4", "int8") and not (_quantizable(owner) and name.endswith(".weight")):
             scheme, group = None, None  # biases, norms: keep the component's float precision
         if scheme in FLOAT_DTYPES and rule is not None:

@@ -44,6 +44,8 @@ def test_gates_graphs_and_manifest(bundle):
     assert [i["name"] for i in last["inputs"]][4:] == ["k_cache_1", "v_cache_1"] and last["outputs"][0] == "logits"
     assert programs[0]["graphs"]["text_decoder_prefill"]["tokens"] == 16 and first["precision"] == "16a4w/16a8w"
     assert "per output channel" in first["int4_granularity"] and "int4_granularity" not in graphs["vision_encoder"]
+    # and the plan counts them so: one scale per row, not the rule's groups of 32
+    assert set(m["components"]["text_decoder"]["quantization"]["params_by_scheme"]) == {"int4-channel", "int8", "fp32"}
     checks = {c["name"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
     for g, spec in graphs.items():
         assert spec["ops_outside_delegate"] == [] and spec["contexts"] >= 1 and all(b > 0 for b in spec["context_bytes"])

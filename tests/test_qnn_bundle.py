@@ -213,7 +213,7 @@ for path in sys.argv[2:]:
             deq = n.args[1]  # converted weights are renamed (_frozen_param*); the linear nodes keep their names
             ranges[paths[n.name]] = [deq.args[4], deq.args[5]]
     ctx = plan_contexts(plan, 1, 10**9, False, path)
-    low = qnn._lower_group({"vision_encoder": gm}, {"vision_encoder": graphs["vision_encoder"].args}, False, ctx, plan)
+    low = qnn._lower_group({"vision_encoder": gm}, {"vision_encoder": g.args}, False, ctx, plan)
     from executorch.exir.lowered_backend_module import get_lowered_submodules
     sizes = [len(m.processed_bytes) for _, m, _ in get_lowered_submodules(low.exported_program("vision_encoder").graph_module)]
     out[path] = {"ranges": ranges, "context_bytes": sizes}

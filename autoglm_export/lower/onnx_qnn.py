@@ -90,7 +90,7 @@ def check_npu_plans(plans: dict, recipe_file: str) -> None:
         for w in plan.weights.values():
             # a 4-bit embedding table is no smaller on the HTP: lowered through ExecuTorch's
             # QnnQuantizer (16a4w, per row) its context held 1.20 bytes per weight, 8-bit 1.17
-            # (tests/test_qnn_bundle.py) — only the precision would drop
+            # (docs/benchmarks.md) — only the precision would drop
             if w.scheme == "int4" and (w.weight.startswith("token_embedding.") or not w.weight.endswith(".weight") or
                                        len(w.shape) != 2):  # fmt: skip
                 raise ExportError("4-bit weights only on MatMul weights for QNN", file=recipe_file,

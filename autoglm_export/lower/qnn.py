@@ -338,8 +338,8 @@ class QnnBackend:
         for graph, spec in graphs.items():
             if plan.quantized:
                 int4 = any(w.scheme == "int4" for w in plan.weights.values())
-                progress(f"{graph}: PT2E QnnQuantizer, {'16a4w on int4-rule linears (per output channel), ' if int4 else ''}"
-                         "16a8w elsewhere")  # fmt: skip
+                progress(f"{graph}: PT2E QnnQuantizer, "
+                         f"{'16a4w on int4-rule linears (per output channel), 16a8w elsewhere' if int4 else '16a8w'}")
                 modules[graph] = quantize_graph(spec, plan)
                 precision = "16a4w/16a8w" if int4 else "16a8w"
             else:
@@ -347,7 +347,7 @@ class QnnBackend:
             graph_info[graph] = {"component": name, "precision": precision, "tokens": spec.tokens,
                                  "inputs": [{"name": n, "shape": list(a.shape)} for n, a in zip(spec.input_names, spec.args)],
                                  "outputs": spec.output_names}  # fmt: skip
-            if precision == "16a4w/16a8w":  # the plan's bits per weight assume the rule's groups: it overstates these
+            if precision == "16a4w/16a8w":  # a rule's group_size reads as if it applied (quantize.PER_CHANNEL_INT4_TARGETS)
                 graph_info[graph]["int4_granularity"] = "symmetric, per output channel (QNN); a rule's group_size does not apply"
         if plan.quantized:
             _free_float_weights([spec.module for spec in graphs.values()], modules.values())

@@ -89,6 +89,30 @@ def audio_ckpt(tmp_path_factory) -> Path:
     return _shared(tmp_path_factory, "audio-ckpt", lambda p: write_tiny_checkpoint(p, seed=1, audio=True))
 
 
+def _write_shared_weights_recipe(path: Path) -> None:
+    """qnn-tiny with qnn.weight_sharing on, the decoder in one program, and smaller contexts (50000 B:
+    the decoder in two, its layers' one weight copy and the head; the audio encoder in four, its last
+    unit taking 49,664 B)."""
+    path.mkdir()
+    text = (REPO / "recipes" / "qnn-tiny.yaml").read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
+    for old, new in (("name: qnn-tiny", "name: qnn-tiny-shared"), ("weight_sharing: false", "weight_sharing: true"),
+                     ("decoder_layers_per_program: 1", "decoder_layers_per_program: null"),
+                     ("max_context_bytes: 80000", "max_context_bytes: 50000")):  # fmt: skip
+        assert old in text, old
+        text = text.replace(old, new)
+    (path / "qnn-tiny-shared.yaml").write_text(text)
+
+
+@pytest.fixture(scope="session")
+def qnn_shared_audio_bundle(audio_ckpt, tmp_path_factory):
+    """The tiny audio checkpoint exported for qnn with weight sharing (verified on an unshared twin,
+    which the emulator can load): the weight-sharing test and the qnn audio test read it, so the
+    suite lowers the audio checkpoint for qnn once. (bundle dir, completed process)"""
+    recipe = _shared(tmp_path_factory, "qnn-shared-recipe", _write_shared_weights_recipe) / "qnn-tiny-shared.yaml"
+    return _cli_bundle(tmp_path_factory, "qnn-shared-audio", "--target", "qnn", "--checkpoint", audio_ckpt,
+                       "--recipe", recipe)  # fmt: skip
+
+
 def _write_parts_recipe(path: Path) -> None:
     path.mkdir()
     text = (REPO / "recipes" / "xnnpack-tiny.yaml").read_text().replace("name: xnnpack-tiny", "name: xnnpack-tiny-parts")

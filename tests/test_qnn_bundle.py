@@ -61,7 +61,7 @@ def test_gates_graphs_and_manifest(bundle):
 
 def test_deterministic_and_verify(bundle, tiny_ckpt, tmp_path):
     """A second export gives the same model.pte (context signatures pinned) and manifest; `verify` in a
-    fresh process rebuilds the PT2E simulation from the checkpoint. (`run` on a qnn bundle: test_audio.)
+    fresh process rebuilds the PT2E simulation from the checkpoint. (`run`: test_run_on_the_emulator.)
     The second export skips the parity stage (library `verify=False`): it only reads what was written."""
     out, _ = bundle
     again = tmp_path / "again"
@@ -272,29 +272,38 @@ def test_decoder_split_into_contexts_and_calibration_recorded(bundle):
     assert report[f"qnn/{PARTS[1]}:text_decoder_decode/all_ops_delegated"]["detail"].startswith("2 QNN context(s)")
 
 
-def test_weight_sharing_bundle_is_verified_on_an_unshared_twin(bundle, tiny_ckpt, tmp_path):
+def test_weight_sharing_bundle_is_verified_on_an_unshared_twin(bundle, qnn_shared_audio_bundle):
     """With qnn.weight_sharing the decoder's prefill and decode graphs keep one copy of each
     context's weights (smaller than the unshared fixture); the emulator cannot load such contexts,
-    so the export verifies a twin compiled without sharing, and a later `verify` says why it cannot.
-    This export also keeps the decoder in one program (the fixture's is in parts)."""
+    so the export verifies a twin compiled without sharing, and a later `verify` or `run` says why it
+    cannot. This export (of the audio checkpoint, whose decoder has the fixture's shapes; test_audio
+    reads it too) also keeps the decoder in one program (the fixture's is in parts)."""
     out, _ = bundle
-    recipe = tmp_path / "shared.yaml"
-    text = RECIPE.read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
-    text = text.replace("decoder_layers_per_program: 1", "decoder_layers_per_program: null")
-    recipe.write_text(text.replace("weight_sharing: false", "weight_sharing: true").replace("max_context_bytes: 80000", "max_context_bytes: 40000"))
-    shared = tmp_path / "shared"
-    proc = run_cli("--target", "qnn", "--checkpoint", tiny_ckpt, "--out", shared, "--recipe", recipe)
-    assert proc.returncode == 0 and "overall: PASS" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shared, proc = qnn_shared_audio_bundle
+    assert "overall: PASS" in proc.stdout and "emulator twin" in proc.stderr, proc.stderr[-3000:]
     m = json.loads((shared / "manifest.json").read_text())
     dec = m["components"]["text_decoder"]
     assert dec["contexts"]["weight_sharing"] is True and dec["contexts"]["contexts"] == 2
     assert [g["units"] for g in dec["contexts"]["groups"]] == [["0", "1"], ["post"]]  # as the fixture, one weight copy
     unshared = json.loads((out / "manifest.json").read_text())["components"]["text_decoder"]["programs"]
     assert "programs" not in dec and dec["file"] == "model.pte"
+    # the encoders are cut too: fp16 audio into four contexts (one per unit), the 8-bit vision into two
+    assert [m["components"][c]["contexts"]["contexts"] for c in ("audio_encoder", "vision_encoder")] == [4, 2]
     assert sum(dec["graphs"]["text_decoder_decode"]["context_bytes"]) < sum(
         sum(p["graphs"]["text_decoder_decode"]["context_bytes"]) for p in unshared)
     assert "twin" in m["qnn"]["emulator_note"] and sorted(p.name for p in shared.iterdir()) == [
         "manifest.json", "model.pte", "report.json", "tokenizer.json"]  # fmt: skip
-    proc = run_cli("verify", shared, "-q")
-    assert proc.returncode == 2 and "weight_sharing: false" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    for args in (("verify", shared, "-q"), ("run", shared, "--prompt", "hi")):
+        proc = run_cli(*args)
+        assert proc.returncode == 2 and "weight_sharing: false" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_run_on_the_emulator(bundle):
+    """`run` on a qnn bundle: the chained decoder parts on the x86 HTP emulator. (The audio encoder on
+    the emulator: the verification of test_audio's qnn bundle.)"""
+    out, _ = bundle
+    proc = run_cli("run", out, "--prompt", "What is on the screen?", "--image", REPO / "tests/data/screen.png",
+                   "--max-new-tokens", "4")  # fmt: skip
+    # a random model may answer with EOS straight away: the text can be empty, the run must succeed
+    assert proc.returncode == 0 and proc.stdout.endswith("\n") and "error:" not in proc.stderr, proc.stderr[-2000:]

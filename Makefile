@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo-out
 # The distribution's CPython 3.11 where there is one: Debian's is built with PGO and LTO, a
 # pyenv or source build by default is not, and an export is mostly Python (torch.export and
-# ExecuTorch's FX passes): the tiny xnnpack export took 14% less CPU on it (README, "Tests").
+# ExecuTorch's FX passes): the tiny xnnpack export took about 15% less CPU on it (README).
 PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3)
 
 .PHONY: setup app-toolchain test demo bench clean

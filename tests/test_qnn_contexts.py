@@ -60,3 +60,6 @@ def test_a_block_larger_than_the_limit_is_a_one_line_error():
         plan_contexts(plan, graphs=2, max_bytes=1000, weight_sharing=False, recipe_file="r.yaml")
     line = e.value.one_line()
     assert "r.yaml" in line and "qnn.max_context_bytes" in line and "\n" not in line
+    # the size in bytes, which a small context needs (it once said "~0.0 MB" for 49,664 bytes)
+    need = e.value.expected.removeprefix(">= ")
+    assert f"alone needs ~{int(need):,} bytes" in line, line

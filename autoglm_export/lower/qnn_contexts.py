@@ -76,7 +76,7 @@ def plan_contexts(plan: ComponentPlan, graphs: int, max_bytes: int, weight_shari
     totals: list[float] = []
     for u in order:
         if sizes[u] > max_bytes:
-            raise ExportError(f"{plan.component}: unit {u!r} alone needs ~{sizes[u]:,.0f} bytes in an HTP context", file=recipe_file,
+            raise ExportError(f"{plan.component}: unit {u!r} alone needs ~{int(sizes[u]):,} bytes in an HTP context", file=recipe_file,
                               field="qnn.max_context_bytes", expected=f">= {int(sizes[u])}", got=max_bytes,
                               fix="raise qnn.max_context_bytes (the HTP limit is 4 GiB), enable qnn.weight_sharing, or quantize that block harder")  # fmt: skip
         if groups and totals[-1] + sizes[u] <= max_bytes:

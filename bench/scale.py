@@ -37,9 +37,10 @@ IMPLEMENTED = ("xnnpack", "onnx", "onnx-qnn", "qnn", "coreml")
 
 _EXPORT = (
     "import sys; from autoglm_export.pipeline import export; from autoglm_export.cli import quiet_third_party_logs\n"
+    "from autoglm_export.progress import Progress\n"
     "quiet_third_party_logs()\n"
     "export(checkpoint=sys.argv[1], target=sys.argv[2], out=sys.argv[3], recipe=sys.argv[4] or None, force=True, "
-    "verify=sys.argv[5] == '1')\n"
+    "verify=sys.argv[5] == '1', progress=Progress(quiet=False))\n"
 )
 
 

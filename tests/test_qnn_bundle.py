@@ -5,6 +5,7 @@ run on the x86 HTP emulator and compared with the PyTorch simulation of the same
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -272,7 +273,7 @@ def test_decoder_split_into_contexts_and_calibration_recorded(bundle):
     assert report[f"qnn/{PARTS[1]}:text_decoder_decode/all_ops_delegated"]["detail"].startswith("2 QNN context(s)")
 
 
-def test_weight_sharing_bundle_is_verified_on_an_unshared_twin(bundle, qnn_shared_audio_bundle):
+def test_weight_sharing_bundle_is_verified_on_an_unshared_twin(bundle, qnn_shared_audio_bundle, tmp_path):
     """With qnn.weight_sharing the decoder's prefill and decode graphs keep one copy of each
     context's weights (smaller than the unshared fixture); the emulator cannot load such contexts,
     so the export verifies a twin compiled without sharing, and a later `verify` or `run` says why it
@@ -293,10 +294,17 @@ def test_weight_sharing_bundle_is_verified_on_an_unshared_twin(bundle, qnn_share
         sum(p["graphs"]["text_decoder_decode"]["context_bytes"]) for p in unshared)
     assert "twin" in m["qnn"]["emulator_note"] and sorted(p.name for p in shared.iterdir()) == [
         "manifest.json", "model.pte", "report.json", "tokenizer.json"]  # fmt: skip
-    for args in (("verify", shared, "-q"), ("run", shared, "--prompt", "hi")):
+    # the same bundle as an export with verification off leaves it: no twin, no report.json
+    unverified = tmp_path / "unverified"
+    shutil.copytree(shared, unverified, ignore=shutil.ignore_patterns("report.json"))
+    for args, said in (
+        (("verify", shared, "-q"), "verified at export on an unshared twin (report.json)"),
+        (("run", shared, "--prompt", "hi"), "verified at export on an unshared twin (report.json)"),
+        (("run", unverified, "--prompt", "hi"), "exported without verification (no report.json)"),
+    ):
         proc = run_cli(*args)
         assert proc.returncode == 2 and "weight_sharing: false" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
+        assert len(proc.stderr.strip().splitlines()) == 1 and said in proc.stderr, proc.stderr
 
 
 def test_run_on_the_emulator(bundle):

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..bundle import REPORT
 from ..errors import BackendUnavailable, ExportError
 from ..progress import silent
 from .executorch_common import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_output
@@ -454,9 +455,11 @@ class QnnBackend:
             return QnnPteRuntime(bundle, manifest)
         if self._twin is not None and self._twin_for == str(Path(bundle).resolve()):
             return QnnPteRuntime(bundle, manifest, emulated=Path(self._twin.name))
+        # an export with verification off wrote no twin and no report: say which this bundle had
+        checked = ("it was verified at export on an unshared twin (report.json)" if (Path(bundle) / REPORT).is_file()
+                   else "it was exported without verification (no report.json)")
         raise BackendUnavailable("this bundle's QNN contexts share weights between prefill and decode, which the x86 HTP "
-                                 "emulator cannot load ('Shared weights buffer isn't supported on this platform'); it was "
-                                 "verified at export on an unshared twin (report.json)",
+                                 f"emulator cannot load ('Shared weights buffer isn't supported on this platform'); {checked}",
                                  fix="re-export with `qnn: {weight_sharing: false}` in the recipe to verify the shipped "
                                      "file itself here, or run it on an SM8650 device")  # fmt: skip
 

@@ -48,6 +48,22 @@ def decoder_part_paths(bundle: Path, manifest: dict) -> list[Path]:
     return [Path(bundle) / p["file"] for p in manifest["components"]["text_decoder"].get("programs") or []]
 
 
+def program_data_files(bundle: Path, manifest: dict) -> dict[Path, Path]:
+    """Each program file that keeps its weights in a ``.ptd`` (recipe ``lowering.external_weights``)
+    mapped to that data file. A data file must be one the manifest lists (so its hash was checked)."""
+    out = {}
+    for name, comp in manifest["components"].items():
+        for entry in [comp, *(comp.get("programs") or [])]:
+            data = entry.get("data_file")
+            if data is None:
+                continue
+            if data not in manifest["files"] or not _safe_relative(data):
+                raise BundleError("data file not listed in the manifest's files", file=Path(bundle) / MANIFEST,
+                                  field=f"components.{name}.data_file", got=repr(data), fix="re-export the bundle with autoglm-export")  # fmt: skip
+            out[Path(bundle) / entry["file"]] = Path(bundle) / data
+    return out
+
+
 def _safe_relative(name: str) -> bool:
     """A manifest file name stays inside the bundle: plain names, or paths inside a package
     directory (Core ML ``.mlpackage``), never absolute, hidden or with ``..``."""

@@ -217,6 +217,8 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
             "versions": library_versions(backend.versions()),
             **lowered.get("manifest", {}),  # target-specific sections (e.g. qnn: SoC, SDK, emulator note)
         }  # fmt: skip
+        files = lowered["files"] + ["tokenizer.json"]
+        manifest["files"] = file_entries(tmp, files)  # before verification: runtimes find data files through it
         if not verify:
             if hasattr(backend, "release"):
                 backend.release()
@@ -234,8 +236,6 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
             del runtime
             report["verified_on"] = f"this host: {backend.runtime_name}"
             write_json(tmp / REPORT, report)
-        files = lowered["files"] + ["tokenizer.json"]
-        manifest["files"] = file_entries(tmp, files)
         manifest["verification"] = ({"passed": report["passed"], "failed": report["failed"], "report": REPORT} if verify
                                     else {"skipped": report["skipped"]})  # fmt: skip
         write_json(tmp / MANIFEST, manifest)

@@ -114,6 +114,12 @@ class QnnSpec(_Strict):
 
 
 PART_TARGETS = ("xnnpack", "onnx", "coreml", "qnn")  # targets that lower the decoder in parts (issue #7)
+EXTERNAL_WEIGHTS_ELSEWHERE = {
+    "qnn": "keeps weights inside its QNN context binaries",
+    "onnx": "always writes large weights as ONNX external data",
+    "onnx-qnn": "keeps weights inside its QNN context binaries",
+    "coreml": "keeps weights in each package's weight.bin",
+}
 
 
 class LoweringSpec(_Strict):
@@ -122,6 +128,11 @@ class LoweringSpec(_Strict):
         description="lower and write the text decoder in programs of this many layers, one at a time, so peak "
                     "export memory follows this number instead of the model's layer count; the runtime chains "
                     "them (manifest components.text_decoder.programs). null: one program")
+    external_weights: bool = Field(
+        False,
+        description="xnnpack: write each program's weights to a .ptd file beside its .pte (ExecuTorch program-data "
+                    "separation; manifest data_file); runtimes load the pair. The ExecuTorch Android Module API "
+                    "(executorch-android 1.5.1) loads a .pte alone, so the Android demo refuses such bundles")
 
 
 class CalibrationSpec(_Strict):
@@ -154,6 +165,9 @@ class Recipe(_Strict):
         if self.lowering.decoder_layers_per_program is not None and self.target not in PART_TARGETS:
             raise ValueError(f"lowering.decoder_layers_per_program: {self.target} cannot lower the decoder in parts yet "
                              f"(supported: {', '.join(PART_TARGETS)}); remove it")
+        if self.lowering.external_weights and self.target != "xnnpack":
+            raise ValueError(f"lowering.external_weights: only xnnpack writes ExecuTorch .ptd data files ({self.target} "
+                             f"{EXTERNAL_WEIGHTS_ELSEWHERE[self.target]}); remove it")
         if self.calibration is not None and self.target not in CALIBRATED_TARGETS:
             raise ValueError(f"calibration applies to {', '.join(CALIBRATED_TARGETS)} only ({self.target} quantizes "
                              "activations dynamically); remove it")

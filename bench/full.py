@@ -37,7 +37,7 @@ def write_doc(result: dict) -> None:
         if r.get("status") == "ok":
             tree = f"{r['tree_peak_bytes'] / 2**30:.2f}" if r["tree_peak_bytes"] else "n/a"
             lines.append(f"| {r['target']} | ok | {r['wall_s']:.0f} | {tree} | {r['max_process_rss_bytes'] / 2**30:.2f} | "
-                         f"{r['bundle_bytes'] / 1e9:.2f} | {r['bundle_bytes'] / gguf:.2f}x | {r['files']} |")  # fmt: skip
+                         f"{r['bundle_bytes'] / 1e9:.3f} | {r['bundle_bytes'] / gguf:.2f}x | {r['files']} |")  # fmt: skip
         else:
             wall = f"{r['wall_s']:.0f}" if "wall_s" in r else ""
             peak = f"{r['max_process_rss_bytes'] / 2**30:.2f}" if r.get("max_process_rss_bytes") else ""

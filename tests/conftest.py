@@ -119,6 +119,25 @@ def _write_parts_recipe(path: Path) -> None:
     (path / "xnnpack-tiny-parts.yaml").write_text(text + "lowering:\n  decoder_layers_per_program: 1\n")
 
 
+def _write_external_weights_recipe(path: Path) -> None:
+    path.mkdir()
+    text = (REPO / "recipes" / "xnnpack-tiny.yaml").read_text().replace("name: xnnpack-tiny", "name: xnnpack-tiny-ptd")
+    (path / "xnnpack-tiny-ptd.yaml").write_text(text + "lowering:\n  decoder_layers_per_program: 1\n  external_weights: true\n")
+
+
+@pytest.fixture(scope="session")
+def xnnpack_ptd_recipe(tmp_path_factory) -> Path:
+    """xnnpack-tiny with the decoder in parts of one layer and every program's weights in a .ptd."""
+    return _shared(tmp_path_factory, "ptd-recipe", _write_external_weights_recipe) / "xnnpack-tiny-ptd.yaml"
+
+
+@pytest.fixture(scope="session")
+def xnnpack_ptd_bundle(tiny_ckpt, xnnpack_ptd_recipe, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported with ``xnnpack_ptd_recipe`` (verified)."""
+    return _cli_bundle(tmp_path_factory, "xnnpack-ptd", "--target", "xnnpack", "--checkpoint", tiny_ckpt,
+                       "--recipe", xnnpack_ptd_recipe)[0]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def audio_xnnpack_bundle(audio_ckpt, tmp_path_factory) -> Path:
     """The tiny audio checkpoint exported with the xnnpack-tiny recipe (image + audio + text), its

@@ -138,10 +138,12 @@ def _all_keys(obj) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def manifests(xnnpack_bundle, audio_xnnpack_bundle, qnn_bundle, coreml_bundle) -> dict[str, dict]:
-    """The apps' manifests: xnnpack without and with audio, qnn (Android), coreml with audio (iOS)."""
+def manifests(xnnpack_bundle, audio_xnnpack_bundle, xnnpack_ptd_bundle, qnn_bundle, coreml_bundle) -> dict[str, dict]:
+    """The apps' manifests: xnnpack without and with audio and with .ptd data files (which the
+    Android app refuses, so it reads their key), qnn (Android), coreml with audio (iOS)."""
     return {"xnnpack": json.loads((xnnpack_bundle[0] / "manifest.json").read_text()),
             "xnnpack+audio": json.loads((audio_xnnpack_bundle / "manifest.json").read_text()),
+            "xnnpack+ptd": json.loads((xnnpack_ptd_bundle / "manifest.json").read_text()),
             "qnn": json.loads((qnn_bundle[0] / "manifest.json").read_text()),
             "coreml+audio": json.loads((coreml_bundle / "manifest.json").read_text())}  # fmt: skip
 

@@ -20,6 +20,17 @@ def test_every_shipped_recipe_validates(path):
     assert proc.returncode == 0 and "ok" in proc.stdout
 
 
+def test_every_shipped_9b_recipe_lowers_the_decoder_in_parts():
+    """One program for the decoder makes export memory grow with the layers (0.6-1.5 GiB per layer at
+    9B widths, docs/benchmarks.md): no 9B recipe of a target that can split may ship without parts."""
+    from autoglm_export.recipe import PART_TARGETS
+
+    full = [load_recipe(p) for p in SHIPPED if not p.stem.endswith("-tiny")]
+    splittable = [r for r in full if r.target in PART_TARGETS]
+    assert {r.target for r in splittable} == set(PART_TARGETS)
+    assert [r.name for r in splittable if not r.lowering.decoder_layers_per_program] == []
+
+
 def test_recipes_list_shows_every_file():
     proc = run_cli("recipes", "list")
     assert proc.returncode == 0
@@ -96,9 +107,10 @@ def test_unknown_target(tiny_ckpt, tmp_path):
     ("qnn: {weight_sharing: false}\n", "qnn section applies to target qnn only"),
     ("calibration: {prompts: calibration/prompts.txt}\n", "calibration applies to qnn, onnx-qnn only"),
     ("qnn: {max_context_bytes: 5000000000}\n", "qnn.max_context_bytes"),
+    ("lowering: {external_weights: true}\n", "lowering.external_weights: only xnnpack writes ExecuTorch .ptd"),
 ])  # fmt: skip
 def test_target_sections_only_where_they_apply(extra, needle, tmp_path):
-    target = "qnn" if "max_context" in extra else "xnnpack"
+    target = "qnn" if "max_context" in extra or "external" in extra else "xnnpack"
     path = tmp_path / "r.yaml"
     path.write_text(f"name: r\ntarget: {target}\n{extra}")
     with pytest.raises(RecipeError) as e:

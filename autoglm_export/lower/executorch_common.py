@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram, export
 
-from ..bundle import decoder_part_paths
+from ..bundle import decoder_part_paths, program_data_files
 from .export_caches import release_export_caches
 
 # bookkeeping nodes that are not compute
@@ -124,14 +124,21 @@ class ExecuTorchRuntime:
     own slice of the KV cache) runs them in order, hidden states passed from one to the next.
     """
 
-    def __init__(self, pte: Path, max_context: int, prefill_chunk: int, decoder_parts: list[Path] | None = None) -> None:
+    def __init__(self, pte: Path, max_context: int, prefill_chunk: int, decoder_parts: list[Path] | None = None,
+                 data_files: dict[Path, Path] | None = None) -> None:  # fmt: skip
         import executorch.kernels.quantized  # noqa: F401  registers embedding_4bit & co.
         from executorch.runtime import Runtime, Verification
 
+        data_files = data_files or {}
+
+        def load(path: Path):
+            data = data_files.get(Path(path))
+            return Runtime.get().load_program(str(path), verification=Verification.Minimal,
+                                              data_path=str(data) if data else None)  # fmt: skip
+
         with quiet_native_output():
-            self.program = Runtime.get().load_program(str(pte), verification=Verification.Minimal)
-            self.part_programs = [Runtime.get().load_program(str(p), verification=Verification.Minimal)
-                                  for p in decoder_parts or []]  # fmt: skip
+            self.program = load(pte)
+            self.part_programs = [load(p) for p in decoder_parts or []]
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self._methods: dict = {}
@@ -140,7 +147,8 @@ class ExecuTorchRuntime:
     @classmethod
     def from_bundle(cls, bundle: Path, manifest: dict, pte: str) -> "ExecuTorchRuntime":
         shapes = manifest["shapes"]
-        return cls(bundle / pte, shapes["max_context"], shapes["prefill_chunk"], decoder_part_paths(bundle, manifest))
+        return cls(bundle / pte, shapes["max_context"], shapes["prefill_chunk"], decoder_part_paths(bundle, manifest),
+                   program_data_files(bundle, manifest))  # fmt: skip
 
     @property
     def method_names(self) -> set[str]:

@@ -134,6 +134,7 @@ class BundleManifest(
                 val c = compsNode.reqObj(name)
                 val method = c.reqString("method")
                 val mainFile = c.reqString("file")
+                refuseDataFile(c, file, "components.$name")
                 val programs = ArrayList<ProgramSpec>()
                 val parts = if (c.opt("programs") != null) c.reqArray("programs") else null
                 if (parts == null) {
@@ -144,6 +145,7 @@ class BundleManifest(
                         val p = c.child("programs[$i]", parts.get(i))
                         val layers = p.reqInts("layers")
                         val partFile = p.reqString("file")
+                        refuseDataFile(p, file, "components.$name.programs[$i]")
                         programs.add(ProgramSpec(partFile, p.reqString("method"), layers[0], layers[1]))
                         if (i > 0 && layers[0] != programs[i - 1].endLayer) {
                             throw BundleError(file, "components.$name.programs[$i].layers", "layers starting at ${programs[i - 1].endLayer}",
@@ -190,6 +192,16 @@ class BundleManifest(
             return BundleManifest(root.reqString("target"), files, comps, shapes.reqInt("max_context"),
                 shapes.reqInt("prefill_chunk"), image, audio, prompt, text.reqInt("vocab_size"),
                 text.reqInt("hidden_size"), scheme, graphs, rope)
+        }
+
+        /**
+         * A program whose weights sit in a .ptd beside its .pte (recipe lowering.external_weights): the
+         * ExecuTorch Android Module API (executorch-android 1.5.1) loads a .pte alone, with no data file.
+         */
+        private fun refuseDataFile(node: JsonNode, file: String, field: String) {
+            val data = node.opt("data_file") ?: return
+            throw BundleError(file, "$field.data_file", "programs with their weights inside the .pte", data.asString,
+                "re-export without lowering.external_weights in the recipe (ExecuTorch's Android Module loads no .ptd)")
         }
 
         /** The static graphs of a component or decoder part [node] in [file], keyed [prefix] + method name. */

@@ -50,6 +50,13 @@ class BundleErrorsTest {
     }
 
     @Test
+    fun externalWeightsAreRefused() = expectError("components.text_decoder.programs[1].data_file") {
+        // the second part of the golden bundle's decoder, as lowering.external_weights writes it
+        BundleManifest.parse(manifestText().replaceFirst("\"file\": \"text_decoder.01-01.pte\"",
+            "\"data_file\": \"text_decoder.01-01.ptd\", \"file\": \"text_decoder.01-01.pte\""))
+    }
+
+    @Test
     fun notJson() = expectError("valid JSON") { BundleManifest.parse("{ nope") }
 
     @Test

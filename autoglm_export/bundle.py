@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from . import __version__
-from .errors import BundleError
+from .errors import BundleError, excerpt
 from .fsutil import sha256_file
 
 SCHEMA_VERSION = 1
@@ -67,9 +67,101 @@ def program_data_files(bundle: Path, manifest: dict) -> dict[Path, Path]:
 def _safe_relative(name: str) -> bool:
     """A manifest file name stays inside the bundle: plain names, or paths inside a package
     directory (Core ML ``.mlpackage``), never absolute, hidden or with ``..``."""
+    if not isinstance(name, str) or "\\" in name or "\0" in name:
+        return False
     parts = name.split("/")
     return bool(name) and not name.startswith("/") and all(p and not p.startswith(".") for p in parts) and (
         len(parts) == 1 or parts[0].endswith(".mlpackage"))
+
+
+def _inside(bundle: Path, name: str) -> bool:
+    """``name`` resolves, symlinks followed, to a path inside the bundle directory."""
+    try:
+        (bundle / name).resolve().relative_to(bundle.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+# keys under manifest.components whose values name a file (or a Core ML package) a runtime opens
+FILE_KEYS = ("file", "data_file", "model", "context")
+LIST_FILE_KEYS = ("binaries",)
+MAX_CONTEXT_LIMIT = 1 << 20
+
+
+def opened_files(manifest: dict) -> list[tuple[str, str]]:
+    """Every (field, name) of a file a runtime opens: what the components name, and the tokenizer."""
+    out = [("tokenizer", "tokenizer.json")]
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in FILE_KEYS and not isinstance(v, (dict, list)):
+                    out.append((f"{where}.{k}", v))
+                elif k in LIST_FILE_KEYS and isinstance(v, list):
+                    out.extend((f"{where}.{k}[{i}]", x) for i, x in enumerate(v))
+                else:
+                    walk(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    walk(manifest["components"], "components")
+    return out
+
+
+def _check_structure(manifest: dict, mpath: Path) -> None:
+    """The manifest's shape, before any field of it steers a load (malformed manifests are one-line errors)."""
+    fix = "re-export the bundle with autoglm-export"
+
+    def bad(field: str, expected: str, got: object) -> BundleError:
+        return BundleError("malformed manifest", file=mpath, field=field, expected=expected,
+                           got=excerpt(repr(got)), fix=fix)  # fmt: skip
+
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise bad("files", "a mapping of file name -> {bytes, sha256}", type(files).__name__)
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or isinstance(entry.get("bytes"), bool) \
+                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64:
+            raise bad(f"files.{excerpt(name, 80)}", "{bytes: integer, sha256: 64 hex digits}", entry)
+    comps = manifest["components"]
+    if not isinstance(comps, dict) or not isinstance(comps.get("text_decoder"), dict):
+        raise bad("components.text_decoder", "a mapping per component, text_decoder among them",
+                  sorted(comps) if isinstance(comps, dict) else type(comps).__name__)
+    for name, comp in comps.items():
+        if not isinstance(comp, dict) or not isinstance(comp.get("file"), str):
+            raise bad(f"components.{excerpt(name, 80)}.file", "a file name", comp.get("file") if isinstance(comp, dict) else comp)
+        programs = comp.get("programs")
+        if programs is not None and (not isinstance(programs, list) or
+                                     not all(isinstance(p, dict) and isinstance(p.get("file"), str) for p in programs)):
+            raise bad(f"components.{name}.programs", "a list of {file: name, ...}", programs)
+    shapes = manifest["shapes"]
+    mc = shapes.get("max_context") if isinstance(shapes, dict) else None
+    if not isinstance(mc, int) or isinstance(mc, bool) or not 2 <= mc <= MAX_CONTEXT_LIMIT:
+        raise bad("shapes.max_context", f"an integer from 2 to {MAX_CONTEXT_LIMIT}", mc)
+    recorded = ((manifest.get("recipe") or {}).get("content") or {}).get("shapes", {}).get("max_context", mc)
+    cache = (comps["text_decoder"].get("state") or {}).get("kv_cache", {}).get("shape", [None, None, mc])
+    if recorded != mc or (isinstance(cache, list) and len(cache) > 2 and cache[2] != mc):
+        raise bad("shapes.max_context", f"the KV cache length the decoder was exported with ({recorded})", mc)
+
+
+def check_opened_files(bundle: Path, manifest: dict, mpath: Path) -> None:
+    """Every file a runtime opens is named relative, stays inside the bundle, and is hashed in ``files``."""
+    files = manifest["files"]
+    for name in files:
+        if not _safe_relative(name) or not _inside(bundle, name):
+            raise BundleError("manifest names a file outside the bundle", file=mpath, field="files",
+                              got=excerpt(repr(name)), fix="re-export the bundle with autoglm-export")  # fmt: skip
+    packages = {n.split("/")[0] for n in files if "/" in n}
+    for field, name in opened_files(manifest):
+        if not _safe_relative(name) or not _inside(bundle, name):
+            raise BundleError("manifest names a file outside the bundle", file=mpath, field=field,
+                              expected="a file name inside the bundle", got=excerpt(repr(name)),
+                              fix="re-export the bundle with autoglm-export")  # fmt: skip
+        if name not in files and name not in packages:
+            raise BundleError("manifest names a file it does not hash", file=mpath, field=field, got=excerpt(repr(name)),
+                              expected="a name listed in files (with its sha256)", fix="re-export the bundle with autoglm-export")  # fmt: skip
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -96,10 +188,12 @@ def load_bundle(bundle: str | Path, *, check_hashes: bool = True) -> dict:
     for key in ("target", "files", "components", "shapes", "prompt", "preprocessing"):
         if key not in manifest:
             raise BundleError("manifest field missing", file=mpath, field=key, fix=fix)
+    _check_structure(manifest, mpath)
+    check_opened_files(bundle, manifest, mpath)
     if check_hashes:
         for name, entry in manifest["files"].items():
             path = bundle / name
-            if not _safe_relative(name) or not path.is_file():
+            if not path.is_file():
                 raise BundleError("bundle file missing", file=path, field=f"files.{name}", fix=fix)
             if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
                 raise BundleError(

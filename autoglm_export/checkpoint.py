@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, excerpt
 from .models.glm4v.layout import canonical_key, full_layout
 from .models.glm4v.spec import ModelSpec, load_json, parse_config
 
@@ -90,6 +90,13 @@ class Checkpoint:
             handle = safe_open(str(info.file), framework="pt", device="cpu")
             self._handles[info.file] = handle
         t = handle.get_tensor(info.key)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan = int(torch.isnan(t).sum())
+            raise CheckpointError(
+                "weight holds non-finite values", file=info.file, field=info.key,
+                expected="finite numbers", got=f"{nan:,} NaN and {int(torch.isinf(t).sum()):,} infinite of {t.numel():,}",
+                fix="the checkpoint is damaged (or diverged in training); re-download it or use another one",
+            )  # fmt: skip
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
     def close(self) -> None:
@@ -112,6 +119,31 @@ class Checkpoint:
         return h.hexdigest()
 
 
+def containment_root(root: Path) -> Path:
+    """Where a checkpoint's files may resolve to: the directory itself, or for a Hugging Face cache
+    snapshot (``models--ORG--NAME/snapshots/REV``, files symlinked into ``../../blobs``) that model's
+    cache directory."""
+    real = root.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def checked_file(root: Path, path: Path, field: str) -> Path:
+    """The one rule for every file read from a checkpoint (config, tokenizer, index, shards):
+    symlinks are followed, and the target must stay inside ``containment_root``."""
+    try:
+        path.resolve().relative_to(containment_root(root))
+    except ValueError:
+        raise CheckpointError(
+            "file resolves outside the checkpoint directory", file=path, field=field,
+            expected=f"a file inside {containment_root(root)}", got=excerpt(str(path.resolve())),
+            fix="copy the file into the checkpoint directory (symlinks may point inside it, or inside the "
+                "models--*/ directory of a Hugging Face cache snapshot)",
+        ) from None  # fmt: skip
+    return path
+
+
 def _inside(root: Path, name: str, index_file: Path) -> Path:
     """Resolve a shard name from the index, refusing anything outside the checkpoint."""
     bad = (
@@ -121,12 +153,6 @@ def _inside(root: Path, name: str, index_file: Path) -> Path:
         or "\\" in name
         or any(part in ("..", "") for part in name.split("/"))
     )
-    path = (root / name) if not bad else None
-    if path is not None:
-        try:
-            path.resolve().relative_to(root.resolve())
-        except ValueError:
-            bad = True
     if bad:
         raise CheckpointError(
             "shard name escapes the checkpoint directory",
@@ -136,7 +162,7 @@ def _inside(root: Path, name: str, index_file: Path) -> Path:
             got=repr(name),
             fix="this index is unsafe; re-download the checkpoint",
         )
-    return path
+    return checked_file(root, root / name, f"weight_map (from {INDEX_FILE})")
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -165,7 +191,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         try:
             dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError("corrupt safetensors entry", file=path, field=key, fix=fix) from None
+            raise CheckpointError("corrupt safetensors entry", file=path, field=excerpt(key), fix=fix) from None
+        if not all(_is_index(d) for d in shape) or not (_is_index(begin) and _is_index(end)):
+            raise CheckpointError("corrupt safetensors entry", file=path, field=excerpt(key),
+                                  expected="non-negative integer shape and data_offsets",
+                                  got=excerpt(f"shape {meta['shape']!r}, data_offsets {meta['data_offsets']!r}"), fix=fix)  # fmt: skip
         if dtype not in DTYPES:
             raise CheckpointError(
                 "unsupported tensor dtype", file=path, field=key, expected="|".join(DTYPES), got=dtype, fix=fix
@@ -185,12 +215,23 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 fix=fix,
             )
         out[key] = info
+    # tensors may not share bytes: a crafted header could alias one weight onto another
+    spans = sorted((m["data_offsets"][0], m["data_offsets"][1], k) for k, m in header.items() if k != "__metadata__")
+    for (_, end_a, key_a), (begin_b, _, key_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise CheckpointError("overlapping tensor byte ranges", file=path, field=excerpt(key_b),
+                                  got=f"starts at {begin_b}, inside {excerpt(key_a, 60)} (ends at {end_a})", fix=fix)  # fmt: skip
     return out
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _shard_files(root: Path) -> list[Path]:
     index_file = root / INDEX_FILE
     if index_file.is_file():
+        checked_file(root, index_file, INDEX_FILE)
         index = load_json(index_file, "safetensors index", "re-download the checkpoint index")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -213,7 +254,7 @@ def _shard_files(root: Path) -> list[Path]:
         return shards
     single = root / SINGLE_FILE
     if single.is_file():
-        return [single]
+        return [checked_file(root, single, SINGLE_FILE)]
     raise CheckpointError(
         "no weights found",
         file=root,
@@ -229,6 +270,9 @@ def open_checkpoint(path: str | Path, *, require_tokenizer: bool = True) -> Chec
         raise CheckpointError(
             "checkpoint directory not found", file=root, fix="pass the directory that holds config.json"
         )
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json"):
+        if (root / name).exists():
+            checked_file(root, root / name, name)
     config_file = root / "config.json"
     config = load_json(config_file, "config.json", "pass a Hugging Face checkpoint directory that has config.json")
     gen_file = root / "generation_config.json"

@@ -135,17 +135,21 @@ def verify_cmd(
 @app.command("run")
 def run_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    prompt: str = typer.Option(..., "--prompt"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The user turn's text."),
+    prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="Read the text from a file ('-': standard input)."),
+    allow_failed: bool = typer.Option(False, "--allow-failed", help="Run a bundle whose parity gates failed at export."),
     image: Optional[Path] = typer.Option(None, "--image", help="PNG/JPEG; resized to the bundle's image size."),
     audio: Optional[Path] = typer.Option(None, "--audio", help="WAV/FLAC (bundles with an audio encoder)."),
     order: str = typer.Option("image,audio,text", "--order", help="Order of the parts in the user turn."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
 ) -> None:
     """Generate text from a bundle (streams tokens to stdout)."""
-    from .runner import run_bundle
+    from .runner import read_prompt, run_bundle
 
-    run_bundle(bundle, prompt=prompt, image=image, audio=audio, order=order, max_new_tokens=max_new_tokens,
-               write=lambda s: (sys.stdout.write(s), sys.stdout.flush()))  # fmt: skip
+    text = read_prompt(prompt, prompt_file)
+    run_bundle(bundle, prompt=text, image=image, audio=audio, order=order, max_new_tokens=max_new_tokens,
+               allow_failed=allow_failed, write=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+               warn=lambda s: print(s, file=sys.stderr))  # fmt: skip
     sys.stdout.write("\n")
 
 
@@ -165,6 +169,14 @@ def recipes_validate(file: Path = typer.Argument(...)) -> None:
 
     r = load_recipe(file)
     typer.echo(f"{file}: ok (target {r.target}, {len(r.quantization)} quantization rules)")
+
+
+def _interrupted() -> str:
+    from .fsutil import completed
+
+    if completed:  # the signal came while the finished output was being renamed into place
+        return f"interrupted after {completed[-1]} was complete and written"
+    return "interrupted: nothing was written"
 
 
 def _on_sigterm(signum, frame):
@@ -202,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=argv, prog_name="autoglm-export", standalone_mode=False)
         if rv == 130:  # typer turns KeyboardInterrupt into a returned exit code
-            print("interrupted: nothing was written", file=sys.stderr)
+            print(_interrupted(), file=sys.stderr)
         return rv if isinstance(rv, int) else 0
     except ExportError as e:
         print(f"error: {e.one_line()}", file=sys.stderr)
@@ -216,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, typer.Abort):
-        print("interrupted: nothing was written", file=sys.stderr)
+        print(_interrupted(), file=sys.stderr)
         return 130
 
 

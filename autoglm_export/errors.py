@@ -9,6 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# What an error quotes of rejected input is bounded: a hostile value (a 500 MB YAML expansion, a
+# megabyte-long shard name) must not become a 500 MB "one-line" message.
+EXCERPT_CHARS = 120
+MAX_LINE_CHARS = 4000
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """``value`` as text, cut to ``limit`` characters with the full length said."""
+    text = value if isinstance(value, str) else str(value)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} chars)"
+
 
 class ExportError(Exception):
     """A problem the user can fix; rendered as a single line."""
@@ -34,15 +46,15 @@ class ExportError(Exception):
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
-        where = ": ".join(p for p in (self.file, self.field) if p)
+        where = ": ".join(excerpt(p, 400) for p in (self.file, self.field) if p)
         parts = [f"{where}: {self.what}" if where else self.what]
         if self.expected is not None:
-            parts.append(f"expected {self.expected}")
+            parts.append(f"expected {excerpt(self.expected, 400)}")
         if self.got is not None:
-            parts.append(f"got {self.got}")
+            parts.append(f"got {excerpt(self.got)}")
         if self.fix:
             parts.append(f"fix: {self.fix}")
-        return "; ".join(parts).replace("\n", " ")
+        return excerpt("; ".join(parts).replace("\n", " "), MAX_LINE_CHARS)
 
 
 class CheckpointError(ExportError):

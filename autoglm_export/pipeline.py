@@ -14,8 +14,8 @@ from pathlib import Path
 from .bundle import MANIFEST, PROMPT_TEMPLATE, REPORT, SCHEMA_VERSION, file_entries, library_versions, write_json
 from .checkpoint import Checkpoint, open_checkpoint
 from .components import Shapes, registry
-from .errors import RecipeError
-from .fsutil import atomic_output_dir, refuse_existing, sha256_file
+from .errors import RecipeError, excerpt
+from .fsutil import atomic_output_dir, check_output, sha256_file
 from .host.audio import AudioPreprocessing
 from .host.image import ImagePreprocessing
 from .host.tokenizer import ChatTokenizer
@@ -24,7 +24,7 @@ from .lower.export_caches import return_freed_memory
 from .models.glm4v.modules import TextDecoder
 from .models.glm4v.spec import load_json
 from .progress import silent
-from .quantize import FLOAT_DTYPES, quantize_hook
+from .quantize import FLOAT_DTYPES, quantize_hook, unused_rules
 from .recipe import Recipe, default_recipe_path, load_recipe
 from .verify import format_report, make_plans, run_checks
 
@@ -60,6 +60,23 @@ def check_recipe_fits(recipe: Recipe, ckpt: Checkpoint, recipe_file: Path) -> No
                         "raise it or lower image_size / audio_seconds")  # fmt: skip
     if problems:
         raise RecipeError(recipe_file, problems)
+
+
+def report_plan_notes(rec: Recipe, plans: dict, say) -> None:
+    """What the plan changed or ignored of the recipe, said before the work starts."""
+    for i in unused_rules(rec, plans):
+        say(f"warning: quantization[{i}] (match {excerpt(repr(rec.quantization[i].match), 60)}) matches no weight of "
+            "this checkpoint and has no effect")  # fmt: skip
+    for plan in plans.values():
+        by_choice: dict[tuple, list[str]] = {}
+        for weight, f in plan.group_fallbacks().items():
+            by_choice.setdefault((f["rule_group_size"], f["scheme"], f["group_size"]), []).append(weight)
+        for (rule_group, scheme, used), weights in sorted(by_choice.items(), key=str):
+            how = ("int8, one scale per output channel (this target has no per-channel int4)" if scheme == "int8" else
+                   "one scale per output channel" if used == "channel" else f"groups of {used}")  # fmt: skip
+            widths = sorted({plan.weights[w.removeprefix(plan.component + ".")].shape[-1] for w in weights})
+            say(f"{plan.component}: int4 group {rule_group} does not divide the input width ({', '.join(map(str, widths))}) "
+                f"of {len(weights)} weight(s), e.g. {weights[0]}; using {how} for them (manifest: int4_group_fallbacks)")
 
 
 def model_metadata(ckpt: Checkpoint, tokenizer: ChatTokenizer, shapes: Shapes) -> dict:
@@ -102,9 +119,10 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     from .lower import get_backend
 
     out = Path(out)
-    refuse_existing(out, force)  # before any work: an existing bundle is never touched without --force
     backend = get_backend(target)
     recipe_file = Path(recipe) if recipe else default_recipe_path(target)
+    inputs = (Path(checkpoint), recipe_file)
+    check_output(out, force=force, protected=inputs)  # before any work; --force replaces bundles only
     rec = load_recipe(recipe_file)
     if rec.target != target:
         raise RecipeError(recipe_file, [f"target = {rec.target!r}: this recipe is for {rec.target}, not --target {target}"])
@@ -115,9 +133,11 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     shapes = Shapes.from_recipe(rec)
     pc_file = ckpt.root / "preprocessor_config.json"
     pc = load_json(pc_file, "preprocessor_config.json", "copy it from the original checkpoint") if pc_file.is_file() else {}
-    pre = ImagePreprocessing.from_checkpoint(pc, shapes.image_size, ckpt.spec.vision.patch_size, ckpt.spec.vision.spatial_merge_size)
+    pre = ImagePreprocessing.from_checkpoint(pc, shapes.image_size, ckpt.spec.vision.patch_size,
+                                             ckpt.spec.vision.spatial_merge_size, pc_file)  # fmt: skip
     say(f"{ckpt.spec.architecture}: {len(ckpt.tensors)} tensors, {sum(i.numel for i in ckpt.tensors.values()):,} parameters")
     plans = make_plans(rec, ckpt, shapes, str(recipe_file))  # every rule error before any tensor is read
+    report_plan_notes(rec, plans, progress.stage("quantize"))
     if hasattr(backend, "configure"):  # target-specific recipe sections: qnn contexts, calibration files
         backend.configure(rec, str(recipe_file), tokenizer=tokenizer, pre=pre)
     per_program = rec.lowering.decoder_layers_per_program  # a recipe that asks for parts gets them, even one
@@ -143,7 +163,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
         gc.collect()  # modules sit in reference cycles: without this their weights outlive the lowering
         return program
 
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, protected=inputs, on_note=progress.stage("bundle")) as tmp:
         programs = {}
         part_results = []
         components = registry.for_spec(ckpt.spec)

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .errors import ExportError
-from .recipe import Recipe
+from .errors import RecipeError
+from .recipe import INT4_GROUP_SIZES, Recipe, RuleTimeout
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # what a phone stores per weight: packed integers plus one 16-bit scale per group / channel
@@ -31,6 +31,7 @@ class WeightPlan:
     rule: int | None  # index of the matching rule, None when no rule matched
     params: int
     shape: tuple[int, ...]
+    rule_group: int | None = None  # the rule's group size when it does not divide this weight (group_size is then the fallback)
 
     @property
     def bits(self) -> float:
@@ -75,12 +76,22 @@ class ComponentPlan:
             schemes[key] = schemes.get(key, 0) + w.params
             bits += w.bits * w.params
             params += w.params
-        return {
+        out = {
             "float_dtype": self.dtype,
             "params": int(params),
             "params_by_scheme": dict(sorted(schemes.items())),
             "effective_bits_per_weight": round(bits / params, 4) if params else 0.0,
         }
+        fallbacks = self.group_fallbacks()
+        if fallbacks:
+            out["int4_group_fallbacks"] = fallbacks
+        return out
+
+    def group_fallbacks(self) -> dict[str, dict]:
+        """Weights whose rule's int4 group size does not divide their input width, and what they got."""
+        return {w.weight: {"rule_group_size": w.rule_group, "scheme": w.scheme, "group_size": w.group_size,
+                           "in_features": w.shape[-1]}
+                for w in self.weights.values() if w.rule_group is not None}  # fmt: skip
 
 
 def _quantizable(module: nn.Module) -> bool:
@@ -90,6 +101,17 @@ def _quantizable(module: nn.Module) -> bool:
 # QnnQuantizer and ONNX Runtime's QNN helpers quantize 4-bit weights per output channel, whatever a
 # rule's group_size says
 PER_CHANNEL_INT4_TARGETS = ("qnn", "onnx-qnn")
+# ExecuTorch's XNNPACK delegate takes 4-bit weights only in groups that are multiples of 32 (one scale
+# per channel is a group of the whole width): a weight no such group divides falls back to 8 bits
+# per channel there
+NO_INT4_PER_CHANNEL = ("xnnpack",)
+
+
+def fitting_group(group: int, width: int) -> int | str:
+    """The largest allowed int4 group no larger than ``group`` that divides ``width``, else one scale
+    per output channel: every valid checkpoint exports with every recipe (a GLM-4.1V MLP of width 200
+    has no group of 32)."""
+    return next((g for g in sorted(INT4_GROUP_SIZES, reverse=True) if g <= group and width % g == 0), "channel")
 
 
 def plan_component(recipe: Recipe, component: str, module: nn.Module, recipe_file: str) -> ComponentPlan:
@@ -100,7 +122,10 @@ def plan_component(recipe: Recipe, component: str, module: nn.Module, recipe_fil
     for name, p in module.named_parameters():
         full = f"{component}.{name}"
         owner = owners[name.rpartition(".")[0]]
-        rule_idx, rule = recipe.match(full)
+        try:
+            rule_idx, rule = recipe.match(full)
+        except RuleTimeout as e:
+            raise RecipeError(recipe_file, [str(e)]) from None
         scheme = rule.scheme if rule else "fp32"
         group = rule.group_size if rule else None
         if scheme == "int4" and recipe.target in PER_CHANNEL_INT4_TARGETS:
@@ -109,29 +134,27 @@ def plan_component(recipe: Recipe, component: str, module: nn.Module, recipe_fil
             scheme, group = None, None  # biases, norms: keep the component's float precision
         if scheme in FLOAT_DTYPES and rule is not None:
             float_votes.setdefault(scheme, full)
+        rule_group = None
         if scheme == "int4" and group != "channel" and p.shape[-1] % group:
-            raise ExportError(
-                "int4 group size does not divide the weight's input width",
-                file=recipe_file,
-                field=f"quantization[{rule_idx}].group_size",
-                expected=f"a divisor of {p.shape[-1]} (weight {full})",
-                got=str(group),
-                fix="pick a group_size that divides it, or exclude this weight with an earlier rule",
-            )
-        weights[name] = WeightPlan(full, scheme or "?", group, rule_idx, p.numel(), tuple(p.shape))
+            rule_group, group = group, fitting_group(group, p.shape[-1])
+            if group == "channel" and recipe.target in NO_INT4_PER_CHANNEL:
+                scheme, group = "int8", None
+        weights[name] = WeightPlan(full, scheme or "?", group, rule_idx, p.numel(), tuple(p.shape), rule_group)
     if len(float_votes) > 1:
-        raise ExportError(
-            "one component cannot mix fp16 and fp32 weights",
-            file=recipe_file,
-            field=f"quantization (component {component})",
-            got=", ".join(f"{s} for {w}" for s, w in float_votes.items()),
-            fix="give every float weight of a component the same precision",
-        )
+        got = ", ".join(f"{s} for {w}" for s, w in float_votes.items())
+        raise RecipeError(recipe_file, [f"quantization (component {component}): one component cannot mix fp16 and fp32 "
+                                        f"weights, got {got}; give every float weight of a component the same precision"])  # fmt: skip
     dtype = next(iter(float_votes), "fp32")
     for name, w in weights.items():
         if w.scheme in ("?",) or (w.scheme in FLOAT_DTYPES and w.scheme != dtype):
             weights[name] = WeightPlan(w.weight, dtype, None, w.rule, w.params, w.shape)
     return ComponentPlan(component, dtype, weights)
+
+
+def unused_rules(recipe: Recipe, plans: dict[str, ComponentPlan]) -> list[int]:
+    """Rules that no weight of this checkpoint reached (a typo leaves a component in fp32 unnoticed)."""
+    used = {w.rule for plan in plans.values() for w in plan.weights.values()}
+    return [i for i in range(len(recipe.quantization)) if i not in used]
 
 
 TorchaoConfigFor = Callable[[str, int | None, nn.Module], object]

@@ -12,22 +12,40 @@ Every problem in a file is reported at once, each with field, value, rule and fi
 
 from __future__ import annotations
 
-import re
+import math
 from pathlib import Path
 from typing import Literal
 
+import regex
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import RecipeError
+from .errors import RecipeError, excerpt
 
 TARGETS = ("xnnpack", "qnn", "coreml", "onnx", "onnx-qnn")
 SCHEMES = ("int4", "int8", "fp16", "fp32")
+INT4_GROUP_SIZES = (16, 32, 64, 128, 256)
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
+# A recipe is untrusted: its patterns run through `regex` (immune to the nested-quantifier
+# blow-ups of `re`, e.g. '(.*)*X') with a time limit on every match all the same, and the file
+# is read with aliases refused and its size capped (a 477-byte alias bomb expanded to 2.8 GB).
+MATCH_TIMEOUT_S = 1.0
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class RuleTimeout(ValueError):
+    """A quantization pattern took too long on one weight name."""
+
+    def __init__(self, index: int, pattern: str, weight: str) -> None:
+        self.index, self.pattern, self.weight = index, pattern, weight
+        super().__init__(f"quantization[{index}].match = {excerpt(repr(pattern))}: matching {weight!r} took over "
+                         f"{MATCH_TIMEOUT_S:g} s; simplify the pattern (no nested repetition such as '(.*)*')")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ShapesSpec(_Strict):
@@ -53,6 +71,8 @@ class ShapesSpec(_Strict):
     @field_validator("audio_seconds")
     @classmethod
     def _audio(cls, v: float) -> float:
+        if not math.isfinite(v) or v > 3600:
+            raise ValueError(f"must be a finite number of seconds up to 3600, got {v}; use e.g. 3.2")
         frames = v * 100
         if v <= 0 or abs(frames - round(frames)) > 1e-6 or round(frames) % 8:
             raise ValueError(f"must be a positive multiple of 0.08 s (8 log-mel frames = 1 audio token), got {v}; use e.g. 3.2")
@@ -77,8 +97,8 @@ class QuantRuleSpec(_Strict):
     @classmethod
     def _regex(cls, v: str) -> str:
         try:
-            re.compile(v)
-        except re.error as e:
+            regex.compile(v)
+        except regex.error as e:
             raise ValueError(f"not a valid regular expression ({e}); escape dots as '\\.'") from None
         return v
 
@@ -87,7 +107,7 @@ class QuantRuleSpec(_Strict):
         if self.scheme == "int4":
             if self.group_size is None:
                 raise ValueError("scheme int4 needs group_size (32, 64, 128 or 256)")
-            if self.group_size not in (16, 32, 64, 128, 256, "channel"):
+            if self.group_size not in (*INT4_GROUP_SIZES, "channel"):
                 raise ValueError(f"group_size must be one of 16, 32, 64, 128, 256 or 'channel', got {self.group_size}")
         elif self.group_size is not None:
             raise ValueError(f"group_size applies to int4 only; remove it from this {self.scheme} rule")
@@ -95,9 +115,11 @@ class QuantRuleSpec(_Strict):
 
 
 class ParitySpec(_Strict):
-    float_sqnr_db: float = Field(60.0, description="fp32 components, lowered vs PyTorch")
-    fp16_sqnr_db: float = Field(40.0, description="fp16 components vs the fp32 reference")
-    quantized_sqnr_db: float = Field(35.0, description="quantized components, lowered vs PyTorch with the same weights")
+    # a gate that can never fail is no gate: finite, and above 0 dB (signal louder than the error)
+    float_sqnr_db: float = Field(60.0, gt=0, le=400, description="fp32 components, lowered vs PyTorch")
+    fp16_sqnr_db: float = Field(40.0, gt=0, le=400, description="fp16 components vs the fp32 reference")
+    quantized_sqnr_db: float = Field(35.0, gt=0, le=400,
+                                     description="quantized components, lowered vs PyTorch with the same weights")
     greedy_tokens: int = Field(32, ge=1, description="tokens of the end-to-end greedy check")
     greedy_agreement: float | None = Field(
         1.0, ge=0.0, le=1.0, description="share of greedy tokens that must agree; null: measured and reported, not gated")
@@ -143,6 +165,33 @@ class CalibrationSpec(_Strict):
 CALIBRATED_TARGETS = ("qnn", "onnx-qnn")  # activation ranges from data (16-bit activations on the HTP)
 
 
+def cross_field_problems(data: dict) -> list[str]:
+    """Rules between sections, checked on the raw mapping too, so that they are reported together
+    with any field errors (pydantic skips model validators once a field fails)."""
+    target = data.get("target")
+    if target not in TARGETS:
+        return []
+    rules = data.get("quantization") if isinstance(data.get("quantization"), list) else []
+    lowering = data.get("lowering") if isinstance(data.get("lowering"), dict) else {}
+    problems = []
+    if "qnn" in data and target != "qnn":
+        problems.append(f"the qnn section applies to target qnn only; remove it from this {target} recipe")
+    channel = [i for i, r in enumerate(rules) if isinstance(r, dict) and r.get("group_size") == "channel"]
+    if channel and target != "coreml":
+        problems.append(f"group_size 'channel' (rule {channel[0]}) is for target coreml only (per-channel INT4 for the "
+                        "Neural Engine); use a block size such as 32")
+    if lowering.get("decoder_layers_per_program") is not None and target not in PART_TARGETS:
+        problems.append(f"lowering.decoder_layers_per_program: {target} cannot lower the decoder in parts yet "
+                        f"(supported: {', '.join(PART_TARGETS)}); remove it")
+    if lowering.get("external_weights") and target != "xnnpack":
+        problems.append(f"lowering.external_weights: only xnnpack writes ExecuTorch .ptd data files ({target} "
+                        f"{EXTERNAL_WEIGHTS_ELSEWHERE.get(target, 'has no data files')}); remove it")
+    if data.get("calibration") is not None and target not in CALIBRATED_TARGETS:
+        problems.append(f"calibration applies to {', '.join(CALIBRATED_TARGETS)} only ({target} quantizes "
+                        "activations dynamically); remove it")
+    return problems
+
+
 class Recipe(_Strict):
     name: str
     target: Literal["xnnpack", "qnn", "coreml", "onnx", "onnx-qnn"]
@@ -155,28 +204,20 @@ class Recipe(_Strict):
     calibration: CalibrationSpec | None = None
 
     @model_validator(mode="after")
-    def _qnn_section(self):
-        if "qnn" in self.model_fields_set and self.target != "qnn":
-            raise ValueError(f"the qnn section applies to target qnn only; remove it from this {self.target} recipe")
-        channel = [i for i, r in enumerate(self.quantization) if r.group_size == "channel"]
-        if channel and self.target != "coreml":
-            raise ValueError(f"group_size 'channel' (rule {channel[0]}) is for target coreml only (per-channel INT4 for the "
-                             "Neural Engine); use a block size such as 32")
-        if self.lowering.decoder_layers_per_program is not None and self.target not in PART_TARGETS:
-            raise ValueError(f"lowering.decoder_layers_per_program: {self.target} cannot lower the decoder in parts yet "
-                             f"(supported: {', '.join(PART_TARGETS)}); remove it")
-        if self.lowering.external_weights and self.target != "xnnpack":
-            raise ValueError(f"lowering.external_weights: only xnnpack writes ExecuTorch .ptd data files ({self.target} "
-                             f"{EXTERNAL_WEIGHTS_ELSEWHERE[self.target]}); remove it")
-        if self.calibration is not None and self.target not in CALIBRATED_TARGETS:
-            raise ValueError(f"calibration applies to {', '.join(CALIBRATED_TARGETS)} only ({self.target} quantizes "
-                             "activations dynamically); remove it")
+    def _target_sections(self):
+        problems = cross_field_problems(self.model_dump(mode="json", exclude_unset=True))
+        if problems:
+            raise ValueError(PROBLEM_SEPARATOR.join(problems))
         return self
 
     def match(self, weight: str) -> tuple[int | None, QuantRuleSpec | None]:
         """The first rule whose pattern fully matches ``weight`` (index, rule), or (None, None)."""
         for i, rule in enumerate(self.quantization):
-            if re.fullmatch(rule.match, weight):
+            try:
+                hit = regex.fullmatch(rule.match, weight, timeout=MATCH_TIMEOUT_S)
+            except TimeoutError:
+                raise RuleTimeout(i, rule.match, weight) from None
+            if hit:
                 return i, rule
         return None, None
 
@@ -185,8 +226,13 @@ class Recipe(_Strict):
         return self.model_dump(mode="json", exclude=set() if self.target == "qnn" else {"qnn"})
 
 
-def _describe(err: dict, data: dict) -> str:
+PROBLEM_SEPARATOR = "\n"
+
+
+def _describe(err: dict, data: dict) -> list[str]:
     loc = ".".join(str(p) for p in err["loc"])
+    if not err["loc"]:  # a cross-field check: its messages name their own fields
+        return err["msg"].removeprefix("Value error, ").split(PROBLEM_SEPARATOR)
     value: object = data
     for p in err["loc"]:
         try:
@@ -201,7 +247,9 @@ def _describe(err: dict, data: dict) -> str:
         msg = msg.replace("Input should be", "must be one of")
     elif err["type"] == "missing":
         msg = "required field is missing; add it"
-    return f"{loc or '(top level)'} = {value!r}: {msg}"
+    elif err["type"] == "finite_number":
+        msg = "must be a finite number (no .inf or .nan)"
+    return [f"{loc} = {excerpt(repr(value))}: {msg}"]
 
 
 def parse_recipe(data: object, file: Path | str) -> Recipe:
@@ -210,18 +258,51 @@ def parse_recipe(data: object, file: Path | str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(file, [_describe(err, data) for err in e.errors()]) from None
+        errors = e.errors()
+        lines = [line for err in errors for line in _describe(err, data)]
+        if all(err["loc"] for err in errors):  # the cross-field check did not run: field errors stopped it
+            lines += cross_field_problems(data)
+        raise RecipeError(file, lines) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(path, ["file not found; `autoglm-export recipes list` shows the shipped recipes"])
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(path, [f"file is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}"])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RecipeError(path, [f"not valid YAML ({str(e).splitlines()[0]})"]) from None
+        raise RecipeError(path, [f"not valid YAML ({excerpt(str(e).splitlines()[0])})"]) from None
     return parse_recipe(data, path)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors and aliases: a recipe never needs them, and nested aliases expand
+    exponentially (a YAML 'billion laughs')."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML aliases (*name) are not allowed in a recipe; "
+                                 "write the value out")
+        return super().compose_node(parent, index)
+
+    def compose_scalar_node(self, anchor):
+        return super().compose_scalar_node(self._refuse_anchor(anchor))
+
+    def compose_sequence_node(self, anchor):
+        return super().compose_sequence_node(self._refuse_anchor(anchor))
+
+    def compose_mapping_node(self, anchor):
+        return super().compose_mapping_node(self._refuse_anchor(anchor))
+
+    def _refuse_anchor(self, anchor):
+        if anchor is not None:
+            raise yaml.YAMLError(f"YAML anchors (&{excerpt(anchor, 40)}) are not allowed in a recipe; write the value out")
+        return anchor
 
 
 def default_recipe_path(target: str) -> Path:

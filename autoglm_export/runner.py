@@ -8,7 +8,7 @@ from typing import Callable
 from types import SimpleNamespace
 
 from .bundle import load_bundle
-from .errors import ExportError
+from .errors import BundleError, ExportError, excerpt
 from .host.audio import AudioPreprocessing, load_audio, log_mel
 from .host.generate import generate
 from .host.image import ImagePreprocessing, load_image, preprocess_image
@@ -18,7 +18,7 @@ from .models.glm4v.spec import TokenSpec
 
 
 def open_bundle(bundle: Path, manifest: dict | None = None):
-    from .lower import get_backend
+    from .lower import get_backend, open_bundle_runtime
 
     if manifest is None:
         manifest = load_bundle(bundle)  # refuses a bundle whose files do not match their hashes
@@ -39,7 +39,7 @@ def open_bundle(bundle: Path, manifest: dict | None = None):
                                 audio_end_token_id=sp["end_of_audio"])  # fmt: skip
     tokenizer = ChatTokenizer(Path(bundle) / "tokenizer.json", tokens, audio)
     pre = ImagePreprocessing.from_json(manifest["preprocessing"])
-    return manifest, backend.open_runtime(Path(bundle), manifest), tokenizer, pre
+    return manifest, open_bundle_runtime(backend, Path(bundle), manifest), tokenizer, pre
 
 
 def parse_order(order: str) -> tuple[str, ...]:
@@ -50,14 +50,59 @@ def parse_order(order: str) -> tuple[str, ...]:
     return parts
 
 
+def check_verified(bundle: Path, manifest: dict, allow_failed: bool, warn: Callable[[str], object]) -> None:
+    """A bundle whose parity gates failed at export is refused unless the user says otherwise."""
+    verification = manifest.get("verification") if isinstance(manifest.get("verification"), dict) else {}
+    if verification.get("passed") is False:
+        failed = ", ".join(str(f) for f in verification.get("failed") or [])
+        if not allow_failed:
+            raise BundleError("this bundle failed its parity gates at export", file=bundle / "manifest.json",
+                              field="verification.passed", got=excerpt(f"false ({failed})"),
+                              fix="re-export with another recipe, or pass --allow-failed to run it anyway")  # fmt: skip
+        warn(f"warning: running a bundle that failed its parity gates ({excerpt(failed)})")
+
+
+def read_prompt(prompt: str | None, prompt_file: str | Path | None, stdin=None) -> str:
+    """The user text from --prompt, or --prompt-file (a path, or '-' for standard input: no argv limit)."""
+    import sys
+
+    if (prompt is None) == (prompt_file is None):
+        raise ExportError("give the prompt once", field="--prompt / --prompt-file", expected="exactly one of them",
+                          fix="pass --prompt TEXT, or --prompt-file FILE (- reads standard input)")  # fmt: skip
+    if prompt is not None:
+        return prompt
+    if str(prompt_file) == "-":
+        data = (stdin or sys.stdin.buffer).read(MAX_PROMPT_BYTES + 1)
+        where: str | Path = "standard input"
+    else:
+        p = Path(prompt_file)
+        if not p.is_file():
+            raise ExportError("prompt file not found", file=p, field="--prompt-file", fix="pass an existing UTF-8 text file")
+        with open(p, "rb") as f:
+            data = f.read(MAX_PROMPT_BYTES + 1)
+        where = p
+    if len(data) > MAX_PROMPT_BYTES:
+        raise ExportError("prompt too long", file=where, expected=f"at most {MAX_PROMPT_BYTES:,} bytes",
+                          fix="shorten the prompt; the bundle's max_context bounds it anyway")  # fmt: skip
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ExportError("prompt is not UTF-8 text", file=where, got=f"byte {e.start}", fix="save the prompt as UTF-8") from None
+
+
+MAX_PROMPT_BYTES = 16 << 20
+
+
 def run_bundle(bundle: str | Path, *, prompt: str, image: str | Path | None, max_new_tokens: int,
-               write: Callable[[str], object], audio: str | Path | None = None, order: str = "image,audio,text") -> list[int]:  # fmt: skip
+               write: Callable[[str], object], audio: str | Path | None = None, order: str = "image,audio,text",
+               allow_failed: bool = False, warn: Callable[[str], object] = lambda s: None) -> list[int]:  # fmt: skip
     bundle = Path(bundle)
     parts = parse_order(order)
     # user inputs are read, and refused, before any runtime library loads (libsndfile also
     # crashes when it first opens a file after onnxruntime-qnn's libraries are in the process)
     img = load_image(image) if image is not None else None
     manifest = load_bundle(bundle)
+    check_verified(bundle, manifest, allow_failed, warn)
     features = []
     if audio is not None:
         if not manifest.get("audio_preprocessing"):
@@ -83,6 +128,10 @@ def run_bundle(bundle: str | Path, *, prompt: str, image: str | Path | None, max
             write(text[len(shown):])
             shown = text
 
+    if len(chat) >= runtime.max_context:
+        raise ExportError("prompt does not fit the bundle's context", field="--prompt",
+                          expected=f"fewer than {runtime.max_context} tokens (shapes.max_context of this bundle)",
+                          got=f"{len(chat):,} tokens", fix="shorten the prompt, or export with a larger max_context")  # fmt: skip
     max_new = min(max_new_tokens, runtime.max_context - len(chat))
     generate(runtime, chat, images=images, image_grids=[pre.merged_grid] * len(images), audios=features,
              max_new_tokens=max(max_new, 1), eos_ids=eos, on_token=on_token)  # fmt: skip

@@ -219,6 +219,18 @@ def build_tokenizer(vocab: int, full_vocab: bool) -> str:
     return json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True)
 
 
+# in the index's metadata: `tiny-checkpoint --force` replaces only a checkpoint it wrote itself
+TINY_MARK = "autoglm_export_tiny_preset"
+
+
+def is_tiny_checkpoint(path: Path) -> bool:
+    try:
+        index = json.loads((path / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(index, dict) and isinstance(index.get("metadata"), dict) and TINY_MARK in index["metadata"]
+
+
 def write_tiny_checkpoint(
     out: Path,
     *,
@@ -251,7 +263,7 @@ def write_tiny_checkpoint(
     spec = parse_config(config, Path(out) / "config.json", gen)
     shapes = full_layout(spec)
 
-    with atomic_output_dir(Path(out), force=force) as tmp:
+    with atomic_output_dir(Path(out), force=force, replaceable=is_tiny_checkpoint, what="a checkpoint this command wrote") as tmp:
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
         for name, shape in shapes.items():
@@ -268,7 +280,7 @@ def write_tiny_checkpoint(
             weight_map.update({n: fname for n, _, _ in entries})
             if progress:
                 progress(f"wrote {fname} ({len(entries)} tensors)")
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {"metadata": {"total_size": total, TINY_MARK: preset}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .components import Shapes, registry
-from .errors import BundleError, ExportError
+from .errors import BundleError, ExportError, RecipeError
 from .host.generate import EagerRuntime, Trace, generate
 from .host.golden import GOLDEN_PROMPT, golden_image
 from .host.image import ImagePreprocessing, preprocess_image
@@ -71,10 +71,15 @@ def make_plans(recipe: Recipe, ckpt: Checkpoint, shapes: Shapes, recipe_file: st
 
 def plans_for_spec(recipe: Recipe, spec, shapes: Shapes, recipe_file: str) -> dict[str, ComponentPlan]:
     """Every component's plan from a model spec alone (modules built on meta: no weights needed)."""
-    plans = {}
+    plans, problems = {}, []
     for comp in registry.for_spec(spec):
         meta = build_on_meta(lambda c=comp: c.build(spec, shapes))
-        plans[comp.name] = plan_component(recipe, comp.name, meta, recipe_file)
+        try:
+            plans[comp.name] = plan_component(recipe, comp.name, meta, recipe_file)
+        except RecipeError as e:  # every component's problems in one error
+            problems += e.problems
+    if problems:
+        raise RecipeError(recipe_file, problems)
     return plans
 
 
@@ -339,7 +344,7 @@ def format_report(report: dict) -> str:
 def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, against: str | None = None,
                   progress=silent) -> dict:  # fmt: skip
     from .bundle import load_bundle
-    from .lower import get_backend
+    from .lower import get_backend, open_bundle_runtime
     from .recipe import parse_recipe
 
     if against not in (None, "onnxruntime"):
@@ -372,7 +377,7 @@ def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, a
 
             check_unchanged(recorded, backend.calibration_set, bundle / "manifest.json")
     backend.check_plans(plans, str(bundle / "manifest.json"))
-    runtime = backend.open_runtime(bundle, manifest)
+    runtime = open_bundle_runtime(backend, bundle, manifest)
     try:
         report = run_checks(runtime, ckpt, recipe, backend, plans, pre, progress, bundle=bundle, manifest=manifest)
         if against == "onnxruntime":

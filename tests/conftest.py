@@ -155,6 +155,43 @@ def coreml_bundle(audio_ckpt, tmp_path_factory) -> Path:
                        "--recipe", REPO / "recipes" / "coreml-tiny.yaml")[0]  # fmt: skip
 
 
+def write_transformers_checkpoint(out: Path) -> Path:
+    """Written by transformers' own save_pretrained: 1 KV head, head_dim 24, vocab 509, MLP width 200
+    (no int4 group of 32 divides it), fp32 shards: the foundation tests' reference checkpoint, which
+    every target's export is also tested on."""
+    import torch
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    from autoglm_export.tiny import build_tokenizer, special_base
+    from reference import scale_random_init
+
+    vocab = 509
+    base = special_base(vocab, False)
+    cfg = Glm4vConfig(
+        text_config=dict(
+            hidden_size=72, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, intermediate_size=200,
+            vocab_size=vocab, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                             "mrope_section": [2, 2, 2]},
+        ),
+        vision_config=dict(depth=1, hidden_size=48, num_heads=3, image_size=84, out_hidden_size=72, intermediate_size=80),
+        image_token_id=base + 14, image_start_token_id=base + 10, image_end_token_id=base + 11,
+        video_token_id=base + 15, video_start_token_id=base + 12, video_end_token_id=base + 13,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Glm4vForConditionalGeneration(cfg).eval()
+    scale_random_init(model)
+    model.save_pretrained(out, max_shard_size="200KB")
+    (out / "tokenizer.json").write_text(build_tokenizer(vocab, False))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [base, base + 7, base + 9]}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def odd_shapes_ckpt(tmp_path_factory) -> Path:
+    return _shared(tmp_path_factory, "odd-ckpt", write_transformers_checkpoint)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess (exit codes, stderr, no traceback)."""
     return subprocess.run(
@@ -164,6 +201,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
         cwd=cwd or REPO,
         timeout=timeout,
     )
+
+
+def assert_one_line_error(proc, *needles: str, code: int = 2) -> str:
+    """A user mistake: exit code 2 (by default), one line on stderr, no traceback, each needle named."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr
+    assert len(err.splitlines()) == 1, err[-3000:]
+    assert err.startswith("error: ")
+    for n in needles:
+        assert n in err, (n, err)
+    return err
 
 
 def tree_snapshot(path: Path) -> dict[str, int]:

@@ -8,18 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_one_line_error as _assert_one_line_error
 from conftest import run_cli, tree_snapshot
-
-
-def _assert_one_line_error(proc, *needles: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    err = proc.stderr.strip()
-    assert "Traceback" not in proc.stderr
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 @pytest.fixture

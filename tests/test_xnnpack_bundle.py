@@ -128,6 +128,7 @@ def test_force_replaces_and_ctrl_c_leaves_nothing(bundle, tiny_ckpt, tmp_path):
     out = tmp_path / "b"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / "manifest.json").write_text('{"format": "autoglm-export bundle"}')  # --force replaces bundles only
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "autoglm_export.cli", "--target", "xnnpack", "--checkpoint", str(tiny_ckpt),
@@ -146,7 +147,7 @@ def test_force_replaces_and_ctrl_c_leaves_nothing(bundle, tiny_ckpt, tmp_path):
     assert proc.returncode == 130, seen + err
     assert "interrupted" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary directory left
-    assert [p.name for p in out.iterdir()] == ["old.txt"]  # the old output is untouched
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "old.txt"]  # the old output is untouched
 
 
 def test_verify_against_onnxruntime(bundle):

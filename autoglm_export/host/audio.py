@@ -95,6 +95,10 @@ def load_audio(path: str | Path, cfg: AudioPreprocessing) -> np.ndarray:
     except (RuntimeError, sf.LibsndfileError) as e:
         raise ExportError(f"cannot read audio ({str(e).splitlines()[0][:80]})", file=p,
                           fix="pass a WAV, FLAC or OGG file") from None  # fmt: skip
+    if not np.isfinite(data).all():  # float WAVs can carry NaN/inf; the encoder would turn them into garbage
+        raise ExportError("audio holds non-finite samples", file=p, expected="finite samples",
+                          got=f"{int((~np.isfinite(data)).sum()):,} NaN or infinite of {data.size:,}",
+                          fix="re-encode the recording (e.g. as 16-bit PCM WAV)")  # fmt: skip
     wave = data.mean(axis=1)
     if wave.size == 0 or not np.any(wave):
         raise ExportError("audio is empty or silent", file=p, fix="pass a recording with sound in it")

@@ -28,6 +28,22 @@ def golden_image(width: int = 60, height: int = 40):
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
+def golden_transparent_image(width: int = 16, height: int = 8) -> dict:
+    """Pixels with every alpha level, as ARGB ints (Android's Bitmap.getPixels), and the RGB the host
+    gives them (``to_rgb``: composited on white, as transformers' image processors do)."""
+    from PIL import Image
+
+    from .image import to_rgb
+
+    rng = np.random.default_rng(2)
+    rgba = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+    rgba[..., 3] = np.arange(width * height, dtype=np.uint32).reshape(height, width) * 255 // (width * height - 1)
+    a, r, g, b = (rgba[..., i].astype(np.uint32) for i in (3, 0, 1, 2))
+    argb = ((a << 24) | (r << 16) | (g << 8) | b).astype(np.uint32).view(np.int32)  # Java ints are signed
+    rgb = np.asarray(to_rgb(Image.fromarray(rgba, "RGBA")))
+    return {"width": width, "height": height, "argb": argb.reshape(-1).tolist(), "rgb": rgb.reshape(-1).tolist()}
+
+
 def golden_audio(seconds: float = 2.0, rate: int = 16000) -> np.ndarray:
     """A deterministic 2 s test signal: a 300 -> 1200 Hz chirp plus a little seeded noise."""
     t = np.arange(int(seconds * rate)) / rate
@@ -59,6 +75,7 @@ def golden_vectors(tokenizer, pre: ImagePreprocessing, decode_steps: int = 4, au
         "token_types": prompt.types,
         "special_ids": tokenizer.special,
         "image": {"width": img.width, "height": img.height, "rgb": np.asarray(img).reshape(-1).tolist()},
+        "transparent_image": golden_transparent_image(),
         "preprocessing": pre.to_json(),
         "pixel_values": {"shape": list(pixels.shape), "data": [float(v) for v in pixels.reshape(-1)]},
         "positions": pos.tolist(),

@@ -7,15 +7,20 @@ Output: float32 [N, C*P*P], the exact input of the exported ``vision_encoder``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ExportError
+from ..errors import ExportError, excerpt
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
@@ -29,15 +34,37 @@ class ImagePreprocessing:
     resample: str = "bicubic"
 
     @classmethod
-    def from_checkpoint(cls, preprocessor_config: dict, image_size: int, patch_size: int, merge_size: int):
-        pc = preprocessor_config or {}
+    def from_checkpoint(cls, preprocessor_config: dict, image_size: int, patch_size: int, merge_size: int,
+                        file: str | Path = "preprocessor_config.json"):  # fmt: skip
+        pc = preprocessor_config if isinstance(preprocessor_config, dict) else {}
+
+        def bad(field: str, expected: str) -> ExportError:
+            return ExportError("invalid image preprocessing setting", file=file, field=field, expected=expected,
+                               got=excerpt(repr(pc.get(field))), fix="copy preprocessor_config.json from the original checkpoint")  # fmt: skip
+
+        def integer(field: str, model_value: int) -> int:
+            v = pc.get(field, model_value)
+            if isinstance(v, bool) or not isinstance(v, int) or v != model_value:
+                raise bad(field, f"the integer {model_value} (the vision tower's config.json)")
+            return v
+
+        def triple(field: str, default, positive: bool) -> tuple[float, float, float]:
+            v = pc.get(field, default)
+            if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_finite_number(x) for x in v)
+                    and (not positive or all(x > 0 for x in v))):
+                raise bad(field, f"three finite {'positive ' if positive else ''}numbers (one per RGB channel)")
+            return tuple(float(x) for x in v)
+
+        rescale = pc.get("rescale_factor", 1 / 255)
+        if not _finite_number(rescale) or rescale <= 0:
+            raise bad("rescale_factor", "a finite positive number such as 1/255")
         return cls(
             image_size=image_size,
-            patch_size=int(pc.get("patch_size", patch_size)),
-            merge_size=int(pc.get("merge_size", merge_size)),
-            rescale_factor=float(pc.get("rescale_factor", 1 / 255)),
-            image_mean=tuple(float(x) for x in pc.get("image_mean", CLIP_MEAN)),
-            image_std=tuple(float(x) for x in pc.get("image_std", CLIP_STD)),
+            patch_size=integer("patch_size", patch_size),
+            merge_size=integer("merge_size", merge_size),
+            rescale_factor=float(rescale),
+            image_mean=triple("image_mean", CLIP_MEAN, False),
+            image_std=triple("image_std", CLIP_STD, True),
         )
 
     @classmethod
@@ -63,17 +90,39 @@ class ImagePreprocessing:
         return asdict(self)
 
 
+# Pillow refuses images over ~179 M pixels (DecompressionBombError) only after a warning band; a
+# phone screenshot is ~3 M. Anything past this is refused before its pixels are decoded.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def to_rgb(img):
+    """RGB as transformers' image processors see it (``convert_to_rgb``): transparency composited on
+    white, not dropped (``convert("RGB")`` alone turns transparent pixels into their hidden colour)."""
+    from PIL import Image
+
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(path: str | Path):
-    from PIL import Image, UnidentifiedImageError
+    """An image file as the model should see it: EXIF orientation applied (transformers' ``load_image``
+    does ``ImageOps.exif_transpose``; a phone JPEG is often stored sideways), transparency on white."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = Path(path)
     if not p.is_file():
         raise ExportError("image file not found", file=p, fix="pass an existing PNG or JPEG file with --image")
     try:
         with Image.open(p) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ExportError("image too large", file=p, expected=f"at most {MAX_IMAGE_PIXELS:,} pixels",
+                                  got=f"{w} x {h}", fix="downscale the image (a phone screenshot is ~3 M pixels)")  # fmt: skip
             img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
+            return to_rgb(ImageOps.exif_transpose(img))
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
         raise ExportError(f"cannot read image ({e.__class__.__name__})", file=p, fix="pass a valid PNG or JPEG file") from None
 
 
@@ -88,7 +137,7 @@ def patchify(chw: np.ndarray, patch: int, merge: int) -> np.ndarray:
 def preprocess_image(image, cfg: ImagePreprocessing) -> np.ndarray:
     from PIL import Image
 
-    img = image.convert("RGB")
+    img = to_rgb(image)
     if img.size != (cfg.image_size, cfg.image_size):
         img = img.resize((cfg.image_size, cfg.image_size), resample=Image.Resampling.BICUBIC)
     arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) * np.float32(cfg.rescale_factor)

@@ -24,6 +24,9 @@ class ChatTokenizer:
                 file=path,
                 fix="copy tokenizer.json from the original checkpoint",
             ) from None
+        # special-token text inside user text is encoded as text ("<|user|>" typed in a prompt must
+        # not open a turn); the prompt builder inserts special ids itself
+        self.tok.encode_special_tokens = True
         self.path = Path(path)
         self.special: dict[str, int] = {}
         for name, text in SPECIAL_TOKEN_NAMES.items():

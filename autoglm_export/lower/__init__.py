@@ -23,3 +23,18 @@ def get_backend(target: str):
         "unknown target", field="--target", expected=" | ".join(BACKENDS), got=repr(target),
         fix="pick one of the listed targets",
     )  # fmt: skip
+
+
+def open_bundle_runtime(backend, bundle, manifest: dict):
+    """``backend.open_runtime`` on a bundle whose manifest passed ``load_bundle``: a program the
+    runtime cannot load (truncated, or re-hashed after tampering) is a one-line bundle error."""
+    from ..errors import BundleError, excerpt
+
+    try:
+        return backend.open_runtime(bundle, manifest)
+    except ExportError:
+        raise
+    except Exception as e:  # the runtimes raise RuntimeError, ValueError, their own types
+        raise BundleError(f"the runtime cannot load this bundle ({e.__class__.__name__}: "
+                          f"{excerpt(str(e).strip().splitlines()[0] if str(e).strip() else '', 160)})",
+                          file=bundle, fix="re-export the bundle with autoglm-export") from None  # fmt: skip

@@ -152,7 +152,7 @@ class CoreMLBackend:
         module = module.half().eval()
         for m in module.modules():
             if isinstance(m, RMSNorm):
-                m.plain = True  # one rms_norm op, which coremltools lowers with overflow-safe scaling
+                m.scaled = True  # overflow- and underflow-safe in fp16, epsilon included
             elif type(m) is torch.nn.LayerNorm:
                 m.__class__ = _Fp32LayerNorm
         graphs: dict[str, tuple] = {}

@@ -143,6 +143,15 @@ class ExecuTorchRuntime:
         self.prefill_chunk = prefill_chunk
         self._methods: dict = {}
         self._part_methods: list = []
+        if "get_max_context_len" in self.program.method_names:
+            # the manifest is not hashed: the program's own constant bounds the cache positions used
+            built = int(self.metadata("get_max_context_len"))
+            if built != max_context:
+                from ..errors import BundleError
+
+                raise BundleError("manifest disagrees with the program's KV cache length", file=pte,
+                                  field="shapes.max_context", expected=f"{built} (get_max_context_len of {pte.name})",
+                                  got=str(max_context), fix="re-export the bundle with autoglm-export")  # fmt: skip
 
     @classmethod
     def from_bundle(cls, bundle: Path, manifest: dict, pte: str) -> "ExecuTorchRuntime":

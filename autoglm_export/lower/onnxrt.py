@@ -190,7 +190,7 @@ class OnnxBackend:
             param = by_digest.get(_digest(onnx.numpy_helper.to_array(inits[node.input[1]])))
             w = plan.weights.get(param) if param else None
             if w is not None and w.scheme == "int4":
-                groups.setdefault(w.group_size, []).append(node.name)
+                groups.setdefault(matmul_nbits_block(w), []).append(node.name)
                 node_weights[node.output[0]] = param  # the quantizer renames nodes, not outputs
         planned = {n for n, w in plan.weights.items() if w.scheme == "int4"}
         if planned - set(node_weights.values()):
@@ -254,6 +254,15 @@ class OnnxBackend:
         return {p: version(p) for p in ("onnx", "onnxruntime", "onnxscript", "torch")}
 
 
+def matmul_nbits_block(w) -> int:
+    """MatMulNBits' block size for a planned int4 weight: the rule's group, or for one scale per output
+    channel (a width no allowed group divides) the smallest power of two >= 16 that covers the whole
+    input width; MatMulNBits pads the last block of a row with zeros."""
+    if w.group_size != "channel":
+        return w.group_size
+    return max(16, 1 << (w.shape[-1] - 1).bit_length())
+
+
 class OnnxRuntime:
     """ONNX models of the components in ONNX Runtime (CPU); the host keeps the decoder's KV cache.
     A decoder in parts (``decoder_parts``) runs them in order, each with its own layers' caches."""
@@ -273,6 +282,14 @@ class OnnxRuntime:
         self.prefill_chunk = prefill_chunk
         self.cache_names = [[i.name for i in s.get_inputs()][3:] for s in self.decoder]
         self.cache_shape = cache_shape
+        built = {tuple(i.shape) for s in self.decoder for i in s.get_inputs()[3:]}
+        if built != {tuple(cache_shape)} or cache_shape[2] != max_context:
+            # the manifest is not hashed: the models' own cache inputs bound the positions used
+            from ..errors import BundleError
+
+            raise BundleError("manifest disagrees with the decoder's KV cache inputs", field="shapes.max_context",
+                              expected=f"cache shape {sorted(built)}", got=f"{cache_shape}, max_context {max_context}",
+                              fix="re-export the bundle with autoglm-export")  # fmt: skip
         self.reset()
 
     @classmethod

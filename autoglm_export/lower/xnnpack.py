@@ -40,13 +40,14 @@ class XnnpackBackend:
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
         from torchao.quantization.granularity import PerAxis, PerGroup
 
-        granularity = PerGroup(group_size) if scheme == "int4" else PerAxis(0)
+        grouped = scheme == "int4" and group_size != "channel"  # "channel": a weight no allowed group divides
+        granularity = PerGroup(group_size) if grouped else PerAxis(0)
         wdtype = torch.int4 if scheme == "int4" else torch.int8
         if isinstance(module, torch.nn.Embedding):
             return IntxWeightOnlyConfig(weight_dtype=wdtype, granularity=granularity)
         # XNNPACK stores group-wise scales as bf16 (executorch node_visitor.get_quant_params); rounding
         # them here keeps the PyTorch reference bit-for-bit on the weights the phone will use.
-        scale_dtype = torch.bfloat16 if scheme == "int4" else None
+        scale_dtype = torch.bfloat16 if grouped else None
         return Int8DynamicActivationIntxWeightConfig(
             weight_dtype=wdtype, weight_granularity=granularity, weight_scale_dtype=scale_dtype
         )

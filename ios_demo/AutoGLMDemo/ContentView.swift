@@ -37,7 +37,17 @@ final class DemoModel: ObservableObject {
         }
     }
 
-    func setImage(_ ui: UIImage) {
+    func setImage(_ picked: UIImage) {
+        // drawn upright (a photo's EXIF orientation applied, as transformers' load_image does) onto
+        // white (transparency composited as its image processors do)
+        let format = UIGraphicsImageRendererFormat()
+        format.scale = 1
+        format.opaque = true
+        let ui = UIGraphicsImageRenderer(size: picked.size, format: format).image { c in
+            UIColor.white.setFill()
+            c.fill(CGRect(origin: .zero, size: picked.size))
+            picked.draw(at: .zero)
+        }
         guard let cg = ui.cgImage else { return }
         let w = cg.width, h = cg.height
         var rgba = [UInt8](repeating: 0, count: w * h * 4)

@@ -25,6 +25,9 @@ from .layout import TEXT_PREFIX, VISION_PREFIX
 from .spec import ModelSpec, TextSpec, VisionSpec
 
 
+FP16_TINY = 2.0**-14  # the smallest normal fp16 number
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -34,8 +37,23 @@ class RMSNorm(nn.Module):
     # NPU exports set this: the plain rms_norm pattern is fused into one RmsNorm op there (QNN's
     # quantized Sqrt/Reciprocal lose the small-norm inputs), while XNNPACK needs the 4-D mean
     plain = False
+    # Core ML sets this: every op runs in fp16, where x*x overflows past |x| = 256 and vanishes
+    # below 2^-12. Dividing by max|x| first keeps the squares in range; the epsilon is divided by
+    # max|x|^2 with them. (coremltools' own rms_norm lowering scales x but not the epsilon, which
+    # dropped a transformers-initialised checkpoint's decoder to 6 dB against its reference.)
+    scaled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scaled:
+            # constants as tensors of x's dtype: coremltools promotes a Python float operand to fp32
+            tiny, root_eps = (torch.tensor(v, dtype=x.dtype) for v in (FP16_TINY, math.sqrt(self.eps)))
+            m = x.abs().amax(dim=-1, keepdim=True) + tiny  # any m > 0 gives the same norm; never 0
+            xs = x / m
+            e = root_eps / m  # (sqrt(eps)/m)^2 stays in fp16 range where eps/m^2's m^2 would not
+            y = self.weight * (xs * torch.rsqrt((xs * xs).mean(dim=-1, keepdim=True) + e * e))
+            # coremltools types the rsqrt chain fp32 and a following conv then fails on its fp16 bias;
+            # an explicit round trip gives the value a declared fp16 type (the fp16 pass folds it)
+            return y.float().to(x.dtype)
         if self.plain:
             # in fp32 even for an fp16 module: coremltools 9.0 lowers an fp16 rms_norm with an fp32 eps
             # (type error); its fp16 pass casts the fp32 op back to fp16 in the program

@@ -125,16 +125,11 @@ class MainActivity : ComponentActivity() {
         }
     }
 
+    // ImageDecoder has already applied the EXIF orientation; transparency goes on white, as on the host
     private fun rgbOf(bmp: Bitmap): IntArray {
         val px = IntArray(bmp.width * bmp.height)
         bmp.getPixels(px, 0, bmp.width, 0, 0, bmp.width, bmp.height)
-        val rgb = IntArray(px.size * 3)
-        for (i in px.indices) {
-            rgb[3 * i] = (px[i] shr 16) and 0xFF
-            rgb[3 * i + 1] = (px[i] shr 8) and 0xFF
-            rgb[3 * i + 2] = px[i] and 0xFF
-        }
-        return rgb
+        return ImagePreprocessor.rgbOnWhite(px)
     }
 
     private fun ask(question: String) {

@@ -106,6 +106,7 @@ class BundleManifest(
 
     companion object {
         const val MANIFEST = "manifest.json"
+        const val TOKENIZER = "tokenizer.json"
         const val SCHEMA_VERSION = 1
         const val COMPONENT_VISION = "vision_encoder"
         const val COMPONENT_EMBEDDING = "token_embedding"
@@ -242,6 +243,15 @@ class BundleManifest(
                     "push the whole --out directory of autoglm-export to the device")
             }
             val manifest = parse(mfile.readText(Charsets.UTF_8), mfile.path)
+            // every file the runtime opens: named relative, inside the bundle, and hashed below
+            for (name in manifest.files.keys) checkInside(dir, name, "files")
+            val opened = manifest.components.values.flatMap { c -> c.programs.map { it.file } + c.file } + TOKENIZER
+            for (name in opened) {
+                checkInside(dir, name, "components")
+                if (!manifest.files.containsKey(name)) {
+                    throw BundleError(mfile.path, "files", "an entry with the sha256 of $name", "none", "re-export the bundle")
+                }
+            }
             for ((name, entry) in manifest.files) {
                 val f = File(dir, name)
                 if (!f.isFile || f.length() != entry.bytes) {
@@ -254,6 +264,17 @@ class BundleManifest(
                 }
             }
             return manifest
+        }
+
+        /** [name] stays inside [dir]: relative, no '..' or hidden part, and so after resolving symlinks. */
+        private fun checkInside(dir: File, name: String, field: String) {
+            val parts = name.split("/")
+            val plain = name.isNotEmpty() && !name.startsWith("/") && !name.contains('\\') &&
+                parts.all { it.isNotEmpty() && !it.startsWith(".") } && (parts.size == 1 || parts[0].endsWith(".mlpackage"))
+            if (!plain || !File(dir, name).canonicalPath.startsWith(dir.canonicalPath + File.separator)) {
+                throw BundleError(File(dir, MANIFEST).path, field, "a file name inside the bundle", name.take(120),
+                    "re-export the bundle; a manifest may not point outside it")
+            }
         }
 
         fun sha256(f: File): String {

@@ -64,8 +64,10 @@ class ByteLevelBpe private constructor(
     private val addedContent: Set<String> = added.map { it.first }.toSet()
 
     private fun addedAt(s: String, i: Int): Pair<String, Int>? {
-        // added tokens are sorted longest first, so the first hit is the longest one
-        for (a in added) if (s.startsWith(a.first, i)) return a
+        // added tokens are sorted longest first, so the first hit is the longest one. Special tokens
+        // in user text are text (as encode_special_tokens in the host tokenizer): typing "<|user|>"
+        // must not open a turn; the prompt builder inserts special ids itself.
+        for (a in added) if (!specialIds.contains(a.second) && s.startsWith(a.first, i)) return a
         return null
     }
 

@@ -38,6 +38,25 @@ object ImagePreprocessor {
 
     private fun rgb(img: IntArray, width: Int, x: Int, y: Int, c: Int): Int = img[(y * width + x) * 3 + c]
 
+    /**
+     * ARGB pixels as Bitmap.getPixels gives them (not premultiplied) to the RGB bytes [preprocess]
+     * takes, transparency composited on white as transformers' image processors do (convert_to_rgb);
+     * Pillow's alpha_composite arithmetic on an opaque white background, so the host's pixels match.
+     */
+    fun rgbOnWhite(argb: IntArray): IntArray {
+        val out = IntArray(argb.size * 3)
+        for (i in argb.indices) {
+            val a = (argb[i] ushr 24) and 0xFF
+            for (c in 0 until 3) {
+                val v = (argb[i] shr (16 - 8 * c)) and 0xFF
+                val coef1 = a * 128 // Pillow: src.a * 255 * 255 * 2^7 / (255 * 255) for an opaque background
+                val t = v * coef1 + 255 * (255 * 128 - coef1) + (0x80 shl 7)
+                out[3 * i + c] = if (a == 0) 255 else ((((t shr 8) + t) shr 8) shr 7)
+            }
+        }
+        return out
+    }
+
     private const val PRECISION_BITS = 32 - 8 - 2
     private const val SUPPORT = 2.0
 

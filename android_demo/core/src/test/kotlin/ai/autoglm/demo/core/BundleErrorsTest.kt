@@ -72,6 +72,27 @@ class BundleErrorsTest {
         assertEquals(manifest.files.keys, BundleManifest.load(dir).files.keys) // the real files pass
     }
 
+    /** The golden bundle copied into a fresh directory with its manifest text edited by [edit]. */
+    private fun bundleWith(edit: (String) -> String): File {
+        val dir = tmp.newFolder("edited")
+        for (name in BundleManifest.parse(manifestText()).files.keys) File(Golden.dir, name).copyTo(File(dir, name))
+        File(dir, "manifest.json").writeText(edit(manifestText()))
+        return dir
+    }
+
+    @Test
+    fun programOutsideTheBundleIsRefused() = expectError("inside the bundle") {
+        val dir = bundleWith { it.replaceFirst("\"file\": \"text_decoder.01-01.pte\"", "\"file\": \"../evil.pte\"") }
+        File(dir, "text_decoder.01-01.pte").copyTo(File(dir.parentFile, "evil.pte"))
+        BundleManifest.load(dir)
+    }
+
+    @Test
+    fun programTheManifestDoesNotHashIsRefused() = expectError("sha256 of text_decoder.01-01.pte") {
+        // the file stays, but its entry (and so its hash) is gone from files
+        BundleManifest.load(bundleWith { it.replaceFirst(Regex("\"text_decoder.01-01.pte\": \\{[^}]*\\},?"), "") })
+    }
+
     @Test
     fun tokenizerOfAnotherKindIsRefused() = expectError("model.type") {
         ByteLevelBpe.parse("{\"model\": {\"type\": \"Unigram\", \"vocab\": []}}")

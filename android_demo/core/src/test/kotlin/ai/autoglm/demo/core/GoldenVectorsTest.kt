@@ -57,6 +57,12 @@ class GoldenVectorsTest {
     }
 
     @Test
+    fun transparencyIsCompositedOnWhiteLikeTheHost() {
+        val img = g.getAsJsonObject("transparent_image")
+        assertArrayEquals(Golden.ints(img, "rgb"), ImagePreprocessor.rgbOnWhite(Golden.ints(img, "argb")))
+    }
+
+    @Test
     fun logMelMatchesHostFrontEnd() {
         val audio = g.getAsJsonObject("audio") ?: return assertEquals(null, Golden.manifest.audio)
         val cfg = Golden.manifest.audio!!

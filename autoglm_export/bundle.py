@@ -6,7 +6,9 @@ before anything is loaded, so a corrupted or tampered bundle is refused with a o
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -50,17 +52,13 @@ def decoder_part_paths(bundle: Path, manifest: dict) -> list[Path]:
 
 def program_data_files(bundle: Path, manifest: dict) -> dict[Path, Path]:
     """Each program file that keeps its weights in a ``.ptd`` (recipe ``lowering.external_weights``)
-    mapped to that data file. A data file must be one the manifest lists (so its hash was checked)."""
+    mapped to that data file, which must be one the manifest hashes (the check ``load_bundle`` makes)."""
+    check_opened_files(Path(bundle), manifest, Path(bundle) / MANIFEST)
     out = {}
-    for name, comp in manifest["components"].items():
+    for comp in manifest["components"].values():
         for entry in [comp, *(comp.get("programs") or [])]:
-            data = entry.get("data_file")
-            if data is None:
-                continue
-            if data not in manifest["files"] or not _safe_relative(data):
-                raise BundleError("data file not listed in the manifest's files", file=Path(bundle) / MANIFEST,
-                                  field=f"components.{name}.data_file", got=repr(data), fix="re-export the bundle with autoglm-export")  # fmt: skip
-            out[Path(bundle) / entry["file"]] = Path(bundle) / data
+            if entry.get("data_file") is not None:
+                out[Path(bundle) / entry["file"]] = Path(bundle) / entry["data_file"]
     return out
 
 
@@ -140,10 +138,18 @@ def _check_structure(manifest: dict, mpath: Path) -> None:
     mc = shapes.get("max_context") if isinstance(shapes, dict) else None
     if not isinstance(mc, int) or isinstance(mc, bool) or not 2 <= mc <= MAX_CONTEXT_LIMIT:
         raise bad("shapes.max_context", f"an integer from 2 to {MAX_CONTEXT_LIMIT}", mc)
-    recorded = ((manifest.get("recipe") or {}).get("content") or {}).get("shapes", {}).get("max_context", mc)
-    cache = (comps["text_decoder"].get("state") or {}).get("kv_cache", {}).get("shape", [None, None, mc])
+    recorded = _dig(manifest, "recipe", "content", "shapes", "max_context", default=mc)
+    cache = _dig(comps["text_decoder"], "state", "kv_cache", "shape", default=[None, None, mc])
     if recorded != mc or (isinstance(cache, list) and len(cache) > 2 and cache[2] != mc):
         raise bad("shapes.max_context", f"the KV cache length the decoder was exported with ({recorded})", mc)
+
+
+def _dig(node, *keys: str, default=None):
+    for k in keys:
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return node
 
 
 def check_opened_files(bundle: Path, manifest: dict, mpath: Path) -> None:
@@ -168,8 +174,9 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def load_bundle(bundle: str | Path, *, check_hashes: bool = True) -> dict:
-    """Read and check a bundle's manifest and files; returns the manifest."""
+def load_bundle(bundle: str | Path, *, check_hashes: bool = True, trust_stamp: bool = False) -> dict:
+    """Read and check a bundle's manifest and files; returns the manifest. ``trust_stamp``: skip
+    re-hashing files whose identity is unchanged since the last full check (``run``)."""
     bundle = Path(bundle)
     fix = "re-export the bundle with autoglm-export"
     if not bundle.is_dir():
@@ -190,7 +197,8 @@ def load_bundle(bundle: str | Path, *, check_hashes: bool = True) -> dict:
             raise BundleError("manifest field missing", file=mpath, field=key, fix=fix)
     _check_structure(manifest, mpath)
     check_opened_files(bundle, manifest, mpath)
-    if check_hashes:
+    stamp = _stamp(bundle, mpath.read_bytes()) if check_hashes else None
+    if check_hashes and not (trust_stamp and _stamp_matches(stamp, bundle, manifest)):
         for name, entry in manifest["files"].items():
             path = bundle / name
             if not path.is_file():
@@ -203,4 +211,39 @@ def load_bundle(bundle: str | Path, *, check_hashes: bool = True) -> dict:
                     expected=entry["sha256"][:16] + "…",
                     fix=fix,
                 )
+        _write_stamp(stamp, bundle, manifest)
     return manifest
+
+
+# A 9B bundle is ~6 GB: hashing it on every `run` cost seconds of start-up. After a full check,
+# each file's size, mtime, ctime and inode go to a stamp in the user's cache (never into the
+# bundle), keyed by the bundle's path and its manifest's bytes; `run` skips re-hashing while every
+# file still has the same identity. A change through the file system moves ctime, which no user can
+# set back; `verify` always hashes everything.
+def _stamp(bundle: Path, manifest_bytes: bytes) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "autoglm-export" / "verified"
+    key = hashlib.sha256(str(bundle.resolve()).encode() + b"\0" + manifest_bytes).hexdigest()[:32]
+    return root / f"{key}.json"
+
+
+def _identities(bundle: Path, manifest: dict) -> dict:
+    out = {}
+    for name in sorted(manifest["files"]):
+        st = (bundle / name).stat()
+        out[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return out
+
+
+def _stamp_matches(stamp: Path, bundle: Path, manifest: dict) -> bool:
+    try:
+        return json.loads(stamp.read_text()) == _identities(bundle, manifest)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_stamp(stamp: Path, bundle: Path, manifest: dict) -> None:
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(_identities(bundle, manifest)))
+    except OSError:  # a read-only home only costs the next run a full hash
+        pass

@@ -134,3 +134,32 @@ def test_opened_files_cover_every_target_manifest(xnnpack_bundle, qnn_bundle, co
         named = {n for _, n in opened_files(m)}
         loaded = {p["file"] for c in m["components"].values() for p in [c, *(c.get("programs") or [])]}
         assert loaded <= named and "tokenizer.json" in named
+
+
+def test_run_trusts_a_stamp_until_a_file_changes(bundle, tmp_path, monkeypatch):
+    """`run` re-hashes nothing while every file keeps its identity since the last full check; any
+    write moves ctime and brings the full check (and its refusal) back; `verify`'s load always hashes."""
+    import os
+
+    from autoglm_export import bundle as bundle_mod
+    from autoglm_export.errors import BundleError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    hashed = []
+    real = bundle_mod.sha256_file
+    monkeypatch.setattr(bundle_mod, "sha256_file", lambda p: hashed.append(p) or real(p))
+    n = len(_manifest(bundle)["files"])
+    bundle_mod.load_bundle(bundle, trust_stamp=True)
+    assert len(hashed) == n  # first time: everything
+    bundle_mod.load_bundle(bundle, trust_stamp=True)
+    assert len(hashed) == n  # stamp trusted
+    bundle_mod.load_bundle(bundle)
+    assert len(hashed) == 2 * n  # verify's way: full hash regardless
+    pte = bundle / "model.pte"
+    st = pte.stat()
+    data = bytearray(pte.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pte.write_bytes(bytes(data))
+    os.utime(pte, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only ctime tells
+    with pytest.raises(BundleError, match="does not match its manifest hash"):
+        bundle_mod.load_bundle(bundle, trust_stamp=True)

@@ -187,6 +187,15 @@ def write_transformers_checkpoint(out: Path) -> Path:
     return out
 
 
+@pytest.fixture
+def ckpt_copy(tiny_ckpt, tmp_path) -> Path:
+    """A copy of the tiny checkpoint a test may damage (two levels under tmp_path, so that its
+    parent and grandparent are the test's own directories too)."""
+    d = tmp_path / "work" / "ckpt"
+    shutil.copytree(tiny_ckpt, d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def odd_shapes_ckpt(tmp_path_factory) -> Path:
     return _shared(tmp_path_factory, "odd-ckpt", write_transformers_checkpoint)

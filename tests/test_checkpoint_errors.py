@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from conftest import assert_one_line_error as _assert_one_line_error
 from conftest import run_cli, tree_snapshot
-
-
-@pytest.fixture
-def ckpt_copy(tiny_ckpt, tmp_path) -> Path:
-    d = tmp_path / "ckpt"
-    shutil.copytree(tiny_ckpt, d)
-    return d
 
 
 def _index(d: Path) -> dict:

@@ -18,13 +18,6 @@ import pytest
 from conftest import REPO, assert_one_line_error, run_cli
 
 
-@pytest.fixture
-def ckpt_copy(tiny_ckpt, tmp_path) -> Path:
-    d = tmp_path / "ckpt"
-    shutil.copytree(tiny_ckpt, d)
-    return d
-
-
 def _first_shard(d: Path) -> Path:
     return d / sorted(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values()))[0]
 

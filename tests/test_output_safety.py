@@ -9,20 +9,10 @@ import resource
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, assert_one_line_error, run_cli, tree_snapshot
-
-
-@pytest.fixture
-def ckpt_copy(tiny_ckpt, tmp_path) -> Path:
-    import shutil
-
-    d = tmp_path / "work" / "ckpt"
-    shutil.copytree(tiny_ckpt, d)
-    return d
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "parent", "grandparent"])

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
-import torch
-
-from reference import check_parity, load_hf, scale_random_init
+from reference import check_parity, load_hf
 
 
 def test_own_tiny_checkpoint_matches_transformers(tiny_ckpt):

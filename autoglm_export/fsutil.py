@@ -55,8 +55,6 @@ def check_output(out: Path, *, force: bool, protected: tuple[Path, ...] = (), re
     out = Path(os.path.abspath(out))
     real = out.resolve()
     for p in protected:
-        if p is None:
-            continue
         pr = Path(p).resolve()
         if real == pr or real in pr.parents:
             raise ExportError(
@@ -112,11 +110,11 @@ def recover_stale(out: Path) -> list[str]:
     pattern = re.compile(rf"\.{re.escape(out.name)}\.(old|tmp)-(\d+)-[0-9a-f]{{8}}")
     done = []
     try:
-        entries = sorted(out.parent.iterdir(), key=lambda p: p.name)
+        # .old- first: an interrupted swap is undone before any staging directory is removed
+        entries = sorted(out.parent.iterdir(), key=lambda p: (".tmp-" in p.name, p.name))
     except OSError:
         return done
-    # .old- first: an interrupted swap is undone before any staging directory is removed
-    for p in sorted(entries, key=lambda p: ".tmp-" in p.name):
+    for p in entries:
         m = pattern.fullmatch(p.name)
         if m is None or int(m[2]) == os.getpid() or _pid_alive(int(m[2])):
             continue

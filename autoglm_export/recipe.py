@@ -39,7 +39,6 @@ class RuleTimeout(ValueError):
     """A quantization pattern took too long on one weight name."""
 
     def __init__(self, index: int, pattern: str, weight: str) -> None:
-        self.index, self.pattern, self.weight = index, pattern, weight
         super().__init__(f"quantization[{index}].match = {excerpt(repr(pattern))}: matching {weight!r} took over "
                          f"{MATCH_TIMEOUT_S:g} s; simplify the pattern (no nested repetition such as '(.*)*')")
 
@@ -280,29 +279,15 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """safe_load without anchors and aliases: a recipe never needs them, and nested aliases expand
-    exponentially (a YAML 'billion laughs')."""
+    """safe_load without aliases: a recipe never needs them, and nested aliases expand exponentially
+    (a YAML 'billion laughs'); an anchor nothing refers to is harmless."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML aliases (*name) are not allowed in a recipe; "
-                                 "write the value out")
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are not "
+                                 "allowed in a recipe; write the value out")
         return super().compose_node(parent, index)
-
-    def compose_scalar_node(self, anchor):
-        return super().compose_scalar_node(self._refuse_anchor(anchor))
-
-    def compose_sequence_node(self, anchor):
-        return super().compose_sequence_node(self._refuse_anchor(anchor))
-
-    def compose_mapping_node(self, anchor):
-        return super().compose_mapping_node(self._refuse_anchor(anchor))
-
-    def _refuse_anchor(self, anchor):
-        if anchor is not None:
-            raise yaml.YAMLError(f"YAML anchors (&{excerpt(anchor, 40)}) are not allowed in a recipe; write the value out")
-        return anchor
 
 
 def default_recipe_path(target: str) -> Path:

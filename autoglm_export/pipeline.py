@@ -20,7 +20,7 @@ from .host.audio import AudioPreprocessing
 from .host.image import ImagePreprocessing
 from .host.tokenizer import ChatTokenizer
 from .load import build_on_meta, load_component
-from .lower.export_caches import return_freed_memory
+from .lower.export_caches import map_large_allocations, return_freed_memory
 from .models.glm4v.modules import TextDecoder
 from .models.glm4v.spec import load_json
 from .progress import silent
@@ -124,6 +124,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     inputs = (Path(checkpoint), recipe_file)
     check_output(out, force=force, protected=inputs)  # before any work; --force replaces bundles only
     rec = load_recipe(recipe_file)
+    map_large_allocations()
     if rec.target != target:
         raise RecipeError(recipe_file, [f"target = {rec.target!r}: this recipe is for {rec.target}, not --target {target}"])
     say = progress.stage("load")

@@ -142,15 +142,34 @@ def run_cmd(
     audio: Optional[Path] = typer.Option(None, "--audio", help="WAV/FLAC (bundles with an audio encoder)."),
     order: str = typer.Option("image,audio,text", "--order", help="Order of the parts in the user turn."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt before the user turn."),
 ) -> None:
     """Generate text from a bundle (streams tokens to stdout)."""
     from .runner import read_prompt, run_bundle
 
     text = read_prompt(prompt, prompt_file)
-    run_bundle(bundle, prompt=text, image=image, audio=audio, order=order, max_new_tokens=max_new_tokens,
+    run_bundle(bundle, prompt=text, image=image, audio=audio, order=order, max_new_tokens=max_new_tokens, system=system,
                allow_failed=allow_failed, write=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
                warn=lambda s: print(s, file=sys.stderr))  # fmt: skip
     sys.stdout.write("\n")
+
+
+@app.command("serve")
+def serve_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    model_name: str = typer.Option("autoglm-phone-9b", "--model-name", help="The model id clients ask for."),
+    allow_files: Optional[Path] = typer.Option(None, "--allow-files", help="Serve file:// image/audio URLs under this directory."),
+    max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests admitted at once (running + waiting); 429 beyond."),
+    allow_failed: bool = typer.Option(False, "--allow-failed", help="Serve a bundle whose parity gates failed at export."),
+) -> None:
+    """OpenAI-compatible chat service on a bundle: POST /v1/chat/completions, GET /v1/models, /health, /docs."""
+    from .serve.app import serve
+
+    serve(bundle, host=host, port=port, model_name=model_name, allow_files=allow_files, max_queue=max_queue,
+          allow_failed=allow_failed, say=lambda s: print(s, file=sys.stderr, flush=True),
+          warn=lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
 
 
 @recipes_app.command("list")

@@ -9,10 +9,8 @@ from types import SimpleNamespace
 
 from .bundle import load_bundle
 from .errors import BundleError, ExportError, excerpt
-from .host.audio import AudioPreprocessing, load_audio, log_mel
-from .host.generate import generate
-from .host.image import ImagePreprocessing, load_image, preprocess_image
-from .host.prompt import build_chat_prompt
+from .host.audio import AudioPreprocessing, load_audio
+from .host.image import ImagePreprocessing, load_image
 from .host.tokenizer import ChatTokenizer
 from .models.glm4v.spec import TokenSpec
 
@@ -95,7 +93,11 @@ MAX_PROMPT_BYTES = 16 << 20
 
 def run_bundle(bundle: str | Path, *, prompt: str, image: str | Path | None, max_new_tokens: int,
                write: Callable[[str], object], audio: str | Path | None = None, order: str = "image,audio,text",
-               allow_failed: bool = False, warn: Callable[[str], object] = lambda s: None) -> list[int]:  # fmt: skip
+               allow_failed: bool = False, warn: Callable[[str], object] = lambda s: None,
+               system: str | None = None) -> list[int]:  # fmt: skip
+    """One user turn (and an optional system prompt) through the conversation runtime ``serve`` uses."""
+    from .host.conversation import ChatEngine, Message, Part
+
     bundle = Path(bundle)
     parts = parse_order(order)
     # user inputs are read, and refused, before any runtime library loads (libsndfile also
@@ -103,36 +105,20 @@ def run_bundle(bundle: str | Path, *, prompt: str, image: str | Path | None, max
     img = load_image(image) if image is not None else None
     manifest = load_bundle(bundle, trust_stamp=True)  # hashed in full once; `verify` always re-hashes
     check_verified(bundle, manifest, allow_failed, warn)
-    features = []
+    wave = None
     if audio is not None:
         if not manifest.get("audio_preprocessing"):
             raise ExportError("this bundle has no audio encoder", field="--audio", file=bundle,
                               fix="export a checkpoint with an audio tower, or drop --audio")  # fmt: skip
-        apre = AudioPreprocessing(**manifest["audio_preprocessing"])
-        features = [log_mel(load_audio(audio, apre), apre)[None]]
-    manifest, runtime, tokenizer, pre = open_bundle(bundle, manifest)
-    audio_tokens = manifest["components"]["audio_encoder"]["outputs"][0]["shape"][0] if features else None
-    chat = build_chat_prompt(tokenizer, prompt, pre.num_tokens if img is not None else None, audio_tokens, parts)
-    images = [preprocess_image(img, pre)] if img is not None else []
-    generated: list[int] = []
-    shown = ""
-    eos = tuple(manifest["prompt"]["eos_ids"])
-
-    def on_token(tok: int) -> None:
-        nonlocal shown
-        if tok in eos:
-            return
-        generated.append(tok)
-        text = tokenizer.decode(generated)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            write(text[len(shown):])
-            shown = text
-
-    if len(chat) >= runtime.max_context:
-        raise ExportError("prompt does not fit the bundle's context", field="--prompt",
-                          expected=f"fewer than {runtime.max_context} tokens (shapes.max_context of this bundle)",
-                          got=f"{len(chat):,} tokens", fix="shorten the prompt, or export with a larger max_context")  # fmt: skip
-    max_new = min(max_new_tokens, runtime.max_context - len(chat))
-    generate(runtime, chat, images=images, image_grids=[pre.merged_grid] * len(images), audios=features,
-             max_new_tokens=max(max_new, 1), eos_ids=eos, on_token=on_token)  # fmt: skip
-    return generated
+        wave = load_audio(audio, AudioPreprocessing(**manifest["audio_preprocessing"]))
+    engine = ChatEngine(bundle, manifest=manifest)
+    user = []
+    for part in parts:
+        if part == "image" and img is not None:
+            user.append(engine.image_part(img))
+        elif part == "audio" and wave is not None:
+            user.append(engine.audio_part(wave))
+        elif part == "text":
+            user.append(Part.of_text(prompt))
+    messages = ([Message.text("system", system)] if system else []) + [Message("user", tuple(user))]
+    return engine.chat(messages, max_tokens=max_new_tokens, on_text=write).tokens

@@ -85,23 +85,33 @@ def log_mel(wave: np.ndarray, cfg: AudioPreprocessing) -> np.ndarray:
 
 def load_audio(path: str | Path, cfg: AudioPreprocessing) -> np.ndarray:
     """Read WAV/FLAC/OGG (libsndfile), mix to mono, resample to 16 kHz; check it fits the window."""
-    import soundfile as sf
-
     p = Path(path)
     if not p.is_file():
         raise ExportError("audio file not found", file=p, fix="pass an existing WAV or FLAC file with --audio")
+    return decode_audio(str(p), cfg, file=p)
+
+
+def decode_audio(source, cfg: AudioPreprocessing, *, file=None, field: str | None = None) -> np.ndarray:
+    """``load_audio`` of a path, an open binary file or bytes (a request's data URL)."""
+    import io
+
+    import soundfile as sf
+
+    p = file
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
     try:
-        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
-    except (RuntimeError, sf.LibsndfileError) as e:
-        raise ExportError(f"cannot read audio ({str(e).splitlines()[0][:80]})", file=p,
-                          fix="pass a WAV, FLAC or OGG file") from None  # fmt: skip
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
+    except (RuntimeError, sf.LibsndfileError, TypeError) as e:
+        raise ExportError(f"cannot read audio ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})", file=p,
+                          field=field, fix="pass a WAV, FLAC or OGG file") from None  # fmt: skip
     if not np.isfinite(data).all():  # float WAVs can carry NaN/inf; the encoder would turn them into garbage
-        raise ExportError("audio holds non-finite samples", file=p, expected="finite samples",
+        raise ExportError("audio holds non-finite samples", file=p, field=field, expected="finite samples",
                           got=f"{int((~np.isfinite(data)).sum()):,} NaN or infinite of {data.size:,}",
                           fix="re-encode the recording (e.g. as 16-bit PCM WAV)")  # fmt: skip
     wave = data.mean(axis=1)
     if wave.size == 0 or not np.any(wave):
-        raise ExportError("audio is empty or silent", file=p, fix="pass a recording with sound in it")
+        raise ExportError("audio is empty or silent", file=p, field=field, fix="pass a recording with sound in it")
     if rate != cfg.sample_rate:
         from math import gcd
 
@@ -111,7 +121,7 @@ def load_audio(path: str | Path, cfg: AudioPreprocessing) -> np.ndarray:
         wave = resample_poly(wave, cfg.sample_rate // g, rate // g).astype(np.float32)
     if len(wave) > cfg.samples:
         raise ExportError(
-            "audio is longer than the bundle's audio window", file=p,
+            "audio is longer than the bundle's audio window", file=p, field=field,
             expected=f"at most {cfg.seconds:.2f} s", got=f"{len(wave) / cfg.sample_rate:.2f} s",
             fix="trim the recording, or export with a larger shapes.audio_seconds in the recipe",
         )  # fmt: skip

@@ -37,41 +37,49 @@ class Trace:
     step_logits: list[np.ndarray] = field(default_factory=list)
     image_embeddings: list[np.ndarray] = field(default_factory=list)
     audio_embeddings: list[np.ndarray] = field(default_factory=list)
+    cached: int = 0  # cache slots holding this call's tokens when it returned (prompt + tokens fed back)
 
 
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield start, min(start + size, n)
+def _chunks(n: int, size: int, start: int = 0):
+    for a in range(start, n, size):
+        yield a, min(a + size, n)
 
 
-def _scatter(embeds, prompt: Prompt, kind: int, encode, inputs, record: list) -> None:
-    """Encode each image / audio clip and write the results over its placeholder tokens."""
+def _scatter(embeds, prompt: Prompt, kind: int, encode, inputs, record: list, reuse: int = 0) -> None:
+    """Encode each image / audio clip and write the results over its placeholder tokens (``embeds``
+    holds the prompt's tokens from ``reuse`` on: an input wholly before it is not encoded again)."""
     slots = [i for i, t in enumerate(prompt.types) if t == kind]
     if not inputs:
         return
-    feats = []
-    for x in inputs:
+    per = len(slots) // len(inputs) if len(slots) % len(inputs) == 0 else None
+    if per is None:
+        raise ValueError(f"{len(slots)} placeholder tokens for {len(inputs)} inputs")
+    for j, x in enumerate(inputs):
+        own = slots[j * per : (j + 1) * per]
+        if own[-1] < reuse:
+            continue
         f = encode(torch.as_tensor(x, dtype=torch.float32))
         record.append(f.numpy().copy())
-        feats.append(f)
-    feats = torch.cat(feats, dim=0)
-    if feats.shape[0] != len(slots):
-        raise ValueError(f"{feats.shape[0]} encoder outputs for {len(slots)} placeholder tokens")
-    embeds[0, slots] = feats.to(embeds.dtype)
+        if f.shape[0] != per:
+            raise ValueError(f"{f.shape[0]} encoder outputs for {per} placeholder tokens")
+        keep = [k for k, i in enumerate(own) if i >= reuse]
+        embeds[0, [own[k] - reuse for k in keep]] = f[keep].to(embeds.dtype)
 
 
 def prefill(runtime: Runtime, prompt: Prompt, images: list[np.ndarray], image_grids: list[tuple[int, int]], trace: Trace,
-            audios: list[np.ndarray] = ()):  # fmt: skip
+            audios: list[np.ndarray] = (), reuse: int = 0):  # fmt: skip
+    """Run the prompt's tokens from ``reuse`` on through the decoder (those before it are already in
+    the cache, written by an earlier call with the same tokens, images and clips); logits of the last."""
     n = len(prompt)
     ids = torch.tensor(prompt.ids, dtype=torch.long).unsqueeze(0)
-    embeds = torch.cat([runtime.token_embedding(ids[:, a:b]) for a, b in _chunks(n, runtime.prefill_chunk)], dim=1)
-    _scatter(embeds, prompt, IMAGE, runtime.vision_encoder, images, trace.image_embeddings)
+    embeds = torch.cat([runtime.token_embedding(ids[:, a:b]) for a, b in _chunks(n, runtime.prefill_chunk, reuse)], dim=1)
+    _scatter(embeds, prompt, IMAGE, runtime.vision_encoder, images, trace.image_embeddings, reuse)
     if audios:
-        _scatter(embeds, prompt, AUDIO, runtime.audio_encoder, audios, trace.audio_embeddings)
+        _scatter(embeds, prompt, AUDIO, runtime.audio_encoder, audios, trace.audio_embeddings, reuse)
     pos = torch.from_numpy(trace.positions)
     logits = None
-    for a, b in _chunks(n, runtime.prefill_chunk):
-        logits = runtime.text_decoder(embeds[:, a:b], pos[:, a:b].contiguous(), torch.arange(a, b, dtype=torch.long))
+    for a, b in _chunks(n, runtime.prefill_chunk, reuse):
+        logits = runtime.text_decoder(embeds[:, a - reuse : b - reuse], pos[:, a:b].contiguous(), torch.arange(a, b, dtype=torch.long))
     return logits
 
 
@@ -86,9 +94,15 @@ def generate(
     eos_ids: tuple[int, ...] = (),
     force_tokens: list[int] | None = None,
     on_token: Callable[[int], None] | None = None,
+    reuse: int = 0,
+    choose: Callable[[torch.Tensor, list[int]], int] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Trace:
-    """Greedy generation. With ``force_tokens`` the loop feeds those tokens (teacher forcing)
-    and records its own argmax at every step, so two runtimes can be compared step by step."""
+    """Greedy generation (or ``choose(logits, tokens so far)``, a sampler). With ``force_tokens``
+    the loop feeds those tokens (teacher forcing) and records its own argmax at every step, so two
+    runtimes can be compared step by step. ``reuse``: how many of the prompt's first tokens the
+    cache already holds from the previous call (prefix reuse; 0 starts afresh). ``stop()`` is asked
+    after each token (a client gone, a budget spent, a stop string seen)."""
     n = len(prompt)
     if n + max_new_tokens > runtime.max_context:
         raise ExportError(
@@ -98,26 +112,30 @@ def generate(
             got=str(n + max_new_tokens),
             fix="shorten the prompt, lower --max-new-tokens, or export with a larger max_context",
         )
+    if not 0 <= reuse < n:
+        raise ValueError(f"reuse {reuse} outside [0, {n}): at least the prompt's last token must run")
     positions, delta = mrope_positions(prompt.types, list(image_grids))
     trace = Trace(prompt_ids=list(prompt.ids), positions=positions, rope_delta=delta)
-    runtime.reset()
-    logits = prefill(runtime, prompt, list(images), list(image_grids), trace, list(audios))
+    if reuse == 0:
+        runtime.reset()
+    logits = prefill(runtime, prompt, list(images), list(image_grids), trace, list(audios), reuse)
     cache_index = n
     for step in range(max_new_tokens):
         trace.step_logits.append(logits[0].float().numpy().copy())
-        own = int(logits[0].argmax())
+        own = int(logits[0].argmax()) if choose is None or force_tokens is not None else choose(logits[0], trace.tokens)
         trace.tokens.append(own)
         if on_token:
             on_token(own)
         fed = force_tokens[step] if force_tokens is not None and step < len(force_tokens) else own
         if force_tokens is None and own in eos_ids:
             break
-        if step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or (stop is not None and stop()):
             break
         emb = runtime.token_embedding(torch.tensor([[fed]], dtype=torch.long))
         pos = torch.from_numpy(decode_positions(cache_index, delta))
         logits = runtime.text_decoder(emb, pos, torch.tensor([cache_index], dtype=torch.long))
         cache_index += 1
+    trace.cached = cache_index
     return trace
 
 

@@ -109,21 +109,31 @@ def to_rgb(img):
 def load_image(path: str | Path):
     """An image file as the model should see it: EXIF orientation applied (transformers' ``load_image``
     does ``ImageOps.exif_transpose``; a phone JPEG is often stored sideways), transparency on white."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     p = Path(path)
     if not p.is_file():
         raise ExportError("image file not found", file=p, fix="pass an existing PNG or JPEG file with --image")
+    with open(p, "rb") as f:
+        return decode_image(f, file=p)
+
+
+def decode_image(source, *, file=None, field: str | None = None):
+    """``load_image`` of an open binary file or bytes (a request's data URL); errors name ``file``/``field``."""
+    import io
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
     try:
-        with Image.open(p) as img:
+        with Image.open(source) as img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
-                raise ExportError("image too large", file=p, expected=f"at most {MAX_IMAGE_PIXELS:,} pixels",
+                raise ExportError("image too large", file=file, field=field, expected=f"at most {MAX_IMAGE_PIXELS:,} pixels",
                                   got=f"{w} x {h}", fix="downscale the image (a phone screenshot is ~3 M pixels)")  # fmt: skip
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
-        raise ExportError(f"cannot read image ({e.__class__.__name__})", file=p, fix="pass a valid PNG or JPEG file") from None
+        raise ExportError(f"cannot read image ({e.__class__.__name__})", file=file, field=field, fix="pass a valid PNG or JPEG file") from None
 
 
 def patchify(chw: np.ndarray, patch: int, merge: int) -> np.ndarray:

@@ -139,6 +139,11 @@ class ExecuTorchRuntime:
         with quiet_native_output():
             self.program = load(pte)
             self.part_programs = [load(p) for p in decoder_parts or []]
+            # executorch.runtime gives every host-only method of one Program the same memory arenas,
+            # the KV cache (a planned mutable buffer) included: running vision_encoder between two
+            # decoder calls overwrote the cache (logits off by up to 12 on the tiny bundle, found by
+            # multi-turn prefix reuse). The decoder gets a Program of its own, and so its own arenas.
+            self.decoder_program = load(pte) if not self.part_programs else None
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self._methods: dict = {}
@@ -168,8 +173,9 @@ class ExecuTorchRuntime:
 
     def method(self, name: str):
         if name not in self._methods:
+            program = self.decoder_program if name == "text_decoder" and self.decoder_program is not None else self.program
             with quiet_native_output():
-                self._methods[name] = self.program.load_method(name)
+                self._methods[name] = program.load_method(name)
         return self._methods[name]
 
     def metadata(self, name: str):

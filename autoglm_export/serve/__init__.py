@@ -1,0 +1,1 @@
+"""An OpenAI-compatible chat service on an exported bundle (``autoglm-export serve``)."""

@@ -88,7 +88,8 @@ MAX_CONTEXT_LIMIT = 1 << 20
 
 
 def opened_files(manifest: dict) -> list[tuple[str, str]]:
-    """Every (field, name) of a file a runtime opens: what the components name, and the tokenizer."""
+    """Every (field, name) of a file a runtime opens: what the components name, the tokenizer and the
+    chat template."""
     out = [("tokenizer", "tokenizer.json")]
 
     def walk(node, where: str) -> None:
@@ -105,6 +106,9 @@ def opened_files(manifest: dict) -> list[tuple[str, str]]:
                 walk(v, f"{where}[{i}]")
 
     walk(manifest["components"], "components")
+    prompt = manifest.get("prompt")
+    if isinstance(prompt, dict) and "chat_template" in prompt:
+        out.append(("prompt.chat_template", prompt["chat_template"]))
     return out
 
 

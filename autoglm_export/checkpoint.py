@@ -103,7 +103,8 @@ class Checkpoint:
         self._handles.clear()
 
     def files(self) -> list[Path]:
-        names = {"config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json", INDEX_FILE}
+        names = {"config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json", INDEX_FILE,
+                 "chat_template.jinja", "tokenizer_config.json"}  # fmt: skip
         out = [self.root / n for n in sorted(names) if (self.root / n).is_file()]
         out += sorted({i.file for i in self.tensors.values()})
         return out

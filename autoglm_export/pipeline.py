@@ -17,6 +17,7 @@ from .components import Shapes, registry
 from .errors import RecipeError, excerpt
 from .fsutil import atomic_output_dir, check_output, sha256_file
 from .host.audio import AudioPreprocessing
+from .host.chat_template import TEMPLATE_FILE, find_chat_template
 from .host.image import ImagePreprocessing
 from .host.tokenizer import ChatTokenizer
 from .load import build_on_meta, load_component
@@ -209,6 +210,9 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
                 shared.update(p.pop("component", {}))
             lowered["methods"]["text_decoder"] = {"file": part_results[0]["file"], "programs": part_results, **shared}
         shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
+        chat_template = find_chat_template(ckpt.root)
+        if chat_template is not None:  # serve and run render conversations with the checkpoint's own template
+            (tmp / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
 
         stage("verify")("hashing the source checkpoint")
         manifest = {
@@ -228,7 +232,8 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
             },
             "prompt": {"template": PROMPT_TEMPLATE, "special_ids": dict(sorted(tokenizer.special.items())),
                        "eos_ids": list(ckpt.spec.tokens.eos_token_ids), "pad_id": ckpt.spec.tokens.pad_token_id,
-                       "bos_id": tokenizer.special["gmask"]},
+                       "bos_id": tokenizer.special["gmask"],
+                       **({"chat_template": TEMPLATE_FILE} if chat_template is not None else {})},
             "preprocessing": pre.to_json(),
             "audio_preprocessing": None if ckpt.spec.audio is None else AudioPreprocessing(
                 frames=shapes.audio_frames, mel_bins=ckpt.spec.audio.num_mel_bins).to_json(),
@@ -238,7 +243,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
             "versions": library_versions(backend.versions()),
             **lowered.get("manifest", {}),  # target-specific sections (e.g. qnn: SoC, SDK, emulator note)
         }  # fmt: skip
-        files = lowered["files"] + ["tokenizer.json"]
+        files = lowered["files"] + ["tokenizer.json"] + ([TEMPLATE_FILE] if chat_template is not None else [])
         manifest["files"] = file_entries(tmp, files)  # before verification: runtimes find data files through it
         if not verify:
             if hasattr(backend, "release"):

@@ -219,6 +219,28 @@ def build_tokenizer(vocab: int, full_vocab: bool) -> str:
     return json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True)
 
 
+# GLM-4.1V-9B-Thinking's chat_template.jinja as published, with an audio branch for the checkpoints
+# that have an audio tower (the published template has none; without one their clips had no place)
+GLM41V_CHAT_TEMPLATE = (
+    "[gMASK]<sop>\n{%- for msg in messages %}\n    {%- if msg.role == 'system' %}\n<|system|>\n{{ msg.content }}\n"
+    "    {%- elif msg.role == 'user' %}\n<|user|>{{ '\\n' }}\n\n        {%- if msg.content is string %}\n{{ msg.content }}\n"
+    "        {%- else %}\n            {%- for item in msg.content %}\n"
+    "                {%- if item.type == 'video' or 'video' in item %}\n<|begin_of_video|><|video|><|end_of_video|>\n"
+    "                {%- elif item.type == 'image' or 'image' in item %}\n<|begin_of_image|><|image|><|end_of_image|>\n"
+    "@AUDIO@"
+    "                {%- elif item.type == 'text' %}\n{{ item.text }}\n                {%- endif %}\n"
+    "            {%- endfor %}\n        {%- endif %}\n    {%- elif msg.role == 'assistant' %}\n"
+    "        {%- if msg.metadata %}\n<|assistant|>{{ msg.metadata }}\n{{ msg.content }}\n"
+    "        {%- else %}\n<|assistant|>\n{{ msg.content }}\n        {%- endif %}\n    {%- endif %}\n"
+    "{%- endfor %}\n{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+_AUDIO_BRANCH = "                {%- elif item.type == 'audio' %}\n<|begin_of_audio|><|audio|><|end_of_audio|>\n"
+
+
+def chat_template(audio: bool) -> str:
+    return GLM41V_CHAT_TEMPLATE.replace("@AUDIO@", _AUDIO_BRANCH if audio else "")
+
+
 # in the index's metadata: `tiny-checkpoint --force` replaces only a checkpoint it wrote itself
 TINY_MARK = "autoglm_export_tiny_preset"
 
@@ -285,6 +307,7 @@ def write_tiny_checkpoint(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(build_tokenizer(p.vocab, p.full_vocab_tokenizer))
+        (tmp / "chat_template.jinja").write_text(chat_template(audio))
         (tmp / "tokenizer_config.json").write_text(
             json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<|endoftext|>",
                         "eos_token": "<|endoftext|>"}, indent=2) + "\n"

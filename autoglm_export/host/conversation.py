@@ -83,11 +83,7 @@ def render(tokenizer, messages: list[Message], image_tokens: int, audio_tokens: 
            enable_thinking: bool | None = None) -> Rendered:  # fmt: skip
     """The conversation as prompt tokens ending in the assistant's turn (see the module docstring)."""
     sp = tokenizer.special
-    if not messages:
-        raise ExportError("empty conversation", field="messages", expected="at least one message", fix="send a user message")
-    if messages[-1].role == "assistant":
-        raise ExportError("the last message is the assistant's", field="messages[-1].role", expected="system or user",
-                          fix="end the conversation with the user's turn")  # fmt: skip
+    check_conversation(messages)
     p = Prompt()
     keys: list[tuple[int, str]] = []
     out = Rendered(p, keys)
@@ -99,12 +95,6 @@ def render(tokenizer, messages: list[Message], image_tokens: int, audio_tokens: 
     newline = tokenizer.encode("\n")
     add([sp["gmask"], sp["sop"]])
     for i, m in enumerate(messages):
-        if m.role not in ROLES:
-            raise ExportError("unknown role", field=f"messages[{i}].role", expected=" | ".join(ROLES), got=m.role,
-                              fix="use system, user or assistant")  # fmt: skip
-        if m.role != "user" and any(part.kind != "text" for part in m.parts):
-            raise ExportError("only user turns carry images or audio", field=f"messages[{i}].content",
-                              fix="move the image or audio into a user message")  # fmt: skip
         add([sp[m.role]])
         add(newline)
         for part in m.parts:
@@ -128,6 +118,21 @@ def render(tokenizer, messages: list[Message], image_tokens: int, audio_tokens: 
     if enable_thinking is False:
         add(tokenizer.encode(THINK_OPEN + THINK_CLOSE))
     return out
+
+
+def check_conversation(messages: list[Message]) -> None:
+    if not messages:
+        raise ExportError("empty conversation", field="messages", expected="at least one message", fix="send a user message")
+    if messages[-1].role == "assistant":
+        raise ExportError("the last message is the assistant's", field="messages[-1].role", expected="system or user",
+                          fix="end the conversation with the user's turn")  # fmt: skip
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise ExportError("unknown role", field=f"messages[{i}].role", expected=" | ".join(ROLES), got=m.role,
+                              fix="use system, user or assistant")  # fmt: skip
+        if m.role != "user" and any(part.kind != "text" for part in m.parts):
+            raise ExportError("only user turns carry images or audio", field=f"messages[{i}].content",
+                              fix="move the image or audio into a user message")  # fmt: skip
 
 
 def split_reasoning(text: str, final: bool = True) -> tuple[str, str]:
@@ -179,6 +184,13 @@ class ChatEngine:
         self.audio_pre = AudioPreprocessing(**ap) if ap else None
         self.audio_tokens = self.manifest["components"]["audio_encoder"]["outputs"][0]["shape"][0] if ap else None
         self.max_context = self.runtime.max_context
+        self.template = None
+        name = self.manifest["prompt"].get("chat_template")
+        if name is not None:  # listed and hashed like every file a runtime opens (bundle.opened_files)
+            from .chat_template import compile_template
+
+            self.template_file = self.bundle / name
+            self.template = compile_template(self.template_file.read_text(encoding="utf-8"), self.template_file)
         self._cached: list[tuple[int, str]] = []
         self._lock = threading.Lock()
 
@@ -199,7 +211,13 @@ class ChatEngine:
         return Part("audio", data=feats, digest=digest(feats))
 
     def render(self, messages: list[Message], enable_thinking: bool | None = None) -> Rendered:
-        return render(self.tokenizer, messages, self.pre.num_tokens, self.audio_tokens, enable_thinking)
+        if self.template is None:
+            return render(self.tokenizer, messages, self.pre.num_tokens, self.audio_tokens, enable_thinking)
+        from .chat_template import render_with_template
+
+        check_conversation(messages)
+        return render_with_template(self.template, self.template_file, self.tokenizer, messages, self.pre.num_tokens,
+                                    self.audio_tokens, enable_thinking)  # fmt: skip
 
     # -- generation -------------------------------------------------------------------------
     def chat(

@@ -1,0 +1,179 @@
+"""A checkpoint's own chat template (``chat_template.jinja``, or ``chat_template`` in
+``tokenizer_config.json``), rendered and tokenized as transformers' ``apply_chat_template`` does.
+
+Rendering: jinja2's immutable sandbox with ``trim_blocks`` and ``lstrip_blocks`` and the globals
+transformers provides (``raise_exception``, ``tojson``); a template is data from the checkpoint,
+so it runs sandboxed: no attribute access to Python internals, no file or network access.
+
+Tokenizing: the rendered text is split at the tokenizer's special tokens, each becoming its id,
+and the text between them is encoded on its own, which is what a Hugging Face tokenizer does with
+added tokens. One difference on purpose: special-token text *inside a message* (a user typing
+``<|assistant|>``) stays text, as in ``run`` (#29); it is swapped for private-use markers while
+the template renders and restored afterwards. Each ``<|image|>`` / ``<|audio|>`` the template
+writes stands for one image or clip of the messages, in order, and is expanded to that input's
+tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import CheckpointError, ExportError, excerpt
+
+TEMPLATE_FILE = "chat_template.jinja"
+MAX_TEMPLATE_BYTES = 256 << 10
+
+
+def find_chat_template(root: Path) -> str | None:
+    """The checkpoint's chat template text, or None when it has none."""
+    from ..checkpoint import checked_file
+
+    path = root / TEMPLATE_FILE
+    if path.is_file():
+        checked_file(root, path, TEMPLATE_FILE)
+        return _read(path)
+    config = root / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    checked_file(root, config, "tokenizer_config.json")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError("tokenizer_config.json is not JSON", file=config, got=excerpt(str(e)),
+                              fix="copy tokenizer_config.json from the original checkpoint") from None  # fmt: skip
+    t = data.get("chat_template") if isinstance(data, dict) else None
+    if isinstance(t, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    if t is None:
+        return None
+    if not isinstance(t, str) or len(t.encode()) > MAX_TEMPLATE_BYTES:
+        raise CheckpointError("chat_template is not a template", file=config, field="chat_template",
+                              expected=f"a string of at most {MAX_TEMPLATE_BYTES:,} bytes", got=excerpt(repr(t)[:200]),
+                              fix="copy tokenizer_config.json from the original checkpoint")  # fmt: skip
+    return t
+
+
+def _read(path: Path) -> str:
+    if path.stat().st_size > MAX_TEMPLATE_BYTES:
+        raise CheckpointError("chat template too large", file=path, expected=f"at most {MAX_TEMPLATE_BYTES:,} bytes",
+                              fix="use the template that ships with the checkpoint")  # fmt: skip
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError("chat template is not UTF-8", file=path, fix="use the template that ships with the checkpoint") from None
+
+
+def compile_template(source: str, file: str | Path):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # fmt: skip
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise ExportError("chat template does not compile", file=file, got=excerpt(str(e)),
+                          fix="use the template that ships with the checkpoint") from None  # fmt: skip
+
+
+def _marker(i: int) -> str:
+    return f"\ue000{i}\ue001"
+
+
+def render_with_template(template, file, tokenizer, messages, image_tokens: int, audio_tokens: int | None,
+                         enable_thinking: bool | None):  # fmt: skip
+    """``render``'s result for ``messages`` (host.conversation.Message) through ``template``."""
+    from jinja2 import TemplateError
+
+    from .conversation import Rendered
+    from .prompt import AUDIO, IMAGE, Prompt
+
+    specials = sorted(_special_texts(tokenizer), key=len, reverse=True)
+    escape = {s: _marker(i) for i, s in enumerate(specials)}
+
+    def hide(text: str) -> str:
+        for s, m in escape.items():
+            text = text.replace(s, m)
+        return text
+
+    hf, media = [], []
+    for m in messages:
+        content = []
+        for part in m.parts:
+            if part.kind == "text":
+                content.append({"type": "text", "text": hide(part.text)})
+            else:
+                content.append({"type": part.kind})
+                media.append(part)
+        if m.role != "user" and all(c["type"] == "text" for c in content):
+            content = "".join(c["text"] for c in content)  # what templates expect of system/assistant turns
+        hf.append({"role": m.role, "content": content})
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    try:
+        text = template.render(messages=hf, add_generation_prompt=True, **kwargs)
+    except TemplateError as e:
+        raise ExportError("chat template failed on this conversation", file=file, got=excerpt(str(e)),
+                          fix="check the messages' roles and order") from None  # fmt: skip
+    sp = tokenizer.special
+    placeholder = {sp["image"]: ("image", IMAGE, image_tokens)}
+    if "audio" in sp and audio_tokens:
+        placeholder[sp["audio"]] = ("audio", AUDIO, audio_tokens)
+    p = Prompt()
+    out = Rendered(p, [])
+    queue = list(media)
+    for piece, tid in _split(text, {s: tokenizer.tok.token_to_id(s) for s in specials}):
+        if tid is None:
+            for s, mk in escape.items():
+                piece = piece.replace(mk, s)
+            ids = tokenizer.encode(piece)
+            p.add(ids)
+            out.keys.extend((i, "") for i in ids)
+        elif tid in placeholder:
+            kind, modality, n = placeholder[tid]
+            if not queue or queue[0].kind != kind:
+                raise ExportError(f"chat template wrote an {kind} placeholder the messages do not fill", file=file,
+                                  fix="use the template that ships with the checkpoint")  # fmt: skip
+            part = queue.pop(0)
+            p.add([tid] * n, modality)
+            out.keys.extend((tid, part.digest) for _ in range(n))
+            (out.images if kind == "image" else out.audios).append(part.data)
+        else:
+            p.add([tid])
+            out.keys.append((tid, ""))
+    if queue:
+        raise ExportError(f"chat template has no place for {len(queue)} image(s)/clip(s) of the messages", file=file,
+                          fix="use a template that renders image and audio parts")  # fmt: skip
+    return out
+
+
+def _special_texts(tokenizer) -> list[str]:
+    """The text of every special added token (GLM's role, image and audio tokens among them)."""
+    out = []
+    for tid, tok in tokenizer.tok.get_added_tokens_decoder().items():
+        if tok.special:
+            out.append(tok.content)
+    return out
+
+
+def _split(text: str, ids: dict[str, int]):
+    """(piece, None) for text and (special, id) for each special token, in order."""
+    import re
+
+    if not ids:
+        yield text, None
+        return
+    pattern = re.compile("|".join(re.escape(s) for s in ids))
+    at = 0
+    for m in pattern.finditer(text):
+        if m.start() > at:
+            yield text[at : m.start()], None
+        yield m.group(0), ids[m.group(0)]
+        at = m.end()
+    if at < len(text):
+        yield text[at:], None

@@ -23,7 +23,7 @@ def onnx_bundle(tiny_ckpt, tmp_path_factory):
 
 def test_gates_and_layout(onnx_bundle):
     names = sorted(p.name for p in onnx_bundle.iterdir())
-    assert names == ["manifest.json", "report.json", "text_decoder.onnx", "token_embedding.onnx", "tokenizer.json",
+    assert names == ["chat_template.jinja", "manifest.json", "report.json", "text_decoder.onnx", "token_embedding.onnx", "tokenizer.json",
                      "vision_encoder.onnx"]  # fmt: skip
     report = json.loads((onnx_bundle / "report.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}

@@ -26,7 +26,7 @@ PARTS = ["text_decoder.00-00.pte", "text_decoder.01-01.pte"]  # qnn-tiny: the de
 
 def test_gates_graphs_and_manifest(bundle):
     out, proc = bundle
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "model.pte", "report.json", "tokenizer.json", *PARTS])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["chat_template.jinja", "manifest.json", "model.pte", "report.json", "tokenizer.json", *PARTS])
     m = json.loads((out / "manifest.json").read_text())
     q = m["qnn"]
     assert (q["soc"], q["soc_model"], q["htp_arch"]) == ("SM8650", 57, 75) and q["pte_soc_type"] == "soc_type=SM8650"
@@ -293,7 +293,7 @@ def test_weight_sharing_bundle_is_verified_on_an_unshared_twin(bundle, qnn_share
     assert sum(dec["graphs"]["text_decoder_decode"]["context_bytes"]) < sum(
         sum(p["graphs"]["text_decoder_decode"]["context_bytes"]) for p in unshared)
     assert "twin" in m["qnn"]["emulator_note"] and sorted(p.name for p in shared.iterdir()) == [
-        "manifest.json", "model.pte", "report.json", "tokenizer.json"]  # fmt: skip
+        "chat_template.jinja", "manifest.json", "model.pte", "report.json", "tokenizer.json"]  # fmt: skip
     # the same bundle as an export with verification off leaves it: no twin, no report.json
     unverified = tmp_path / "unverified"
     shutil.copytree(shared, unverified, ignore=shutil.ignore_patterns("report.json"))

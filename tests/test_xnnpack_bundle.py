@@ -29,7 +29,7 @@ def _checks(report):
 
 def test_bundle_layout_and_gates(bundle):
     out, proc = bundle
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pte", "report.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["chat_template.jinja", "manifest.json", "model.pte", "report.json", "tokenizer.json"]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True and report["failed"] == []
     c = _checks(report)

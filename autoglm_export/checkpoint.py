@@ -65,7 +65,6 @@ class Checkpoint:
     config: dict
     tensors: dict[str, TensorInfo]  # canonical key -> where it is stored
     generation_config: dict = field(default_factory=dict)
-    _handles: dict = field(default_factory=dict, repr=False)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -83,13 +82,11 @@ class Checkpoint:
             raise CheckpointError(
                 "tensor not in checkpoint", file=self.root, field=key, fix="use the checkpoint's original shards"
             )
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
+        from safetensors import safe_open
 
-            handle = safe_open(str(info.file), framework="pt", device="cpu")
-            self._handles[info.file] = handle
-        t = handle.get_tensor(info.key)
+        # a handle per read: safetensors maps the whole shard, and every page a read touched stays
+        # resident (and counted) for as long as the map lives; open for one tensor, it goes with it
+        t = safe_open(str(info.file), framework="pt", device="cpu").get_tensor(info.key)
         if t.is_floating_point() and not _all_finite(t):
             nan = int(torch.isnan(t).sum())
             raise CheckpointError(
@@ -98,9 +95,6 @@ class Checkpoint:
                 fix="the checkpoint is damaged (or diverged in training); re-download it or use another one",
             )  # fmt: skip
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
-
-    def close(self) -> None:
-        self._handles.clear()
 
     def files(self) -> list[Path]:
         names = {"config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json", INDEX_FILE,

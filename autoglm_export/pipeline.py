@@ -21,7 +21,7 @@ from .host.chat_template import TEMPLATE_FILE, find_chat_template
 from .host.image import ImagePreprocessing
 from .host.tokenizer import ChatTokenizer
 from .load import build_on_meta, load_component
-from .lower.export_caches import map_large_allocations, return_freed_memory
+from .lower.export_caches import return_freed_memory
 from .models.glm4v.modules import TextDecoder
 from .models.glm4v.spec import load_json
 from .progress import silent
@@ -125,7 +125,6 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     inputs = (Path(checkpoint), recipe_file)
     check_output(out, force=force, protected=inputs)  # before any work; --force replaces bundles only
     rec = load_recipe(recipe_file)
-    map_large_allocations()
     if rec.target != target:
         raise RecipeError(recipe_file, [f"target = {rec.target!r}: this recipe is for {rec.target}, not --target {target}"])
     say = progress.stage("load")
@@ -158,7 +157,6 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
         dtype = getattr(backend, "load_dtype", None) or FLOAT_DTYPES[plan.dtype]
         return_freed_memory()  # what the last component (and any program written since) freed
         module = load_component(build_on_meta(build), ckpt, dtype, on_module=hook)
-        ckpt.close()  # unmap the shards: their pages would otherwise stay in this process's RSS
         stage("split")(f"torch.export {label}")
         program = backend.export(name, module, shapes.prefill_chunk)
         del module

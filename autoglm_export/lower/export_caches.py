@@ -52,21 +52,6 @@ def return_freed_memory() -> None:
         trim(0)
 
 
-def map_large_allocations(threshold: int = 1 << 20) -> None:
-    """Serve every allocation of ``threshold`` bytes or more with its own mmap, returned to the OS
-    on free. glibc starts that way but raises the threshold to the size of each large block freed
-    (up to 32 MiB), so after the first freed weight the fp32 temporaries of quantization and
-    lowering came from the arenas and stayed there: the CI guard export (tests/test_memory_guard.py)
-    peaked at 972-1110 MiB from run to run, 875-877 MiB with a fixed threshold, at the same wall
-    time. A fixed threshold also stops the raising. No-op without glibc."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
-
-
-_M_MMAP_THRESHOLD = -3  # glibc malloc.h
-
-
 @functools.cache
 def _libc():
     try:

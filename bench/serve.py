@@ -42,19 +42,11 @@ def _png(w: int, h: int, seed: int) -> str:
 
 
 def _library_messages(engine, messages):
-    from autoglm_export.host.conversation import Message, Part
-    from autoglm_export.host.image import decode_image
+    """The OpenAI-format messages as the library's, through the server's own conversion."""
+    from autoglm_export.serve.app import request_messages
+    from autoglm_export.serve.schema import ChatRequest
 
-    out = []
-    for m in messages:
-        if isinstance(m["content"], str):
-            out.append(Message.text(m["role"], m["content"]))
-        else:
-            parts = [Part.of_text(p["text"]) if p["type"] == "text"
-                     else engine.image_part(decode_image(base64.b64decode(p["image_url"]["url"].split(",", 1)[1])))
-                     for p in m["content"]]  # fmt: skip
-            out.append(Message(m["role"], tuple(parts)))
-    return out
+    return request_messages(ChatRequest.model_validate({"model": "autoglm-phone-9b", "messages": messages}), engine, None)
 
 
 def start_server(bundle: Path, allow_failed: bool) -> tuple[subprocess.Popen, str]:

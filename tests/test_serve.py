@@ -80,23 +80,11 @@ def engine(xnnpack_bundle):
 
 
 def _library_messages(engine, messages):
-    """The OpenAI-format messages as the library's, images decoded the same way."""
-    from autoglm_export.host.conversation import Message, Part
-    from autoglm_export.host.image import decode_image
+    """The OpenAI-format messages as the library's, through the server's own conversion."""
+    from autoglm_export.serve.app import request_messages
+    from autoglm_export.serve.schema import ChatRequest
 
-    out = []
-    for m in messages:
-        if isinstance(m["content"], str):
-            out.append(Message.text(m["role"], m["content"]))
-            continue
-        parts = []
-        for p in m["content"]:
-            if p["type"] == "text":
-                parts.append(Part.of_text(p["text"]))
-            else:
-                parts.append(engine.image_part(decode_image(base64.b64decode(p["image_url"]["url"].split(",", 1)[1]))))
-        out.append(Message(m["role"], tuple(parts)))
-    return out
+    return request_messages(ChatRequest.model_validate({"model": "autoglm-phone-9b", "messages": messages}), engine, None)
 
 
 def test_agent_replay_equals_the_library_turn_by_turn_and_prefills_only_the_new_turn(server, engine):
@@ -108,6 +96,7 @@ def test_agent_replay_equals_the_library_turn_by_turn_and_prefills_only_the_new_
 
     client = OpenAI(base_url=server + "/v1", api_key="EMPTY")
     history = [{"role": "system", "content": "Agent."}]
+    dropped_at = None  # where the previous turn's screenshot began (dropped from the next turn)
     for step in range(5):
         shot = _data_url(_png(90, 200, step))
         for m in history:  # earlier screens are dropped, their text kept
@@ -284,6 +273,16 @@ def test_bad_requests_get_openai_error_bodies(server, case, status, needle, tmp_
     err = r.json()["error"]
     assert needle in err["message"] and set(err) == {"message", "type", "param", "code"}
     assert "Traceback" not in r.text and len(err["message"]) < 1000
+
+
+def test_refused_streaming_requests_give_their_queue_slot_back(server):
+    """A streamed request refused before its stream starts (here: an undecodable image) must free
+    its admission slot: more of them than --max-queue, then a normal request is still admitted."""
+    bad = {**_user([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"junk").decode()}}]), "stream": True}
+    for _ in range(6):
+        assert _post(server, bad).status_code == 422
+    assert httpx.get(server + "/health").json()["queued"] == 0
+    assert _post(server, _user("hi")).status_code == 200
 
 
 def test_compute_budget_stops_generation_and_says_so(server):

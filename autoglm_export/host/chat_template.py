@@ -17,6 +17,7 @@ tokens.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..errors import CheckpointError, ExportError, excerpt
@@ -64,92 +65,114 @@ def _read(path: Path) -> str:
         raise CheckpointError("chat template is not UTF-8", file=path, fix="use the template that ships with the checkpoint") from None
 
 
-def compile_template(source: str, file: str | Path):
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # fmt: skip
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(source)
-    except TemplateError as e:
-        raise ExportError("chat template does not compile", file=file, got=excerpt(str(e)),
-                          fix="use the template that ships with the checkpoint") from None  # fmt: skip
-
-
 def _marker(i: int) -> str:
     return f"\ue000{i}\ue001"
 
 
-def render_with_template(template, file, tokenizer, messages, image_tokens: int, audio_tokens: int | None,
-                         enable_thinking: bool | None):  # fmt: skip
-    """``render``'s result for ``messages`` (host.conversation.Message) through ``template``."""
-    from jinja2 import TemplateError
+class ChatTemplate:
+    """A compiled template with what rendering needs of the tokenizer, prepared once per bundle
+    (the special tokens, their escape markers and the pattern that splits at them)."""
 
-    from .conversation import Rendered
-    from .prompt import AUDIO, IMAGE, Prompt
+    def __init__(self, source: str, file: str | Path, tokenizer) -> None:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    specials = sorted(_special_texts(tokenizer), key=len, reverse=True)
-    escape = {s: _marker(i) for i, s in enumerate(specials)}
+        def raise_exception(message):
+            raise TemplateError(message)
 
-    def hide(text: str) -> str:
-        for s, m in escape.items():
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # fmt: skip
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self.template = env.from_string(source)
+        except TemplateError as e:
+            raise ExportError("chat template does not compile", file=file, got=excerpt(str(e)),
+                              fix="use the template that ships with the checkpoint") from None  # fmt: skip
+        self.file = file
+        self.tokenizer = tokenizer
+        specials = sorted(_special_texts(tokenizer), key=len, reverse=True)  # longest first in the alternation
+        self.escape = {s: _marker(i) for i, s in enumerate(specials)}
+        self.ids = {s: tokenizer.tok.token_to_id(s) for s in specials}
+        self.pattern = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
+
+    def _hide(self, text: str) -> str:
+        for s, m in self.escape.items():
             text = text.replace(s, m)
         return text
 
-    hf, media = [], []
-    for m in messages:
-        content = []
-        for part in m.parts:
-            if part.kind == "text":
-                content.append({"type": "text", "text": hide(part.text)})
+    def _unhide(self, text: str) -> str:
+        for s, m in self.escape.items():
+            text = text.replace(m, s)
+        return text
+
+    def render(self, messages, image_tokens: int, audio_tokens: int | None, enable_thinking: bool | None):
+        """``conversation.render``'s result for ``messages`` (host.conversation.Message) through the template."""
+        from jinja2 import TemplateError
+
+        from .conversation import Rendered
+        from .prompt import AUDIO, IMAGE, Prompt
+
+        hf, media = [], []
+        for m in messages:
+            content = []
+            for part in m.parts:
+                if part.kind == "text":
+                    content.append({"type": "text", "text": self._hide(part.text)})
+                else:
+                    content.append({"type": part.kind})
+                    media.append(part)
+            if m.role != "user" and all(c["type"] == "text" for c in content):
+                content = "".join(c["text"] for c in content)  # what templates expect of system/assistant turns
+            hf.append({"role": m.role, "content": content})
+        kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        try:
+            text = self.template.render(messages=hf, add_generation_prompt=True, **kwargs)
+        except TemplateError as e:
+            raise ExportError("chat template failed on this conversation", file=self.file, got=excerpt(str(e)),
+                              fix="check the messages' roles and order") from None  # fmt: skip
+        sp = self.tokenizer.special
+        placeholder = {sp["image"]: ("image", IMAGE, image_tokens)}
+        if "audio" in sp and audio_tokens:
+            placeholder[sp["audio"]] = ("audio", AUDIO, audio_tokens)
+        p = Prompt()
+        out = Rendered(p, [])
+        queue = list(media)
+        for piece, tid in self._split(text):
+            if tid is None:
+                ids = self.tokenizer.encode(self._unhide(piece))
+                p.add(ids)
+                out.keys.extend((i, "") for i in ids)
+            elif tid in placeholder:
+                kind, modality, n = placeholder[tid]
+                if not queue or queue[0].kind != kind:
+                    raise ExportError(f"chat template wrote an {kind} placeholder the messages do not fill", file=self.file,
+                                      fix="use the template that ships with the checkpoint")  # fmt: skip
+                part = queue.pop(0)
+                p.add([tid] * n, modality)
+                out.keys.extend((tid, part.digest) for _ in range(n))
+                (out.images if kind == "image" else out.audios).append(part.data)
             else:
-                content.append({"type": part.kind})
-                media.append(part)
-        if m.role != "user" and all(c["type"] == "text" for c in content):
-            content = "".join(c["text"] for c in content)  # what templates expect of system/assistant turns
-        hf.append({"role": m.role, "content": content})
-    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    try:
-        text = template.render(messages=hf, add_generation_prompt=True, **kwargs)
-    except TemplateError as e:
-        raise ExportError("chat template failed on this conversation", file=file, got=excerpt(str(e)),
-                          fix="check the messages' roles and order") from None  # fmt: skip
-    sp = tokenizer.special
-    placeholder = {sp["image"]: ("image", IMAGE, image_tokens)}
-    if "audio" in sp and audio_tokens:
-        placeholder[sp["audio"]] = ("audio", AUDIO, audio_tokens)
-    p = Prompt()
-    out = Rendered(p, [])
-    queue = list(media)
-    for piece, tid in _split(text, {s: tokenizer.tok.token_to_id(s) for s in specials}):
-        if tid is None:
-            for s, mk in escape.items():
-                piece = piece.replace(mk, s)
-            ids = tokenizer.encode(piece)
-            p.add(ids)
-            out.keys.extend((i, "") for i in ids)
-        elif tid in placeholder:
-            kind, modality, n = placeholder[tid]
-            if not queue or queue[0].kind != kind:
-                raise ExportError(f"chat template wrote an {kind} placeholder the messages do not fill", file=file,
-                                  fix="use the template that ships with the checkpoint")  # fmt: skip
-            part = queue.pop(0)
-            p.add([tid] * n, modality)
-            out.keys.extend((tid, part.digest) for _ in range(n))
-            (out.images if kind == "image" else out.audios).append(part.data)
-        else:
-            p.add([tid])
-            out.keys.append((tid, ""))
-    if queue:
-        raise ExportError(f"chat template has no place for {len(queue)} image(s)/clip(s) of the messages", file=file,
-                          fix="use a template that renders image and audio parts")  # fmt: skip
-    return out
+                p.add([tid])
+                out.keys.append((tid, ""))
+        if queue:
+            raise ExportError(f"chat template has no place for {len(queue)} image(s)/clip(s) of the messages", file=self.file,
+                              fix="use a template that renders image and audio parts")  # fmt: skip
+        return out
+
+    def _split(self, text: str):
+        """(piece, None) for text and (special, id) for each special token, in order."""
+        if self.pattern is None:
+            yield text, None
+            return
+        at = 0
+        for m in self.pattern.finditer(text):
+            if m.start() > at:
+                yield text[at : m.start()], None
+            yield m.group(0), self.ids[m.group(0)]
+            at = m.end()
+        if at < len(text):
+            yield text[at:], None
 
 
 def _special_texts(tokenizer) -> list[str]:
@@ -159,21 +182,3 @@ def _special_texts(tokenizer) -> list[str]:
         if tok.special:
             out.append(tok.content)
     return out
-
-
-def _split(text: str, ids: dict[str, int]):
-    """(piece, None) for text and (special, id) for each special token, in order."""
-    import re
-
-    if not ids:
-        yield text, None
-        return
-    pattern = re.compile("|".join(re.escape(s) for s in ids))
-    at = 0
-    for m in pattern.finditer(text):
-        if m.start() > at:
-            yield text[at : m.start()], None
-        yield m.group(0), ids[m.group(0)]
-        at = m.end()
-    if at < len(text):
-        yield text[at:], None

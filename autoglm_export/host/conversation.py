@@ -163,6 +163,32 @@ def _hold_back(text: str, stops: list[str]) -> str:
     return text[: len(text) - cut] if cut else text
 
 
+class Detokenizer:
+    """The text of a growing answer, decoding a few tokens per step instead of the whole answer
+    (vLLM's prefix/read offsets): text is committed once it does not end inside a multi-byte
+    character, and the decode window restarts where the last commit ended."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix = self.read = 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self.text
+
+    def flush(self) -> str:
+        """The text with any uncommitted tail (an unfinished character decodes as U+FFFD)."""
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        return self.text + self.tokenizer.decode(self.ids[self.prefix :])[len(before) :]
+
+
 class ChatEngine:
     """One bundle's runtime with its tokenizer and preprocessing, remembering what its cache holds.
     Calls are serialised (one KV cache); ``chat`` is safe to call from any one thread at a time."""
@@ -187,10 +213,10 @@ class ChatEngine:
         self.template = None
         name = self.manifest["prompt"].get("chat_template")
         if name is not None:  # listed and hashed like every file a runtime opens (bundle.opened_files)
-            from .chat_template import compile_template
+            from .chat_template import ChatTemplate
 
-            self.template_file = self.bundle / name
-            self.template = compile_template(self.template_file.read_text(encoding="utf-8"), self.template_file)
+            path = self.bundle / name
+            self.template = ChatTemplate(path.read_text(encoding="utf-8"), path, self.tokenizer)
         self._cached: list[tuple[int, str]] = []
         self._lock = threading.Lock()
 
@@ -213,11 +239,8 @@ class ChatEngine:
     def render(self, messages: list[Message], enable_thinking: bool | None = None) -> Rendered:
         if self.template is None:
             return render(self.tokenizer, messages, self.pre.num_tokens, self.audio_tokens, enable_thinking)
-        from .chat_template import render_with_template
-
         check_conversation(messages)
-        return render_with_template(self.template, self.template_file, self.tokenizer, messages, self.pre.num_tokens,
-                                    self.audio_tokens, enable_thinking)  # fmt: skip
+        return self.template.render(messages, self.pre.num_tokens, self.audio_tokens, enable_thinking)
 
     # -- generation -------------------------------------------------------------------------
     def chat(
@@ -248,9 +271,9 @@ class ChatEngine:
         budget = min(max_tokens, self.max_context - n)
         stops = [s for s in stop if s]
         with self._lock:
-            return self._generate(r, budget, max_tokens, sampling, stops, on_text, cancelled, deadline)
+            return self._generate(r, budget, sampling, stops, on_text, cancelled, deadline)
 
-    def _generate(self, r: Rendered, budget, max_tokens, sampling, stops, on_text, cancelled, deadline) -> ChatResult:
+    def _generate(self, r: Rendered, budget, sampling, stops, on_text, cancelled, deadline) -> ChatResult:
         from .generate import generate
 
         n = len(r.prompt)
@@ -261,6 +284,7 @@ class ChatEngine:
             reuse += 1
         self._cached = []  # until this call completes the cache holds an unknown mix
         answer: list[int] = []
+        detok = Detokenizer(self.tokenizer)
         state = {"shown": "", "text": "", "reason": None, "first": None}
         t0 = time.perf_counter()
 
@@ -271,16 +295,15 @@ class ChatEngine:
                 state["reason"] = "stop"
                 return
             answer.append(tok)
-            text = self.tokenizer.decode(answer)
-            for s in stops:
-                at = text.find(s)
+            seen = len(state["text"])
+            text = detok.add(tok)
+            for s in stops:  # only where the new text can complete a stop string
+                at = text.find(s, max(0, seen - len(s) + 1))
                 if at >= 0:
                     text = text[:at]
                     state["reason"] = "stop"
             state["text"] = text
-            ready = text.rstrip("\ufffd")  # the rest of a multi-byte character is still to come
-            if not state["reason"]:
-                ready = _hold_back(ready, stops)
+            ready = text if state["reason"] else _hold_back(text, stops)
             if on_text is not None and len(ready) > len(state["shown"]) and ready.startswith(state["shown"]):
                 on_text(ready[len(state["shown"]) :])
                 state["shown"] = ready
@@ -303,7 +326,8 @@ class ChatEngine:
         fed = trace.tokens[: trace.cached - n]
         self._cached = r.keys + [(t, "") for t in fed]
         reason = state["reason"] or "length"
-        text = state["text"]
+        # a multi-byte character the answer ended inside is shown as U+FFFD, as a full decode shows it
+        text = state["text"] if reason == "stop" else detok.flush()
         if on_text is not None and len(text) > len(state["shown"]) and text.startswith(state["shown"]):
             on_text(text[len(state["shown"]) :])
         first = state["first"] or time.perf_counter()

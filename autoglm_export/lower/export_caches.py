@@ -53,17 +53,11 @@ def return_freed_memory() -> None:
 
 
 @functools.cache
-def _libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-    except OSError:  # musl, macOS
-        return None
-
-
 def _malloc_trim():
-    libc = _libc()
-    return libc.malloc_trim if libc is not None else None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl, macOS
+        return None
 
 
 def _release_torch_export() -> None:

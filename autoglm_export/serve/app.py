@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import ExportError, excerpt
 from ..host.conversation import ChatEngine, ChatResult, Message, Part, split_reasoning
 from ..host.sampling import SamplingParams
-from .media import MediaTooLarge, media_bytes
+from .media import MediaRefused, MediaTooLarge, b64, media_bytes
 from .schema import ChatMessage, ChatRequest
 
 MAX_BODY_BYTES = 64 << 20  # a 10-screenshot agent history in base64 is ~30 MB
@@ -49,7 +49,9 @@ class ApiError(Exception):
 
 
 def _from_export_error(e: ExportError, status: int = 400) -> ApiError:
-    return ApiError(413 if isinstance(e, MediaTooLarge) else status, e.one_line(), param=e.field, code=type(e).__name__)
+    """``status`` unless the error's class says more: a URL refused is 400, media too large 413."""
+    status = 413 if isinstance(e, MediaTooLarge) else 400 if isinstance(e, MediaRefused) else status
+    return ApiError(status, e.one_line(), param=e.field, code=type(e).__name__)
 
 
 class Service:
@@ -68,38 +70,35 @@ class Service:
         files = sum(f.stat().st_size for f in engine.bundle.rglob("*") if f.is_file())
         self.memory_need_mb = max(files, _rss_bytes()) / 2**20
 
-    # -- request -> engine inputs -------------------------------------------------------------
-    def messages(self, req: ChatRequest) -> list[Message]:
-        out = []
-        for i, m in enumerate(req.messages):
-            role = "system" if m.role == "developer" else m.role
-            out.append(Message(role, tuple(self._parts(m, i))))
-        return out
 
-    def _parts(self, m: ChatMessage, i: int):
-        from ..host.audio import decode_audio
-        from ..host.image import decode_image
+def request_messages(req: ChatRequest, engine: ChatEngine, allow_files: Path | None) -> list[Message]:
+    """A request's messages as the conversation runtime's, images and clips decoded and preprocessed."""
+    return [Message("system" if m.role == "developer" else m.role, tuple(_parts(m, i, engine, allow_files)))
+            for i, m in enumerate(req.messages)]  # fmt: skip
 
-        if m.content is None or isinstance(m.content, str):
-            yield Part.of_text(m.content or "")
-            return
-        for j, part in enumerate(m.content):
-            field = f"messages[{i}].content[{j}]"
-            if part.type == "text":
-                yield Part.of_text(part.text)
-            elif part.type == "image_url":
-                data = media_bytes(part.image_url.url, f"{field}.image_url.url", self.allow_files)
-                yield self.engine.image_part(decode_image(data, field=f"{field}.image_url"))
+
+def _parts(m: ChatMessage, i: int, engine: ChatEngine, allow_files: Path | None):
+    from ..host.audio import decode_audio
+    from ..host.image import decode_image
+
+    if m.content is None or isinstance(m.content, str):
+        yield Part.of_text(m.content or "")
+        return
+    for j, part in enumerate(m.content):
+        field = f"messages[{i}].content[{j}]"
+        if part.type == "text":
+            yield Part.of_text(part.text)
+        elif part.type == "image_url":
+            data = media_bytes(part.image_url.url, f"{field}.image_url.url", allow_files)
+            yield engine.image_part(decode_image(data, field=f"{field}.image_url"))
+        else:
+            if engine.audio_pre is None:
+                raise ExportError("this bundle has no audio encoder", field=field, fix="send no audio, or serve a bundle with an audio tower")
+            if part.type == "audio_url":
+                data = media_bytes(part.audio_url.url, f"{field}.audio_url.url", allow_files)
             else:
-                if self.engine.audio_pre is None:
-                    raise ExportError("this bundle has no audio encoder", field=field, fix="send no audio, or serve a bundle with an audio tower")
-                if part.type == "audio_url":
-                    data = media_bytes(part.audio_url.url, f"{field}.audio_url.url", self.allow_files)
-                else:
-                    from .media import b64
-
-                    data = b64(part.input_audio.data, f"{field}.input_audio.data")
-                yield self.engine.audio_part(decode_audio(data, self.engine.audio_pre, field=field))
+                data = b64(part.input_audio.data, f"{field}.input_audio.data")
+            yield engine.audio_part(decode_audio(data, engine.audio_pre, field=field))
 
 
 def _rss_bytes() -> int:
@@ -202,23 +201,21 @@ def create_app(engine: ChatEngine, *, model_name: str = "autoglm-phone-9b", allo
             raise ApiError(429, f"{svc.pending} requests are already waiting for the model; retry later",
                            code="queue_full", kind="rate_limit_error")  # fmt: skip
         svc.pending += 1
-        released = False
+        streaming = False  # once the stream runs, it frees the slot when generation ends
 
         def release():
-            nonlocal released
-            if not released:
-                released = True
-                svc.pending -= 1
+            svc.pending -= 1
 
         try:
-            try:
-                messages = await run_in_threadpool(svc.messages, req)  # image decoding off the event loop
+            try:  # image decoding off the event loop; what cannot be decoded is 422
+                messages = await run_in_threadpool(request_messages, req, engine, svc.allow_files)
             except ExportError as e:
-                raise _from_export_error(e, 400 if "URL" in e.what or "base64" in e.what else 422) from None
+                raise _from_export_error(e, 422) from None
             cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 stream = _stream(svc, messages, settings, deadline, cid, req.return_reasoning, include_usage, release)
+                streaming = True
                 return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             cancel = threading.Event()
             loop = asyncio.get_running_loop()
@@ -237,7 +234,7 @@ def create_app(engine: ChatEngine, *, model_name: str = "autoglm-phone-9b", allo
         except ExportError as e:
             raise _from_export_error(e) from None
         finally:
-            if not req.stream:
+            if not streaming:
                 release()
 
     return app

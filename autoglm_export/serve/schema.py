@@ -4,7 +4,7 @@ AutoGLM clients send (``top_k``, ``enable_thinking``, ``return_reasoning``, ``ch
 Unknown fields are refused, as OpenAI's API does ("Unrecognized request argument"): a typo such as
 ``max_token`` silently ignored would change what the client gets without telling it. OpenAI fields
 that this server accepts but that change nothing here (``user``, ``metadata``, ``store``…) are
-listed in ``INERT``; those it cannot honour (``n > 1``, ``logprobs``, ``tools``) are refused when
+declared last and ignored; those it cannot honour (``n > 1``, ``logprobs``, ``tools``) are refused when
 set to anything but their default.
 """
 
@@ -72,9 +72,6 @@ class ChatTemplateKwargs(BaseModel):
     enable_thinking: bool | None = None
 
 
-INERT = ("user", "metadata", "store", "parallel_tool_calls", "service_tier", "prompt_cache_key", "safety_identifier")
-
-
 class ChatRequest(_Strict):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -97,7 +94,7 @@ class ChatRequest(_Strict):
     enable_thinking: bool | None = None
     return_reasoning: bool = False
     chat_template_kwargs: ChatTemplateKwargs | None = None
-    # accepted and ignored (see INERT)
+    # accepted and ignored
     user: str | None = None
     metadata: dict | None = None
     store: bool | None = None

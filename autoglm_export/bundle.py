@@ -16,6 +16,8 @@ from pathlib import Path
 from . import __version__
 from .errors import BundleError, excerpt
 from .fsutil import sha256_file
+from .models.glm4v.layout import vision_method
+from .recipe import MAX_IMAGE_BUCKETS, MAX_IMAGE_SIDE
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -146,6 +148,16 @@ def _check_structure(manifest: dict, mpath: Path) -> None:
     cache = _dig(comps["text_decoder"], "state", "kv_cache", "shape", default=[None, None, mc])
     if recorded != mc or (isinstance(cache, list) and len(cache) > 2 and cache[2] != mc):
         raise bad("shapes.max_context", f"the KV cache length the decoder was exported with ({recorded})", mc)
+    buckets = _dig(manifest, "preprocessing", "buckets")
+    if not isinstance(buckets, list) or not 1 <= len(buckets) <= MAX_IMAGE_BUCKETS:
+        raise bad("preprocessing.buckets", f"1 to {MAX_IMAGE_BUCKETS} image buckets (bundles before image buckets "
+                  "had preprocessing.image_size)", buckets if isinstance(buckets, list) else type(buckets).__name__)  # fmt: skip
+    for i, b in enumerate(buckets):
+        h, w = (b.get("height"), b.get("width")) if isinstance(b, dict) else (None, None)
+        sides_ok = all(isinstance(x, int) and not isinstance(x, bool) and 28 <= x <= MAX_IMAGE_SIDE for x in (h, w))
+        if not sides_ok or b.get("method") != vision_method(i, (h, w)) or b["method"] not in comps:
+            raise bad(f"preprocessing.buckets[{i}]", f"{{height, width: 28..{MAX_IMAGE_SIDE}, method: the vision "
+                      "component of that size}", b)  # fmt: skip
 
 
 def _dig(node, *keys: str, default=None):

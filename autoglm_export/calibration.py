@@ -26,10 +26,18 @@ from .fsutil import sha256_file
 
 @dataclass
 class CalibrationSet:
-    pixel_values: list[np.ndarray] = field(default_factory=list)  # one patchified image each
+    pixel_values: list[np.ndarray] = field(default_factory=list)  # one patchified image each, first bucket's size
     prompts: list = field(default_factory=list)  # host.prompt.Prompt, one image run each
     positions: list[np.ndarray] = field(default_factory=list)  # M-RoPE [3, T] per prompt
     files: dict[str, str] = field(default_factory=dict)  # path as the recipe names it -> sha256
+    images: list = field(default_factory=list)  # the PIL images, for the other buckets' sizes
+    pre: object = None  # host.image.ImagePreprocessing
+
+    def pixels_at(self, size: tuple[int, int]) -> list[np.ndarray]:
+        """The calibration images resized to another image bucket's (height, width)."""
+        from .host.image import preprocess_image
+
+        return [preprocess_image(img, self.pre, tuple(size)) for img in self.images]
 
     def to_json(self) -> dict:
         return {"images": len(self.pixel_values), "prompts": len(self.prompts), "files": self.files}
@@ -40,13 +48,15 @@ def load_calibration(spec, base: Path, recipe_file: str, tokenizer, pre) -> Cali
     from .host.positions import mrope_positions
     from .host.prompt import build_chat_prompt
 
-    out = CalibrationSet()
+    out = CalibrationSet(pre=pre)
     if spec is None or (not spec.images and spec.prompts is None):
         return out
     for i, name in enumerate(spec.images):
         path = _resolve(base, name, f"calibration.images[{i}]", recipe_file)
         out.files[name] = sha256_file(path)
-        out.pixel_values.append(preprocess_image(load_image(path), pre))
+        img = load_image(path)
+        out.images.append(img)
+        out.pixel_values.append(preprocess_image(img, pre, pre.sizes[0]))
     if spec.prompts is not None:
         path = _resolve(base, spec.prompts, "calibration.prompts", recipe_file)
         out.files[spec.prompts] = sha256_file(path)

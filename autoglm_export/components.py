@@ -3,12 +3,13 @@
 Each component names its ExecuTorch method (runner contract, DESIGN.md §2), whether a given
 checkpoint has it, how to build its export-ready module on the meta device and which
 checkpoint tensors it reads. Optional towers (audio) register here without touching the
-others; an unknown name lists the valid ones.
+others; an unknown name lists the valid ones. The vision tower is one component per image
+bucket of the recipe (``shapes.images``): the same weights, one static size each.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch.nn as nn
@@ -16,6 +17,7 @@ import torch.nn as nn
 from .errors import ExportError
 from .models.glm4v import layout
 from .models.glm4v.audio_layout import audio_layout
+from .models.glm4v.layout import VISION_METHOD, is_vision_method, vision_method
 from .models.glm4v.modules import AudioEncoder, TextDecoder, TokenEmbedding, VisionEncoder
 from .models.glm4v.spec import ModelSpec
 
@@ -24,14 +26,25 @@ from .models.glm4v.spec import ModelSpec
 class Shapes:
     """Static shapes every target compiles for (from the recipe)."""
 
-    image_size: int = 336
+    image_size: int = 336  # a single square bucket, when ``images`` is empty
     max_context: int = 2048
     prefill_chunk: int = 128
     audio_seconds: float = 3.2  # fixed audio window; 100 log-mel frames per second
+    images: tuple[tuple[int, int], ...] = ()  # image buckets (height, width) in pixels, in recipe order
 
     @classmethod
     def from_recipe(cls, recipe) -> "Shapes":
-        return cls(**recipe.shapes.model_dump())
+        s = recipe.shapes
+        return cls(max_context=s.max_context, prefill_chunk=s.prefill_chunk, audio_seconds=s.audio_seconds,
+                   images=s.buckets)  # fmt: skip
+
+    @property
+    def buckets(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(b) for b in self.images) or ((self.image_size, self.image_size),)
+
+    def bucket_methods(self) -> dict[str, tuple[int, int]]:
+        """Vision method name -> (height, width), the first bucket's method being ``vision_encoder``."""
+        return {vision_method(i, b): b for i, b in enumerate(self.buckets)}
 
     @property
     def audio_frames(self) -> int:
@@ -45,6 +58,11 @@ class Component:
     applies: Callable[[ModelSpec], bool]
     build: Callable[[ModelSpec, Shapes], nn.Module]
     keys: Callable[[ModelSpec], dict]  # checkpoint key -> shape
+    tower: str = ""  # the name quantization rules match (``<tower>.<weight>``); the name itself if empty
+
+    @property
+    def rule_name(self) -> str:
+        return self.tower or self.name
 
 
 class ComponentRegistry:
@@ -56,14 +74,31 @@ class ComponentRegistry:
         return comp
 
     def get(self, name: str) -> Component:
+        if name not in self._items and is_vision_method(name):
+            h, w = map(int, name.removeprefix(VISION_METHOD + "_").split("x"))
+            return _bucket(self._items[VISION_METHOD], name, (h, w))
         if name not in self._items:
             raise ExportError(
                 "unknown component", field=name, expected=" | ".join(self._items), fix="use one of the listed names"
             )
         return self._items[name]
 
-    def for_spec(self, spec: ModelSpec) -> list[Component]:
-        return [c for c in self._items.values() if c.applies(spec)]
+    def for_spec(self, spec: ModelSpec, shapes: Shapes | None = None) -> list[Component]:
+        """The components of a model; with ``shapes``, one vision component per image bucket."""
+        out = []
+        for c in self._items.values():
+            if not c.applies(spec):
+                continue
+            if c.name == VISION_METHOD and shapes is not None:
+                out += [_bucket(c, name, size) for name, size in shapes.bucket_methods().items()]
+            else:
+                out.append(c)
+        return out
+
+
+def _bucket(vision: Component, name: str, size: tuple[int, int]) -> Component:
+    return replace(vision, name=name, tower=VISION_METHOD, build=lambda spec, shapes: VisionEncoder(spec, size),
+                   description=f"{vision.description} ({size[0]}x{size[1]} pixels)")  # fmt: skip
 
 
 registry = ComponentRegistry()
@@ -73,7 +108,7 @@ registry.register(
         name="vision_encoder",
         description="ViT + 2x2 merger: block-major patches of one image -> image token embeddings",
         applies=lambda spec: True,
-        build=lambda spec, shapes: VisionEncoder(spec, shapes.image_size),
+        build=lambda spec, shapes: VisionEncoder(spec, shapes.buckets[0]),
         keys=layout.vision_layout,
     )
 )

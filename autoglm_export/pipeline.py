@@ -22,6 +22,7 @@ from .host.image import ImagePreprocessing
 from .host.tokenizer import ChatTokenizer
 from .load import build_on_meta, load_component
 from .lower.export_caches import return_freed_memory
+from .models.glm4v.layout import is_vision_method
 from .models.glm4v.modules import TextDecoder
 from .models.glm4v.spec import load_json
 from .progress import silent
@@ -41,13 +42,15 @@ def check_recipe_fits(recipe: Recipe, ckpt: Checkpoint, recipe_file: Path) -> No
     v, t = ckpt.spec.vision, ckpt.spec.text
     factor = v.patch_size * v.spatial_merge_size
     problems = []
-    if recipe.shapes.image_size % factor:
-        problems.append(f"shapes.image_size = {recipe.shapes.image_size}: must be a multiple of patch_size x "
-                        f"spatial_merge_size = {factor} for this checkpoint")  # fmt: skip
+    field = "shapes.images" if recipe.shapes.images is not None else "shapes.image_size"
+    for h, w in recipe.shapes.buckets:
+        if h % factor or w % factor:
+            problems.append(f"{field}: {h} x {w} must be a multiple of patch_size x spatial_merge_size = {factor} on "
+                            "both sides for this checkpoint")  # fmt: skip
     if recipe.shapes.max_context > t.max_position_embeddings:
         problems.append(f"shapes.max_context = {recipe.shapes.max_context}: exceeds the model's "
                         f"max_position_embeddings {t.max_position_embeddings}")  # fmt: skip
-    image_tokens = (recipe.shapes.image_size // factor) ** 2
+    image_tokens = max((h // factor) * (w // factor) for h, w in recipe.shapes.buckets)
     audio_tokens = 0
     if ckpt.spec.audio is not None:
         frames = round(recipe.shapes.audio_seconds * 100)
@@ -58,7 +61,7 @@ def check_recipe_fits(recipe: Recipe, ckpt: Checkpoint, recipe_file: Path) -> No
     if image_tokens + audio_tokens + 16 > recipe.shapes.max_context:
         problems.append(f"shapes.max_context = {recipe.shapes.max_context}: too small for one image ({image_tokens} "
                         f"tokens){f' and one audio clip ({audio_tokens} tokens)' if audio_tokens else ''} plus a prompt; "
-                        "raise it or lower image_size / audio_seconds")  # fmt: skip
+                        "raise it or use smaller images / audio_seconds")  # fmt: skip
     if problems:
         raise RecipeError(recipe_file, problems)
 
@@ -68,7 +71,11 @@ def report_plan_notes(rec: Recipe, plans: dict, say) -> None:
     for i in unused_rules(rec, plans):
         say(f"warning: quantization[{i}] (match {excerpt(repr(rec.quantization[i].match), 60)}) matches no weight of "
             "this checkpoint and has no effect")  # fmt: skip
+    seen = set()
     for plan in plans.values():
+        if plan.component in seen:  # the image buckets' vision methods: one tower, said once
+            continue
+        seen.add(plan.component)
         by_choice: dict[tuple, list[str]] = {}
         for weight, f in plan.group_fallbacks().items():
             by_choice.setdefault((f["rule_group_size"], f["scheme"], f["group_size"]), []).append(weight)
@@ -92,10 +99,12 @@ def model_metadata(ckpt: Checkpoint, tokenizer: ChatTokenizer, shapes: Shapes) -
 def component_io(name: str, ckpt: Checkpoint, shapes: Shapes, pre: ImagePreprocessing) -> dict:
     t, v = ckpt.spec.text, ckpt.spec.vision
     f32, i64 = "float32", "int64"
-    if name == "vision_encoder":
-        n = pre.grid**2
-        return {"inputs": [{"name": "pixel_values", "shape": [n, v.in_channels * v.patch_size**2], "dtype": f32}],
-                "outputs": [{"name": "image_embeddings", "shape": [pre.num_tokens, t.hidden_size], "dtype": f32}]}
+    if is_vision_method(name):
+        h, w = shapes.bucket_methods()[name]
+        n = (h // v.patch_size) * (w // v.patch_size)
+        return {"image_size": [h, w],
+                "inputs": [{"name": "pixel_values", "shape": [n, v.in_channels * v.patch_size**2], "dtype": f32}],
+                "outputs": [{"name": "image_embeddings", "shape": [n // v.spatial_merge_size**2, t.hidden_size], "dtype": f32}]}
     if name == "audio_encoder":
         a = ckpt.spec.audio
         return {"inputs": [{"name": "input_features", "shape": [1, a.num_mel_bins, shapes.audio_frames], "dtype": f32}],
@@ -134,7 +143,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     shapes = Shapes.from_recipe(rec)
     pc_file = ckpt.root / "preprocessor_config.json"
     pc = load_json(pc_file, "preprocessor_config.json", "copy it from the original checkpoint") if pc_file.is_file() else {}
-    pre = ImagePreprocessing.from_checkpoint(pc, shapes.image_size, ckpt.spec.vision.patch_size,
+    pre = ImagePreprocessing.from_checkpoint(pc, shapes.buckets, ckpt.spec.vision.patch_size,
                                              ckpt.spec.vision.spatial_merge_size, pc_file)  # fmt: skip
     say(f"{ckpt.spec.architecture}: {len(ckpt.tensors)} tensors, {sum(i.numel for i in ckpt.tensors.values()):,} parameters")
     plans = make_plans(rec, ckpt, shapes, str(recipe_file))  # every rule error before any tensor is read
@@ -166,7 +175,7 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     with atomic_output_dir(out, force=force, protected=inputs, on_note=progress.stage("bundle")) as tmp:
         programs = {}
         part_results = []
-        components = registry.for_spec(ckpt.spec)
+        components = registry.for_spec(ckpt.spec, shapes)
         # a decoder in parts goes first, part by part, so nothing else is held meanwhile; a backend
         # that calibrates the decoder on the other components' outputs (qnn) writes those first
         decoder_last = bool(parts) and getattr(backend, "decoder_parts_last", False)
@@ -221,7 +230,9 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
             "source": {"checkpoint": str(ckpt.root.resolve()), "sha256": ckpt.fingerprint(),
                        "architecture": ckpt.spec.architecture, "config_form": ckpt.spec.config_form},
             "recipe": {"file": str(recipe_file.resolve()), "sha256": sha256_file(recipe_file), "content": rec.to_json()},
-            "shapes": {**rec.shapes.model_dump(), "dynamic_dims": {"T": [1, shapes.prefill_chunk]}},
+            "shapes": {"images": [list(b) for b in shapes.buckets], "max_context": shapes.max_context,
+                       "prefill_chunk": shapes.prefill_chunk, "audio_seconds": shapes.audio_seconds,
+                       "dynamic_dims": {"T": [1, shapes.prefill_chunk]}},
             "model": ckpt.spec.to_json(),
             "components": {
                 name: {"method": name, **lowered["methods"][name], **component_io(name, ckpt, shapes, pre),

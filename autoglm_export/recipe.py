@@ -47,18 +47,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+# A square bucket for photos and a ~9:20 portrait one for phone screens (1080 x 2400 and the like):
+# 144 and 312 image tokens.
+DEFAULT_IMAGES = ((336, 336), (728, 336))
+MAX_IMAGE_BUCKETS = 8
+MAX_IMAGE_SIDE = 2016  # 72 patches of 28: a 9B vision tower over more is minutes per image on a phone
+
+
+def _image_side(v: int, what: str) -> str | None:
+    if v < 28 or v % 28 or v > MAX_IMAGE_SIDE:
+        return f"{what} must be a multiple of 28 (patch 14 x merge 2) from 28 to {MAX_IMAGE_SIDE}, got {v}"
+    return None
+
+
 class ShapesSpec(_Strict):
-    image_size: int = Field(336, description="square input image side in pixels; a multiple of 28")
+    images: list[tuple[int, int]] | None = Field(
+        None, description="image buckets [[height, width], ...] in pixels, multiples of 28; each is one vision method "
+                          f"and an image goes to the bucket closest in aspect ratio (default {[list(b) for b in DEFAULT_IMAGES]})")
+    image_size: int | None = Field(None, description="one square bucket of this side (instead of images); a multiple of 28")
     max_context: int = Field(2048, description="KV cache length (prompt + generated tokens)")
     prefill_chunk: int = Field(128, description="tokens per prefill call")
     audio_seconds: float = Field(3.2, description="fixed audio window (checkpoints with an audio tower)")
 
     @field_validator("image_size")
     @classmethod
-    def _image(cls, v: int) -> int:
-        if v < 28 or v % 28:
-            raise ValueError(f"must be a positive multiple of 28 (patch 14 x merge 2), got {v}; use e.g. 336")
+    def _image(cls, v: int | None) -> int | None:
+        if v is not None and (problem := _image_side(v, "the side")):
+            raise ValueError(f"{problem}; use e.g. 336")
         return v
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, v: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+        if v is None:
+            return v
+        if not 1 <= len(v) <= MAX_IMAGE_BUCKETS:
+            raise ValueError(f"must list 1 to {MAX_IMAGE_BUCKETS} [height, width] pairs, got {len(v)}")
+        for i, (h, w) in enumerate(v):
+            for what, x in (("height", h), ("width", w)):
+                if problem := _image_side(x, f"images[{i}] {what}"):
+                    raise ValueError(f"{problem}; use e.g. [[336, 336], [728, 336]]")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a size twice: {[list(b) for b in v]}; each bucket once")
+        return v
+
+    @property
+    def buckets(self) -> tuple[tuple[int, int], ...]:
+        if self.images is not None:
+            return tuple(tuple(b) for b in self.images)
+        return ((self.image_size, self.image_size),) if self.image_size is not None else DEFAULT_IMAGES
 
     @field_validator("max_context", "prefill_chunk")
     @classmethod
@@ -79,6 +116,8 @@ class ShapesSpec(_Strict):
 
     @model_validator(mode="after")
     def _chunk_fits(self):
+        if self.images is not None and self.image_size is not None:
+            raise ValueError("sets both images and image_size; keep images (image_size: S is images: [[S, S]])")
         if self.prefill_chunk > self.max_context:
             raise ValueError(
                 f"prefill_chunk {self.prefill_chunk} is larger than max_context {self.max_context}; "

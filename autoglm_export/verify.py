@@ -19,12 +19,13 @@ import torch
 from .checkpoint import Checkpoint, open_checkpoint
 from .components import Shapes, registry
 from .errors import BundleError, ExportError, RecipeError
-from .host.generate import EagerRuntime, Trace, generate
+from .host.generate import EagerRuntime, Trace, call_component, generate
 from .host.golden import GOLDEN_PROMPT, golden_image
 from .host.image import ImagePreprocessing, preprocess_image
 from .host.prompt import AUDIO, IMAGE, build_chat_prompt
 from .load import build_on_meta, load_component
 from .metrics import compare, passes
+from .models.glm4v.layout import VISION_METHOD
 from .models.glm4v.modules import TextDecoder
 from .progress import silent
 from .quantize import FLOAT_DTYPES, ComponentPlan, plan_component, quantize_hook
@@ -72,10 +73,10 @@ def make_plans(recipe: Recipe, ckpt: Checkpoint, shapes: Shapes, recipe_file: st
 def plans_for_spec(recipe: Recipe, spec, shapes: Shapes, recipe_file: str) -> dict[str, ComponentPlan]:
     """Every component's plan from a model spec alone (modules built on meta: no weights needed)."""
     plans, problems = {}, []
-    for comp in registry.for_spec(spec):
+    for comp in registry.for_spec(spec, shapes):
         meta = build_on_meta(lambda c=comp: c.build(spec, shapes))
         try:
-            plans[comp.name] = plan_component(recipe, comp.name, meta, recipe_file)
+            plans[comp.name] = plan_component(recipe, comp.rule_name, meta, recipe_file)
         except RecipeError as e:  # every component's problems in one error
             problems += e.problems
     if problems:
@@ -124,30 +125,36 @@ class GoldenCase:
         from .host.positions import mrope_positions
 
         tok = ckpt.chat_tokenizer()
-        self.pixels = preprocess_image(golden_image(), pre)
+        self.image = pre.prepare(golden_image())
+        self.pixels = self.image.pixels
         self.features = None
         audio_tokens = None
         if ckpt.spec.audio is not None:
             apre = AudioPreprocessing(frames=shapes.audio_frames, mel_bins=ckpt.spec.audio.num_mel_bins)
             self.features = log_mel(golden_audio(), apre)[None]
             audio_tokens = shapes.audio_frames // 8
-        self.prompt = build_chat_prompt(tok, GOLDEN_PROMPT, pre.num_tokens, audio_tokens)
+        self.prompt = build_chat_prompt(tok, GOLDEN_PROMPT, self.image.tokens, audio_tokens)
         g = torch.Generator().manual_seed(0)
+        first = preprocess_image(golden_image(), pre, pre.sizes[0])
         self.inputs = {
-            "vision_encoder": [torch.from_numpy(self.pixels), torch.randn(self.pixels.shape, generator=g)],
+            VISION_METHOD: [torch.from_numpy(first), torch.randn(first.shape, generator=g)],
             "token_embedding": [torch.tensor([self.prompt.ids[: shapes.prefill_chunk]]), torch.tensor([[0]])],
         }
         if self.features is not None:
             self.inputs["audio_encoder"] = [torch.from_numpy(self.features), torch.randn(self.features.shape, generator=g)]
-        self.media = {"images": [self.pixels], "image_grids": [pre.merged_grid],
+        for i, size in enumerate(pre.sizes[1:], 1):  # every further image bucket: the golden image at its size
+            px = preprocess_image(golden_image(), pre, size)
+            self.inputs[pre.method(i)] = [torch.from_numpy(px), torch.randn(px.shape, generator=g)]
+        self.media = {"images": [self.pixels], "image_grids": [self.image.grid], "image_methods": [self.image.method],
                       "audios": [self.features] if self.features is not None else []}  # fmt: skip
-        self.positions, self.delta = mrope_positions(self.prompt.types, [pre.merged_grid])
+        self.positions, self.delta = mrope_positions(self.prompt.types, [self.image.grid])
 
     def embeddings(self, modules: dict, chunk: int) -> torch.Tensor:
         """The prompt's input embeddings with image (and audio) encodings in place."""
         ids = torch.tensor([self.prompt.ids])
         embeds = torch.cat([modules["token_embedding"](ids[:, a : a + chunk]) for a in range(0, len(self.prompt), chunk)], dim=1)
-        embeds[0, [i for i, t in enumerate(self.prompt.types) if t == IMAGE]] = modules["vision_encoder"](self.inputs["vision_encoder"][0])
+        encode = modules[self.image.method]
+        embeds[0, [i for i, t in enumerate(self.prompt.types) if t == IMAGE]] = encode(torch.from_numpy(self.pixels))
         if self.features is not None:
             embeds[0, [i for i, t in enumerate(self.prompt.types) if t == AUDIO]] = modules["audio_encoder"](self.inputs["audio_encoder"][0])
         return embeds
@@ -176,7 +183,7 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
     with torch.no_grad():
         for name in inputs:
             ref = np.concatenate([q[name](x).numpy().ravel() for x in inputs[name]])
-            got = np.concatenate([getattr(bundle_runtime, name)(x).numpy().ravel() for x in inputs[name]])
+            got = np.concatenate([call_component(bundle_runtime, name, x).numpy().ravel() for x in inputs[name]])
             outs[name] = {"quantized": ref}
             report.add(f"{name}/lowered_vs_reference", "lowering", compare(ref, got), _lowering_threshold(plans[name], par),
                        "bundle runtime vs PyTorch with the same weights")  # fmt: skip
@@ -274,9 +281,9 @@ def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backen
         with torch.no_grad():
             inputs = {name: xs[0] for name, xs in case.inputs.items()}
             for name, x in inputs.items():
-                o = getattr(ort_rt, name)(x).numpy()
+                o = call_component(ort_rt, name, x).numpy()
                 thr = _lowering_threshold(plans[name], par)
-                report.add(f"onnxruntime/{name}_vs_bundle", "independent", compare(o, getattr(bundle_runtime, name)(x).numpy()), thr)
+                report.add(f"onnxruntime/{name}_vs_bundle", "independent", compare(o, call_component(bundle_runtime, name, x).numpy()), thr)
                 report.add(f"onnxruntime/{name}_vs_reference", "independent", compare(refs[name](x).numpy(), o), thr)
             embeds = case.embeddings(refs, shapes.prefill_chunk)
             n_new = min(par.greedy_tokens, shapes.max_context - len(prompt))

@@ -95,7 +95,7 @@ def main() -> None:
         plans = make_plans(recipe, ckpt, shapes, str(a.recipe))
         backend = get_backend("xnnpack")
         prompt = build_chat_prompt(tok, GOLDEN_PROMPT, pre.num_tokens)
-        pixels = preprocess_image(golden_image(), pre)
+        pixels = preprocess_image(golden_image(), pre, pre.sizes[0])
         n = min(a.decode_tokens, shapes.max_context - len(prompt))
         q = EagerRuntime({k: load_reference(ckpt, k, shapes, plans[k], backend) for k in plans}, shapes.max_context, shapes.prefill_chunk)
         f = EagerRuntime({k: load_reference(ckpt, k, shapes, None, backend) for k in plans}, shapes.max_context, shapes.prefill_chunk)

@@ -31,14 +31,16 @@ def load_hf(ckpt_dir: Path):
     return Glm4vForConditionalGeneration.from_pretrained(str(ckpt_dir), dtype=torch.float32).eval()
 
 
-def hf_pixels(image, size: int):
-    """transformers' own PIL image processor, at a fixed size."""
+def hf_pixels(image, size):
+    """transformers' own PIL image processor on ``image`` resized to ``size`` (a side, or (height,
+    width)): its smart resize keeps a size whose sides are multiples of 28 within its pixel bounds."""
     from transformers import Glm4vImageProcessorPil
 
-    proc = Glm4vImageProcessorPil(size={"shortest_edge": size * size, "longest_edge": 2 * size * size})
+    h, w = (size, size) if isinstance(size, int) else size
+    proc = Glm4vImageProcessorPil(size={"shortest_edge": h * w, "longest_edge": 2 * h * w})
     from PIL import Image
 
-    out = proc(images=[image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)], return_tensors="pt")
+    out = proc(images=[image.convert("RGB").resize((w, h), Image.Resampling.BICUBIC)], return_tensors="pt")
     return out["pixel_values"], out["image_grid_thw"]
 
 
@@ -56,9 +58,11 @@ def scale_random_init(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(math.prod(p.shape[1:])))
 
 
-def check_parity(ours_dir: Path, hf_dir: Path, image_size: int = 112, tol: float = 1e-4, new_tokens: int = 16):
-    """Vision, prefill, 8 decode steps and a greedy image+text generation vs transformers."""
-    shapes = Shapes(image_size=image_size, max_context=128, prefill_chunk=16)
+def check_parity(ours_dir: Path, hf_dir: Path, image_size=112, tol: float = 1e-4, new_tokens: int = 16):
+    """Vision, prefill, 8 decode steps and a greedy image+text generation vs transformers.
+    ``image_size``: a side, or (height, width) for a non-square image bucket."""
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    shapes = Shapes(images=(size,), max_context=128, prefill_chunk=16)
     ckpt, mods = load_ours(ours_dir, shapes)
     hf = load_hf(hf_dir)
     spec = ckpt.spec
@@ -68,9 +72,12 @@ def check_parity(ours_dir: Path, hf_dir: Path, image_size: int = 112, tol: float
     from autoglm_export.host.golden import golden_image
 
     img = golden_image()
-    pre = ImagePreprocessing.from_checkpoint({}, image_size, spec.vision.patch_size, spec.vision.spatial_merge_size)
+    pre = ImagePreprocessing.from_checkpoint({}, [size], spec.vision.patch_size, spec.vision.spatial_merge_size)
     px = preprocess_image(img, pre)
-    ref_px, grid = hf_pixels(img, image_size)
+    ref_px, grid = hf_pixels(img, size)
+    f = spec.vision.patch_size
+    assert grid.tolist() == [[1, size[0] // f, size[1] // f]], grid
+    figures["pixels"] = (ref_px.view(px.shape[0], 3, 2, -1)[:, :, 0].reshape(px.shape[0], -1) - torch.from_numpy(px)).abs().max().item()
     with torch.no_grad():
         ref = hf.model.get_image_features(ref_px, grid).pooler_output[0]
         ours = mods["vision_encoder"](torch.from_numpy(px))
@@ -106,6 +113,7 @@ def check_parity(ours_dir: Path, hf_dir: Path, image_size: int = 112, tol: float
     )  # fmt: skip
     figures["ours_tokens"] = trace.tokens
     figures["hf_tokens"] = hf_out[0, len(prompt) :].tolist()
+    assert figures["pixels"] <= 1e-5, figures
     assert figures["vision"] <= tol, figures
     assert figures["text"] <= tol, figures
     assert figures["ours_tokens"] == figures["hf_tokens"], figures

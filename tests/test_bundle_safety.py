@@ -100,8 +100,19 @@ def _truncated_rehashed(b: Path, m: dict) -> str:
     return "cannot load"
 
 
+def _bucket_method_elsewhere(b: Path, m: dict) -> str:
+    m["preprocessing"]["buckets"][1]["method"] = "text_decoder"  # an image through another component's method
+    return "preprocessing.buckets[1]"
+
+
+def _bundle_before_buckets(b: Path, m: dict) -> str:
+    m["preprocessing"]["image_size"] = m["preprocessing"].pop("buckets")[0]["height"]
+    return "preprocessing.image_size"
+
+
 CASES = [_escape_part, _absolute_part, _unhashed_program, _unhashed_tokenizer, _symlinked_out, _files_a_list,
-         _entry_without_bytes, _no_text_decoder, _huge_context, _consistent_bigger_context, _truncated_rehashed]  # fmt: skip
+         _entry_without_bytes, _no_text_decoder, _huge_context, _consistent_bigger_context, _truncated_rehashed,
+         _bucket_method_elsewhere, _bundle_before_buckets]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__.strip("_"))

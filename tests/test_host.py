@@ -78,3 +78,18 @@ def test_golden_vectors_script_is_deterministic(tiny_ckpt, tmp_path):
     assert g == json.loads(json.dumps(golden_vectors(tok, pre), sort_keys=True))
     assert g["pixel_values"]["shape"] == [64, 588]
     assert len(g["positions"][0]) == len(g["prompt_ids"]) and g["rope_delta"] == -12
+
+
+def test_an_image_goes_to_the_bucket_closest_in_aspect_ratio():
+    """Issue #30 item 2: aspect ratio on a log scale picks the bucket; the image is resized into it
+    whole (no crop), and the manifest form of the buckets reads back the same."""
+    from PIL import Image
+
+    pre = ImagePreprocessing(sizes=((112, 112), (224, 112), (112, 224)))
+    assert pre.choose(1080, 2400) == 1 and pre.choose(2400, 1080) == 2 and pre.choose(640, 480) == 0
+    assert pre.choose(100, 141) == 0 and pre.choose(100, 142) == 1  # sqrt(2): halfway between 1:1 and 1:2
+    x = pre.prepare(Image.new("RGB", (1080, 2400), (200, 10, 10)))
+    assert (x.method, x.size, x.grid, x.tokens, x.pixels.shape) == ("vision_encoder_224x112", (224, 112), (8, 4), 32, (128, 588))
+    assert np.allclose(x.pixels.reshape(128, 3, -1)[:, 0], (200 / 255 - 0.48145466) / 0.26862954, atol=1e-5)
+    assert ImagePreprocessing.from_json(pre.to_json()) == pre
+    assert [b["method"] for b in pre.to_json()["buckets"]] == ["vision_encoder", "vision_encoder_224x112", "vision_encoder_112x224"]

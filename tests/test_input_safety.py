@@ -227,10 +227,10 @@ def test_exif_orientation_is_applied_as_transformers_does(tmp_path):
     exif[0x0112] = 6  # rotated 90 degrees: how phones store a portrait photo
     path = tmp_path / "phone.png"
     img.save(path, exif=exif)
-    ours = preprocess_image(load_image(path), ImagePreprocessing(image_size=112))
+    ours = preprocess_image(load_image(path), ImagePreprocessing(sizes=112))
     theirs = _hf_pixels(hf_load_image(str(path)), 112)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
-    assert not np.allclose(ours, preprocess_image(img, ImagePreprocessing(image_size=112)), atol=1e-3)
+    assert not np.allclose(ours, preprocess_image(img, ImagePreprocessing(sizes=112)), atol=1e-3)
 
 
 def test_transparency_is_composited_on_white_as_transformers_does(tmp_path):
@@ -244,7 +244,7 @@ def test_transparency_is_composited_on_white_as_transformers_does(tmp_path):
     img = Image.fromarray(rgba, "RGBA")
     path = tmp_path / "overlay.png"
     img.save(path)
-    ours = preprocess_image(load_image(path), ImagePreprocessing(image_size=112))
+    ours = preprocess_image(load_image(path), ImagePreprocessing(sizes=112))
     np.testing.assert_allclose(ours, _hf_pixels(img, 112), atol=1e-5)
 
 

@@ -32,7 +32,7 @@ def test_gates_graphs_and_manifest(bundle):
     assert m["qnn"]["qnn_sdk"].startswith("2.51") and "emulator" in m["qnn"]["emulator_note"]
     c = _checks(out)
     graphs = {g: spec for comp in m["components"].values() for g, spec in comp["graphs"].items()}
-    assert set(graphs) == {"vision_encoder", "token_embedding_prefill", "token_embedding_decode",
+    assert set(graphs) == {"vision_encoder", "vision_encoder_224x112", "token_embedding_prefill", "token_embedding_decode",
                            "text_decoder_prefill", "text_decoder_decode"}  # fmt: skip
     assert graphs["text_decoder_prefill"]["tokens"] == 16 and graphs["text_decoder_decode"]["tokens"] == 1
     assert graphs["text_decoder_decode"]["precision"] == "16a4w/16a8w" and len(graphs["text_decoder_decode"]["int4_weights"]) == 12

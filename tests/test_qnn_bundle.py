@@ -34,7 +34,8 @@ def test_gates_graphs_and_manifest(bundle):
     for f in ("model.pte", *PARTS):
         assert b"soc_type=SM8650" in (out / f).read_bytes()
     graphs = {g: spec for comp in m["components"].values() if "graphs" in comp for g, spec in comp["graphs"].items()}
-    assert set(graphs) == {"vision_encoder", "token_embedding_prefill", "token_embedding_decode"}
+    assert set(graphs) == {"vision_encoder", "vision_encoder_224x112", "token_embedding_prefill", "token_embedding_decode"}
+    assert graphs["vision_encoder_224x112"]["inputs"][0]["shape"] == [128, 588]  # the portrait bucket: 16 x 8 patches
     programs = m["components"]["text_decoder"]["programs"]
     assert [(p["file"], p["layers"]) for p in programs] == [(PARTS[0], [0, 1]), (PARTS[1], [1, 2])]
     for p in programs:

@@ -5,12 +5,27 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from reference import check_parity, load_hf
 
 
 def test_own_tiny_checkpoint_matches_transformers(tiny_ckpt):
     figures = check_parity(tiny_ckpt, tiny_ckpt)
     assert len(figures["ours_tokens"]) == 16
+
+
+@pytest.mark.parametrize("size", [(224, 112), (112, 168)], ids=["portrait", "landscape"])
+def test_non_square_image_bucket_matches_transformers(tiny_ckpt, size):
+    """Issue #30: a screen-shaped bucket: pixels equal Glm4vImageProcessor's for an image at the bucket's
+    size, the vision tower interpolates its position table and rotary positions to the h x w grid as
+    transformers does, and M-RoPE positions follow the non-square grid (greedy tokens equal)."""
+    figures = check_parity(tiny_ckpt, tiny_ckpt, image_size=size)
+    assert len(figures["ours_tokens"]) == 16
+
+
+def test_non_square_bucket_on_a_transformers_written_checkpoint(odd_shapes_ckpt):
+    check_parity(odd_shapes_ckpt, odd_shapes_ckpt, image_size=(196, 84))
 
 
 def _flat_config(nested: dict) -> dict:

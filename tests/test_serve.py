@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from autoglm_export.host.prompt import IMAGE
 from conftest import REPO
 
 MODEL = "autoglm-phone-9b"
@@ -123,8 +124,34 @@ def test_agent_replay_equals_the_library_turn_by_turn_and_prefills_only_the_new_
             # everything before the change is reused: the cache runs up to where the previous turn's
             # screenshot was (dropped now), and only that turn's text, the answer and the new turn run
             assert ours.reused_tokens == dropped_at and ours.reused_tokens >= 12, (ours.reused_tokens, dropped_at)
-        dropped_at = engine.render(_library_messages(engine, history)).prompt.ids.index(engine.tokenizer.special["begin_of_image"])
+        rendered = engine.render(_library_messages(engine, history))
+        assert rendered.prompt.types.count(IMAGE) == 32  # the 90 x 200 screen in the 224 x 112 portrait bucket: 8 x 4 tokens
+        dropped_at = rendered.prompt.ids.index(engine.tokenizer.special["begin_of_image"])
         history.append({"role": "assistant", "content": text})
+
+
+def test_each_image_goes_to_the_bucket_closest_in_aspect_ratio(engine):
+    """Issue #30 item 2: a portrait screenshot runs the portrait bucket's vision method with its own
+    grid, a near-square photo the square one; the prompt carries each bucket's token count."""
+    from autoglm_export.host.conversation import Message, Part
+
+    calls = []
+    inner = engine.runtime.vision_encoder
+
+    def spy(x, method="vision_encoder"):
+        calls.append((method, tuple(x.shape)))
+        return inner(x, method)
+
+    engine.runtime.vision_encoder = spy
+    try:
+        for (w, h), tokens in (((90, 200), 32), ((120, 110), 16)):
+            img = Image.open(io.BytesIO(_png(w, h, 3))).convert("RGB")
+            messages = [Message("user", (engine.image_part(img), Part.of_text("read the screen")))]
+            assert engine.render(messages).prompt.types.count(IMAGE) == tokens
+            assert engine.chat(messages, max_tokens=2).finish_reason in ("length", "stop")
+    finally:
+        del engine.runtime.vision_encoder  # the instance attribute: the method is the class's again
+    assert calls == [("vision_encoder_224x112", (128, 588)), ("vision_encoder", (64, 588))]
 
 
 def test_openai_client_stream_and_non_stream_are_identical(server):

@@ -23,6 +23,12 @@ def test_target_exports_the_transformers_checkpoint(target, odd_shapes_ckpt, tmp
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and not report["failed"]
+    # every image bucket of the recipe (square and portrait) is a vision method with its own passing gate
+    manifest = json.loads((out / "manifest.json").read_text())
+    buckets = [b["method"] for b in manifest["preprocessing"]["buckets"]]
+    assert len(buckets) == 2 and set(buckets) <= set(manifest["components"])
+    for method in buckets:
+        assert next(c for c in report["checks"] if c["name"] == f"{method}/lowered_vs_reference")["passed"]
     decoder = next(c for c in report["checks"] if c["name"] == "text_decoder/lowered_vs_reference")
     assert decoder["passed"] and decoder["sqnr_db"] >= decoder["threshold_db"]
     manifest = json.loads((out / "manifest.json").read_text())

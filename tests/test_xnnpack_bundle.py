@@ -52,7 +52,7 @@ def test_manifest_contract(bundle):
     out, _ = bundle
     m = json.loads((out / "manifest.json").read_text())
     assert m["schema_version"] == 1 and m["target"] == "xnnpack"
-    assert set(m["components"]) == {"vision_encoder", "token_embedding", "text_decoder"}
+    assert set(m["components"]) == {"vision_encoder", "vision_encoder_224x112", "token_embedding", "text_decoder"}
     dec = m["components"]["text_decoder"]
     assert [i["name"] for i in dec["inputs"]] == ["inputs_embeds", "position_ids", "cache_position"]
     assert dec["quantization"]["params_by_scheme"]["int4-g32"] > 0
@@ -60,12 +60,32 @@ def test_manifest_contract(bundle):
     assert m["components"]["vision_encoder"]["inputs"][0]["shape"] == [64, 588]
     assert m["components"]["vision_encoder"]["outputs"][0]["shape"] == [16, 64]
     assert m["prompt"]["eos_ids"] == m["model"]["tokens"]["eos_token_ids"]
-    assert m["preprocessing"]["image_size"] == 112
+    assert m["components"]["vision_encoder_224x112"]["inputs"][0]["shape"] == [128, 588]
+    assert m["components"]["vision_encoder_224x112"]["outputs"][0]["shape"] == [32, 64]
+    assert m["preprocessing"]["buckets"] == [
+        {"height": 112, "width": 112, "method": "vision_encoder", "tokens": 16, "grid": [4, 4]},
+        {"height": 224, "width": 112, "method": "vision_encoder_224x112", "tokens": 32, "grid": [8, 4]}]
+    assert m["shapes"]["images"] == [[112, 112], [224, 112]]
     assert m["versions"]["executorch"] == "1.5.1" and m["versions"]["torch"].startswith("2.13.0")
     assert len(m["source"]["sha256"]) == 64
     for name, entry in m["files"].items():
         assert (out / name).stat().st_size == entry["bytes"]
     assert m["verification"]["passed"] is True
+
+
+def test_image_buckets_share_one_copy_of_the_vision_weights(bundle, tiny_ckpt):
+    """Each image bucket is its own method, but XNNPACK keys a program's constants by their content:
+    every fp32 ViT weight of the tiny recipe is stored once in model.pte, not once per bucket."""
+    from autoglm_export.checkpoint import open_checkpoint
+
+    out, _ = bundle
+    data = (out / "model.pte").read_bytes()
+    ckpt = open_checkpoint(tiny_ckpt)
+    names = [k for k, i in ckpt.tensors.items() if k.startswith("model.visual.blocks.") and len(i.shape) == 2]
+    assert len(names) >= 5
+    for k in names:
+        raw = ckpt.tensor(k).float().numpy().tobytes()
+        assert data.count(raw) == 1, k
 
 
 def test_pte_methods_follow_the_runner_contract(bundle):
@@ -156,7 +176,7 @@ def test_verify_against_onnxruntime(bundle):
     proc = run_cli("verify", out, "--against", "onnxruntime")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = {l.split()[0]: l for l in proc.stdout.splitlines() if l.startswith("onnxruntime/")}
-    assert len(lines) == 7 and all(l.rstrip().endswith("PASS") for l in lines.values())
+    assert len(lines) == 9 and all(l.rstrip().endswith("PASS") for l in lines.values())  # 4 methods x 2 + greedy
     assert "100.0% of 32 tokens agree" in lines["onnxruntime/greedy_vs_bundle"]
 
 
@@ -179,12 +199,13 @@ def test_onnxruntime_gate_fails_on_a_wrong_bundle_output(bundle, tiny_ckpt):
     plans = make_plans(recipe, ckpt, Shapes.from_recipe(recipe), "manifest")
     rt = backend.open_runtime(out, manifest)
     real = rt.vision_encoder
-    rt.vision_encoder = lambda px: real(px) * 1.01
+    rt.vision_encoder = lambda px, method="vision_encoder": real(px, method) * (1.01 if method == "vision_encoder" else 1)
     pre = ImagePreprocessing.from_json(manifest["preprocessing"])
     report = against_onnxruntime(rt, ckpt, recipe, backend, plans, pre, bundle=out, manifest=manifest)
     assert not report["passed"]
     assert "onnxruntime/vision_encoder_vs_bundle" in report["failed"]
     assert "onnxruntime/vision_encoder_vs_reference" not in report["failed"]
+    assert not any("224x112" in f for f in report["failed"])  # the other bucket's method was left alone
 
 
 def test_contract_check_catches_a_manifest_mismatch(bundle):

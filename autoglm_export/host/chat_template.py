@@ -149,9 +149,10 @@ class ChatTemplate:
                     raise ExportError(f"chat template wrote an {kind} placeholder the messages do not fill", file=self.file,
                                       fix="use the template that ships with the checkpoint")  # fmt: skip
                 part = queue.pop(0)
+                n = part.tokens(n)
                 p.add([tid] * n, modality)
                 out.keys.extend((tid, part.digest) for _ in range(n))
-                (out.images if kind == "image" else out.audios).append(part.data)
+                out.add_media(part)
             else:
                 p.add([tid])
                 out.keys.append((tid, ""))

@@ -1,7 +1,8 @@
 """Multi-turn chat on a bundle: the library under ``run`` and ``serve``.
 
 A conversation is a list of ``Message`` (system / user / assistant), each a list of parts: text,
-images and audio clips, in order. It is rendered in GLM-4.1V's chat layout::
+images and audio clips, in order (each image resized into the bundle's image bucket closest to it
+in aspect ratio: N image tokens follow its bucket). It is rendered in GLM-4.1V's chat layout::
 
     [gMASK]<sop><|system|>\\nSYSTEM<|user|>\\n<|begin_of_image|><|image|>xN<|end_of_image|>TEXT<|assistant|>\\nANSWER<|user|>\\n...<|assistant|>\\n
 
@@ -40,6 +41,11 @@ class Part:
     text: str = ""
     data: np.ndarray | None = None  # preprocessed pixels or log-mel features
     digest: str = ""
+    grid: tuple[int, int] | None = None  # an image's merged grid (its bucket's): grid[0] * grid[1] image tokens
+    method: str = "vision_encoder"  # an image's vision method (its bucket's)
+
+    def tokens(self, default: int | None) -> int | None:
+        return self.grid[0] * self.grid[1] if self.kind == "image" and self.grid else default
 
     @classmethod
     def of_text(cls, text: str) -> "Part":
@@ -62,6 +68,17 @@ class Rendered:
     keys: list[tuple[int, str]]  # per token: (id, digest of the image/clip it stands for, or "")
     images: list[np.ndarray] = field(default_factory=list)
     audios: list[np.ndarray] = field(default_factory=list)
+    image_parts: list[Part] = field(default_factory=list)
+
+    def add_media(self, part: Part) -> None:
+        (self.images if part.kind == "image" else self.audios).append(part.data)
+        if part.kind == "image":
+            self.image_parts.append(part)
+
+    def image_inputs(self, default_grid: tuple[int, int]) -> dict:
+        """``generate``'s image arguments: each image's grid and vision method."""
+        return {"images": self.images, "image_grids": [p.grid or default_grid for p in self.image_parts],
+                "image_methods": [p.method for p in self.image_parts]}
 
 
 @dataclass
@@ -102,9 +119,9 @@ def render(tokenizer, messages: list[Message], image_tokens: int, audio_tokens: 
                 add(tokenizer.encode(part.text))
             elif part.kind == "image":
                 add([sp["begin_of_image"]])
-                add([sp["image"]] * image_tokens, IMAGE, part.digest)
+                add([sp["image"]] * part.tokens(image_tokens), IMAGE, part.digest)
                 add([sp["end_of_image"]])
-                out.images.append(part.data)
+                out.add_media(part)
             elif part.kind == "audio":
                 if audio_tokens is None or "audio" not in sp:
                     raise ExportError("this bundle has no audio encoder", field=f"messages[{i}].content",
@@ -112,7 +129,7 @@ def render(tokenizer, messages: list[Message], image_tokens: int, audio_tokens: 
                 add([sp["begin_of_audio"]])
                 add([sp["audio"]] * audio_tokens, AUDIO, part.digest)
                 add([sp["end_of_audio"]])
-                out.audios.append(part.data)
+                out.add_media(part)
     add([sp["assistant"]])
     add(newline)
     if enable_thinking is False:
@@ -222,11 +239,10 @@ class ChatEngine:
 
     # -- inputs -----------------------------------------------------------------------------
     def image_part(self, image) -> Part:
-        """A PIL image (already EXIF-transposed and RGB, ``host.image.load_image``) as a message part."""
-        from .image import preprocess_image
-
-        pixels = preprocess_image(image, self.pre)
-        return Part("image", data=pixels, digest=digest(pixels))
+        """A PIL image (already EXIF-transposed and RGB, ``host.image.load_image``) as a message part,
+        resized into the image bucket closest to it in aspect ratio."""
+        x = self.pre.prepare(image)
+        return Part("image", data=x.pixels, digest=digest(x.pixels), grid=x.grid, method=x.method)
 
     def audio_part(self, wave: np.ndarray) -> Part:
         from .audio import log_mel
@@ -320,8 +336,8 @@ class ChatEngine:
             return False
 
         choose = None if sampling.greedy and not (sampling.frequency_penalty or sampling.presence_penalty) else Sampler(sampling)
-        trace = generate(self.runtime, r.prompt, images=r.images, image_grids=[self.pre.merged_grid] * len(r.images),
-                         audios=r.audios, max_new_tokens=budget, eos_ids=self.eos, on_token=on_token, reuse=reuse,
+        trace = generate(self.runtime, r.prompt, **r.image_inputs(self.pre.merged_grid), audios=r.audios,
+                         max_new_tokens=budget, eos_ids=self.eos, on_token=on_token, reuse=reuse,
                          choose=choose, stop=should_stop)  # fmt: skip
         fed = trace.tokens[: trace.cached - n]
         self._cached = r.keys + [(t, "") for t in fed]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
+from ..models.glm4v.layout import VISION_METHOD, is_vision_method
 from .positions import decode_positions, mrope_positions
 from .prompt import AUDIO, IMAGE, Prompt
 
@@ -22,7 +23,7 @@ class Runtime(Protocol):
     prefill_chunk: int
 
     def token_embedding(self, input_ids: torch.Tensor) -> torch.Tensor: ...
-    def vision_encoder(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+    def vision_encoder(self, pixel_values: torch.Tensor, method: str = "vision_encoder") -> torch.Tensor: ...
     def audio_encoder(self, input_features: torch.Tensor) -> torch.Tensor: ...
     def text_decoder(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor: ...
     def reset(self) -> None: ...
@@ -45,20 +46,35 @@ def _chunks(n: int, size: int, start: int = 0):
         yield a, min(a + size, n)
 
 
-def _scatter(embeds, prompt: Prompt, kind: int, encode, inputs, record: list, reuse: int = 0) -> None:
-    """Encode each image / audio clip and write the results over its placeholder tokens (``embeds``
-    holds the prompt's tokens from ``reuse`` on: an input wholly before it is not encoded again)."""
+def call_component(runtime: Runtime, name: str, x: torch.Tensor) -> torch.Tensor:
+    """One component method of ``runtime`` by its manifest name (an image bucket's method included)."""
+    if is_vision_method(name):
+        return runtime.vision_encoder(x, name)
+    return getattr(runtime, name)(x)
+
+
+def _scatter(embeds, prompt: Prompt, kind: int, encoders, inputs, record: list, reuse: int = 0,
+             lengths: list[int] | None = None) -> None:  # fmt: skip
+    """Encode each image / audio clip (``encoders[j]`` encodes input j) and write the results over its
+    placeholder tokens, ``lengths[j]`` of them (equal shares if None); ``embeds`` holds the prompt's
+    tokens from ``reuse`` on: an input wholly before it is not encoded again."""
     slots = [i for i, t in enumerate(prompt.types) if t == kind]
     if not inputs:
         return
-    per = len(slots) // len(inputs) if len(slots) % len(inputs) == 0 else None
-    if per is None:
-        raise ValueError(f"{len(slots)} placeholder tokens for {len(inputs)} inputs")
+    if lengths is None:
+        if len(slots) % len(inputs):
+            raise ValueError(f"{len(slots)} placeholder tokens for {len(inputs)} inputs")
+        lengths = [len(slots) // len(inputs)] * len(inputs)
+    if sum(lengths) != len(slots) or len(lengths) != len(inputs):
+        raise ValueError(f"{len(slots)} placeholder tokens for inputs of {lengths} tokens")
+    start = 0
     for j, x in enumerate(inputs):
-        own = slots[j * per : (j + 1) * per]
+        per = lengths[j]
+        own = slots[start : start + per]
+        start += per
         if own[-1] < reuse:
             continue
-        f = encode(torch.as_tensor(x, dtype=torch.float32))
+        f = encoders[j](torch.as_tensor(x, dtype=torch.float32))
         record.append(f.numpy().copy())
         if f.shape[0] != per:
             raise ValueError(f"{f.shape[0]} encoder outputs for {per} placeholder tokens")
@@ -67,15 +83,18 @@ def _scatter(embeds, prompt: Prompt, kind: int, encode, inputs, record: list, re
 
 
 def prefill(runtime: Runtime, prompt: Prompt, images: list[np.ndarray], image_grids: list[tuple[int, int]], trace: Trace,
-            audios: list[np.ndarray] = (), reuse: int = 0):  # fmt: skip
+            audios: list[np.ndarray] = (), reuse: int = 0, image_methods: list[str] = ()):  # fmt: skip
     """Run the prompt's tokens from ``reuse`` on through the decoder (those before it are already in
-    the cache, written by an earlier call with the same tokens, images and clips); logits of the last."""
+    the cache, written by an earlier call with the same tokens, images and clips); logits of the last.
+    ``image_methods``: each image's vision method (its bucket); ``vision_encoder`` for all if empty."""
     n = len(prompt)
     ids = torch.tensor(prompt.ids, dtype=torch.long).unsqueeze(0)
     embeds = torch.cat([runtime.token_embedding(ids[:, a:b]) for a, b in _chunks(n, runtime.prefill_chunk, reuse)], dim=1)
-    _scatter(embeds, prompt, IMAGE, runtime.vision_encoder, images, trace.image_embeddings, reuse)
+    methods = list(image_methods) or [VISION_METHOD] * len(images)
+    encoders = [lambda x, m=m: runtime.vision_encoder(x, m) for m in methods]
+    _scatter(embeds, prompt, IMAGE, encoders, images, trace.image_embeddings, reuse, [gh * gw for gh, gw in image_grids])
     if audios:
-        _scatter(embeds, prompt, AUDIO, runtime.audio_encoder, audios, trace.audio_embeddings, reuse)
+        _scatter(embeds, prompt, AUDIO, [runtime.audio_encoder] * len(audios), audios, trace.audio_embeddings, reuse)
     pos = torch.from_numpy(trace.positions)
     logits = None
     for a, b in _chunks(n, runtime.prefill_chunk, reuse):
@@ -89,6 +108,7 @@ def generate(
     *,
     images: list[np.ndarray] = (),
     image_grids: list[tuple[int, int]] = (),
+    image_methods: list[str] = (),
     audios: list[np.ndarray] = (),
     max_new_tokens: int = 32,
     eos_ids: tuple[int, ...] = (),
@@ -118,7 +138,7 @@ def generate(
     trace = Trace(prompt_ids=list(prompt.ids), positions=positions, rope_delta=delta)
     if reuse == 0:
         runtime.reset()
-    logits = prefill(runtime, prompt, list(images), list(image_grids), trace, list(audios), reuse)
+    logits = prefill(runtime, prompt, list(images), list(image_grids), trace, list(audios), reuse, list(image_methods))
     cache_index = n
     for step in range(max_new_tokens):
         trace.step_logits.append(logits[0].float().numpy().copy())
@@ -152,8 +172,8 @@ class EagerRuntime:
         return self.modules["token_embedding"](input_ids)
 
     @torch.no_grad()
-    def vision_encoder(self, pixel_values):
-        return self.modules["vision_encoder"](pixel_values)
+    def vision_encoder(self, pixel_values, method: str = VISION_METHOD):
+        return self.modules[method](pixel_values)
 
     @torch.no_grad()
     def audio_encoder(self, input_features):

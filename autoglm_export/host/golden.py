@@ -55,7 +55,7 @@ def golden_vectors(tokenizer, pre: ImagePreprocessing, decode_steps: int = 4, au
     """With ``audio_pre`` (an AudioPreprocessing) the prompt also carries the golden audio clip and
     the vectors include its waveform and log-mel frames."""
     img = golden_image()
-    pixels = preprocess_image(img, pre)
+    pixels = preprocess_image(img, pre, pre.sizes[0])  # the apps encode with vision_encoder, the first bucket
     audio_tokens = audio_pre.frames // 8 if audio_pre is not None else None
     prompt = build_chat_prompt(tokenizer, GOLDEN_PROMPT, pre.num_tokens, audio_tokens)
     pos, delta = mrope_positions(prompt.types, [pre.merged_grid])
@@ -119,8 +119,8 @@ class RecordingRuntime:
     def token_embedding(self, input_ids):
         return self._log("token_embedding", {"input_ids": input_ids}, self.inner.token_embedding(input_ids))
 
-    def vision_encoder(self, pixel_values):
-        return self._log("vision_encoder", {"pixel_values": pixel_values}, self.inner.vision_encoder(pixel_values))
+    def vision_encoder(self, pixel_values, method: str = "vision_encoder"):
+        return self._log(method, {"pixel_values": pixel_values}, self.inner.vision_encoder(pixel_values, method))
 
     def audio_encoder(self, input_features):
         return self._log("audio_encoder", {"input_features": input_features}, self.inner.audio_encoder(input_features))
@@ -174,7 +174,7 @@ def golden_bundle(bundle: Path, out_dir: Path, max_new_tokens: int = 8) -> Path:
             return out
 
         runtime._run = recorded
-    trace = generate(rec, prompt, images=[preprocess_image(golden_image(), pre)], image_grids=[pre.merged_grid],
+    trace = generate(rec, prompt, images=[preprocess_image(golden_image(), pre, pre.sizes[0])], image_grids=[pre.merged_grid],
                      audios=audios, max_new_tokens=max_new_tokens, eos_ids=tuple(manifest["prompt"]["eos_ids"]))  # fmt: skip
     vectors["trace"] = {"max_new_tokens": max_new_tokens, "tokens": trace.tokens, "calls": rec.calls,
                         "target": manifest["target"]}  # fmt: skip

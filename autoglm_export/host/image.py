@@ -1,8 +1,11 @@
-"""Image preprocessing for a fixed-size vision encoder.
+"""Image preprocessing for the vision encoder's fixed-size buckets.
 
-resize to SxS (bicubic, Pillow) -> RGB -> rescale (1/255) -> normalise (CLIP mean/std) ->
-patchify into block-major order (each 2x2 merge window contiguous), one temporal frame.
-Output: float32 [N, C*P*P], the exact input of the exported ``vision_encoder``.
+A recipe lists one or more image sizes (``shapes.images``, (height, width) in pixels); each is
+its own vision method. An image goes to the bucket closest to it in aspect ratio and is resized
+into it (bicubic, Pillow, as transformers' ``Glm4vImageProcessor`` resizes to its smart-resize
+size) -> RGB -> rescale (1/255) -> normalise (CLIP mean/std) -> patchify into block-major order
+(each 2x2 merge window contiguous), one temporal frame.
+Output: float32 [N, C*P*P], the exact input of the bucket's vision method.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError, excerpt
+from ..models.glm4v.layout import vision_method
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -23,9 +27,30 @@ def _finite_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _sizes(sizes) -> tuple[tuple[int, int], ...]:
+    """``336`` (one square bucket) or ``[(h, w), ...]`` as a tuple of (height, width) pairs."""
+    if isinstance(sizes, int):
+        return ((sizes, sizes),)
+    return tuple((int(h), int(w)) for h, w in sizes)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image ready for its bucket's vision method."""
+
+    pixels: np.ndarray  # [N, C*P*P] float32
+    method: str  # the vision method that encodes it
+    size: tuple[int, int]  # (height, width) it was resized to
+    grid: tuple[int, int]  # merged (rows, cols): its image tokens, and its M-RoPE layout
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
 @dataclass(frozen=True)
 class ImagePreprocessing:
-    image_size: int
+    sizes: tuple[tuple[int, int], ...]  # the buckets, (height, width) in pixels; the first is ``vision_encoder``
     patch_size: int = 14
     merge_size: int = 2
     rescale_factor: float = 1 / 255
@@ -33,9 +58,13 @@ class ImagePreprocessing:
     image_std: tuple[float, float, float] = CLIP_STD
     resample: str = "bicubic"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sizes", _sizes(self.sizes))
+
     @classmethod
-    def from_checkpoint(cls, preprocessor_config: dict, image_size: int, patch_size: int, merge_size: int,
+    def from_checkpoint(cls, preprocessor_config: dict, sizes, patch_size: int, merge_size: int,
                         file: str | Path = "preprocessor_config.json"):  # fmt: skip
+        """``sizes``: the recipe's image buckets (or one square side)."""
         pc = preprocessor_config if isinstance(preprocessor_config, dict) else {}
 
         def bad(field: str, expected: str) -> ExportError:
@@ -59,7 +88,7 @@ class ImagePreprocessing:
         if not _finite_number(rescale) or rescale <= 0:
             raise bad("rescale_factor", "a finite positive number such as 1/255")
         return cls(
-            image_size=image_size,
+            sizes=_sizes(sizes),
             patch_size=integer("patch_size", patch_size),
             merge_size=integer("merge_size", merge_size),
             rescale_factor=float(rescale),
@@ -70,24 +99,50 @@ class ImagePreprocessing:
     @classmethod
     def from_json(cls, data: dict) -> "ImagePreprocessing":
         """The inverse of ``to_json`` (a manifest's ``preprocessing`` section)."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        data = dict(data)
+        buckets = data.pop("buckets")
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(sizes=tuple((b["height"], b["width"]) for b in buckets), **fields)
 
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
+    def to_json(self) -> dict:
+        out = asdict(self)
+        del out["sizes"]
+        out["buckets"] = [{"height": h, "width": w, "method": self.method(i), "tokens": self.num_tokens_of(i),
+                           "grid": list(self.merged_grid_of(i))} for i, (h, w) in enumerate(self.sizes)]  # fmt: skip
+        return out
 
+    # -- buckets ----------------------------------------------------------------------------
+    def method(self, index: int) -> str:
+        return vision_method(index, self.sizes[index])
+
+    def merged_grid_of(self, index: int) -> tuple[int, int]:
+        h, w = self.sizes[index]
+        f = self.patch_size * self.merge_size
+        return h // f, w // f
+
+    def num_tokens_of(self, index: int) -> int:
+        gh, gw = self.merged_grid_of(index)
+        return gh * gw
+
+    def choose(self, width: int, height: int) -> int:
+        """The bucket closest to a ``width`` x ``height`` image in aspect ratio (log scale: 2:1 and
+        1:2 are equally far from 1:1); the first such bucket on a tie."""
+        ratio = math.log(max(width, 1) / max(height, 1))
+        return min(range(len(self.sizes)), key=lambda i: abs(ratio - math.log(self.sizes[i][1] / self.sizes[i][0])))
+
+    def prepare(self, image) -> ImageInput:
+        """A PIL image as the input of its bucket's method."""
+        i = self.choose(*image.size)
+        return ImageInput(preprocess_image(image, self, self.sizes[i]), self.method(i), self.sizes[i], self.merged_grid_of(i))
+
+    # the first bucket (``vision_encoder``): what single-image callers without a choice use
     @property
     def merged_grid(self) -> tuple[int, int]:
-        g = self.grid // self.merge_size
-        return g, g
+        return self.merged_grid_of(0)
 
     @property
     def num_tokens(self) -> int:
-        gh, gw = self.merged_grid
-        return gh * gw
-
-    def to_json(self) -> dict:
-        return asdict(self)
+        return self.num_tokens_of(0)
 
 
 # Pillow refuses images over ~179 M pixels (DecompressionBombError) only after a warning band; a
@@ -144,12 +199,14 @@ def patchify(chw: np.ndarray, patch: int, merge: int) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(gh * gw, c * patch * patch))
 
 
-def preprocess_image(image, cfg: ImagePreprocessing) -> np.ndarray:
+def preprocess_image(image, cfg: ImagePreprocessing, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Pixels of ``image`` resized to ``size`` ((height, width); default: the bucket ``cfg.choose``s)."""
     from PIL import Image
 
     img = to_rgb(image)
-    if img.size != (cfg.image_size, cfg.image_size):
-        img = img.resize((cfg.image_size, cfg.image_size), resample=Image.Resampling.BICUBIC)
+    h, w = size or cfg.sizes[cfg.choose(*img.size)]
+    if img.size != (w, h):
+        img = img.resize((w, h), resample=Image.Resampling.BICUBIC)
     arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) * np.float32(cfg.rescale_factor)
     mean = np.asarray(cfg.image_mean, np.float32)[:, None, None]
     std = np.asarray(cfg.image_std, np.float32)[:, None, None]

@@ -33,6 +33,7 @@ import torch
 
 from ..bundle import part_file
 from ..errors import BackendUnavailable, ExportError
+from ..models.glm4v.layout import is_vision_method
 from . import coreml_quant
 
 DEPLOYMENT = "iOS18"
@@ -157,9 +158,9 @@ class CoreMLBackend:
                 m.__class__ = _Fp32LayerNorm
         graphs: dict[str, tuple] = {}
         with torch.no_grad():
-            if name in ("vision_encoder", "audio_encoder"):
+            if is_vision_method(name) or name == "audio_encoder":
                 (x,) = module.example_inputs()
-                key, out = (("pixel_values", "image_embeddings") if name == "vision_encoder"
+                key, out = (("pixel_values", "image_embeddings") if is_vision_method(name)
                             else ("input_features", "audio_embeddings"))  # fmt: skip
                 graphs["main"] = (torch.export.export(module, (x,)), [(key, tuple(x.shape), np.float32)], [out])
                 wrapped, prefix = module, ""
@@ -415,8 +416,8 @@ class _PackageRuntime:
         parts = [self._out("token_embedding", "decode", {"input_ids": ids[:, i : i + 1]}) for i in range(T)]
         return torch.from_numpy(np.concatenate(parts, axis=1))
 
-    def vision_encoder(self, pixel_values):
-        return torch.from_numpy(self._out("vision_encoder", "main", {"pixel_values": pixel_values.numpy().astype(np.float32)}))
+    def vision_encoder(self, pixel_values, method: str = "vision_encoder"):
+        return torch.from_numpy(self._out(method, "main", {"pixel_values": pixel_values.numpy().astype(np.float32)}))
 
     def audio_encoder(self, input_features):
         return torch.from_numpy(self._out("audio_encoder", "main", {"input_features": input_features.numpy().astype(np.float32)}))

@@ -13,6 +13,7 @@ import torch
 from torch.export import Dim, ExportedProgram, export
 
 from ..bundle import decoder_part_paths, program_data_files
+from ..models.glm4v.layout import is_vision_method
 from .export_caches import release_export_caches
 
 # bookkeeping nodes that are not compute
@@ -27,7 +28,7 @@ def export_component(name: str, module: torch.nn.Module, prefill_chunk: int) -> 
     """
     with torch.no_grad():
         try:
-            if name in ("vision_encoder", "audio_encoder"):  # fixed image size / audio window
+            if is_vision_method(name) or name == "audio_encoder":  # fixed image size / audio window
                 return export(module, module.example_inputs(), strict=True)
             T = Dim("T", min=1, max=prefill_chunk)
             length = min(4, prefill_chunk)
@@ -186,8 +187,8 @@ class ExecuTorchRuntime:
     def token_embedding(self, input_ids):
         return self.method("token_embedding").execute([input_ids.contiguous()])[0]
 
-    def vision_encoder(self, pixel_values):
-        return self.method("vision_encoder").execute([pixel_values.contiguous()])[0]
+    def vision_encoder(self, pixel_values, method: str = "vision_encoder"):
+        return self.method(method).execute([pixel_values.contiguous()])[0]
 
     def audio_encoder(self, input_features):
         return self.method("audio_encoder").execute([input_features.contiguous()])[0]

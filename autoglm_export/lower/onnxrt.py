@@ -29,6 +29,7 @@ import torch
 
 from ..bundle import decoder_part_paths, part_file
 from ..errors import ExportError
+from ..models.glm4v.layout import is_vision_method
 from .export_caches import release_export_caches
 
 EXTERNAL_DATA_THRESHOLD = 1 << 20
@@ -107,7 +108,7 @@ class OnnxBackend:
         T = Dim("T", min=1, max=prefill_chunk)
         length = min(4, prefill_chunk)
         with torch.no_grad():
-            if name == "vision_encoder":
+            if is_vision_method(name):
                 args, names, outs, dyn = module.example_inputs(), ["pixel_values"], ["image_embeddings"], None
             elif name == "audio_encoder":
                 args, names, outs, dyn = module.example_inputs(), ["input_features"], ["audio_embeddings"], None
@@ -305,8 +306,8 @@ class OnnxRuntime:
     def token_embedding(self, input_ids):
         return torch.from_numpy(self.sessions["token_embedding"].run(None, {"input_ids": input_ids.numpy()})[0])
 
-    def vision_encoder(self, pixel_values):
-        return torch.from_numpy(self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.numpy()})[0])
+    def vision_encoder(self, pixel_values, method: str = "vision_encoder"):
+        return torch.from_numpy(self.sessions[method].run(None, {"pixel_values": pixel_values.numpy()})[0])
 
     def audio_encoder(self, input_features):
         return torch.from_numpy(self.sessions["audio_encoder"].run(None, {"input_features": input_features.numpy()})[0])

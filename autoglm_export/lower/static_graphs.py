@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..models.glm4v.layout import VISION_METHOD, is_vision_method
+
 CALIBRATION_SEED = 1234
 
 
@@ -49,10 +51,10 @@ def static_graphs(name: str, module: torch.nn.Module, prefill_chunk: int, state:
         if isinstance(m, RMSNorm):
             m.plain = True  # one fusable rms_norm pattern (see onnx_graph.fuse_rms_norm)
     out: dict[str, StaticGraph] = {}
-    if name in ("vision_encoder", "audio_encoder"):
+    if is_vision_method(name) or name == "audio_encoder":
         (x,) = module.example_inputs()
-        key = "pixel_values" if name == "vision_encoder" else "input_features"
-        res = "image_embeddings" if name == "vision_encoder" else "audio_embeddings"
+        key = "pixel_values" if is_vision_method(name) else "input_features"
+        res = "image_embeddings" if is_vision_method(name) else "audio_embeddings"
         out[name] = StaticGraph(module, (x,), [key], [res], _encoder_calibration(name, module, x, state))
     elif name == "token_embedding":
         g = torch.Generator().manual_seed(CALIBRATION_SEED)
@@ -87,10 +89,10 @@ def _encoder_calibration(name: str, module, example: torch.Tensor, state: dict) 
     from ..host.image import patchify
 
     g = torch.Generator().manual_seed(CALIBRATION_SEED)
-    key = "pixel_values" if name == "vision_encoder" else "input_features"
-    if name == "vision_encoder":
-        side = module.image_size
-        img = np.asarray(golden_image(side, side).rotate(90), np.float32).transpose(2, 0, 1) / 255.0
+    key = "pixel_values" if is_vision_method(name) else "input_features"
+    if is_vision_method(name):
+        h, w = module.image_size
+        img = np.asarray(golden_image(h, w).rotate(90, expand=True), np.float32).transpose(2, 0, 1) / 255.0
         img = (img - 0.45) / 0.27
         real = torch.from_numpy(patchify(img.astype(np.float32), module.v.patch_size, module.v.spatial_merge_size))
     else:
@@ -99,11 +101,13 @@ def _encoder_calibration(name: str, module, example: torch.Tensor, state: dict) 
         pre = AudioPreprocessing(frames=example.shape[-1], mel_bins=example.shape[1])
         real = torch.from_numpy(log_mel(golden_audio(1.5)[::-1].copy(), pre)[None])
     samples = [real, torch.randn(example.shape, generator=g), 0.5 * torch.randn(example.shape, generator=g)]
-    if name == "vision_encoder":
+    if name == VISION_METHOD:  # the decoder's calibration prompts carry the first bucket's image tokens
         state["image"] = module(real)
         shots = [torch.from_numpy(pv) for pv in _calibration_set(state).pixel_values]
         state["screenshots"] = [module(pv) for pv in shots]
         samples = shots + samples
+    elif is_vision_method(name):  # another bucket: the same screenshots at its size
+        samples = [torch.from_numpy(pv) for pv in _calibration_set(state).pixels_at(module.image_size)] + samples
     return [{key: s.numpy().astype(np.float32)} for s in samples]
 
 
@@ -247,8 +251,8 @@ class StaticGraphRuntime:
         parts = [np.asarray(self._run("token_embedding_decode", {"input_ids": ids[:, i : i + 1]})[0]) for i in range(T)]
         return torch.from_numpy(np.concatenate(parts, axis=1))
 
-    def vision_encoder(self, pixel_values):
-        return torch.from_numpy(np.asarray(self._run("vision_encoder", {"pixel_values": pixel_values.numpy().astype(np.float32)})[0]))
+    def vision_encoder(self, pixel_values, method: str = "vision_encoder"):
+        return torch.from_numpy(np.asarray(self._run(method, {"pixel_values": pixel_values.numpy().astype(np.float32)})[0]))
 
     def audio_encoder(self, input_features):
         x = input_features.numpy().astype(np.float32)
@@ -306,6 +310,10 @@ class ComponentAdapter:
         self.runtime, self.name = runtime, name
 
     def __call__(self, *args):
+        from ..host.generate import call_component
+
+        if len(args) == 1:  # an encoder or the token embedding
+            return call_component(self.runtime, self.name, *args)
         return getattr(self.runtime, self.name)(*args)
 
     def reset_cache(self) -> None:

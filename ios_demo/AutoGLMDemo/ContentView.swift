@@ -90,9 +90,8 @@ final class DemoModel: ObservableObject {
                                                   audioTokens: audios.isEmpty ? 0 : (m.audioTokens ?? 0))
                 var generated: [Int] = []
                 var shown = ""
-                let g = m.image.mergedGrid
                 _ = try Generator(runtime: rt, hiddenSize: m.hiddenSize).generate(
-                    prompt, images: images, imageGrids: images.map { _ in (g, g) }, audios: audios,
+                    prompt, images: images, imageGrids: images.map { _ in m.image.mergedShape }, audios: audios,
                     maxNewTokens: min(256, m.maxContext - prompt.ids.count), eosIds: m.prompt.eosIds) { token in
                         if m.prompt.eosIds.contains(token) { return false }
                         generated.append(token)

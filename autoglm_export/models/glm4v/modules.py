@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layout import TEXT_PREFIX, VISION_PREFIX
+from .layout import TEXT_PREFIX, VISION_METHOD, VISION_PREFIX
 from .spec import ModelSpec, TextSpec, VisionSpec
 
 
@@ -233,17 +233,20 @@ class PatchMerger(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """pixel_values [N, C*P*P] (block-major patches of one frame) -> image embeddings [N/m^2, D]."""
+    """pixel_values [N, C*P*P] (block-major patches of one frame) -> image embeddings [N/m^2, D].
 
-    method_name = "vision_encoder"
+    One static image size (height, width) per instance: each recipe bucket is its own method."""
 
-    def __init__(self, spec: ModelSpec, image_size: int) -> None:
+    method_name = VISION_METHOD
+
+    def __init__(self, spec: ModelSpec, image_size: int | tuple[int, int]) -> None:
         super().__init__()
         v = spec.vision
         self.v = v
-        self.image_size = image_size
-        self.grid = image_size // v.patch_size
-        self.num_patches = self.grid * self.grid
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.image_size = (h, w)
+        self.grid_h, self.grid_w = h // v.patch_size, w // v.patch_size
+        self.num_patches = self.grid_h * self.grid_w
         self.patch_embed = nn.Conv2d(v.in_channels, v.hidden_size, v.patch_size, v.patch_size)
         self.post_conv_layernorm = RMSNorm(v.hidden_size, v.rms_norm_eps)
         self.register_buffer("pos_embed", torch.empty(self.num_patches, v.hidden_size))
@@ -261,7 +264,7 @@ class VisionEncoder(nn.Module):
         return self.num_patches // self.v.spatial_merge_size**2
 
     def patch_positions(self) -> torch.Tensor:
-        return vision_patch_positions(self.grid, self.grid, self.v.spatial_merge_size)
+        return vision_patch_positions(self.grid_h, self.grid_w, self.v.spatial_merge_size)
 
     def weight_map(self) -> dict[str, tuple[str, object]]:
         p = VISION_PREFIX
@@ -270,7 +273,7 @@ class VisionEncoder(nn.Module):
             "patch_embed.bias": (p + "patch_embed.proj.bias", None),
             "pos_embed": (
                 p + "embeddings.position_embedding.weight",
-                lambda t: interpolate_position_table(t, self.patch_positions(), self.grid, self.grid),
+                lambda t: interpolate_position_table(t, self.patch_positions(), self.grid_h, self.grid_w),
             ),
         }
         for name, _ in self.named_parameters():

@@ -26,16 +26,21 @@ public struct ComponentSpec {
     public let programs: [ProgramSpec]
 }
 
+/// The first image bucket of the manifest (preprocessing.buckets[0], the `vision_encoder` method): every
+/// image is resized to height x width. The exporter's further buckets are methods this app does not call yet.
 public struct ImageConfig {
-    public let imageSize: Int
+    public let height: Int
+    public let width: Int
     public let patchSize: Int
     public let mergeSize: Int
     public let rescaleFactor: Double
     public let mean: [Double]
     public let std: [Double]
-    public var grid: Int { imageSize / patchSize }
-    public var mergedGrid: Int { grid / mergeSize }
-    public var numTokens: Int { mergedGrid * mergedGrid }
+    public var gridRows: Int { height / patchSize }
+    public var gridCols: Int { width / patchSize }
+    /// (rows, cols) of the image tokens after the merge: their count and their M-RoPE layout.
+    public var mergedShape: (Int, Int) { (gridRows / mergeSize, gridCols / mergeSize) }
+    public var numTokens: Int { (gridRows / mergeSize) * (gridCols / mergeSize) }
 }
 
 public struct AudioConfig {
@@ -139,7 +144,16 @@ public struct BundleManifest {
         guard resample == "bicubic" else {
             throw BundleError(file: file, field: "preprocessing.resample", expected: "bicubic", got: resample, fix: JsonNode.reexport)
         }
-        let image = ImageConfig(imageSize: try pre.reqInt("image_size"), patchSize: try pre.reqInt("patch_size"),
+        let buckets = try pre.reqArray("buckets")
+        guard let firstBucket = buckets.first else {
+            throw BundleError(file: file, field: "preprocessing.buckets", expected: "at least one image bucket", got: "[]", fix: JsonNode.reexport)
+        }
+        let first = try pre.child("buckets", firstBucket)
+        let method = try first.reqString("method")
+        guard method == Self.vision else {
+            throw BundleError(file: file, field: "preprocessing.buckets[0].method", expected: Self.vision, got: method, fix: JsonNode.reexport)
+        }
+        let image = ImageConfig(height: try first.reqInt("height"), width: try first.reqInt("width"), patchSize: try pre.reqInt("patch_size"),
                                 mergeSize: try pre.reqInt("merge_size"), rescaleFactor: try pre.reqDouble("rescale_factor"),
                                 mean: try pre.reqDoubles("image_mean"), std: try pre.reqDoubles("image_std"))
         var audio: AudioConfig?

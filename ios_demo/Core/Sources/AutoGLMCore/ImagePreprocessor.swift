@@ -21,23 +21,23 @@ public enum ImagePreprocessor {
     static let precisionBits = 32 - 8 - 2
 
     public static func preprocess(rgb: [UInt8], width: Int, height: Int, config c: ImageConfig) -> FloatTensor {
-        let s = c.imageSize
-        let img = (width == s && height == s) ? rgb.map { Int($0) } : resizeBicubic(rgb.map { Int($0) }, width, height, s, s)
+        let oh = c.height, ow = c.width
+        let img = (width == ow && height == oh) ? rgb.map { Int($0) } : resizeBicubic(rgb.map { Int($0) }, width, height, ow, oh)
         let scale = Float(c.rescaleFactor)
         let mean = c.mean.map { Float($0) }
         let std = c.std.map { Float($0) }
-        let p = c.patchSize, m = c.mergeSize, grid = s / p, blocks = grid / m, row = 3 * p * p
-        var out = [Float](repeating: 0, count: grid * grid * row)
+        let p = c.patchSize, m = c.mergeSize, patches = c.gridRows * c.gridCols, row = 3 * p * p
+        var out = [Float](repeating: 0, count: patches * row)
         var o = 0
-        for bh in 0..<blocks { for bw in 0..<blocks { for mr in 0..<m { for mc in 0..<m {
+        for bh in 0..<(c.gridRows / m) { for bw in 0..<(c.gridCols / m) { for mr in 0..<m { for mc in 0..<m {
             for ch in 0..<3 { for py in 0..<p { for px in 0..<p {
                 let y = (bh * m + mr) * p + py, x = (bw * m + mc) * p + px
-                let v = Float(img[(y * s + x) * 3 + ch]) * scale
+                let v = Float(img[(y * ow + x) * 3 + ch]) * scale
                 out[o] = (v - mean[ch]) / std[ch]
                 o += 1
             } } }
         } } } }
-        return FloatTensor(shape: [grid * grid, row], data: out)
+        return FloatTensor(shape: [patches, row], data: out)
     }
 
     static func bicubic(_ xIn: Double) -> Double {

@@ -63,8 +63,7 @@ final class GoldenVectorsTests: XCTestCase {
 
     func testPositions() throws {
         let types = ints(golden["token_types"])
-        let g = manifest.image.mergedGrid
-        let pos = try MRopePositions.compute(types: types, imageGrids: [(g, g)])
+        let pos = try MRopePositions.compute(types: types, imageGrids: [manifest.image.mergedShape])
         let want = (golden["positions"] as! [[NSNumber]]).flatMap { $0.map { $0.int64Value } }
         XCTAssertEqual(pos.positions, want)
         XCTAssertEqual(pos.delta, (golden["rope_delta"] as! NSNumber).int64Value)
@@ -82,9 +81,8 @@ final class GoldenVectorsTests: XCTestCase {
         if let audio = golden["audio"] as? [String: Any], let cfg = manifest.audio {
             audios.append(try LogMel.compute((audio["waveform"] as! [NSNumber]).map { $0.floatValue }, cfg))
         }
-        let g = manifest.image.mergedGrid
         let tokens = try Generator(runtime: runtime, hiddenSize: manifest.hiddenSize).generate(
-            prompt, images: [pixels], imageGrids: [(g, g)], audios: audios,
+            prompt, images: [pixels], imageGrids: [manifest.image.mergedShape], audios: audios,
             maxNewTokens: (trace["max_new_tokens"] as! NSNumber).intValue, eosIds: manifest.prompt.eosIds)
         XCTAssertEqual(tokens, ints(trace["tokens"]))
         XCTAssertEqual(runtime.next, runtime.calls.count, "every recorded call was made")

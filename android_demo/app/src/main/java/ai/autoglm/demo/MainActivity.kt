@@ -146,9 +146,8 @@ class MainActivity : ComponentActivity() {
                 if (audios.isNotEmpty()) m.audioTokens ?: 0 else 0)
             val generated = ArrayList<Int>()
             var shown = ""
-            val grid = m.image.mergedGrid
             val maxNew = minOf(256, m.maxContext - prompt.size)
-            Generator(rt, m.hiddenSize).generate(prompt, images, images.map { intArrayOf(grid, grid) }, audios, maxNew,
+            Generator(rt, m.hiddenSize).generate(prompt, images, images.map { m.image.mergedShape }, audios, maxNew,
                 m.prompt.eosIds, object : TokenListener {
                     override fun onToken(token: Int): Boolean {
                         if (m.prompt.eosIds.contains(token)) return false

@@ -36,8 +36,14 @@ class StaticGraphSpec(val name: String, val file: String, val method: String, va
 /** The decoder's rotary table for host-side cos/sin: one inverse frequency and position axis per pair. */
 class RopeTable(val invFreq: FloatArray, val axis: IntArray)
 
+/**
+ * The first image bucket of the manifest (preprocessing.buckets[0], the `vision_encoder` method):
+ * every image is resized to [height] x [width]. The exporter's further buckets (e.g. a portrait
+ * phone-screen one) are methods this app does not call yet.
+ */
 class ImageConfig(
-    val imageSize: Int,
+    val height: Int,
+    val width: Int,
     val patchSize: Int,
     val mergeSize: Int,
     val rescaleFactor: Double,
@@ -45,9 +51,11 @@ class ImageConfig(
     val std: DoubleArray,
     val resample: String
 ) {
-    val grid: Int get() = imageSize / patchSize
-    val mergedGrid: Int get() = grid / mergeSize
-    val numTokens: Int get() = mergedGrid * mergedGrid
+    val gridRows: Int get() = height / patchSize
+    val gridCols: Int get() = width / patchSize
+    /** (rows, cols) of the image tokens after the merge: their count and their M-RoPE layout. */
+    val mergedShape: IntArray get() = intArrayOf(gridRows / mergeSize, gridCols / mergeSize)
+    val numTokens: Int get() = (gridRows / mergeSize) * (gridCols / mergeSize)
 }
 
 class AudioConfig(val frames: Int, val melBins: Int, val sampleRate: Int, val nFft: Int, val hopLength: Int) {
@@ -169,7 +177,13 @@ class BundleManifest(
             }
             val shapes = root.reqObj("shapes")
             val pre = root.reqObj("preprocessing")
-            val image = ImageConfig(pre.reqInt("image_size"), pre.reqInt("patch_size"), pre.reqInt("merge_size"),
+            val buckets = pre.reqArray("buckets")
+            if (buckets.size() == 0) throw BundleError(file, "preprocessing.buckets", "at least one image bucket", "[]", "re-export the bundle")
+            val first = pre.child("buckets[0]", buckets.get(0))
+            if (first.reqString("method") != COMPONENT_VISION) {
+                throw BundleError(file, "preprocessing.buckets[0].method", COMPONENT_VISION, first.reqString("method"), "re-export the bundle")
+            }
+            val image = ImageConfig(first.reqInt("height"), first.reqInt("width"), pre.reqInt("patch_size"), pre.reqInt("merge_size"),
                 pre.reqDouble("rescale_factor"), pre.reqDoubles("image_mean"), pre.reqDoubles("image_std"),
                 pre.reqString("resample"))
             if (image.resample != "bicubic") {

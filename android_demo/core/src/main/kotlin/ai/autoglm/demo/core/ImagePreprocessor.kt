@@ -2,7 +2,7 @@ package ai.autoglm.demo.core
 
 /**
  * The vision encoder's input from an RGB image, bit-compatible with the exporter's host code:
- * resize to S x S with Pillow's bicubic filter (its fixed-point two-pass algorithm, ported so
+ * resize to the first image bucket's H x W with Pillow's bicubic filter (its fixed-point two-pass algorithm, ported so
  * the phone feeds the pixels the model was verified with), rescale, normalise, then patchify in
  * block-major order (each merge window contiguous). Output: [N, C * P * P] float32.
  */
@@ -11,29 +11,29 @@ object ImagePreprocessor {
     /** [rgb] holds width * height * 3 bytes, row-major, as 0..255 ints. */
     fun preprocess(rgb: IntArray, width: Int, height: Int, cfg: ImageConfig): FloatTensor {
         require(rgb.size == width * height * 3) { "rgb holds ${rgb.size} values, expected ${width * height * 3}" }
-        val s = cfg.imageSize
-        val img = if (width == s && height == s) rgb else resizeBicubic(rgb, width, height, s, s)
+        val oh = cfg.height
+        val ow = cfg.width
+        val img = if (width == ow && height == oh) rgb else resizeBicubic(rgb, width, height, ow, oh)
         val scale = cfg.rescaleFactor.toFloat()
         val p = cfg.patchSize
         val m = cfg.mergeSize
-        val grid = s / p
-        val blocks = grid / m
+        val patches = cfg.gridRows * cfg.gridCols
         val row = 3 * p * p
-        val out = FloatArray(grid * grid * row)
+        val out = FloatArray(patches * row)
         val mean = FloatArray(3) { cfg.mean[it].toFloat() }
         val std = FloatArray(3) { cfg.std[it].toFloat() }
         var token = 0
-        for (bh in 0 until blocks) for (bw in 0 until blocks) for (mr in 0 until m) for (mc in 0 until m) {
+        for (bh in 0 until cfg.gridRows / m) for (bw in 0 until cfg.gridCols / m) for (mr in 0 until m) for (mc in 0 until m) {
             var o = token * row
             for (c in 0 until 3) for (py in 0 until p) for (px in 0 until p) {
                 val y = (bh * m + mr) * p + py
                 val x = (bw * m + mc) * p + px
-                val v = rgb(img, s, x, y, c).toFloat() * scale
+                val v = rgb(img, ow, x, y, c).toFloat() * scale
                 out[o++] = (v - mean[c]) / std[c]
             }
             token++
         }
-        return FloatTensor(intArrayOf(grid * grid, row), out)
+        return FloatTensor(intArrayOf(patches, row), out)
     }
 
     private fun rgb(img: IntArray, width: Int, x: Int, y: Int, c: Int): Int = img[(y * width + x) * 3 + c]

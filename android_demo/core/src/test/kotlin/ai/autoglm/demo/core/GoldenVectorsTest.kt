@@ -49,7 +49,7 @@ class GoldenVectorsTest {
         val img = g.getAsJsonObject("image")
         val w = img.get("width").asInt
         val h = img.get("height").asInt
-        assertTrue("the golden image must need resizing", w != Golden.manifest.image.imageSize)
+        assertTrue("the golden image must need resizing", w != Golden.manifest.image.width)
         val t = ImagePreprocessor.preprocess(Golden.ints(img, "rgb"), w, h, Golden.manifest.image)
         val want = g.getAsJsonObject("pixel_values")
         assertArrayEquals(Golden.shape(want), t.shape)
@@ -78,8 +78,7 @@ class GoldenVectorsTest {
     fun mropePositionsAndDecodePositions() {
         val m = Golden.manifest
         val types = Golden.ints(g, "token_types")
-        val grid = m.image.mergedGrid
-        val pos = MRopePositions.compute(types, listOf(intArrayOf(grid, grid)))
+        val pos = MRopePositions.compute(types, listOf(m.image.mergedShape))
         val want = g.getAsJsonArray("positions")
         for (axis in 0 until 3) {
             val row = want.get(axis).asJsonArray
@@ -111,7 +110,7 @@ class GoldenVectorsTest {
         }
         val seen = ArrayList<Int>()
         val result = Generator(runtime, m.hiddenSize).generate(prompt, listOf(pixels),
-            listOf(intArrayOf(m.image.mergedGrid, m.image.mergedGrid)), audios, trace.get("max_new_tokens").asInt,
+            listOf(m.image.mergedShape), audios, trace.get("max_new_tokens").asInt,
             m.prompt.eosIds, object : TokenListener {
                 override fun onToken(token: Int): Boolean {
                     seen.add(token)

@@ -69,9 +69,8 @@ class StaticGraphReplayTest {
         assertArrayEquals(Golden.ints(g, "prompt_ids"), prompt.ids)
         val img = g.getAsJsonObject("image")
         val pixels = ImagePreprocessor.preprocess(Golden.ints(img, "rgb"), img.get("width").asInt, img.get("height").asInt, manifest.image)
-        val grid = manifest.image.mergedGrid
         val tokens = Generator(StaticGraphRuntime(manifest, runner), manifest.hiddenSize).generate(prompt, listOf(pixels),
-            listOf(intArrayOf(grid, grid)), emptyList(), trace.get("max_new_tokens").asInt, manifest.prompt.eosIds).tokens
+            listOf(manifest.image.mergedShape), emptyList(), trace.get("max_new_tokens").asInt, manifest.prompt.eosIds).tokens
         assertArrayEquals(Golden.ints(trace, "tokens"), tokens)
         assertEquals("every recorded graph call was made", calls.size, runner.next)
     }

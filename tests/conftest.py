@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -199,6 +200,20 @@ def ckpt_copy(tiny_ckpt, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def odd_shapes_ckpt(tmp_path_factory) -> Path:
     return _shared(tmp_path_factory, "odd-ckpt", write_transformers_checkpoint)
+
+
+def one_bucket(text: str) -> str:
+    """A tiny recipe's text with its square image bucket only, for exports that test something else:
+    each further bucket is one more vision method to lower and verify (seconds to tens of seconds per
+    export here), and the per-target bundle fixtures and tests already cover two buckets."""
+    out = re.sub(r"^  images: .*$", "  image_size: 112", text, count=1, flags=re.M)
+    assert out != text, "no images line in this recipe"
+    return out
+
+
+def one_bucket_recipe(src: Path, dst: Path) -> Path:
+    dst.write_text(one_bucket(Path(src).read_text()))
+    return dst
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import torch
 from autoglm_export.host.audio import AudioPreprocessing, load_audio, log_mel
 from autoglm_export.host.positions import mrope_positions
 from autoglm_export.host.prompt import AUDIO, IMAGE, TEXT, build_chat_prompt
-from conftest import REPO, run_cli
+from conftest import REPO, one_bucket_recipe, run_cli
 
 
 @pytest.mark.parametrize("signal", ["tone", "noise"])
@@ -134,7 +134,7 @@ def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path, request):
         out = request.getfixturevalue("qnn_shared_audio_bundle")[0]
     else:
         out = tmp_path / "bundle"
-        recipe = REPO / "recipes" / f"{target}-tiny.yaml"
+        recipe = one_bucket_recipe(REPO / "recipes" / f"{target}-tiny.yaml", tmp_path / f"{target}-tiny.yaml")
         proc = run_cli("-q", "--target", target, "--checkpoint", audio_ckpt, "--out", out, "--recipe", recipe)
         assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

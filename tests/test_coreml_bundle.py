@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 
-from conftest import REPO, run_cli
+from conftest import REPO, one_bucket, run_cli
 
 TINY_RECIPE = REPO / "recipes" / "coreml-tiny.yaml"
 
@@ -299,7 +299,7 @@ def test_decoder_in_parts_matches_the_whole_decoder(coreml_bundle, audio_ckpt, t
     from autoglm_export.pipeline import export
 
     recipe = tmp_path / "coreml-parts.yaml"
-    recipe.write_text((REPO / "recipes" / "coreml-tiny.yaml").read_text() + "lowering:\n  decoder_layers_per_program: 1\n")
+    recipe.write_text(one_bucket((REPO / "recipes" / "coreml-tiny.yaml").read_text()) + "lowering:\n  decoder_layers_per_program: 1\n")
     out = tmp_path / "parts"
     proc = run_cli("-q", "--target", "coreml", "--checkpoint", audio_ckpt, "--out", out, "--recipe", recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]

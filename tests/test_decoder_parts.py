@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, one_bucket
 
 from autoglm_export.errors import RecipeError
 from autoglm_export.load import build_on_meta, load_component
@@ -98,7 +98,7 @@ def test_each_parts_weights_are_freed_before_it_is_lowered(tiny_ckpt, tmp_path, 
     monkeypatch.setattr(type(backend), "export", spy_export)
     monkeypatch.setattr(type(backend), "lower_part", spy_lower_part)
     recipe = tmp_path / "onnx-parts.yaml"
-    recipe.write_text((REPO / "recipes" / "onnx-tiny.yaml").read_text() + "lowering:\n  decoder_layers_per_program: 1\n")
+    recipe.write_text(one_bucket((REPO / "recipes" / "onnx-tiny.yaml").read_text()) + "lowering:\n  decoder_layers_per_program: 1\n")
     export(checkpoint=tiny_ckpt, target="onnx", out=tmp_path / "b", recipe=recipe, verify=False)
     gc.collect()
     assert len(alive_at_lowering) == 2 and len(weights) > 10

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_cli
+from conftest import REPO, assert_one_line_error, one_bucket_recipe, run_cli
 
 
 def _first_shard(d: Path) -> Path:
@@ -74,7 +74,7 @@ def test_non_finite_weights_are_named_while_loading(value, ckpt_copy, tmp_path):
     key = "model.language_model.layers.1.mlp.down_proj.weight"
     _poison(ckpt_copy, key, value)
     proc = run_cli("--target", "onnx", "--checkpoint", ckpt_copy, "--out", tmp_path / "b", "-q",
-                   "--recipe", REPO / "recipes" / "onnx-tiny.yaml")  # fmt: skip
+                   "--recipe", one_bucket_recipe(REPO / "recipes" / "onnx-tiny.yaml", tmp_path / "r.yaml"))  # fmt: skip
     assert_one_line_error(proc, "non-finite", key)
     assert not (tmp_path / "b").exists()
 

@@ -195,7 +195,7 @@ def test_compact_xnnpack_recipe_passes_the_parity_gates(tiny_ckpt, tmp_path):
     import json
 
     text = (RECIPES_DIR / "xnnpack-compact.yaml").read_text()
-    for real, tiny in (("[[336, 336], [728, 336]]", "[[112, 112], [224, 112]]"), ("max_context: 2048", "max_context: 128"),
+    for real, tiny in (("images: [[336, 336], [728, 336]]", "image_size: 112"), ("max_context: 2048", "max_context: 128"),
                        ("prefill_chunk: 128", "prefill_chunk: 16"), ("name: xnnpack-compact", "name: xnnpack-compact-tiny"),
                        ("group_size: 128", "group_size: 64")):  # fmt: skip
         assert real in text

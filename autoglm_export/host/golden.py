@@ -28,6 +28,15 @@ def golden_image(width: int = 60, height: int = 40):
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
+def golden_screen_image(pre: ImagePreprocessing, width: int = 45, height: int = 100) -> dict:
+    """A portrait phone-screen-shaped test card, the image bucket it goes to and its pixels there:
+    an app picks the same bucket and feeds the same pixels to the same method."""
+    img = golden_image(width, height)
+    x = pre.prepare(img)
+    return {"width": width, "height": height, "rgb": np.asarray(img).reshape(-1).tolist(), "method": x.method,
+            "grid": list(x.grid), "pixel_values": {"shape": list(x.pixels.shape), "data": [float(v) for v in x.pixels.reshape(-1)]}}
+
+
 def golden_transparent_image(width: int = 16, height: int = 8) -> dict:
     """Pixels with every alpha level, as ARGB ints (Android's Bitmap.getPixels), and the RGB the host
     gives them (``to_rgb``: composited on white, as transformers' image processors do)."""
@@ -76,6 +85,7 @@ def golden_vectors(tokenizer, pre: ImagePreprocessing, decode_steps: int = 4, au
         "special_ids": tokenizer.special,
         "image": {"width": img.width, "height": img.height, "rgb": np.asarray(img).reshape(-1).tolist()},
         "transparent_image": golden_transparent_image(),
+        "screen_image": golden_screen_image(pre),
         "preprocessing": pre.to_json(),
         "pixel_values": {"shape": list(pixels.shape), "data": [float(v) for v in pixels.reshape(-1)]},
         "positions": pos.tolist(),

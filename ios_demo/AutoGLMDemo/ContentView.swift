@@ -84,15 +84,16 @@ final class DemoModel: ObservableObject {
         let img = image, clip = audio
         Task.detached {
             do {
-                let images = img.map { [ImagePreprocessor.preprocess(rgb: $0.rgb, width: $0.width, height: $0.height, config: m.image)] } ?? []
+                let images = img.map { [ImagePreprocessor.prepare(rgb: $0.rgb, width: $0.width, height: $0.height, config: m.image)] } ?? []
                 let audios = try clip.flatMap { c in try m.audio.map { [try LogMel.compute(c, $0)] } } ?? []
-                let prompt = try ChatPrompt.build(tok, m.prompt, text: question, imageTokens: images.isEmpty ? 0 : m.image.numTokens,
+                let prompt = try ChatPrompt.build(tok, m.prompt, text: question, imageTokens: images.first?.tokens ?? 0,
                                                   audioTokens: audios.isEmpty ? 0 : (m.audioTokens ?? 0))
                 var generated: [Int] = []
                 var shown = ""
                 _ = try Generator(runtime: rt, hiddenSize: m.hiddenSize).generate(
-                    prompt, images: images, imageGrids: images.map { _ in m.image.mergedShape }, audios: audios,
-                    maxNewTokens: min(256, m.maxContext - prompt.ids.count), eosIds: m.prompt.eosIds) { token in
+                    prompt, images: images.map { $0.pixels }, imageGrids: images.map { $0.grid }, audios: audios,
+                    maxNewTokens: min(256, m.maxContext - prompt.ids.count), eosIds: m.prompt.eosIds,
+                    imageMethods: images.map { $0.method }) { token in
                         if m.prompt.eosIds.contains(token) { return false }
                         generated.append(token)
                         let text = tok.decode(generated)

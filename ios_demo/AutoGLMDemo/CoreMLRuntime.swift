@@ -88,8 +88,8 @@ final class CoreMLRuntime: ModelRuntime {
         return FloatTensor(shape: [1, t, manifest.hiddenSize], data: data)
     }
 
-    func visionEncoder(_ pixelValues: FloatTensor) throws -> FloatTensor {
-        try run(BundleManifest.vision, [try inputName(BundleManifest.vision, 0): try array(pixelValues.data, pixelValues.shape)])
+    func visionEncoder(_ pixelValues: FloatTensor, method: String) throws -> FloatTensor {
+        try run(method, [try inputName(method, 0): try array(pixelValues.data, pixelValues.shape)])
     }
 
     func audioEncoder(_ inputFeatures: FloatTensor) throws -> FloatTensor {

@@ -26,8 +26,15 @@ public struct ComponentSpec {
     public let programs: [ProgramSpec]
 }
 
-/// The first image bucket of the manifest (preprocessing.buckets[0], the `vision_encoder` method): every
-/// image is resized to height x width. The exporter's further buckets are methods this app does not call yet.
+/// One image size of the bundle (preprocessing.buckets) and the vision method compiled for it.
+public struct ImageBucket {
+    public let height: Int
+    public let width: Int
+    public let method: String
+}
+
+/// Image preprocessing at one bucket's size (the first bucket's, `vision_encoder`, unless `at` picked
+/// another); `choose` finds the bucket closest to an image in aspect ratio, as the exporter's host code.
 public struct ImageConfig {
     public let height: Int
     public let width: Int
@@ -41,6 +48,26 @@ public struct ImageConfig {
     /// (rows, cols) of the image tokens after the merge: their count and their M-RoPE layout.
     public var mergedShape: (Int, Int) { (gridRows / mergeSize, gridCols / mergeSize) }
     public var numTokens: Int { (gridRows / mergeSize) * (gridCols / mergeSize) }
+    public var buckets: [ImageBucket] = []
+
+    /// The bucket closest to a `w` x `h` image in aspect ratio (log scale), the first on a tie.
+    public func choose(width w: Int, height h: Int) -> ImageBucket {
+        let ratio = log(Double(max(w, 1)) / Double(max(h, 1)))
+        var best = buckets[0]
+        for b in buckets.dropFirst() where abs(ratio - log(Double(b.width) / Double(b.height)))
+            < abs(ratio - log(Double(best.width) / Double(best.height))) {
+            best = b
+        }
+        return best
+    }
+
+    /// This preprocessing at `bucket`'s size.
+    public func at(_ bucket: ImageBucket) -> ImageConfig {
+        var c = ImageConfig(height: bucket.height, width: bucket.width, patchSize: patchSize, mergeSize: mergeSize,
+                            rescaleFactor: rescaleFactor, mean: mean, std: std)
+        c.buckets = buckets
+        return c
+    }
 }
 
 public struct AudioConfig {
@@ -145,17 +172,23 @@ public struct BundleManifest {
             throw BundleError(file: file, field: "preprocessing.resample", expected: "bicubic", got: resample, fix: JsonNode.reexport)
         }
         let buckets = try pre.reqArray("buckets")
-        guard let firstBucket = buckets.first else {
+        guard !buckets.isEmpty else {
             throw BundleError(file: file, field: "preprocessing.buckets", expected: "at least one image bucket", got: "[]", fix: JsonNode.reexport)
         }
-        let first = try pre.child("buckets", firstBucket)
-        let method = try first.reqString("method")
-        guard method == Self.vision else {
-            throw BundleError(file: file, field: "preprocessing.buckets[0].method", expected: Self.vision, got: method, fix: JsonNode.reexport)
+        var sizes: [ImageBucket] = []
+        for (i, value) in buckets.enumerated() {
+            let b = try pre.child("buckets", value)
+            let method = try b.reqString("method")
+            guard (i > 0 || method == Self.vision) && comps[method] != nil else {
+                throw BundleError(file: file, field: "preprocessing.buckets[\(i)].method", expected: "a vision component of the bundle",
+                                  got: method, fix: JsonNode.reexport)
+            }
+            sizes.append(ImageBucket(height: try b.reqInt("height"), width: try b.reqInt("width"), method: method))
         }
-        let image = ImageConfig(height: try first.reqInt("height"), width: try first.reqInt("width"), patchSize: try pre.reqInt("patch_size"),
+        var image = ImageConfig(height: sizes[0].height, width: sizes[0].width, patchSize: try pre.reqInt("patch_size"),
                                 mergeSize: try pre.reqInt("merge_size"), rescaleFactor: try pre.reqDouble("rescale_factor"),
                                 mean: try pre.reqDoubles("image_mean"), std: try pre.reqDoubles("image_std"))
+        image.buckets = sizes
         var audio: AudioConfig?
         if let a = try root.optObj("audio_preprocessing") {
             audio = AudioConfig(frames: try a.reqInt("frames"), melBins: try a.reqInt("mel_bins"),

@@ -5,7 +5,8 @@ public protocol ModelRuntime {
     var maxContext: Int { get }
     var prefillChunk: Int { get }
     func tokenEmbedding(_ inputIds: LongTensor) throws -> FloatTensor
-    func visionEncoder(_ pixelValues: FloatTensor) throws -> FloatTensor
+    /// Through the image bucket's vision `method` (`vision_encoder`, `vision_encoder_<h>x<w>`).
+    func visionEncoder(_ pixelValues: FloatTensor, method: String) throws -> FloatTensor
     func audioEncoder(_ inputFeatures: FloatTensor) throws -> FloatTensor
     func textDecoder(_ embeds: FloatTensor, _ positionIds: LongTensor, _ cachePosition: LongTensor) throws -> FloatTensor
     func reset() throws
@@ -29,7 +30,8 @@ public struct Generator {
     }
 
     public func generate(_ prompt: ChatPrompt, images: [FloatTensor], imageGrids: [(Int, Int)], audios: [FloatTensor],
-                         maxNewTokens: Int, eosIds: [Int], onToken: (Int) -> Bool = { _ in true }) throws -> [Int] {
+                         maxNewTokens: Int, eosIds: [Int], imageMethods: [String] = [],
+                         onToken: (Int) -> Bool = { _ in true }) throws -> [Int] {
         let n = prompt.ids.count, h = hiddenSize
         guard n + maxNewTokens <= runtime.maxContext else {
             throw BundleError(file: "prompt", field: nil, expected: "at most \(runtime.maxContext) tokens",
@@ -45,8 +47,10 @@ public struct Generator {
             embeds.replaceSubrange((a * h)..<(b * h), with: e.data)
             a = b
         }
-        try scatter(&embeds, prompt, ChatPrompt.image, images, runtime.visionEncoder)
-        try scatter(&embeds, prompt, ChatPrompt.audio, audios, runtime.audioEncoder)
+        try scatter(&embeds, prompt, ChatPrompt.image, images) { i, x in
+            try runtime.visionEncoder(x, method: i < imageMethods.count ? imageMethods[i] : BundleManifest.vision)
+        }
+        try scatter(&embeds, prompt, ChatPrompt.audio, audios) { _, x in try runtime.audioEncoder(x) }
         var logits: FloatTensor?
         a = 0
         while a < n {
@@ -73,12 +77,12 @@ public struct Generator {
     }
 
     func scatter(_ embeds: inout [Float], _ prompt: ChatPrompt, _ kind: Int, _ inputs: [FloatTensor],
-                 _ encode: (FloatTensor) throws -> FloatTensor) throws {
+                 _ encode: (Int, FloatTensor) throws -> FloatTensor) throws {
         if inputs.isEmpty { return }
         let slots = prompt.types.indices.filter { prompt.types[$0] == kind }
         var row = 0
-        for x in inputs {
-            let f = try encode(x)
+        for (i, x) in inputs.enumerated() {
+            let f = try encode(i, x)
             let rows = f.data.count / hiddenSize
             for r in 0..<rows {
                 let dst = slots[row + r] * hiddenSize

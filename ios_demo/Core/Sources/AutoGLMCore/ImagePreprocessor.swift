@@ -17,8 +17,24 @@ public struct LongTensor {
 
 /// Vision encoder input from RGB bytes, bit-compatible with the exporter's host code: Pillow's
 /// fixed-point bicubic resize (ported), rescale, normalise, block-major patchify.
+/// An image ready for its bucket's vision `method`: `grid` is its merged (rows, cols) of image tokens.
+public struct ImageInput {
+    public let pixels: FloatTensor
+    public let method: String
+    public let grid: (Int, Int)
+    public var tokens: Int { grid.0 * grid.1 }
+}
+
 public enum ImagePreprocessor {
     static let precisionBits = 32 - 8 - 2
+
+    /// `rgb` (width * height * 3 bytes) resized into the bucket closest to it in aspect ratio.
+    public static func prepare(rgb: [UInt8], width: Int, height: Int, config c: ImageConfig) -> ImageInput {
+        let bucket = c.choose(width: width, height: height)
+        let at = c.at(bucket)
+        return ImageInput(pixels: preprocess(rgb: rgb, width: width, height: height, config: at), method: bucket.method,
+                          grid: at.mergedShape)
+    }
 
     public static func preprocess(rgb: [UInt8], width: Int, height: Int, config c: ImageConfig) -> FloatTensor {
         let oh = c.height, ow = c.width

@@ -55,6 +55,16 @@ final class GoldenVectorsTests: XCTestCase {
         assertClose(t.data, floats(golden["pixel_values"]), 1e-5, "pixel_values")
     }
 
+    func testScreenShapedImageGoesToTheHostsBucketWithTheHostsPixels() {
+        let img = golden["screen_image"] as! [String: Any]
+        let x = ImagePreprocessor.prepare(rgb: ints(img["rgb"]).map { UInt8($0) }, width: (img["width"] as! NSNumber).intValue,
+                                          height: (img["height"] as! NSNumber).intValue, config: manifest.image)
+        XCTAssertEqual(x.method, img["method"] as? String)
+        XCTAssertNotEqual(x.method, BundleManifest.vision)
+        XCTAssertEqual([x.grid.0, x.grid.1], ints(img["grid"]))
+        assertClose(x.pixels.data, floats(img["pixel_values"]), 1e-5, "screen pixel_values")
+    }
+
     func testLogMel() throws {
         guard let audio = golden["audio"] as? [String: Any], let cfg = manifest.audio else { return XCTAssertNil(manifest.audio) }
         let wave = (audio["waveform"] as! [NSNumber]).map { $0.floatValue }
@@ -181,8 +191,8 @@ final class RecordedRuntime: ModelRuntime {
         let c = take("token_embedding"); check(c, "input_ids", inputIds.data); return output(c)
     }
 
-    func visionEncoder(_ pixelValues: FloatTensor) throws -> FloatTensor {
-        let c = take("vision_encoder"); check(c, "pixel_values", pixelValues.data); return output(c)
+    func visionEncoder(_ pixelValues: FloatTensor, method: String) throws -> FloatTensor {
+        let c = take(method); check(c, "pixel_values", pixelValues.data); return output(c)
     }
 
     func audioEncoder(_ inputFeatures: FloatTensor) throws -> FloatTensor {

@@ -39,8 +39,8 @@ class ExecuTorchRuntime(private val dir: File, private val manifest: BundleManif
     override fun tokenEmbedding(inputIds: LongTensor): FloatTensor =
         call(BundleManifest.COMPONENT_EMBEDDING, Tensor.fromBlob(inputIds.data, inputIds.shape.dims()))
 
-    override fun visionEncoder(pixelValues: FloatTensor): FloatTensor =
-        call(BundleManifest.COMPONENT_VISION, Tensor.fromBlob(pixelValues.data, pixelValues.shape.dims()))
+    override fun visionEncoder(pixelValues: FloatTensor, method: String): FloatTensor =
+        call(method, Tensor.fromBlob(pixelValues.data, pixelValues.shape.dims()))
 
     override fun audioEncoder(inputFeatures: FloatTensor): FloatTensor =
         call(BundleManifest.COMPONENT_AUDIO, Tensor.fromBlob(inputFeatures.data, inputFeatures.shape.dims()))

@@ -140,14 +140,14 @@ class MainActivity : ComponentActivity() {
         val clip = audio
         output.text = ""
         worker.execute {
-            val images = if (bmp != null) listOf(ImagePreprocessor.preprocess(rgbOf(bmp), bmp.width, bmp.height, m.image)) else emptyList()
+            val images = if (bmp != null) listOf(ImagePreprocessor.prepare(rgbOf(bmp), bmp.width, bmp.height, m.image)) else emptyList()
             val audios: List<FloatTensor> = if (clip != null && m.audio != null) listOf(LogMel.compute(clip, m.audio!!)) else emptyList()
-            val prompt = ChatPrompt.build(tok, m.prompt, question, if (bmp != null) m.image.numTokens else 0,
+            val prompt = ChatPrompt.build(tok, m.prompt, question, if (images.isNotEmpty()) images[0].tokens else 0,
                 if (audios.isNotEmpty()) m.audioTokens ?: 0 else 0)
             val generated = ArrayList<Int>()
             var shown = ""
             val maxNew = minOf(256, m.maxContext - prompt.size)
-            Generator(rt, m.hiddenSize).generate(prompt, images, images.map { m.image.mergedShape }, audios, maxNew,
+            Generator(rt, m.hiddenSize).generate(prompt, images.map { it.pixels }, images.map { it.grid }, audios, maxNew,
                 m.prompt.eosIds, object : TokenListener {
                     override fun onToken(token: Int): Boolean {
                         if (m.prompt.eosIds.contains(token)) return false
@@ -160,7 +160,7 @@ class MainActivity : ComponentActivity() {
                         }
                         return true
                     }
-                })
+                }, images.map { it.method })
         }
     }
 

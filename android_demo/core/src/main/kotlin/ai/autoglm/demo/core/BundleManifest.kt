@@ -36,10 +36,13 @@ class StaticGraphSpec(val name: String, val file: String, val method: String, va
 /** The decoder's rotary table for host-side cos/sin: one inverse frequency and position axis per pair. */
 class RopeTable(val invFreq: FloatArray, val axis: IntArray)
 
+/** One image size of the bundle (preprocessing.buckets) and the vision method compiled for it. */
+class ImageBucket(val height: Int, val width: Int, val method: String)
+
 /**
- * The first image bucket of the manifest (preprocessing.buckets[0], the `vision_encoder` method):
- * every image is resized to [height] x [width]. The exporter's further buckets (e.g. a portrait
- * phone-screen one) are methods this app does not call yet.
+ * Image preprocessing at one bucket's size ([height] x [width]: the first bucket's, the
+ * `vision_encoder` method, unless [at] picked another). [choose] finds the bucket closest to an
+ * image in aspect ratio, as the exporter's host code does.
  */
 class ImageConfig(
     val height: Int,
@@ -49,8 +52,19 @@ class ImageConfig(
     val rescaleFactor: Double,
     val mean: DoubleArray,
     val std: DoubleArray,
-    val resample: String
+    val resample: String,
+    val buckets: List<ImageBucket> = listOf(ImageBucket(height, width, BundleManifest.COMPONENT_VISION))
 ) {
+    /** The bucket closest to a [w] x [h] image in aspect ratio (log scale), the first on a tie. */
+    fun choose(w: Int, h: Int): ImageBucket {
+        val ratio = Math.log(Math.max(w, 1).toDouble() / Math.max(h, 1))
+        return buckets.minBy { Math.abs(ratio - Math.log(it.width.toDouble() / it.height)) }!!
+    }
+
+    /** This preprocessing at [bucket]'s size. */
+    fun at(bucket: ImageBucket): ImageConfig =
+        ImageConfig(bucket.height, bucket.width, patchSize, mergeSize, rescaleFactor, mean, std, resample, buckets)
+
     val gridRows: Int get() = height / patchSize
     val gridCols: Int get() = width / patchSize
     /** (rows, cols) of the image tokens after the merge: their count and their M-RoPE layout. */
@@ -179,13 +193,17 @@ class BundleManifest(
             val pre = root.reqObj("preprocessing")
             val buckets = pre.reqArray("buckets")
             if (buckets.size() == 0) throw BundleError(file, "preprocessing.buckets", "at least one image bucket", "[]", "re-export the bundle")
-            val first = pre.child("buckets[0]", buckets.get(0))
-            if (first.reqString("method") != COMPONENT_VISION) {
-                throw BundleError(file, "preprocessing.buckets[0].method", COMPONENT_VISION, first.reqString("method"), "re-export the bundle")
+            val sizes = (0 until buckets.size()).map { i ->
+                val b = pre.child("buckets[$i]", buckets.get(i))
+                val method = b.reqString("method")
+                if ((i == 0 && method != COMPONENT_VISION) || !comps.containsKey(method)) {
+                    throw BundleError(file, "preprocessing.buckets[$i].method", "a vision component of the bundle", method, "re-export the bundle")
+                }
+                ImageBucket(b.reqInt("height"), b.reqInt("width"), method)
             }
-            val image = ImageConfig(first.reqInt("height"), first.reqInt("width"), pre.reqInt("patch_size"), pre.reqInt("merge_size"),
+            val image = ImageConfig(sizes[0].height, sizes[0].width, pre.reqInt("patch_size"), pre.reqInt("merge_size"),
                 pre.reqDouble("rescale_factor"), pre.reqDoubles("image_mean"), pre.reqDoubles("image_std"),
-                pre.reqString("resample"))
+                pre.reqString("resample"), sizes)
             if (image.resample != "bicubic") {
                 throw BundleError(file, "preprocessing.resample", "bicubic", image.resample, "re-export the bundle")
             }

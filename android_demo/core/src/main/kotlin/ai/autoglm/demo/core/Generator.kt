@@ -11,8 +11,8 @@ interface ModelRuntime {
     /** [1, T] token ids -> [1, T, H] embeddings. */
     fun tokenEmbedding(inputIds: LongTensor): FloatTensor
 
-    /** [N, C * P * P] pixels -> [image tokens, H]. */
-    fun visionEncoder(pixelValues: FloatTensor): FloatTensor
+    /** [N, C * P * P] pixels -> [image tokens, H], through the image bucket's vision [method]. */
+    fun visionEncoder(pixelValues: FloatTensor, method: String): FloatTensor
 
     /** [1, mel bins, frames] log-mel -> [audio tokens, H]. */
     fun audioEncoder(inputFeatures: FloatTensor): FloatTensor
@@ -45,7 +45,8 @@ class Generator(private val runtime: ModelRuntime, private val hiddenSize: Int) 
         audios: List<FloatTensor>,
         maxNewTokens: Int,
         eosIds: IntArray,
-        listener: TokenListener? = null
+        listener: TokenListener? = null,
+        imageMethods: List<String> = emptyList()
     ): GenerationResult {
         val n = prompt.size
         if (n + maxNewTokens > runtime.maxContext) {
@@ -63,8 +64,10 @@ class Generator(private val runtime: ModelRuntime, private val hiddenSize: Int) 
             System.arraycopy(e.data, 0, embeds, a * h, (b - a) * h)
             a = b
         }
-        scatter(embeds, prompt, ChatPrompt.IMAGE, images) { runtime.visionEncoder(it) }
-        scatter(embeds, prompt, ChatPrompt.AUDIO, audios) { runtime.audioEncoder(it) }
+        scatter(embeds, prompt, ChatPrompt.IMAGE, images) { i, x ->
+            runtime.visionEncoder(x, imageMethods.getOrElse(i) { BundleManifest.COMPONENT_VISION })
+        }
+        scatter(embeds, prompt, ChatPrompt.AUDIO, audios) { _, x -> runtime.audioEncoder(x) }
         var logits: FloatTensor? = null
         a = 0
         while (a < n) {
@@ -94,13 +97,13 @@ class Generator(private val runtime: ModelRuntime, private val hiddenSize: Int) 
     }
 
     private fun scatter(embeds: FloatArray, prompt: ChatPrompt, kind: Int, inputs: List<FloatTensor>,
-                        encode: (FloatTensor) -> FloatTensor) {
+                        encode: (Int, FloatTensor) -> FloatTensor) {
         if (inputs.isEmpty()) return
         val slots = ArrayList<Int>()
         for (i in prompt.types.indices) if (prompt.types[i] == kind) slots.add(i)
         var row = 0
-        for (x in inputs) {
-            val f = encode(x)
+        for ((i, x) in inputs.withIndex()) {
+            val f = encode(i, x)
             val rows = f.data.size / hiddenSize
             if (row + rows > slots.size) throw IllegalStateException("encoder outputs exceed the ${slots.size} placeholder tokens")
             for (r in 0 until rows) System.arraycopy(f.data, r * hiddenSize, embeds, slots[row + r] * hiddenSize, hiddenSize)

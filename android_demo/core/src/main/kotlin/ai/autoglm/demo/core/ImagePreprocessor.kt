@@ -6,7 +6,19 @@ package ai.autoglm.demo.core
  * the phone feeds the pixels the model was verified with), rescale, normalise, then patchify in
  * block-major order (each merge window contiguous). Output: [N, C * P * P] float32.
  */
+/** An image ready for its bucket's vision [method]: [grid] is its merged (rows, cols) of image tokens. */
+class ImageInput(val pixels: FloatTensor, val method: String, val grid: IntArray) {
+    val tokens: Int get() = grid[0] * grid[1]
+}
+
 object ImagePreprocessor {
+
+    /** [rgb] (width * height * 3 bytes) resized into the bucket closest to it in aspect ratio. */
+    fun prepare(rgb: IntArray, width: Int, height: Int, cfg: ImageConfig): ImageInput {
+        val bucket = cfg.choose(width, height)
+        val at = cfg.at(bucket)
+        return ImageInput(preprocess(rgb, width, height, at), bucket.method, at.mergedShape)
+    }
 
     /** [rgb] holds width * height * 3 bytes, row-major, as 0..255 ints. */
     fun preprocess(rgb: IntArray, width: Int, height: Int, cfg: ImageConfig): FloatTensor {

@@ -45,7 +45,7 @@ class StaticGraphRuntime(private val manifest: BundleManifest, private val runne
         return FloatTensor(intArrayOf(1, t, h), out)
     }
 
-    override fun visionEncoder(pixelValues: FloatTensor): FloatTensor = run1("vision_encoder", "pixel_values", pixelValues)
+    override fun visionEncoder(pixelValues: FloatTensor, method: String): FloatTensor = run1(method, "pixel_values", pixelValues)
 
     override fun audioEncoder(inputFeatures: FloatTensor): FloatTensor = run1("audio_encoder", "input_features", inputFeatures)
 

@@ -57,6 +57,19 @@ class GoldenVectorsTest {
     }
 
     @Test
+    fun screenShapedImageGoesToTheHostsBucketWithTheHostsPixels() {
+        val img = g.getAsJsonObject("screen_image")
+        val x = ImagePreprocessor.prepare(Golden.ints(img, "rgb"), img.get("width").asInt, img.get("height").asInt,
+            Golden.manifest.image)
+        assertEquals(img.get("method").asString, x.method)
+        assertTrue("a portrait bucket, not the first", x.method != BundleManifest.COMPONENT_VISION)
+        assertArrayEquals(Golden.ints(img, "grid"), x.grid)
+        val want = img.getAsJsonObject("pixel_values")
+        assertArrayEquals(Golden.shape(want), x.pixels.shape)
+        assertArrayEquals(Golden.floats(want), x.pixels.data, 1e-5f)
+    }
+
+    @Test
     fun transparencyIsCompositedOnWhiteLikeTheHost() {
         val img = g.getAsJsonObject("transparent_image")
         assertArrayEquals(Golden.ints(img, "rgb"), ImagePreprocessor.rgbOnWhite(Golden.ints(img, "argb")))

@@ -46,8 +46,8 @@ class RecordedRuntime(private val calls: List<JsonObject>, override val maxConte
         return output(c)
     }
 
-    override fun visionEncoder(pixelValues: FloatTensor): FloatTensor {
-        val c = take("vision_encoder")
+    override fun visionEncoder(pixelValues: FloatTensor, method: String): FloatTensor {
+        val c = take(method)
         checkInput(c, "pixel_values", pixelValues)
         return output(c)
     }

@@ -28,6 +28,28 @@ def _assign(root: nn.Module, name: str, value: torch.Tensor) -> None:
         owner.register_buffer(attr, value)
 
 
+def load_shared(module: nn.Module, donor: nn.Module, ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Materialise ``module`` (built on meta) with ``donor``'s weights themselves, not copies, for
+    components that differ only in shape-dependent tensors (the image buckets): the weights it
+    takes from the checkpoint unchanged are ``donor``'s; those it derives (a position table
+    interpolated to its grid) are read and derived again, in ``dtype``."""
+    held = dict(donor.named_parameters()) | dict(donor.named_buffers())
+    with torch.no_grad():
+        for name, (key, transform) in module.weight_map().items():
+            if transform is not None:
+                t = transform(ckpt.tensor(key, torch.float32))
+                _assign(module, name, t.to(dtype).contiguous())
+                continue
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            if isinstance(held[name], nn.Parameter):
+                setattr(owner, attr, held[name])
+            else:
+                owner.register_buffer(attr, held[name])
+        module.init_runtime_buffers()
+    return module.eval()
+
+
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     with torch.device("meta"):
         return factory()

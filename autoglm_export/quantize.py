@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import RecipeError
 from .lower.export_caches import return_freed_memory
@@ -185,6 +186,83 @@ def quantize_hook(plan: ComponentPlan, config_for: TorchaoConfigFor) -> Callable
         return_freed_memory()
 
     return hook
+
+
+# References run in PyTorch (verification) with torchao's quantized tensors, which dequantize the
+# whole weight on every call through three fp32 temporaries of its size: for the 9B's 151552 x 4096
+# token embedding and lm_head ~5 GB at once per decoded token, and minutes of page faults in
+# verification's greedy runs. These forms dequantize only what a call needs, block by block.
+REFERENCE_BLOCK_ELEMENTS = 1 << 22  # 16 MB of fp32: small enough for glibc to reuse between blocks
+
+
+def _dequantized_rows(w: torch.Tensor, rows) -> torch.Tensor:
+    from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, dequantize_affine
+
+    qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[w.target_dtype]
+    return dequantize_affine(w.qdata[rows], w.block_size, w.scale[rows], w.zero_point[rows], torch.int8, qmin, qmax,
+                             output_dtype=w.dtype)  # fmt: skip
+
+
+class RowLookupEmbedding(nn.Module):
+    """A row-wise quantized embedding that dequantizes only the rows it looks up: the same values as
+    torchao's lookup, since quantization groups never span rows."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = _dequantized_rows(self.weight, input_ids.reshape(-1))
+        return rows.reshape(*input_ids.shape, rows.shape[-1])
+
+
+class RowBlockLinear(nn.Module):
+    """A row-wise quantized linear computed in blocks of output rows, each block's weights
+    dequantized on its own (activations quantized once, as torchao does). The same arithmetic per
+    output as torchao's linear up to the matmul's blocking (not bit-identical in general)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+            _apply_int8_act_asym_per_token_quant_dequant,
+        )
+
+        w = self.weight
+        if w.activation_quantization is not None:
+            x = _apply_int8_act_asym_per_token_quant_dequant(x)
+        n, d = w.qdata.shape
+        step = max(1, REFERENCE_BLOCK_ELEMENTS // d)
+        outs = []
+        for a in range(0, n, step):
+            rows = slice(a, min(a + step, n))
+            outs.append(F.linear(x, _dequantized_rows(w, rows), None if self.bias is None else self.bias[rows]))
+        return torch.cat(outs, dim=-1)
+
+
+def _row_wise_quantized(w) -> bool:
+    return (all(hasattr(w, a) for a in ("qdata", "scale", "zero_point", "block_size", "target_dtype"))
+            and w.block_size[0] == 1 and w.scale.shape[0] == w.qdata.shape[0])  # fmt: skip
+
+
+def dequantize_per_call(module: nn.Module) -> nn.Module:
+    """``module`` (a PyTorch reference, never exported) with each row-wise quantized embedding
+    looking up rows only and each such linear larger than a block computed in row blocks."""
+    for name, child in list(module.named_modules()):
+        w = getattr(child, "weight", None)
+        if not _row_wise_quantized(w):
+            continue
+        if isinstance(child, nn.Embedding):
+            form = RowLookupEmbedding(w)
+        elif isinstance(child, nn.Linear) and w.qdata.numel() > REFERENCE_BLOCK_ELEMENTS and hasattr(w, "activation_quantization"):
+            form = RowBlockLinear(child)
+        else:
+            continue
+        owner, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(owner) if owner else module, attr, form)
+    return module
 
 
 # torchao quantizes a weight through several fp32 temporaries of its full size: for the 9B's

@@ -5,12 +5,14 @@ For every component two comparisons on the same inputs:
 * quantization — PyTorch with quantized weights vs fp32 (reported; gated for fp16 components).
 End to end: greedy generation from the golden image + prompt, bundle vs quantized reference
 (gated), and quantized vs fp32 reference (reported). Thresholds come from the recipe.
-References are loaded one component at a time; the fp32 reference is skipped, and says so,
-when it would not fit in memory.
+The fp32 references are loaded one component at a time, the decoder one layer at a time; the
+fp32 greedy run (every component at once) is skipped, and says so, when it would not fit beside
+what is held in ``memory_budget_bytes``.
 """
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +25,18 @@ from .host.generate import EagerRuntime, Trace, call_component, generate
 from .host.golden import GOLDEN_PROMPT, golden_image
 from .host.image import ImagePreprocessing, preprocess_image
 from .host.prompt import AUDIO, IMAGE, build_chat_prompt
-from .load import build_on_meta, load_component
+from .load import build_on_meta, load_component, load_shared
+from .lower.export_caches import return_freed_memory
+from .lower.memory_fit import resident_bytes
 from .metrics import compare, passes
-from .models.glm4v.layout import VISION_METHOD
+from .models.glm4v.layout import VISION_METHOD, is_vision_method
 from .models.glm4v.modules import TextDecoder
 from .progress import silent
-from .quantize import FLOAT_DTYPES, ComponentPlan, plan_component, quantize_hook
+from .quantize import FLOAT_DTYPES, ComponentPlan, dequantize_per_call, plan_component, quantize_hook
 from .recipe import Recipe
 
 DECODE_STEPS = 8
+FP32_GREEDY_OVERHEAD = 1.25
 
 
 def memory_budget_bytes() -> int:
@@ -59,7 +64,7 @@ def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentP
         if ref is not None:
             return ref
     if backend.quantizes_in_torch:
-        return load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype], on_module=quantize_hook(plan, backend.torchao_config))
+        return dequantize_per_call(load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype], on_module=quantize_hook(plan, backend.torchao_config)))
     module = load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype])
     if plan.quantized:
         backend.apply_bundle_weights(name, module, bundle, manifest)
@@ -113,6 +118,33 @@ def _decoder_calls(runtime, embeds: torch.Tensor, positions: np.ndarray, delta: 
         p = torch.full((3, 1), c + delta, dtype=torch.long)
         out.append(runtime.text_decoder(embed_fn(torch.tensor([[tok]])), p, torch.tensor([c])))
     return torch.cat([o.reshape(1, -1) for o in out]).numpy()
+
+
+def _decoder_calls_by_part(ckpt: Checkpoint, shapes: Shapes, embeds: torch.Tensor, positions: np.ndarray, delta: int,
+                           tokens: list[int], embed_fn, progress=silent) -> np.ndarray:  # fmt: skip
+    """``_decoder_calls`` of the fp32 decoder with one decoder layer's weights held at a time.
+
+    The decode steps are teacher-forced (``tokens`` are known), so every call's input is known
+    before the first: each one-layer part runs the whole sequence of calls on its own cache and its
+    hidden states become the next part's inputs. The same arithmetic as the whole decoder, call for
+    call (fp32 throughout), for the memory of one layer plus the lm_head instead of all of them."""
+    chunk, n = shapes.prefill_chunk, embeds.shape[1]
+    pos = torch.from_numpy(positions)
+    calls = [(embeds[:, a : min(a + chunk, n)], pos[:, a : min(a + chunk, n)].contiguous(), torch.arange(a, min(a + chunk, n)))
+             for a in range(0, n, chunk)]  # fmt: skip
+    for i, tok in enumerate(tokens):
+        calls.append((embed_fn(torch.tensor([[tok]])), torch.full((3, 1), n + i + delta, dtype=torch.long), torch.tensor([n + i])))
+    xs = [c[0] for c in calls]
+    layers = ckpt.spec.text.num_layers
+    for a in range(layers):
+        progress(f"fp32 reference for text_decoder: layer {a + 1}/{layers}")
+        part = load_component(build_on_meta(lambda a=a: TextDecoder(ckpt.spec, shapes.max_context, (a, a + 1))), ckpt, torch.float32)
+        part.reset_cache()
+        xs = [part(x, p, c) for x, (_, p, c) in zip(xs, calls)]
+        del part
+        gc.collect()  # modules sit in reference cycles: free this layer before the next is read
+        return_freed_memory()
+    return torch.cat([o.reshape(1, -1) for o in xs]).numpy()
 
 
 class GoldenCase:
@@ -177,7 +209,15 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
 
     # 1. quantized references (as exported) vs the bundle
     progress("loading the PyTorch reference with the exported (quantized) weights")
-    q = {name: load_reference(ckpt, name, shapes, plans[name], backend, bundle, manifest) for name in plans}
+    q = {}
+    for name in plans:
+        share = is_vision_method(name) and name != VISION_METHOD and not hasattr(backend, "reference_component") and (
+            backend.quantizes_in_torch or not plans[name].quantized)  # fmt: skip
+        if share:  # weights from the checkpoint and the (same) plan alone: the buckets' are the same tensors
+            q[name] = load_shared(build_on_meta(lambda n=name: registry.get(n).build(ckpt.spec, shapes)), q[VISION_METHOD],
+                                  ckpt, FLOAT_DTYPES[plans[name].dtype])  # fmt: skip
+        else:
+            q[name] = load_reference(ckpt, name, shapes, plans[name], backend, bundle, manifest)
     qrt = EagerRuntime(q, shapes.max_context, shapes.prefill_chunk)
     outs: dict[str, dict[str, np.ndarray]] = {}
     with torch.no_grad():
@@ -209,38 +249,53 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
         report.checks.append(_greedy_check("end_to_end/greedy_lowered_vs_reference", ref_trace, got_trace,
                                            par.greedy_agreement, gated=par.greedy_agreement is not None))  # fmt: skip
     del q, qrt  # keep the (small) quantized embedding: decode steps of every decoder run share it
+    gc.collect()  # modules sit in reference cycles: the quantized reference is freed here, not later
+    return_freed_memory()
 
-    # 3. quantization error: fp32 reference, one component at a time, when it fits
+    # 3. quantization error: fp32 reference, one component at a time (the decoder one layer at a
+    # time); the fp32 greedy run needs every fp32 component at once, beside what is already held,
+    # and its loads and activations on top (9B widths, one layer: 1.06 GiB over held + weights)
     fp32_bytes = sum(4 * i.numel for i in ckpt.tensors.values())
-    budget = memory_budget_bytes()
-    keep_all = fp32_bytes <= budget  # the fp32 greedy run needs every fp32 component at once
+    budget, held = memory_budget_bytes(), resident_bytes()
+    keep_all = held + FP32_GREEDY_OVERHEAD * fp32_bytes <= budget
     f = {}
     with torch.no_grad():
         for name in [*inputs, "text_decoder"]:
             comp_bytes = 4 * sum(ckpt.tensors[k].numel for k in registry.get(name).keys(ckpt.spec))
             fp16 = plans[name].dtype == "fp16" and not plans[name].quantized
             threshold = par.fp16_sqnr_db if fp16 else None
-            if comp_bytes > budget:
+            if name == "text_decoder" and not keep_all:
+                ref = _decoder_calls_by_part(ckpt, shapes, embeds, positions, delta, feed, embed_q, progress)
+            elif comp_bytes > budget:
                 report.add(f"{name}/reference_vs_fp32", "quantization", None, threshold,
                            f"skipped: the fp32 reference needs {comp_bytes / 2**30:.1f} GiB, over this machine's budget")  # fmt: skip
                 continue
-            progress(f"fp32 reference for {name}")
-            mod = load_reference(ckpt, name, shapes, None, backend)
-            if name == "text_decoder":
-                ref = _decoder_calls(EagerRuntime({"text_decoder": mod}, shapes.max_context, shapes.prefill_chunk),
-                                     embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)  # fmt: skip
             else:
-                ref = np.concatenate([mod(x).numpy().ravel() for x in inputs[name]])
+                progress(f"fp32 reference for {name}")
+                if is_vision_method(name) and VISION_METHOD in f:  # kept for the greedy run: share its weights
+                    mod = load_shared(build_on_meta(lambda n=name: registry.get(n).build(ckpt.spec, shapes)), f[VISION_METHOD], ckpt)
+                else:
+                    mod = load_reference(ckpt, name, shapes, None, backend)
+                if name == "text_decoder":
+                    ref = _decoder_calls(EagerRuntime({"text_decoder": mod}, shapes.max_context, shapes.prefill_chunk),
+                                         embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)  # fmt: skip
+                else:
+                    ref = np.concatenate([mod(x).numpy().ravel() for x in inputs[name]])
+                if keep_all:
+                    f[name] = mod
+                del mod
+                gc.collect()
             fig = compare(ref, outs[name]["quantized"])
             report.add(f"{name}/reference_vs_fp32", "quantization", fig, threshold,
                        "PyTorch with the exported weights vs fp32 (the cost of the recipe)")  # fmt: skip
-            if keep_all:
-                f[name] = mod
-            del mod
         if keep_all and len(f) == len(plans):
             frt = EagerRuntime(f, shapes.max_context, shapes.prefill_chunk)
             fp_trace = generate(frt, prompt, **case.media, max_new_tokens=n_new)
             report.checks.append(_greedy_check("end_to_end/greedy_reference_vs_fp32", fp_trace, ref_trace, None, gated=False))
+        elif not keep_all:
+            report.add("end_to_end/greedy_reference_vs_fp32", "quantization", None, None,
+                       f"skipped: every fp32 component at once needs {fp32_bytes / 2**30:.1f} GiB (and a quarter more to "
+                       f"run) beside {held / 2**30:.1f} GiB held, over this machine's budget of {budget / 2**30:.1f} GiB")  # fmt: skip
     return report.finish({"prompt_tokens": len(prompt), "greedy_tokens": n_new, "reference_tokens": ref_trace.tokens,
                           "bundle_tokens": got_trace.tokens})  # fmt: skip
 

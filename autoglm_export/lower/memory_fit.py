@@ -20,6 +20,15 @@ def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def part_params(plan, parts: list[tuple[int, int]]) -> list[int]:
     """Parameters of each decoder part: a layer's weights go to the part holding that layer, the
     rest (final norm, lm_head) to the last part."""

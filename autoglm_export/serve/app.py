@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import ExportError, excerpt
 from ..host.conversation import ChatEngine, ChatResult, Message, Part, split_reasoning
 from ..host.sampling import SamplingParams
+from ..lower.memory_fit import resident_bytes
 from .media import MediaRefused, MediaTooLarge, b64, media_bytes
 from .schema import ChatMessage, ChatRequest
 
@@ -68,7 +68,7 @@ class Service:
         # what running this bundle takes: the files the runtime maps, or this process's resident memory
         # with the bundle loaded, whichever is larger (declared / measured)
         files = sum(f.stat().st_size for f in engine.bundle.rglob("*") if f.is_file())
-        self.memory_need_mb = max(files, _rss_bytes()) / 2**20
+        self.memory_need_mb = max(files, resident_bytes()) / 2**20
 
 
 def request_messages(req: ChatRequest, engine: ChatEngine, allow_files: Path | None) -> list[Message]:
@@ -99,13 +99,6 @@ def _parts(m: ChatMessage, i: int, engine: ChatEngine, allow_files: Path | None)
             else:
                 data = b64(part.input_audio.data, f"{field}.input_audio.data")
             yield engine.audio_part(decode_audio(data, engine.audio_pre, field=field))
-
-
-def _rss_bytes() -> int:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _settings(req: ChatRequest, headers) -> tuple[dict, float | None]:

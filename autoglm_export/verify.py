@@ -249,13 +249,15 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
         report.checks.append(_greedy_check("end_to_end/greedy_lowered_vs_reference", ref_trace, got_trace,
                                            par.greedy_agreement, gated=par.greedy_agreement is not None))  # fmt: skip
     del q, qrt  # keep the (small) quantized embedding: decode steps of every decoder run share it
-    gc.collect()  # modules sit in reference cycles: the quantized reference is freed here, not later
-    return_freed_memory()
+    fp32_bytes = sum(4 * i.numel for i in ckpt.tensors.values())
+    large = fp32_bytes > memory_budget_bytes() // 8  # a collection costs ~0.25 s: worth it for gigabytes only
+    if large:  # modules sit in reference cycles: the quantized reference is freed here, not later
+        gc.collect()
+        return_freed_memory()
 
     # 3. quantization error: fp32 reference, one component at a time (the decoder one layer at a
     # time); the fp32 greedy run needs every fp32 component at once, beside what is already held,
     # and its loads and activations on top (9B widths, one layer: 1.06 GiB over held + weights)
-    fp32_bytes = sum(4 * i.numel for i in ckpt.tensors.values())
     budget, held = memory_budget_bytes(), resident_bytes()
     keep_all = held + FP32_GREEDY_OVERHEAD * fp32_bytes <= budget
     f = {}
@@ -284,7 +286,8 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
                 if keep_all:
                     f[name] = mod
                 del mod
-                gc.collect()
+                if large:
+                    gc.collect()
             fig = compare(ref, outs[name]["quantized"])
             report.add(f"{name}/reference_vs_fp32", "quantization", fig, threshold,
                        "PyTorch with the exported weights vs fp32 (the cost of the recipe)")  # fmt: skip

@@ -104,19 +104,22 @@ class _Report:
         return {"passed": not failed, "failed": failed, "checks": self.checks, **extra}
 
 
+def _decoder_call_inputs(embeds: torch.Tensor, positions: np.ndarray, delta: int, chunk: int, tokens: list[int], embed_fn):
+    """(inputs_embeds, position_ids, cache_position) of every decoder call: ``embeds`` prefilled in
+    chunks, then ``tokens`` decoded one by one (teacher-forced)."""
+    n = embeds.shape[1]
+    pos = torch.from_numpy(positions)
+    calls = [(embeds[:, a : min(a + chunk, n)], pos[:, a : min(a + chunk, n)].contiguous(), torch.arange(a, min(a + chunk, n)))
+             for a in range(0, n, chunk)]  # fmt: skip
+    for i, tok in enumerate(tokens):
+        calls.append((embed_fn(torch.tensor([[tok]])), torch.full((3, 1), n + i + delta, dtype=torch.long), torch.tensor([n + i])))
+    return calls
+
+
 def _decoder_calls(runtime, embeds: torch.Tensor, positions: np.ndarray, delta: int, chunk: int, tokens: list[int], embed_fn):
     """Prefill ``embeds`` in chunks, then decode ``tokens``; logits of every call, stacked."""
     runtime.reset()
-    n = embeds.shape[1]
-    pos = torch.from_numpy(positions)
-    out = []
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        out.append(runtime.text_decoder(embeds[:, a:b], pos[:, a:b].contiguous(), torch.arange(a, b)))
-    for i, tok in enumerate(tokens):
-        c = n + i
-        p = torch.full((3, 1), c + delta, dtype=torch.long)
-        out.append(runtime.text_decoder(embed_fn(torch.tensor([[tok]])), p, torch.tensor([c])))
+    out = [runtime.text_decoder(*call) for call in _decoder_call_inputs(embeds, positions, delta, chunk, tokens, embed_fn)]
     return torch.cat([o.reshape(1, -1) for o in out]).numpy()
 
 
@@ -128,12 +131,7 @@ def _decoder_calls_by_part(ckpt: Checkpoint, shapes: Shapes, embeds: torch.Tenso
     before the first: each one-layer part runs the whole sequence of calls on its own cache and its
     hidden states become the next part's inputs. The same arithmetic as the whole decoder, call for
     call (fp32 throughout), for the memory of one layer plus the lm_head instead of all of them."""
-    chunk, n = shapes.prefill_chunk, embeds.shape[1]
-    pos = torch.from_numpy(positions)
-    calls = [(embeds[:, a : min(a + chunk, n)], pos[:, a : min(a + chunk, n)].contiguous(), torch.arange(a, min(a + chunk, n)))
-             for a in range(0, n, chunk)]  # fmt: skip
-    for i, tok in enumerate(tokens):
-        calls.append((embed_fn(torch.tensor([[tok]])), torch.full((3, 1), n + i + delta, dtype=torch.long), torch.tensor([n + i])))
+    calls = _decoder_call_inputs(embeds, positions, delta, shapes.prefill_chunk, tokens, embed_fn)
     xs = [c[0] for c in calls]
     layers = ckpt.spec.text.num_layers
     for a in range(layers):

@@ -5,18 +5,18 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo-out
 # The distribution's CPython 3.11 where there is one: Debian's is built with PGO and LTO, a
 # pyenv or source build by default is not, and an export is mostly Python (torch.export and
-# ExecuTorch's FX passes): the tiny xnnpack export took about 15% less CPU on it (README).
+# ExecuTorch's FX passes): the tiny xnnpack export took about 15% less CPU on it (CHANGELOG, 2026-11-24).
 PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3)
 
 .PHONY: setup app-toolchain test demo bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml autoglm_export/native/qnn_htp_compat.c
+$(STAMP): pyproject.toml autoglm_export/targets/qnn/qnn_htp_compat.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
-	$(PY) -m autoglm_export.lower.qnn_libs build   # QNN 2.37 -> 2.51 compatibility layer (gcc)
+	$(PY) -m autoglm_export.targets.qnn.libs build   # QNN 2.37 -> 2.51 compatibility layer (gcc)
 	touch $(STAMP)
 
 # The Android demo's core logic is tested with Debian's kotlinc 1.3 + JUnit 4 (no Gradle, no SDK).

@@ -9,7 +9,7 @@ A recipe lists them relative to its own directory::
 
 Each prompt becomes a chat turn with one image (images are paired round-robin), tokenized with the
 checkpoint's tokenizer and given M-RoPE positions exactly as ``run`` does. The NPU targets add
-their own seeded random inputs to these (``lower/static_graphs.py``). The manifest records each
+their own seeded random inputs to these (``targets/shared/static_graphs.py``). The manifest records each
 file's SHA-256; ``verify`` refuses files that changed since the export.
 """
 

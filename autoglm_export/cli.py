@@ -16,6 +16,8 @@ from typing import Optional
 import typer
 
 from .errors import ExportError
+from .progress import quiet_third_party_logs
+from .targets.table import TARGETS
 
 app = typer.Typer(
     add_completion=False,
@@ -26,7 +28,7 @@ app = typer.Typer(
 recipes_app = typer.Typer(help="List and validate quantization/shape recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 
-TARGET_HELP = "Target: xnnpack | qnn | coreml | onnx | onnx-qnn"
+TARGET_HELP = "Target: " + " | ".join(TARGETS)
 
 
 def _export(target, checkpoint, out, recipe, force, quiet):
@@ -86,7 +88,7 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Architecture, components, parameter counts and estimated INT4/FP16 sizes."""
-    from .inspect import describe, format_table
+    from .inspection import describe, format_table
 
     info = describe(checkpoint)
     typer.echo(json.dumps(info, indent=2) if as_json else format_table(info))
@@ -200,28 +202,6 @@ def _interrupted() -> str:
 
 def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
-
-
-def quiet_third_party_logs() -> None:
-    """torchao logs a warning per optional CUDA kernel it cannot load on a CPU machine, and torch
-    one per deprecated pytree registration; neither is actionable for a user of this tool."""
-    import logging
-    import warnings
-
-    for name in ("torchao", "torch.utils._pytree", "torch._export", "torch.onnx", "onnx_ir", "onnxscript",
-                 "onnxruntime", "coremltools", "executorch"):  # fmt: skip
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # ExecuTorch modules call logging.basicConfig(level=INFO) on import and its Qualcomm code logs
-    # through the root logger; a root handler of our own makes those calls no-ops and keeps what
-    # reaches stderr to errors. Our progress output does not go through logging.
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setLevel(logging.ERROR)
-        root.addHandler(handler)
-    root.setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

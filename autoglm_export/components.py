@@ -1,6 +1,6 @@
 """Component registry: the per-modality subgraphs an export produces.
 
-Each component names its ExecuTorch method (runner contract, DESIGN.md §2), whether a given
+Each component names its runtime method (the apps' runner contract: docs/bundle-format.md), whether a given
 checkpoint has it, how to build its export-ready module on the meta device and which
 checkpoint tensors it reads. Optional towers (audio) register here without touching the
 others; an unknown name lists the valid ones. The vision tower is one component per image
@@ -18,7 +18,9 @@ from .errors import ExportError
 from .models.glm4v import layout
 from .models.glm4v.audio_layout import audio_layout
 from .models.glm4v.layout import VISION_METHOD, is_vision_method, vision_method
-from .models.glm4v.modules import AudioEncoder, TextDecoder, TokenEmbedding, VisionEncoder
+from .models.glm4v.audio import AudioEncoder
+from .models.glm4v.text import TextDecoder, TokenEmbedding
+from .models.glm4v.vision import VisionEncoder
 from .models.glm4v.spec import ModelSpec
 
 

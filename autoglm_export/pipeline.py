@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import MANIFEST, PROMPT_TEMPLATE, REPORT, SCHEMA_VERSION, file_entries, library_versions, write_json
@@ -21,14 +22,16 @@ from .host.chat_template import TEMPLATE_FILE, find_chat_template
 from .host.image import ImagePreprocessing
 from .host.tokenizer import ChatTokenizer
 from .load import build_on_meta, load_component
-from .lower.export_caches import return_freed_memory
 from .models.glm4v.layout import is_vision_method
-from .models.glm4v.modules import TextDecoder
+from .models.glm4v.text import TextDecoder
 from .models.glm4v.spec import load_json
-from .progress import silent
+from .progress import Progress, silent
 from .quantize import FLOAT_DTYPES, quantize_hook, unused_rules
 from .recipe import Recipe, default_recipe_path, load_recipe
-from .verify import format_report, make_plans, run_checks
+from .targets import Target, get_target
+from .targets.shared.export_caches import return_freed_memory
+from .planning import plan_quantization
+from .verify import format_report, run_checks
 
 
 def decoder_parts(num_layers: int, per_program: int | None) -> list[tuple[int, int]]:
@@ -122,21 +125,62 @@ def component_io(name: str, ckpt: Checkpoint, shapes: Shapes, pre: ImagePreproce
     raise KeyError(name)  # fmt: skip
 
 
+@dataclass
+class ExportJob:
+    """What the stages of one export share: the inputs, read and checked, and the plan."""
+
+    target: str
+    tgt: Target
+    recipe_file: Path
+    recipe: Recipe
+    ckpt: Checkpoint
+    tokenizer: ChatTokenizer
+    shapes: Shapes
+    pre: ImagePreprocessing
+    plans: dict
+    parts: list[tuple[int, int]] | None  # decoder layer ranges, when the recipe lowers it in parts
+    progress: Progress
+
+    def say(self, stage: str):
+        return self.progress.stage(stage)
+
+
 def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, progress=silent, verify: bool = True) -> dict:
     """Export ``checkpoint`` for ``target`` into ``out``. ``verify=False`` (library only, for
     bench/scale.py's compile-time and memory measurements) skips the parity stage and says so in
     the manifest; the CLI always verifies."""
-    from .lower import get_backend
-
     out = Path(out)
-    backend = get_backend(target)
+    # qnn quantizes and lowers inside export(): minutes that report there; nothing keeps an emulator
+    # twin of a shared-weight program for a verification that will not run
+    tgt = get_target(target, progress=progress.stage(f"lower/{target}"), verifying=verify)
     recipe_file = Path(recipe) if recipe else default_recipe_path(target)
     inputs = (Path(checkpoint), recipe_file)
     check_output(out, force=force, protected=inputs)  # before any work; --force replaces bundles only
+    job = plan_export(checkpoint, target, tgt, recipe_file, progress)
+    with atomic_output_dir(out, force=force, protected=inputs, on_note=job.say("bundle")) as tmp:
+        lowered = lower_components(job, tmp)
+        extra_files = copy_tokenizer_files(job, tmp)
+        job.say("verify")("hashing the source checkpoint")
+        manifest = build_manifest(job, lowered, chat_template=TEMPLATE_FILE in extra_files)
+        files = lowered["files"] + extra_files
+        manifest["files"] = file_entries(tmp, files)  # before verification: runtimes find data files through it
+        report = verify_in_place(job, tmp, manifest) if verify else skip_verification(job)
+        manifest["verification"] = ({"passed": report["passed"], "failed": report["failed"], "report": REPORT} if verify
+                                    else {"skipped": report["skipped"]})  # fmt: skip
+        write_json(tmp / MANIFEST, manifest)
+        size = sum(e["bytes"] for e in manifest["files"].values())
+        job.say("bundle")(f"{out}: {len(files) + 2} files, {size / 1e6:.2f} MB")
+    if verify:
+        print(format_report(report))
+    return report
+
+
+def plan_export(checkpoint, target: str, tgt: Target, recipe_file: Path, progress: Progress) -> ExportJob:
+    """Read and check the recipe and the checkpoint, and plan every weight: every error a user can
+    fix is raised here, before any tensor is read."""
     rec = load_recipe(recipe_file)
     if rec.target != target:
         raise RecipeError(recipe_file, [f"target = {rec.target!r}: this recipe is for {rec.target}, not --target {target}"])
-    say = progress.stage("load")
     ckpt = open_checkpoint(checkpoint)
     tokenizer = ckpt.chat_tokenizer()
     check_recipe_fits(rec, ckpt, recipe_file)
@@ -145,137 +189,143 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
     pc = load_json(pc_file, "preprocessor_config.json", "copy it from the original checkpoint") if pc_file.is_file() else {}
     pre = ImagePreprocessing.from_checkpoint(pc, shapes.buckets, ckpt.spec.vision.patch_size,
                                              ckpt.spec.vision.spatial_merge_size, pc_file)  # fmt: skip
-    say(f"{ckpt.spec.architecture}: {len(ckpt.tensors)} tensors, {sum(i.numel for i in ckpt.tensors.values()):,} parameters")
-    plans = make_plans(rec, ckpt, shapes, str(recipe_file))  # every rule error before any tensor is read
+    progress.stage("load")(f"{ckpt.spec.architecture}: {len(ckpt.tensors)} tensors, "
+                           f"{sum(i.numel for i in ckpt.tensors.values()):,} parameters")  # fmt: skip
+    plans = plan_quantization(rec, ckpt, shapes, str(recipe_file))
     report_plan_notes(rec, plans, progress.stage("quantize"))
-    if hasattr(backend, "configure"):  # target-specific recipe sections: qnn contexts, calibration files
-        backend.configure(rec, str(recipe_file), tokenizer=tokenizer, pre=pre)
+    tgt.configure(rec, str(recipe_file), tokenizer=tokenizer, pre=pre)
     per_program = rec.lowering.decoder_layers_per_program  # a recipe that asks for parts gets them, even one
     parts = decoder_parts(ckpt.spec.text.num_layers, per_program) if per_program else None
-    backend.check_plans(plans, str(recipe_file), parts=parts)
+    tgt.check_plans(plans, str(recipe_file), parts=parts)
+    return ExportJob(target, tgt, recipe_file, rec, ckpt, tokenizer, shapes, pre, plans, parts, progress)
 
-    stage = progress.stage
-    if hasattr(backend, "emulator_twin"):  # nothing will run the emulator twin of a shared-weight program
-        backend.emulator_twin = verify
-    if hasattr(backend, "progress"):  # a backend that quantizes and lowers inside export (qnn) reports there
-        backend.progress = stage(f"lower/{target}")
 
-    def export_module(name: str, build, plan, hook, label: str):
-        """Load ``build()``'s weights (streamed from the shards), torch.export it, and free the module."""
-        # a backend may load in another float type (coreml: fp16, what it converts and quantizes from)
-        dtype = getattr(backend, "load_dtype", None) or FLOAT_DTYPES[plan.dtype]
-        return_freed_memory()  # what the last component (and any program written since) freed
-        module = load_component(build_on_meta(build), ckpt, dtype, on_module=hook)
-        stage("split")(f"torch.export {label}")
-        program = backend.export(name, module, shapes.prefill_chunk)
-        del module
-        gc.collect()  # modules sit in reference cycles: without this their weights outlive the lowering
-        return program
+def _export_module(job: ExportJob, name: str, build, plan, hook, label: str):
+    """Load ``build()``'s weights (streamed from the shards), torch.export it, and free the module."""
+    # a target may load in another float type (coreml: fp16, what it converts and quantizes from)
+    dtype = FLOAT_DTYPES[job.tgt.capabilities.load_dtype or plan.dtype]
+    return_freed_memory()  # what the last component (and any program written since) freed
+    module = load_component(build_on_meta(build), job.ckpt, dtype, on_module=hook)
+    job.say("split")(f"torch.export {label}")
+    program = job.tgt.export(name, module, job.shapes.prefill_chunk)
+    del module
+    gc.collect()  # modules sit in reference cycles: without this their weights outlive the lowering
+    return program
 
-    with atomic_output_dir(out, force=force, protected=inputs, on_note=progress.stage("bundle")) as tmp:
-        programs = {}
-        part_results = []
-        components = registry.for_spec(ckpt.spec, shapes)
-        # a decoder in parts goes first, part by part, so nothing else is held meanwhile; a backend
-        # that calibrates the decoder on the other components' outputs (qnn) writes those first
-        decoder_last = bool(parts) and getattr(backend, "decoder_parts_last", False)
-        if parts:
-            components.sort(key=lambda c: (c.name == "text_decoder") == decoder_last)
-        lowered = None
 
-        def lower_components() -> dict:
-            out = backend.lower(programs, model_metadata(ckpt, tokenizer, shapes), tmp, stage(f"lower/{target}"), plans)
-            programs.clear()
-            gc.collect()
-            return out
+def lower_components(job: ExportJob, tmp: Path) -> dict:
+    """Load, quantize, torch.export and lower every component into ``tmp``; the target's record of
+    what it wrote (``files``, ``methods``, target-specific ``manifest`` sections)."""
+    tgt, ckpt, shapes, parts = job.tgt, job.ckpt, job.shapes, job.parts
+    lower_say = job.say(f"lower/{job.target}")
+    programs = {}
+    part_results = []
+    components = registry.for_spec(ckpt.spec, shapes)
+    # a decoder in parts goes first, part by part, so nothing else is held meanwhile; a target
+    # that calibrates the decoder on the other components' outputs (qnn) writes those first
+    decoder_last = bool(parts) and tgt.capabilities.decoder_parts_last
+    if parts:
+        components.sort(key=lambda c: (c.name == "text_decoder") == decoder_last)
+    lowered = None
 
-        for comp in components:
-            plan = plans[comp.name]
-            s = plan.summary()
-            stage("quantize")(f"{comp.name}: {s['params']:,} params, {s['params_by_scheme']}, "
-                              f"{s['effective_bits_per_weight']} bits/weight")  # fmt: skip
-            hook = quantize_hook(plan, backend.torchao_config) if backend.quantizes_in_torch else None
-            if comp.name == "text_decoder" and parts:
-                if decoder_last:
-                    lowered = lower_components()
-                for i, (a, b) in enumerate(parts):
-                    program = export_module(comp.name, lambda a=a, b=b: TextDecoder(ckpt.spec, shapes.max_context, (a, b)),
-                                            plan, hook, f"text_decoder part {i + 1}/{len(parts)} (layers {a}..{b - 1})")  # fmt: skip
-                    part = backend.lower_part(comp.name, program, (a, b), tmp, stage(f"lower/{target}"), plan)
-                    part["output"] = "logits [1, V]" if b == ckpt.spec.text.num_layers else "hidden_states [1, T, D]"
-                    part_results.append(part)
-                    del program
-                    gc.collect()
-                continue
-            programs[comp.name] = export_module(comp.name, lambda c=comp: c.build(ckpt.spec, shapes), plan, hook, comp.name)
-        if lowered is None:
-            lowered = lower_components()
-        if part_results:
-            lowered["files"] += [f for p in part_results for f in p.pop("files", [p["file"]])]
-            shared = {}  # what a backend records once for the whole decoder (coreml: the rotary table)
-            for p in part_results:
-                shared.update(p.pop("component", {}))
-            lowered["methods"]["text_decoder"] = {"file": part_results[0]["file"], "programs": part_results, **shared}
-        shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
-        chat_template = find_chat_template(ckpt.root)
-        if chat_template is not None:  # serve and run render conversations with the checkpoint's own template
-            (tmp / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+    def lower_held() -> dict:
+        out = tgt.lower(programs, model_metadata(ckpt, job.tokenizer, shapes), tmp, lower_say, job.plans)
+        programs.clear()
+        gc.collect()
+        return out
 
-        stage("verify")("hashing the source checkpoint")
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "format": "autoglm-export bundle",
-            "target": target,
-            "runtime": backend.runtime_name,
-            "source": {"checkpoint": str(ckpt.root.resolve()), "sha256": ckpt.fingerprint(),
-                       "architecture": ckpt.spec.architecture, "config_form": ckpt.spec.config_form},
-            "recipe": {"file": str(recipe_file.resolve()), "sha256": sha256_file(recipe_file), "content": rec.to_json()},
-            "shapes": {"images": [list(b) for b in shapes.buckets], "max_context": shapes.max_context,
-                       "prefill_chunk": shapes.prefill_chunk, "audio_seconds": shapes.audio_seconds,
-                       "dynamic_dims": {"T": [1, shapes.prefill_chunk]}},
-            "model": ckpt.spec.to_json(),
-            "components": {
-                name: {"method": name, **lowered["methods"][name], **component_io(name, ckpt, shapes, pre),
-                       "quantization": plans[name].summary()}
-                for name in plans
-            },
-            "prompt": {"template": PROMPT_TEMPLATE, "special_ids": dict(sorted(tokenizer.special.items())),
-                       "eos_ids": list(ckpt.spec.tokens.eos_token_ids), "pad_id": ckpt.spec.tokens.pad_token_id,
-                       "bos_id": tokenizer.special["gmask"],
-                       **({"chat_template": TEMPLATE_FILE} if chat_template is not None else {})},
-            "preprocessing": pre.to_json(),
-            "audio_preprocessing": None if ckpt.spec.audio is None else AudioPreprocessing(
-                frames=shapes.audio_frames, mel_bins=ckpt.spec.audio.num_mel_bins).to_json(),
-            "positions": {"scheme": "mrope-3axis", "mrope_section": list(ckpt.spec.text.mrope_section),
-                          "rule": "text and audio: same position on t/h/w; image at cur: t=cur, h=cur+row, "
-                                  "w=cur+col, then cur += max(gh, gw); decode position = cache_index + rope_delta"},
-            "versions": library_versions(backend.versions()),
-            **lowered.get("manifest", {}),  # target-specific sections (e.g. qnn: SoC, SDK, emulator note)
-        }  # fmt: skip
-        files = lowered["files"] + ["tokenizer.json"] + ([TEMPLATE_FILE] if chat_template is not None else [])
-        manifest["files"] = file_entries(tmp, files)  # before verification: runtimes find data files through it
-        if not verify:
-            if hasattr(backend, "release"):
-                backend.release()
-            report = {"passed": None, "failed": [], "checks": [], "skipped": "export(verify=False): a measurement run; "
-                      "run `autoglm-export verify` on this bundle before using it"}  # fmt: skip
-        else:
-            runtime = backend.open_runtime(tmp, manifest)
-            try:
-                report = run_checks(runtime, ckpt, rec, backend, plans, pre, stage("verify"), bundle=tmp, manifest=manifest)
-            finally:
-                if hasattr(runtime, "close"):  # e.g. the emulator's process
-                    runtime.close()
-                if hasattr(backend, "release"):  # e.g. an emulator twin outside the bundle
-                    backend.release()
-            del runtime
-            report["verified_on"] = f"this host: {backend.runtime_name}"
-            write_json(tmp / REPORT, report)
-        manifest["verification"] = ({"passed": report["passed"], "failed": report["failed"], "report": REPORT} if verify
-                                    else {"skipped": report["skipped"]})  # fmt: skip
-        write_json(tmp / MANIFEST, manifest)
-        size = sum(e["bytes"] for e in manifest["files"].values())
-        stage("bundle")(f"{out}: {len(files) + 2} files, {size / 1e6:.2f} MB")
-    if verify:
-        print(format_report(report))
+    for comp in components:
+        plan = job.plans[comp.name]
+        s = plan.summary()
+        job.say("quantize")(f"{comp.name}: {s['params']:,} params, {s['params_by_scheme']}, "
+                            f"{s['effective_bits_per_weight']} bits/weight")  # fmt: skip
+        hook = quantize_hook(plan, tgt.torchao_config) if tgt.capabilities.quantizes_in_torch else None
+        if comp.name == "text_decoder" and parts:
+            if decoder_last:
+                lowered = lower_held()
+            for i, (a, b) in enumerate(parts):
+                program = _export_module(job, comp.name, lambda a=a, b=b: TextDecoder(ckpt.spec, shapes.max_context, (a, b)),
+                                         plan, hook, f"text_decoder part {i + 1}/{len(parts)} (layers {a}..{b - 1})")  # fmt: skip
+                part = tgt.lower_part(comp.name, program, (a, b), tmp, lower_say, plan)
+                part["output"] = "logits [1, V]" if b == ckpt.spec.text.num_layers else "hidden_states [1, T, D]"
+                part_results.append(part)
+                del program
+                gc.collect()
+            continue
+        programs[comp.name] = _export_module(job, comp.name, lambda c=comp: c.build(ckpt.spec, shapes), plan, hook, comp.name)
+    if lowered is None:
+        lowered = lower_held()
+    if part_results:
+        lowered["files"] += [f for p in part_results for f in p.pop("files", [p["file"]])]
+        shared = {}  # what a target records once for the whole decoder (coreml: the rotary table)
+        for p in part_results:
+            shared.update(p.pop("component", {}))
+        lowered["methods"]["text_decoder"] = {"file": part_results[0]["file"], "programs": part_results, **shared}
+    return lowered
+
+
+def copy_tokenizer_files(job: ExportJob, tmp: Path) -> list[str]:
+    """The tokenizer, and the checkpoint's chat template when it has one (serve and run render
+    conversations with it); the files written."""
+    shutil.copyfile(job.ckpt.tokenizer_path, tmp / "tokenizer.json")
+    chat_template = find_chat_template(job.ckpt.root)
+    if chat_template is None:
+        return ["tokenizer.json"]
+    (tmp / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+    return ["tokenizer.json", TEMPLATE_FILE]
+
+
+def build_manifest(job: ExportJob, lowered: dict, *, chat_template: bool) -> dict:
+    """The bundle's manifest (docs/bundle-format.md), without ``files`` and ``verification``."""
+    ckpt, shapes, tokenizer, rec = job.ckpt, job.shapes, job.tokenizer, job.recipe
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "format": "autoglm-export bundle",
+        "target": job.target,
+        "runtime": job.tgt.runtime_name,
+        "source": {"checkpoint": str(ckpt.root.resolve()), "sha256": ckpt.fingerprint(),
+                   "architecture": ckpt.spec.architecture, "config_form": ckpt.spec.config_form},
+        "recipe": {"file": str(job.recipe_file.resolve()), "sha256": sha256_file(job.recipe_file), "content": rec.to_json()},
+        "shapes": {"images": [list(b) for b in shapes.buckets], "max_context": shapes.max_context,
+                   "prefill_chunk": shapes.prefill_chunk, "audio_seconds": shapes.audio_seconds,
+                   "dynamic_dims": {"T": [1, shapes.prefill_chunk]}},
+        "model": ckpt.spec.to_json(),
+        "components": {
+            name: {"method": name, **lowered["methods"][name], **component_io(name, ckpt, shapes, job.pre),
+                   "quantization": job.plans[name].summary()}
+            for name in job.plans
+        },
+        "prompt": {"template": PROMPT_TEMPLATE, "special_ids": dict(sorted(tokenizer.special.items())),
+                   "eos_ids": list(ckpt.spec.tokens.eos_token_ids), "pad_id": ckpt.spec.tokens.pad_token_id,
+                   "bos_id": tokenizer.special["gmask"],
+                   **({"chat_template": TEMPLATE_FILE} if chat_template else {})},
+        "preprocessing": job.pre.to_json(),
+        "audio_preprocessing": None if ckpt.spec.audio is None else AudioPreprocessing(
+            frames=shapes.audio_frames, mel_bins=ckpt.spec.audio.num_mel_bins).to_json(),
+        "positions": {"scheme": "mrope-3axis", "mrope_section": list(ckpt.spec.text.mrope_section),
+                      "rule": "text and audio: same position on t/h/w; image at cur: t=cur, h=cur+row, "
+                              "w=cur+col, then cur += max(gh, gw); decode position = cache_index + rope_delta"},
+        "versions": library_versions(job.tgt.versions()),
+        **lowered.get("manifest", {}),  # target-specific sections (e.g. qnn: SoC, SDK, emulator note)
+    }  # fmt: skip
+
+
+def verify_in_place(job: ExportJob, tmp: Path, manifest: dict) -> dict:
+    """The parity stage on the bundle still in its temporary directory; writes ``report.json``."""
+    runtime = job.tgt.open_runtime(tmp, manifest)
+    try:
+        report = run_checks(runtime, job.ckpt, job.recipe, job.tgt, job.plans, job.pre, job.say("verify"),
+                            bundle=tmp, manifest=manifest)  # fmt: skip
+    finally:
+        runtime.close()  # e.g. the emulator's process
+        job.tgt.release()  # e.g. an emulator twin outside the bundle
+    del runtime
+    report["verified_on"] = f"this host: {job.tgt.runtime_name}"
+    write_json(tmp / REPORT, report)
     return report
+
+
+def skip_verification(job: ExportJob) -> dict:
+    job.tgt.release()
+    return {"passed": None, "failed": [], "checks": [], "skipped": "export(verify=False): a measurement run; "
+            "run `autoglm-export verify` on this bundle before using it"}  # fmt: skip

@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import RecipeError
-from .lower.export_caches import return_freed_memory
 from .recipe import INT4_GROUP_SIZES, Recipe, RuleTimeout
+from .targets.shared.export_caches import return_freed_memory
+from .targets.table import TARGETS
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # what a phone stores per weight: packed integers plus one 16-bit scale per group / channel
@@ -100,13 +101,6 @@ def _quantizable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding))
 
 
-# QnnQuantizer and ONNX Runtime's QNN helpers quantize 4-bit weights per output channel, whatever a
-# rule's group_size says
-PER_CHANNEL_INT4_TARGETS = ("qnn", "onnx-qnn")
-# ExecuTorch's XNNPACK delegate takes 4-bit weights only in groups that are multiples of 32 (one scale
-# per channel is a group of the whole width): a weight no such group divides falls back to 8 bits
-# per channel there
-NO_INT4_PER_CHANNEL = ("xnnpack",)
 
 
 def fitting_group(group: int, width: int) -> int | str:
@@ -118,6 +112,7 @@ def fitting_group(group: int, width: int) -> int | str:
 
 def plan_component(recipe: Recipe, component: str, module: nn.Module, recipe_file: str) -> ComponentPlan:
     """Decide a scheme for every parameter of ``module`` (built on meta) from the recipe rules."""
+    caps = TARGETS[recipe.target]
     float_votes: dict[str, str] = {}
     weights: dict[str, WeightPlan] = {}
     owners = dict(module.named_modules())
@@ -130,7 +125,7 @@ def plan_component(recipe: Recipe, component: str, module: nn.Module, recipe_fil
             raise RecipeError(recipe_file, [str(e)]) from None
         scheme = rule.scheme if rule else "fp32"
         group = rule.group_size if rule else None
-        if scheme == "int4" and recipe.target in PER_CHANNEL_INT4_TARGETS:
+        if scheme == "int4" and caps.per_channel_int4:
             group = "channel"  # what their quantizers do: planned bytes and bits follow the artifact, not the rule
         if scheme in ("int4", "int8") and not (_quantizable(owner) and name.endswith(".weight")):
             scheme, group = None, None  # biases, norms: keep the component's float precision
@@ -139,7 +134,7 @@ def plan_component(recipe: Recipe, component: str, module: nn.Module, recipe_fil
         rule_group = None
         if scheme == "int4" and group != "channel" and p.shape[-1] % group:
             rule_group, group = group, fitting_group(group, p.shape[-1])
-            if group == "channel" and recipe.target in NO_INT4_PER_CHANNEL:
+            if group == "channel" and caps.int4_groups_only:
                 scheme, group = "int8", None
         weights[name] = WeightPlan(full, scheme or "?", group, rule_idx, p.numel(), tuple(p.shape), rule_group)
     if len(float_votes) > 1:

@@ -21,8 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError, excerpt
+from .targets.table import TARGETS
 
-TARGETS = ("xnnpack", "qnn", "coreml", "onnx", "onnx-qnn")
 SCHEMES = ("int4", "int8", "fp16", "fp32")
 INT4_GROUP_SIZES = (16, 32, 64, 128, 256)
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -173,15 +173,6 @@ class QnnSpec(_Strict):
                           "emulator cannot load such contexts, so verification runs an unshared twin")
 
 
-PART_TARGETS = ("xnnpack", "onnx", "coreml", "qnn")  # targets that lower the decoder in parts (issue #7)
-EXTERNAL_WEIGHTS_ELSEWHERE = {
-    "qnn": "keeps weights inside its QNN context binaries",
-    "onnx": "always writes large weights as ONNX external data",
-    "onnx-qnn": "keeps weights inside its QNN context binaries",
-    "coreml": "keeps weights in each package's weight.bin",
-}
-
-
 class LoweringSpec(_Strict):
     decoder_layers_per_program: int | None = Field(
         None, ge=1,
@@ -200,39 +191,50 @@ class CalibrationSpec(_Strict):
     prompts: str | None = Field(None, description="text file, one prompt per line, relative to the recipe's directory")
 
 
-CALIBRATED_TARGETS = ("qnn", "onnx-qnn")  # activation ranges from data (16-bit activations on the HTP)
-
-
 def cross_field_problems(data: dict) -> list[str]:
     """Rules between sections, checked on the raw mapping too, so that they are reported together
     with any field errors (pydantic skips model validators once a field fails)."""
     target = data.get("target")
     if target not in TARGETS:
         return []
+    caps = TARGETS[target]
     rules = data.get("quantization") if isinstance(data.get("quantization"), list) else []
     lowering = data.get("lowering") if isinstance(data.get("lowering"), dict) else {}
     problems = []
-    if "qnn" in data and target != "qnn":
-        problems.append(f"the qnn section applies to target qnn only; remove it from this {target} recipe")
+    for section in sorted({s for c in TARGETS.values() for s in c.recipe_sections} - set(caps.recipe_sections)):
+        if section in data:
+            problems.append(f"the {section} section applies to target {_targets_with(lambda c: section in c.recipe_sections)} "
+                            f"only; remove it from this {target} recipe")  # fmt: skip
     channel = [i for i, r in enumerate(rules) if isinstance(r, dict) and r.get("group_size") == "channel"]
-    if channel and target != "coreml":
-        problems.append(f"group_size 'channel' (rule {channel[0]}) is for target coreml only (per-channel INT4 for the "
-                        "Neural Engine); use a block size such as 32")
-    if lowering.get("decoder_layers_per_program") is not None and target not in PART_TARGETS:
+    if channel and not caps.channel_int4_rules:
+        problems.append(f"group_size 'channel' (rule {channel[0]}) is for target {_targets_with(lambda c: c.channel_int4_rules)} "
+                        "only (per-channel INT4 for the Neural Engine); use a block size such as 32")  # fmt: skip
+    if lowering.get("decoder_layers_per_program") is not None and not caps.decoder_in_parts:
         problems.append(f"lowering.decoder_layers_per_program: {target} cannot lower the decoder in parts yet "
-                        f"(supported: {', '.join(PART_TARGETS)}); remove it")
-    if lowering.get("external_weights") and target != "xnnpack":
-        problems.append(f"lowering.external_weights: only xnnpack writes ExecuTorch .ptd data files ({target} "
-                        f"{EXTERNAL_WEIGHTS_ELSEWHERE.get(target, 'has no data files')}); remove it")
-    if data.get("calibration") is not None and target not in CALIBRATED_TARGETS:
-        problems.append(f"calibration applies to {', '.join(CALIBRATED_TARGETS)} only ({target} quantizes "
+                        f"(supported: {_targets_with(lambda c: c.decoder_in_parts)}); remove it")  # fmt: skip
+    if lowering.get("external_weights") and caps.data_files is not None:
+        problems.append(f"lowering.external_weights: only {_targets_with(lambda c: c.data_files is None)} writes "
+                        f"ExecuTorch .ptd data files ({target} {caps.data_files}); remove it")  # fmt: skip
+    if data.get("calibration") is not None and not caps.calibrated:
+        problems.append(f"calibration applies to {_targets_with(lambda c: c.calibrated)} only ({target} quantizes "
                         "activations dynamically); remove it")
     return problems
 
 
+def _targets_with(has) -> str:
+    return ", ".join(name for name, caps in TARGETS.items() if has(caps))
+
+
+def _known_target(name: str) -> str:
+    if name not in TARGETS:
+        *rest, last = map(repr, TARGETS)
+        raise ValueError(f"must be one of {', '.join(rest)} or {last}")
+    return name
+
+
 class Recipe(_Strict):
     name: str
-    target: Literal["xnnpack", "qnn", "coreml", "onnx", "onnx-qnn"]
+    target: str  # a row of targets.table.TARGETS
     description: str = ""
     shapes: ShapesSpec = ShapesSpec()
     quantization: list[QuantRuleSpec] = Field(default_factory=list)
@@ -240,6 +242,8 @@ class Recipe(_Strict):
     qnn: QnnSpec = QnnSpec()
     lowering: LoweringSpec = LoweringSpec()
     calibration: CalibrationSpec | None = None
+
+    _target_known = field_validator("target")(_known_target)
 
     @model_validator(mode="after")
     def _target_sections(self):
@@ -261,7 +265,8 @@ class Recipe(_Strict):
 
     def to_json(self) -> dict:
         # sections of other targets stay out, so the manifest's copy validates again in `verify`
-        return self.model_dump(mode="json", exclude=set() if self.target == "qnn" else {"qnn"})
+        others = {s for c in TARGETS.values() for s in c.recipe_sections} - set(TARGETS[self.target].recipe_sections)
+        return self.model_dump(mode="json", exclude=others)
 
 
 PROBLEM_SEPARATOR = "\n"

@@ -5,39 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from types import SimpleNamespace
-
 from .bundle import load_bundle
-from .errors import BundleError, ExportError, excerpt
+from .errors import ExportError
 from .host.audio import AudioPreprocessing, load_audio
-from .host.image import ImagePreprocessing, load_image
-from .host.tokenizer import ChatTokenizer
-from .models.glm4v.spec import TokenSpec
-
-
-def open_bundle(bundle: Path, manifest: dict | None = None, trust_stamp: bool = False):
-    from .lower import get_backend, open_bundle_runtime
-
-    if manifest is None:  # refuses a bundle whose files do not match their hashes
-        manifest = load_bundle(bundle, trust_stamp=trust_stamp)
-    backend = get_backend(manifest["target"])
-    p = manifest["prompt"]
-    tokens = TokenSpec(
-        image_token_id=p["special_ids"]["image"],
-        image_start_token_id=p["special_ids"]["begin_of_image"],
-        image_end_token_id=p["special_ids"]["end_of_image"],
-        video_token_id=p["special_ids"].get("video", -1),
-        pad_token_id=p.get("pad_id"),
-        eos_token_ids=tuple(p["eos_ids"]),
-    )
-    sp = p["special_ids"]
-    audio = None
-    if manifest.get("audio_preprocessing"):
-        audio = SimpleNamespace(audio_token_id=sp["audio"], audio_start_token_id=sp["begin_of_audio"],
-                                audio_end_token_id=sp["end_of_audio"])  # fmt: skip
-    tokenizer = ChatTokenizer(Path(bundle) / "tokenizer.json", tokens, audio)
-    pre = ImagePreprocessing.from_json(manifest["preprocessing"])
-    return manifest, open_bundle_runtime(backend, Path(bundle), manifest), tokenizer, pre
+from .host.image import load_image
+from .opened_bundle import check_verified
 
 
 def parse_order(order: str) -> tuple[str, ...]:
@@ -46,18 +18,6 @@ def parse_order(order: str) -> tuple[str, ...]:
         raise ExportError("invalid part order", field="--order", expected="image, audio and text once each, e.g. audio,text,image",
                           got=repr(order), fix="list the three parts separated by commas")  # fmt: skip
     return parts
-
-
-def check_verified(bundle: Path, manifest: dict, allow_failed: bool, warn: Callable[[str], object]) -> None:
-    """A bundle whose parity gates failed at export is refused unless the user says otherwise."""
-    verification = manifest.get("verification") if isinstance(manifest.get("verification"), dict) else {}
-    if verification.get("passed") is False:
-        failed = ", ".join(str(f) for f in verification.get("failed") or [])
-        if not allow_failed:
-            raise BundleError("this bundle failed its parity gates at export", file=bundle / "manifest.json",
-                              field="verification.passed", got=excerpt(f"false ({failed})"),
-                              fix="re-export with another recipe, or pass --allow-failed to run it anyway")  # fmt: skip
-        warn(f"warning: running a bundle that failed its parity gates ({excerpt(failed)})")
 
 
 def read_prompt(prompt: str | None, prompt_file: str | Path | None, stdin=None) -> str:
@@ -96,7 +56,8 @@ def run_bundle(bundle: str | Path, *, prompt: str, image: str | Path | None, max
                allow_failed: bool = False, warn: Callable[[str], object] = lambda s: None,
                system: str | None = None) -> list[int]:  # fmt: skip
     """One user turn (and an optional system prompt) through the conversation runtime ``serve`` uses."""
-    from .host.conversation import ChatEngine, Message, Part
+    from .chat_engine import ChatEngine
+    from .host.messages import Message, Part
 
     bundle = Path(bundle)
     parts = parse_order(order)

@@ -23,7 +23,7 @@ from .models.glm4v.spec import parse_config
 from .safetensors_io import write_safetensors
 
 REAL_SPECIAL_BASE = 151329
-# offsets from 151329, as in the released GLM-4.1V tokenizer (DESIGN.md §1)
+# offsets from 151329, as in the released GLM-4.1V tokenizer
 SPECIAL_TOKENS = [
     "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
     "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
@@ -56,7 +56,7 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset(),
-    # real widths (DESIGN.md §1); depth chosen with --layers / --vision-depth
+    # real widths (GLM-4.1V-9B's config.json); depth chosen with --layers / --vision-depth
     "9b-shape": Preset(
         hidden=4096, layers=40, heads=32, kv_heads=2, intermediate=13696, vocab=151552, mrope_section=(8, 12, 12),
         vision_depth=24, vision_hidden=1536, vision_heads=12, vision_intermediate=13696, image_size=336,

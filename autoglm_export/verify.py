@@ -20,32 +20,34 @@ import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .components import Shapes, registry
-from .errors import BundleError, ExportError, RecipeError
+from .errors import BundleError, ExportError
 from .host.generate import EagerRuntime, Trace, call_component, generate
 from .host.golden import GOLDEN_PROMPT, golden_image
 from .host.image import ImagePreprocessing, preprocess_image
 from .host.prompt import AUDIO, IMAGE, build_chat_prompt
 from .load import build_on_meta, load_component, load_shared
-from .lower.export_caches import return_freed_memory
-from .lower.memory_fit import resident_bytes
 from .metrics import compare, passes
 from .models.glm4v.layout import VISION_METHOD, is_vision_method
-from .models.glm4v.modules import TextDecoder
+from .models.glm4v.text import TextDecoder
+from .planning import plan_quantization
 from .progress import silent
-from .quantize import FLOAT_DTYPES, ComponentPlan, dequantize_per_call, plan_component, quantize_hook
+from .quantize import FLOAT_DTYPES, ComponentPlan, dequantize_per_call, quantize_hook
 from .recipe import Recipe
+from .targets.contract import Target
+from .targets.shared.export_caches import return_freed_memory
+from .targets.shared.memory_fit import resident_bytes
 
 DECODE_STEPS = 8
 FP32_GREEDY_OVERHEAD = 1.25
 
 
 def memory_budget_bytes() -> int:
-    from .lower.memory_fit import physical_memory_bytes
+    from .targets.shared.memory_fit import physical_memory_bytes
 
     return int(physical_memory_bytes() * 0.5)
 
 
-def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentPlan | None, backend,
+def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentPlan | None, tgt: Target,
                    bundle: Path | None = None, manifest: dict | None = None) -> torch.nn.Module:  # fmt: skip
     """One component in PyTorch: quantized exactly as exported (``plan``) or fp32 (``None``).
 
@@ -55,38 +57,20 @@ def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentP
     meta = build_on_meta(lambda: comp.build(ckpt.spec, shapes))
     if plan is None:
         return load_component(meta, ckpt, torch.float32)
-    if hasattr(backend, "reference_component"):  # targets whose reference is not a PyTorch module
+    if tgt.capabilities.own_reference:  # targets whose reference is not a PyTorch module
         def load(layers=None):  # layers: one part of the decoder (targets that rebuild a decoder in parts)
             part = meta if layers is None else build_on_meta(lambda: TextDecoder(ckpt.spec, shapes.max_context, layers))
             return load_component(part, ckpt, torch.float32)
 
-        ref = backend.reference_component(name, plan, bundle, manifest, load=load)
+        ref = tgt.reference_component(name, plan, bundle, manifest, load=load)
         if ref is not None:
             return ref
-    if backend.quantizes_in_torch:
-        return dequantize_per_call(load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype], on_module=quantize_hook(plan, backend.torchao_config)))
+    if tgt.capabilities.quantizes_in_torch:
+        return dequantize_per_call(load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype], on_module=quantize_hook(plan, tgt.torchao_config)))
     module = load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype])
     if plan.quantized:
-        backend.apply_bundle_weights(name, module, bundle, manifest)
+        tgt.apply_bundle_weights(name, module, bundle, manifest)
     return module
-
-
-def make_plans(recipe: Recipe, ckpt: Checkpoint, shapes: Shapes, recipe_file: str) -> dict[str, ComponentPlan]:
-    return plans_for_spec(recipe, ckpt.spec, shapes, recipe_file)
-
-
-def plans_for_spec(recipe: Recipe, spec, shapes: Shapes, recipe_file: str) -> dict[str, ComponentPlan]:
-    """Every component's plan from a model spec alone (modules built on meta: no weights needed)."""
-    plans, problems = {}, []
-    for comp in registry.for_spec(spec, shapes):
-        meta = build_on_meta(lambda c=comp: c.build(spec, shapes))
-        try:
-            plans[comp.name] = plan_component(recipe, comp.rule_name, meta, recipe_file)
-        except RecipeError as e:  # every component's problems in one error
-            problems += e.problems
-    if problems:
-        raise RecipeError(recipe_file, problems)
-    return plans
 
 
 class _Report:
@@ -190,7 +174,7 @@ class GoldenCase:
         return embeds
 
 
-def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans: dict[str, ComponentPlan],
+def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: Target, plans: dict[str, ComponentPlan],
                pre: ImagePreprocessing, progress=silent, *, bundle: Path, manifest: dict) -> dict:  # fmt: skip
     shapes = Shapes.from_recipe(recipe)
     par = recipe.parity
@@ -199,23 +183,21 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
     report = _Report()
 
     # 0. the runtime's own contract (metadata methods), for targets that have one
-    if hasattr(backend, "contract_checks"):
-        report.checks += backend.contract_checks(bundle_runtime, manifest)
-    if hasattr(backend, "checkpoint_checks"):  # bundle weights vs an independent computation from the checkpoint
-        progress("checking the bundle's quantized weights against the checkpoint")
-        report.checks += backend.checkpoint_checks(ckpt, shapes, plans, bundle=bundle, manifest=manifest)
+    report.checks += tgt.contract_checks(bundle_runtime, manifest)
+    checked = tgt.checkpoint_checks(ckpt, shapes, plans, bundle=bundle, manifest=manifest, progress=progress)
+    report.checks += checked  # bundle weights vs an independent computation from the checkpoint
 
     # 1. quantized references (as exported) vs the bundle
     progress("loading the PyTorch reference with the exported (quantized) weights")
     q = {}
     for name in plans:
-        share = is_vision_method(name) and name != VISION_METHOD and not hasattr(backend, "reference_component") and (
-            backend.quantizes_in_torch or not plans[name].quantized)  # fmt: skip
+        share = is_vision_method(name) and name != VISION_METHOD and not tgt.capabilities.own_reference and (
+            tgt.capabilities.quantizes_in_torch or not plans[name].quantized)  # fmt: skip
         if share:  # weights from the checkpoint and the (same) plan alone: the buckets' are the same tensors
             q[name] = load_shared(build_on_meta(lambda n=name: registry.get(n).build(ckpt.spec, shapes)), q[VISION_METHOD],
                                   ckpt, FLOAT_DTYPES[plans[name].dtype])  # fmt: skip
         else:
-            q[name] = load_reference(ckpt, name, shapes, plans[name], backend, bundle, manifest)
+            q[name] = load_reference(ckpt, name, shapes, plans[name], tgt, bundle, manifest)
     qrt = EagerRuntime(q, shapes.max_context, shapes.prefill_chunk)
     outs: dict[str, dict[str, np.ndarray]] = {}
     with torch.no_grad():
@@ -275,7 +257,7 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
                 if is_vision_method(name) and VISION_METHOD in f:  # kept for the greedy run: share its weights
                     mod = load_shared(build_on_meta(lambda n=name: registry.get(n).build(ckpt.spec, shapes)), f[VISION_METHOD], ckpt)
                 else:
-                    mod = load_reference(ckpt, name, shapes, None, backend)
+                    mod = load_reference(ckpt, name, shapes, None, tgt)
                 if name == "text_decoder":
                     ref = _decoder_calls(EagerRuntime({"text_decoder": mod}, shapes.max_context, shapes.prefill_chunk),
                                          embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)  # fmt: skip
@@ -301,32 +283,35 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans:
                           "bundle_tokens": got_trace.tokens})  # fmt: skip
 
 
-def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, backend, plans: dict[str, ComponentPlan],
+def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: Target, plans: dict[str, ComponentPlan],
                         pre: ImagePreprocessing, progress=silent, *, bundle: Path, manifest: dict) -> dict:  # fmt: skip
     """The independent-runtime gate: the PyTorch reference of each component (the same weights, and
     for torchao-quantized targets the same dynamic activation quantization) exported to ONNX and run
     in ONNX Runtime, compared with the bundle and with PyTorch on the same inputs."""
     import tempfile
 
-    from .lower.onnxrt import BACKEND as ONNX, OnnxRuntime
+    from .targets import get_target
+    from .targets.onnx.target import OnnxRuntime
 
-    if hasattr(backend, "against_onnxruntime"):  # targets whose reference ONNX Runtime cannot take as is
-        return backend.against_onnxruntime(bundle_runtime=bundle_runtime, ckpt=ckpt, recipe=recipe, plans=plans, pre=pre,
-                                           progress=progress, bundle=bundle, manifest=manifest)  # fmt: skip
+    own = tgt.against_onnxruntime(bundle_runtime=bundle_runtime, ckpt=ckpt, recipe=recipe, plans=plans, pre=pre,
+                                      progress=progress, bundle=bundle, manifest=manifest)  # fmt: skip
+    if own is not None:  # targets whose reference ONNX Runtime cannot take as is
+        return own
+    onnx_target = get_target("onnx")
     shapes = Shapes.from_recipe(recipe)
     par = recipe.parity
     report = _Report()
     progress("exporting the same components, same weights, to ONNX for ONNX Runtime")
-    refs = {n: load_reference(ckpt, n, shapes, plans[n], backend, bundle, manifest) for n in plans}
+    refs = {n: load_reference(ckpt, n, shapes, plans[n], tgt, bundle, manifest) for n in plans}
     with tempfile.TemporaryDirectory(prefix="autoglm-ort-") as tmp:
         files = {}
         for name in refs:
             # the reference module as it is: torchao-quantized modules export with their
             # activation quantization spelled out in plain ONNX ops, so ORT runs the same math
-            module = load_reference(ckpt, name, shapes, plans[name], backend, bundle, manifest)
-            prog = ONNX.export(name, module, shapes.prefill_chunk)
+            module = load_reference(ckpt, name, shapes, plans[name], tgt, bundle, manifest)
+            prog = onnx_target.export(name, module, shapes.prefill_chunk)
             as_is = ComponentPlan(name, "fp32", {})  # no further quantization
-            ONNX.lower({name: prog}, {}, Path(tmp), silent, {name: as_is})
+            onnx_target.lower({name: prog}, {}, Path(tmp), silent, {name: as_is})
             files[name] = Path(tmp) / f"{name}.onnx"
             del module, prog
         t = ckpt.spec.text
@@ -407,7 +392,7 @@ def format_report(report: dict) -> str:
 def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, against: str | None = None,
                   progress=silent) -> dict:  # fmt: skip
     from .bundle import load_bundle
-    from .lower import get_backend, open_bundle_runtime
+    from .targets import get_target, open_bundle_runtime
     from .recipe import parse_recipe
 
     if against not in (None, "onnxruntime"):
@@ -415,9 +400,9 @@ def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, a
                           fix="use --against onnxruntime or omit the option")  # fmt: skip
     bundle = Path(bundle)
     manifest = load_bundle(bundle)
-    backend = get_backend(manifest["target"])
-    if against and hasattr(backend, "refuse_against"):  # fail before minutes of checks, not after
-        backend.refuse_against(against, bundle)
+    tgt = get_target(manifest["target"])
+    if against:  # fail before minutes of checks, not after
+        tgt.refuse_against(against, bundle)
     recipe = parse_recipe(manifest["recipe"]["content"], bundle / "manifest.json")
     ckpt_path = Path(checkpoint) if checkpoint else Path(manifest["source"]["checkpoint"])
     if not ckpt_path.is_dir():
@@ -429,27 +414,26 @@ def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, a
         raise BundleError("checkpoint differs from the one this bundle was exported from", file=ckpt_path,
                           field="source.sha256", fix="pass --checkpoint with the original checkpoint")  # fmt: skip
     shapes = Shapes.from_recipe(recipe)
-    plans = make_plans(recipe, ckpt, shapes, str(bundle / "manifest.json"))
+    plans = plan_quantization(recipe, ckpt, shapes, str(bundle / "manifest.json"))
     pre = ImagePreprocessing.from_json(manifest["preprocessing"])
-    if hasattr(backend, "configure"):  # calibration files resolve against the recipe's own directory
-        backend.configure(recipe, str(bundle / "manifest.json"), tokenizer=ckpt.chat_tokenizer(), pre=pre,
-                          base=Path(manifest["recipe"]["file"]).parent)
-        recorded = (manifest.get("calibration") or {}).get("files", {})
-        if recorded:
-            from .calibration import check_unchanged
+    # calibration files resolve against the recipe's own directory
+    tgt.configure(recipe, str(bundle / "manifest.json"), tokenizer=ckpt.chat_tokenizer(), pre=pre,
+                      base=Path(manifest["recipe"]["file"]).parent)
+    recorded = (manifest.get("calibration") or {}).get("files", {})
+    if recorded:
+        from .calibration import check_unchanged
 
-            check_unchanged(recorded, backend.calibration_set, bundle / "manifest.json")
-    backend.check_plans(plans, str(bundle / "manifest.json"))
-    runtime = open_bundle_runtime(backend, bundle, manifest)
+        check_unchanged(recorded, tgt.calibration_set, bundle / "manifest.json")
+    tgt.check_plans(plans, str(bundle / "manifest.json"))
+    runtime = open_bundle_runtime(tgt, bundle, manifest)
     try:
-        report = run_checks(runtime, ckpt, recipe, backend, plans, pre, progress, bundle=bundle, manifest=manifest)
+        report = run_checks(runtime, ckpt, recipe, tgt, plans, pre, progress, bundle=bundle, manifest=manifest)
         if against == "onnxruntime":
-            extra = against_onnxruntime(runtime, ckpt, recipe, backend, plans, pre, progress, bundle=bundle, manifest=manifest)
+            extra = against_onnxruntime(runtime, ckpt, recipe, tgt, plans, pre, progress, bundle=bundle, manifest=manifest)
             report["checks"] += extra["checks"]
             report["failed"] += extra["failed"]
             report["passed"] = report["passed"] and extra["passed"]
     finally:
-        if hasattr(runtime, "close"):
-            runtime.close()
+        runtime.close()
     print(format_report(report))
     return report

@@ -66,10 +66,11 @@ def main() -> None:
     from autoglm_export.host.golden import GOLDEN_PROMPT, golden_image
     from autoglm_export.host.image import preprocess_image
     from autoglm_export.host.prompt import build_chat_prompt
-    from autoglm_export.lower import get_backend
+    from autoglm_export.targets import get_target
     from autoglm_export.recipe import load_recipe
-    from autoglm_export.runner import open_bundle
-    from autoglm_export.verify import load_reference, make_plans
+    from autoglm_export.opened_bundle import open_bundle
+    from autoglm_export.planning import plan_quantization
+    from autoglm_export.verify import load_reference
 
     torch.set_num_threads(1)  # eager and ExecuTorch both single-threaded: a like-for-like comparison
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,13 +93,13 @@ def main() -> None:
         recipe = load_recipe(a.recipe)
         shapes = Shapes.from_recipe(recipe)
         ckpt = open_checkpoint(ckpt_dir)
-        plans = make_plans(recipe, ckpt, shapes, str(a.recipe))
-        backend = get_backend("xnnpack")
+        plans = plan_quantization(recipe, ckpt, shapes, str(a.recipe))
+        tgt = get_target("xnnpack")
         prompt = build_chat_prompt(tok, GOLDEN_PROMPT, pre.num_tokens)
         pixels = preprocess_image(golden_image(), pre, pre.sizes[0])
         n = min(a.decode_tokens, shapes.max_context - len(prompt))
-        q = EagerRuntime({k: load_reference(ckpt, k, shapes, plans[k], backend) for k in plans}, shapes.max_context, shapes.prefill_chunk)
-        f = EagerRuntime({k: load_reference(ckpt, k, shapes, None, backend) for k in plans}, shapes.max_context, shapes.prefill_chunk)
+        q = EagerRuntime({k: load_reference(ckpt, k, shapes, plans[k], tgt) for k in plans}, shapes.max_context, shapes.prefill_chunk)
+        f = EagerRuntime({k: load_reference(ckpt, k, shapes, None, tgt) for k in plans}, shapes.max_context, shapes.prefill_chunk)
         result["decode_tokens"] = n
         result["decode_tok_s"] = {
             "executorch_pte": decode_speed(bundle_rt, prompt, pixels, pre.merged_grid, n),

@@ -64,7 +64,7 @@ def main() -> None:
                         "--layers", str(FULL_LAYERS), "--vision-depth", str(FULL_VISION_DEPTH), "--force"], check=True)  # fmt: skip
         result["checkpoint_s"] = round(time.monotonic() - t0, 1)
     from autoglm_export.checkpoint import open_checkpoint
-    from autoglm_export.lower.memory_fit import physical_memory_bytes
+    from autoglm_export.targets.shared.memory_fit import physical_memory_bytes
 
     params = sum(t.numel for t in open_checkpoint(ckpt).tensors.values())  # from the shard headers
     result.update(machine=f"{platform.machine()}, {platform.system()}, {_cores()} cores",

@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from autoglm_export.models.glm4v.modules import VisionEncoder  # noqa: E402
+from autoglm_export.models.glm4v.vision import VisionEncoder  # noqa: E402
 from autoglm_export.models.glm4v.spec import parse_config  # noqa: E402
 from autoglm_export.recipe import DEFAULT_IMAGES  # noqa: E402
 

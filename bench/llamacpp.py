@@ -140,7 +140,7 @@ t0 = time.perf_counter()
 import torch
 from pathlib import Path
 from autoglm_export.bundle import load_bundle
-from autoglm_export.runner import open_bundle
+from autoglm_export.opened_bundle import open_bundle
 imports = time.perf_counter() - t0
 torch.set_num_threads(int(sys.argv[2]))
 t0 = time.perf_counter()

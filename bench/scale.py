@@ -36,7 +36,7 @@ GGUF_Q4_K_M_BYTES = {"text": 5.74e9, "vision": 1.66e9}  # published AutoGLM-Phon
 IMPLEMENTED = ("xnnpack", "onnx", "onnx-qnn", "qnn", "coreml")
 
 _EXPORT = (
-    "import sys; from autoglm_export.pipeline import export; from autoglm_export.cli import quiet_third_party_logs\n"
+    "import sys; from autoglm_export.pipeline import export; from autoglm_export.progress import quiet_third_party_logs\n"
     "from autoglm_export.progress import Progress\n"
     "quiet_third_party_logs()\n"
     "export(checkpoint=sys.argv[1], target=sys.argv[2], out=sys.argv[3], recipe=sys.argv[4] or None, force=True, "
@@ -106,7 +106,7 @@ def vision_block_bytes(label: str) -> float:
     from autoglm_export.models.glm4v.spec import parse_config
     from autoglm_export.recipe import default_recipe_path, load_recipe
     from autoglm_export.tiny import PRESETS, make_config
-    from autoglm_export.verify import plans_for_spec
+    from autoglm_export.planning import plan_quantization_for_spec
 
     target, _, stem = label.partition(" (")
     if stem:  # a shipped recipe, or one kept for the bench (bench/recipes)
@@ -119,7 +119,7 @@ def vision_block_bytes(label: str) -> float:
     def vision_bytes(depth: int) -> float:
         preset = dataclasses.replace(PRESETS["9b-shape"], layers=1, vision_depth=depth)
         spec = parse_config(make_config(preset), Path("config.json"), {"eos_token_id": [151329], "pad_token_id": 151329})
-        return plans_for_spec(rec, spec, Shapes.from_recipe(rec), str(path))["vision_encoder"].weight_bytes
+        return plan_quantization_for_spec(rec, spec, Shapes.from_recipe(rec), str(path))["vision_encoder"].weight_bytes
 
     return vision_bytes(2) - vision_bytes(1)
 

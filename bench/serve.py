@@ -82,7 +82,8 @@ def main() -> None:
 
     from openai import OpenAI
 
-    from autoglm_export.host.conversation import ChatEngine, Message
+    from autoglm_export.chat_engine import ChatEngine
+    from autoglm_export.host.messages import Message
 
     engine = ChatEngine(args.bundle, allow_failed=args.allow_failed)
     proc, base = start_server(args.bundle, args.allow_failed)

@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from autoglm_export.checkpoint import open_checkpoint
-from autoglm_export.host.golden import golden_bundle, golden_vectors, write_golden
+from autoglm_export.golden_bundle import golden_bundle
+from autoglm_export.host.golden import golden_vectors, write_golden
 from autoglm_export.host.image import ImagePreprocessing
 from autoglm_export.models.glm4v.spec import load_json
 

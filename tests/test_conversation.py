@@ -13,7 +13,8 @@ import torch
 
 from autoglm_export.checkpoint import open_checkpoint
 from autoglm_export.host.chat_template import ChatTemplate, find_chat_template
-from autoglm_export.host.conversation import Detokenizer, Message, Part, render
+from autoglm_export.host.conversation import Detokenizer, render
+from autoglm_export.host.messages import Message, Part
 from autoglm_export.host.sampling import Sampler, SamplingParams
 
 

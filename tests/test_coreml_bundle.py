@@ -55,7 +55,7 @@ def test_gates_packages_and_manifest(coreml_bundle):
     assert list(vis["package"]["functions"]) == ["main"]
     # the rotary table the host (and the iOS app) computes cos/sin from: fp32 frequencies, although the
     # package's weights were converted from an fp16 module
-    from autoglm_export.models.glm4v.modules import inv_frequencies
+    from autoglm_export.models.glm4v.blocks import inv_frequencies
 
     t = m["model"]["text"]
     head_dim = t["hidden_size"] // t["num_heads"]
@@ -86,10 +86,10 @@ def test_tampered_weights_fail_the_bit_exact_check(coreml_bundle, audio_ckpt, tm
     """Flip one INT4 code in weight.bin: the independent quantizer comparison must catch it."""
     from autoglm_export.checkpoint import open_checkpoint
     from autoglm_export.components import Shapes
-    from autoglm_export.lower.coreml_checks import weight_checks
-    from autoglm_export.lower.coreml_mil import MilProgram, WeightFile
+    from autoglm_export.targets.coreml.checks import weight_checks
+    from autoglm_export.targets.coreml.mil import MilProgram, WeightFile
     from autoglm_export.recipe import load_recipe
-    from autoglm_export.verify import make_plans
+    from autoglm_export.planning import plan_quantization
 
     bundle = tmp_path / "b"
     shutil.copytree(coreml_bundle, bundle)
@@ -97,7 +97,7 @@ def test_tampered_weights_fail_the_bit_exact_check(coreml_bundle, audio_ckpt, tm
     rec = load_recipe(TINY_RECIPE)
     ckpt = open_checkpoint(audio_ckpt)
     shapes = Shapes.from_recipe(rec)
-    plans = make_plans(rec, ckpt, shapes, str(TINY_RECIPE))
+    plans = plan_quantization(rec, ckpt, shapes, str(TINY_RECIPE))
     assert all(c["passed"] for c in weight_checks(ckpt, shapes, plans, bundle, manifest))
 
     spec = MilProgram(bundle / "text_decoder.mlpackage").spec.mlProgram.functions["decode"]
@@ -119,8 +119,8 @@ def test_tampered_weights_fail_the_bit_exact_check(coreml_bundle, audio_ckpt, tm
 
 
 def test_structure_check_catches_a_manifest_mismatch(coreml_bundle):
-    from autoglm_export.lower.coreml_checks import structure_checks
-    from autoglm_export.lower.coreml_mil import MilProgram
+    from autoglm_export.targets.coreml.checks import structure_checks
+    from autoglm_export.targets.coreml.mil import MilProgram
 
     manifest = json.loads((coreml_bundle / "manifest.json").read_text())
     programs = {n: MilProgram(coreml_bundle / c["file"]) for n, c in manifest["components"].items()}
@@ -131,13 +131,16 @@ def test_structure_check_catches_a_manifest_mismatch(coreml_bundle):
 
 
 def test_nan_mask_constant_is_caught_and_interpreter_matches_torch(tmp_path):
-    """DESIGN.md §4's trap: a triu(full(-inf)) causal mask becomes a NaN constant on this path.
+    """The known trap: a triu(full(-inf)) causal mask becomes a NaN constant on this path.
     The finite-constant check fails on it; the interpreter reproduces torch on the finite form."""
     import torch
 
-    from autoglm_export.lower.coreml import _convert, _import_ct
-    from autoglm_export.lower.coreml_checks import structure_checks
-    from autoglm_export.lower.coreml_mil import MilInterpreter, MilProgram
+    from autoglm_export.targets.coreml.target import _convert
+
+
+    from autoglm_export.targets.coreml.toolchain import import_coremltools as _import_ct
+    from autoglm_export.targets.coreml.checks import structure_checks
+    from autoglm_export.targets.coreml.mil import MilInterpreter, MilProgram
 
     ct = _import_ct()
 
@@ -176,9 +179,11 @@ def test_independent_quantizer_matches_coremltools_per_block(tmp_path):
     import torch
     from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
 
-    from autoglm_export.lower import coreml_quant
-    from autoglm_export.lower.coreml import _convert, _import_ct
-    from autoglm_export.lower.coreml_mil import MilProgram
+    from autoglm_export.targets.coreml import quant as coreml_quant
+    from autoglm_export.targets.coreml.target import _convert
+
+    from autoglm_export.targets.coreml.toolchain import import_coremltools as _import_ct
+    from autoglm_export.targets.coreml.mil import MilProgram
 
     ct = _import_ct()
     lin = torch.nn.Linear(64, 48, bias=False)
@@ -215,9 +220,11 @@ def test_refuses_a_component_that_cannot_be_converted_in_memory():
     """The 9B decoder (4.7 B parameters) is converted whole: refused up front on a small machine,
     before any tensor is read, instead of running out of memory minutes later."""
     from autoglm_export.errors import BackendUnavailable
-    from autoglm_export.lower.coreml import BACKEND
+    from autoglm_export.targets import get_target
     from autoglm_export.quantize import ComponentPlan, WeightPlan
     from autoglm_export.verify import memory_budget_bytes
+
+    BACKEND = get_target("coreml")
 
     params = int(memory_budget_bytes() / 2)  # a quarter of the RAM in parameters, 8 bytes each needed
     plan = ComponentPlan("text_decoder", "fp16", {"w": WeightPlan("text_decoder.w", "fp16", None, 0, params, (params,))})
@@ -238,17 +245,19 @@ def test_the_real_9b_converts_in_24_gib_only_with_the_decoder_in_parts(monkeypat
 
     from autoglm_export.components import Shapes
     from autoglm_export.errors import BackendUnavailable
-    from autoglm_export.lower import memory_fit
-    from autoglm_export.lower.coreml import BACKEND
+    from autoglm_export.targets.shared import memory_fit
+    from autoglm_export.targets import get_target
     from autoglm_export.models.glm4v.spec import parse_config
     from autoglm_export.pipeline import decoder_parts
     from autoglm_export.recipe import load_recipe
-    from autoglm_export.verify import plans_for_spec
+    from autoglm_export.planning import plan_quantization_for_spec
+
+    BACKEND = get_target("coreml")
 
     data = REPO / "tests" / "data" / "glm41v_9b_config.json"
     spec = parse_config(json.loads(data.read_text()), data)
     rec = load_recipe(REPO / "recipes" / "coreml.yaml")
-    plans = plans_for_spec(rec, spec, Shapes.from_recipe(rec), "coreml.yaml")
+    plans = plan_quantization_for_spec(rec, spec, Shapes.from_recipe(rec), "coreml.yaml")
     monkeypatch.setattr(memory_fit, "physical_memory_bytes", lambda: 24 * 2**30)
     try:
         BACKEND.check_plans(plans, "coreml.yaml", parts=decoder_parts(40, None))
@@ -265,7 +274,7 @@ def test_golden_vectors_from_a_coreml_bundle(coreml_bundle, tmp_path):
     """scripts/make_golden.py on a coreml bundle (what the iOS workflow feeds the Swift tests):
     package calls are recorded, and each decoder call's cos/sin/mask follow from the golden
     positions exactly as StatefulDecoderInputs.swift recomputes them."""
-    from autoglm_export.host.golden import golden_bundle
+    from autoglm_export.golden_bundle import golden_bundle
     from autoglm_export.host.static_decoder import additive_mask, rotary_cos_sin
 
     path = golden_bundle(coreml_bundle, tmp_path / "golden")
@@ -295,7 +304,7 @@ def test_decoder_in_parts_matches_the_whole_decoder(coreml_bundle, audio_ckpt, t
 
     import torch
 
-    from autoglm_export.lower.coreml import MilRuntime
+    from autoglm_export.targets.coreml.runtime import MilRuntime
     from autoglm_export.pipeline import export
 
     recipe = tmp_path / "coreml-parts.yaml"
@@ -352,9 +361,12 @@ def test_multifunction_merge_equals_coremltools_save_multifunction(tmp_path):
     import torch
     from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
 
-    from autoglm_export.lower.coreml import _convert, _import_ct
-    from autoglm_export.lower.coreml_mil import MilProgram
-    from autoglm_export.lower.coreml_multifunction import merge_functions
+    from autoglm_export.targets.coreml.target import _convert
+
+
+    from autoglm_export.targets.coreml.toolchain import import_coremltools as _import_ct
+    from autoglm_export.targets.coreml.mil import MilProgram
+    from autoglm_export.targets.coreml.multifunction import merge_functions
 
     ct = _import_ct()
     lin = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32)).half().eval()

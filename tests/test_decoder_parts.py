@@ -11,7 +11,7 @@ from conftest import REPO, one_bucket
 
 from autoglm_export.errors import RecipeError
 from autoglm_export.load import build_on_meta, load_component
-from autoglm_export.models.glm4v.modules import TextDecoder
+from autoglm_export.models.glm4v.text import TextDecoder
 from autoglm_export.pipeline import decoder_parts
 from autoglm_export.recipe import load_recipe
 
@@ -60,7 +60,7 @@ def test_targets_that_cannot_lower_in_parts_say_so(target, tmp_path):
     path.write_text(f"name: r\ntarget: {target}\nlowering: {{decoder_layers_per_program: 4}}\n")
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
-    assert "lowering.decoder_layers_per_program" in str(e.value) and "supported: xnnpack, onnx, coreml, qnn" in str(e.value)
+    assert "lowering.decoder_layers_per_program" in str(e.value) and "supported: xnnpack, qnn, coreml, onnx" in str(e.value)
 
 
 def test_parts_need_at_least_one_layer(tmp_path):
@@ -78,13 +78,13 @@ def test_each_parts_weights_are_freed_before_it_is_lowered(tiny_ckpt, tmp_path, 
     import gc
     import weakref
 
-    from autoglm_export.lower import get_backend
+    from autoglm_export.targets import get_target
     from autoglm_export.pipeline import export
 
-    backend = get_backend("onnx")
+    tgt = get_target("onnx")
     weights: list[weakref.ref] = []
     alive_at_lowering: list[int] = []
-    real_export, real_lower_part = type(backend).export, type(backend).lower_part
+    real_export, real_lower_part = type(tgt).export, type(tgt).lower_part
 
     def spy_export(self, name, module, prefill_chunk):
         if name == "text_decoder":
@@ -95,8 +95,8 @@ def test_each_parts_weights_are_freed_before_it_is_lowered(tiny_ckpt, tmp_path, 
         alive_at_lowering.append(sum(w() is not None for w in weights))
         return real_lower_part(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(backend), "export", spy_export)
-    monkeypatch.setattr(type(backend), "lower_part", spy_lower_part)
+    monkeypatch.setattr(type(tgt), "export", spy_export)
+    monkeypatch.setattr(type(tgt), "lower_part", spy_lower_part)
     recipe = tmp_path / "onnx-parts.yaml"
     recipe.write_text(one_bucket((REPO / "recipes" / "onnx-tiny.yaml").read_text()) + "lowering:\n  decoder_layers_per_program: 1\n")
     export(checkpoint=tiny_ckpt, target="onnx", out=tmp_path / "b", recipe=recipe, verify=False)
@@ -114,7 +114,7 @@ def test_static_parts_are_calibrated_and_run_as_the_whole_decoder(tiny_ckpt):
 
     from autoglm_export.checkpoint import open_checkpoint
     from autoglm_export.host.generate import EagerRuntime
-    from autoglm_export.lower.static_graphs import StaticGraphRuntime, static_graphs
+    from autoglm_export.targets.shared.static_graphs import StaticGraphRuntime, static_graphs
 
     ckpt = open_checkpoint(tiny_ckpt)
     spec, ctx, chunk = ckpt.spec, 64, 8

@@ -10,7 +10,7 @@ import torch
 
 from autoglm_export.bundle import program_data_files
 from autoglm_export.errors import BundleError
-from autoglm_export.lower import xnnpack
+from autoglm_export.targets.xnnpack import target as xnnpack
 from conftest import REPO, run_cli
 
 

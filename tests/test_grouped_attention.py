@@ -9,7 +9,7 @@ import torch
 
 @pytest.mark.parametrize("T", [1, 5])
 def test_grouped_attention_equals_repeated_kv_heads(T):
-    from autoglm_export.models.glm4v.modules import attention, group_mask, grouped_attention, repeat_kv
+    from autoglm_export.models.glm4v.blocks import attention, group_mask, grouped_attention, repeat_kv
 
     g = torch.Generator().manual_seed(T)
     q, k, v = torch.randn(1, 8, T, 16, generator=g), torch.randn(1, 2, 32, 16, generator=g), torch.randn(1, 2, 32, 16, generator=g)
@@ -22,7 +22,7 @@ def test_grouped_attention_equals_repeated_kv_heads(T):
 def test_exported_decoder_never_materialises_the_expanded_cache(tiny_ckpt):
     from autoglm_export.checkpoint import open_checkpoint
     from autoglm_export.load import build_on_meta, load_component
-    from autoglm_export.models.glm4v.modules import TextDecoder
+    from autoglm_export.models.glm4v.text import TextDecoder
 
     ckpt = open_checkpoint(tiny_ckpt)
     t = ckpt.spec.text

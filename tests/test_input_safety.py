@@ -167,8 +167,8 @@ def test_catastrophic_pattern_does_not_hang_the_planner(tiny_ckpt, tmp_path):
     recipe.write_text((REPO / "recipes" / "xnnpack-tiny.yaml").read_text().replace(
         "quantization:\n", "quantization:\n  - {match: '(.*)*X', scheme: int8}\n", 1))  # fmt: skip
     code = ("import sys; from autoglm_export.checkpoint import open_checkpoint; from autoglm_export.components import Shapes;"
-            "from autoglm_export.recipe import load_recipe; from autoglm_export.verify import make_plans;"
-            "r = load_recipe(sys.argv[2]); make_plans(r, open_checkpoint(sys.argv[1]), Shapes.from_recipe(r), sys.argv[2]);"
+            "from autoglm_export.recipe import load_recipe; from autoglm_export.planning import plan_quantization;"
+            "r = load_recipe(sys.argv[2]); plan_quantization(r, open_checkpoint(sys.argv[1]), Shapes.from_recipe(r), sys.argv[2]);"
             "print('planned')")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt), str(recipe)], capture_output=True, text=True,
                           timeout=120, cwd=REPO)  # fmt: skip
@@ -180,13 +180,13 @@ def test_a_rule_that_matches_nothing_is_said(tiny_ckpt):
     from autoglm_export.components import Shapes
     from autoglm_export.pipeline import report_plan_notes
     from autoglm_export.recipe import parse_recipe
-    from autoglm_export.verify import make_plans
+    from autoglm_export.planning import plan_quantization
 
     rec = parse_recipe({"name": "typo", "target": "xnnpack", "shapes": {"image_size": 112, "max_context": 128, "prefill_chunk": 16},
                         "quantization": [{"match": r"text_decodr\..*_proj\.weight", "scheme": "int4", "group_size": 32}]},
                        "typo.yaml")  # fmt: skip
     said = []
-    plans = make_plans(rec, open_checkpoint(tiny_ckpt), Shapes.from_recipe(rec), "typo.yaml")
+    plans = plan_quantization(rec, open_checkpoint(tiny_ckpt), Shapes.from_recipe(rec), "typo.yaml")
     report_plan_notes(rec, plans, said.append)
     assert len(said) == 1 and "quantization[0]" in said[0] and "matches no weight" in said[0]
 

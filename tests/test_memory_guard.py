@@ -58,7 +58,8 @@ def test_qnn_memory_refusal_is_a_lower_bound_of_what_it_measured(monkeypatch):
     two layers lowered whole (bench/recipes/qnn-whole.yaml), 16.38 GiB. Eight layers lowered whole are
     refused; all 40 in parts of one layer are let through."""
     from autoglm_export.errors import BackendUnavailable
-    from autoglm_export.lower import memory_fit, qnn
+    from autoglm_export.targets.qnn import target as qnn
+    from autoglm_export.targets.shared import memory_fit
     from autoglm_export.pipeline import decoder_parts
     from autoglm_export.quantize import ComponentPlan, WeightPlan
 
@@ -102,7 +103,7 @@ def test_an_exported_and_lowered_modules_weights_are_freed_after_release_export_
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from autoglm_export.lower.export_caches import release_export_caches
+    from autoglm_export.targets.shared.export_caches import release_export_caches
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -136,8 +137,8 @@ def test_a_pt2e_quantized_modules_weights_are_freed_after_release_export_caches(
     from executorch.backends.qualcomm.quantizer.quantizer import QnnQuantizer, QuantDtype
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from autoglm_export.lower.export_caches import release_export_caches
-    from autoglm_export.lower.qnn import preload_qnn_libraries
+    from autoglm_export.targets.shared.export_caches import release_export_caches
+    from autoglm_export.targets.qnn.target import preload_qnn_libraries
 
     preload_qnn_libraries()  # as the qnn target does before importing ExecuTorch's Qualcomm backend
     block = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
@@ -165,7 +166,9 @@ def test_large_weights_quantize_in_row_blocks_to_the_same_tensors(monkeypatch):
     from torchao.quantization import quantize_
 
     import autoglm_export.quantize as quantize
-    from autoglm_export.lower.xnnpack import BACKEND
+    from autoglm_export.targets import get_target
+
+    BACKEND = get_target("xnnpack")
 
     monkeypatch.setattr(quantize, "BLOCK_ELEMENTS", 256 * 700)  # 700 rows per block, a shorter last one
     g = torch.Generator().manual_seed(0)

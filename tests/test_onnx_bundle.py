@@ -74,7 +74,7 @@ def test_dequantization_matches_onnxruntime():
     import onnxruntime as ort
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from autoglm_export.lower.onnxrt import dequantize_matmul_nbits
+    from autoglm_export.targets.onnx.target import dequantize_matmul_nbits
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((96, 48)).astype(np.float32)  # [K, N] as MatMul's B
@@ -125,12 +125,12 @@ def test_int8_rule_is_refused_for_onnx(tiny_ckpt, tmp_path):
 def test_large_weights_go_to_external_data(tiny_ckpt, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from autoglm_export.lower import onnxrt
+    from autoglm_export.targets.onnx import target as onnxrt
     from autoglm_export.pipeline import export
 
     monkeypatch.setattr(onnxrt, "EXTERNAL_DATA_THRESHOLD", 1024)
     waiting = {}
-    lower = onnxrt.OnnxBackend.lower
+    lower = onnxrt.OnnxTarget.lower
 
     def spy(self, programs, *args, **kwargs):  # what the exported programs hold while they wait for lower()
         for name, prog in programs.items():
@@ -138,7 +138,7 @@ def test_large_weights_go_to_external_data(tiny_ckpt, tmp_path, monkeypatch):
             assert sum(f.stat().st_size for f in waiting[name][1].iterdir() if f.suffix == ".data") > 1024
         return lower(self, programs, *args, **kwargs)
 
-    monkeypatch.setattr(onnxrt.OnnxBackend, "lower", spy)
+    monkeypatch.setattr(onnxrt.OnnxTarget, "lower", spy)
     out = tmp_path / "ext"
     report = export(checkpoint=tiny_ckpt, target="onnx", out=out, recipe=one_bucket_recipe(TINY_RECIPE, tmp_path / "r.yaml"))
     assert report["passed"]
@@ -161,7 +161,7 @@ def test_initializer_sizes_come_from_shapes():
     must not come from ByteSize()."""
     import onnx
 
-    from autoglm_export.lower.onnxrt import _nbytes
+    from autoglm_export.targets.onnx.target import _nbytes
 
     small = onnx.numpy_helper.from_array(np.ones((3, 5), np.float32))
     assert _nbytes(small) == 60
@@ -186,7 +186,7 @@ def test_decoder_in_parts_matches_the_whole_decoder(onnx_bundle, tiny_ckpt, tmp_
     logits over a prefill and two decode steps."""
     import torch
 
-    from autoglm_export.lower.onnxrt import OnnxRuntime
+    from autoglm_export.targets.onnx.target import OnnxRuntime
 
     recipe = tmp_path / "onnx-parts.yaml"
     recipe.write_text(one_bucket(TINY_RECIPE.read_text()) + "lowering:\n  decoder_layers_per_program: 1\n")

@@ -77,7 +77,7 @@ def test_static_decoder_matches_stateful_decoder(tiny_ckpt):
     from reference import load_ours
 
     from autoglm_export.components import Shapes
-    from autoglm_export.models.glm4v.modules import TextDecoderStatic
+    from autoglm_export.models.glm4v.decoder_forms import TextDecoderStatic
 
     _, mods = load_ours(tiny_ckpt, Shapes(image_size=56, max_context=64, prefill_chunk=8))
     dec = mods["text_decoder"]
@@ -101,8 +101,10 @@ def test_rms_norm_fusion_covers_every_norm(tiny_ckpt):
     from reference import load_ours
 
     from autoglm_export.components import Shapes
-    from autoglm_export.lower.onnx_qnn import BACKEND
-    from autoglm_export.models.glm4v.modules import RMSNorm
+    from autoglm_export.targets import get_target
+    from autoglm_export.models.glm4v.blocks import RMSNorm
+
+    BACKEND = get_target("onnx-qnn")
 
     _, mods = load_ours(tiny_ckpt, Shapes(image_size=56, max_context=64, prefill_chunk=8))
     vision = mods["vision_encoder"]

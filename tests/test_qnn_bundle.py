@@ -113,10 +113,10 @@ _EMBEDDING_CONTEXT = """
 import dataclasses, json, sys
 import torch
 from autoglm_export.checkpoint import open_checkpoint
-from autoglm_export.lower import qnn
-from autoglm_export.lower.qnn_contexts import plan_contexts
-from autoglm_export.lower.static_graphs import static_graphs
-from autoglm_export.models.glm4v.modules import TokenEmbedding
+from autoglm_export.targets.qnn import target as qnn
+from autoglm_export.targets.qnn.contexts import plan_contexts
+from autoglm_export.targets.shared.static_graphs import static_graphs
+from autoglm_export.models.glm4v.text import TokenEmbedding
 from autoglm_export.quantize import plan_component
 from autoglm_export.recipe import load_recipe
 
@@ -189,10 +189,10 @@ import json, sys
 import torch
 from autoglm_export.checkpoint import open_checkpoint
 from autoglm_export.load import build_on_meta, load_component
-from autoglm_export.lower import qnn
-from autoglm_export.lower.qnn_contexts import plan_contexts
-from autoglm_export.lower.static_graphs import static_graphs
-from autoglm_export.models.glm4v.modules import PatchMerger, VisionEncoder
+from autoglm_export.targets.qnn import target as qnn
+from autoglm_export.targets.qnn.contexts import plan_contexts
+from autoglm_export.targets.shared.static_graphs import static_graphs
+from autoglm_export.models.glm4v.vision import PatchMerger, VisionEncoder
 from autoglm_export.quantize import plan_component
 from autoglm_export.recipe import load_recipe
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from autoglm_export.errors import BackendUnavailable
-from autoglm_export.lower import qnn_libs
+from autoglm_export.targets.qnn import libs as qnn_libs
 
 LOWER_AND_RUN = r"""
 import sys, torch

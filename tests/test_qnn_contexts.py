@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from autoglm_export.errors import ExportError
-from autoglm_export.lower.qnn_contexts import HTP_CONTEXT_LIMIT, plan_contexts
+from autoglm_export.targets.qnn.contexts import HTP_CONTEXT_LIMIT, plan_contexts
 from autoglm_export.quantize import ComponentPlan, WeightPlan
 
 

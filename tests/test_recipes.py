@@ -23,8 +23,9 @@ def test_every_shipped_recipe_validates(path):
 def test_every_shipped_9b_recipe_lowers_the_decoder_in_parts():
     """One program for the decoder makes export memory grow with the layers (0.6-1.5 GiB per layer at
     9B widths, docs/benchmarks.md): no 9B recipe of a target that can split may ship without parts."""
-    from autoglm_export.recipe import PART_TARGETS
+    from autoglm_export.targets import TARGETS
 
+    PART_TARGETS = [name for name, caps in TARGETS.items() if caps.decoder_in_parts]
     full = [load_recipe(p) for p in SHIPPED if not p.stem.endswith("-tiny")]
     splittable = [r for r in full if r.target in PART_TARGETS]
     assert {r.target for r in splittable} == set(PART_TARGETS)
@@ -103,7 +104,7 @@ def test_a_group_that_does_not_divide_falls_back_instead_of_stopping(tiny_ckpt):
     from autoglm_export.components import Shapes
     from autoglm_export.quantize import fitting_group
     from autoglm_export.recipe import load_recipe, parse_recipe
-    from autoglm_export.verify import make_plans
+    from autoglm_export.planning import plan_quantization
 
     assert [fitting_group(256, w) for w in (64, 96, 200, 72, 4096)] == [64, 32, "channel", "channel", 256]
     assert fitting_group(32, 48) == 16
@@ -112,7 +113,7 @@ def test_a_group_that_does_not_divide_falls_back_instead_of_stopping(tiny_ckpt):
         if rule["scheme"] == "int4":
             rule["group_size"] = 256
     rec = parse_recipe(data, "r.yaml")
-    plans = make_plans(rec, open_checkpoint(tiny_ckpt), Shapes.from_recipe(rec), "r.yaml")
+    plans = plan_quantization(rec, open_checkpoint(tiny_ckpt), Shapes.from_recipe(rec), "r.yaml")
     fallbacks = plans["token_embedding"].summary()["int4_group_fallbacks"]
     assert fallbacks == {"token_embedding.embed_tokens.weight": {"rule_group_size": 256, "scheme": "int4", "group_size": 64,
                                                                  "in_features": 64}}  # fmt: skip
@@ -165,7 +166,7 @@ def test_compact_recipes_plan_the_real_9b_under_the_size_goal():
     from autoglm_export.components import Shapes
     from autoglm_export.models.glm4v.layout import is_vision_method
     from autoglm_export.models.glm4v.spec import parse_config
-    from autoglm_export.verify import plans_for_spec
+    from autoglm_export.planning import plan_quantization_for_spec
 
     data = REPO / "tests" / "data" / "glm41v_9b_config.json"
     spec = parse_config(json.loads(data.read_text()), data)
@@ -175,7 +176,7 @@ def test_compact_recipes_plan_the_real_9b_under_the_size_goal():
         program (its constants are keyed by content; test_xnnpack_bundle checks the file), one copy each
         elsewhere."""
         rec = load_recipe(RECIPES_DIR / recipe_name)
-        plans = plans_for_spec(rec, spec, Shapes.from_recipe(rec), recipe_name)
+        plans = plan_quantization_for_spec(rec, spec, Shapes.from_recipe(rec), recipe_name)
         shared = rec.target == "xnnpack"
         return sum(p.weight_bytes for n, p in plans.items() if not (shared and is_vision_method(n) and n != "vision_encoder"))
 

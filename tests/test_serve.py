@@ -75,7 +75,7 @@ def server(xnnpack_bundle, allowed, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(xnnpack_bundle):
-    from autoglm_export.host.conversation import ChatEngine
+    from autoglm_export.chat_engine import ChatEngine
 
     return ChatEngine(xnnpack_bundle[0])
 
@@ -133,7 +133,7 @@ def test_agent_replay_equals_the_library_turn_by_turn_and_prefills_only_the_new_
 def test_each_image_goes_to_the_bucket_closest_in_aspect_ratio(engine):
     """Issue #30 item 2: a portrait screenshot runs the portrait bucket's vision method with its own
     grid, a near-square photo the square one; the prompt carries each bucket's token count."""
-    from autoglm_export.host.conversation import Message, Part
+    from autoglm_export.host.messages import Message, Part
 
     calls = []
     inner = engine.runtime.vision_encoder
@@ -330,7 +330,8 @@ def test_output_quality_presets_and_openapi_docs(server):
 def test_library_prefix_reuse_sampling_stops_and_cancel(engine):
     """The conversation runtime itself: a reused prefix gives the tokens a fresh cache gives; a seed
     makes sampling reproducible; a stop string ends the answer before it; cancel stops it."""
-    from autoglm_export.host.conversation import ChatEngine, Message
+    from autoglm_export.chat_engine import ChatEngine
+    from autoglm_export.host.messages import Message
     from autoglm_export.host.sampling import SamplingParams
 
     first = [Message.text("system", "Agent."), Message.text("user", "go")]

@@ -14,8 +14,10 @@ import torch.nn as nn
 def test_reference_forms_compute_what_torchao_computes(scheme, group):
     from torchao.quantization import quantize_
 
-    from autoglm_export.lower.xnnpack import BACKEND
+    from autoglm_export.targets import get_target
     from autoglm_export.quantize import REFERENCE_BLOCK_ELEMENTS, RowBlockLinear, RowLookupEmbedding, dequantize_per_call
+
+    BACKEND = get_target("xnnpack")
 
     torch.manual_seed(0)
     rows = REFERENCE_BLOCK_ELEMENTS // 256 * 3 + 17  # several blocks and a short last one

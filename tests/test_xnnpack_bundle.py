@@ -90,7 +90,7 @@ def test_image_buckets_share_one_copy_of_the_vision_weights(bundle, tiny_ckpt):
 
 def test_pte_methods_follow_the_runner_contract(bundle):
     out, _ = bundle
-    from autoglm_export.lower.executorch_common import ExecuTorchRuntime
+    from autoglm_export.targets.shared.executorch import ExecuTorchRuntime
 
     rt = ExecuTorchRuntime(out / "model.pte", 128, 16)
     names = set(rt.program.method_names)
@@ -187,21 +187,22 @@ def test_onnxruntime_gate_fails_on_a_wrong_bundle_output(bundle, tiny_ckpt):
     from autoglm_export.checkpoint import open_checkpoint
     from autoglm_export.components import Shapes
     from autoglm_export.host.image import ImagePreprocessing
-    from autoglm_export.lower import get_backend
+    from autoglm_export.targets import get_target
     from autoglm_export.recipe import parse_recipe
-    from autoglm_export.verify import against_onnxruntime, make_plans
+    from autoglm_export.planning import plan_quantization
+    from autoglm_export.verify import against_onnxruntime
 
     out, _ = bundle
     manifest = load_bundle(out)
-    backend = get_backend("xnnpack")
+    tgt = get_target("xnnpack")
     recipe = parse_recipe(manifest["recipe"]["content"], "manifest")
     ckpt = open_checkpoint(tiny_ckpt)
-    plans = make_plans(recipe, ckpt, Shapes.from_recipe(recipe), "manifest")
-    rt = backend.open_runtime(out, manifest)
+    plans = plan_quantization(recipe, ckpt, Shapes.from_recipe(recipe), "manifest")
+    rt = tgt.open_runtime(out, manifest)
     real = rt.vision_encoder
     rt.vision_encoder = lambda px, method="vision_encoder": real(px, method) * (1.01 if method == "vision_encoder" else 1)
     pre = ImagePreprocessing.from_json(manifest["preprocessing"])
-    report = against_onnxruntime(rt, ckpt, recipe, backend, plans, pre, bundle=out, manifest=manifest)
+    report = against_onnxruntime(rt, ckpt, recipe, tgt, plans, pre, bundle=out, manifest=manifest)
     assert not report["passed"]
     assert "onnxruntime/vision_encoder_vs_bundle" in report["failed"]
     assert "onnxruntime/vision_encoder_vs_reference" not in report["failed"]
@@ -211,7 +212,7 @@ def test_onnxruntime_gate_fails_on_a_wrong_bundle_output(bundle, tiny_ckpt):
 def test_contract_check_catches_a_manifest_mismatch(bundle):
     import copy
 
-    from autoglm_export.lower.executorch_common import ExecuTorchRuntime, contract_check
+    from autoglm_export.targets.shared.executorch import ExecuTorchRuntime, contract_check
 
     out, _ = bundle
     manifest = json.loads((out / "manifest.json").read_text())

@@ -110,7 +110,7 @@ class ChatTemplate:
         """``conversation.render``'s result for ``messages`` (host.conversation.Message) through the template."""
         from jinja2 import TemplateError
 
-        from .conversation import Rendered
+        from .messages import Rendered
         from .prompt import AUDIO, IMAGE, Prompt
 
         hf, media = [], []

@@ -122,8 +122,8 @@ class RecordingRuntime:
         self.calls: list[dict] = []
 
     def _log(self, method: str, inputs: dict, out):
-        enc = {k: _tensor_json(v) for k, v in inputs.items()}
-        self.calls.append({"method": method, "inputs": enc, "output": _tensor_json(out)})
+        enc = {k: tensor_json(v) for k, v in inputs.items()}
+        self.calls.append({"method": method, "inputs": enc, "output": tensor_json(out)})
         return out
 
     def token_embedding(self, input_ids):
@@ -145,55 +145,8 @@ class RecordingRuntime:
         self.inner.reset()
 
 
-def _tensor_json(t) -> dict:
+def tensor_json(t) -> dict:
     a = np.asarray(t.detach().numpy() if hasattr(t, "detach") else t)
     kind = "int64" if a.dtype.kind in "iu" else "float32"
     data = [int(v) for v in a.reshape(-1)] if kind == "int64" else [float(v) for v in a.astype(np.float32).reshape(-1)]
     return {"dtype": kind, "shape": list(a.shape), "data": data}
-
-
-def golden_bundle(bundle: Path, out_dir: Path, max_new_tokens: int = 8) -> Path:
-    """Golden vectors from a bundle: the host vectors, tokenizer cases and a recorded greedy trace of
-    the golden image (+ golden audio when the bundle has an audio encoder) + prompt. Writes
-    ``golden.json`` beside a copy of the bundle (manifest and every file it lists)."""
-    import shutil
-
-    from ..runner import open_bundle
-    from .audio import AudioPreprocessing, log_mel
-    from .generate import generate
-
-    manifest, runtime, tokenizer, pre = open_bundle(bundle)
-    audio_pre = AudioPreprocessing(**manifest["audio_preprocessing"]) if manifest.get("audio_preprocessing") else None
-    vectors = golden_vectors(tokenizer, pre, audio_pre=audio_pre)
-    vectors["tokenizer_cases"] = [{"text": t, "ids": tokenizer.encode(t)} for t in TOKENIZER_CASES]
-    audio_tokens = manifest["components"]["audio_encoder"]["outputs"][0]["shape"][0] if audio_pre else None
-    prompt = build_chat_prompt(tokenizer, GOLDEN_PROMPT, pre.num_tokens, audio_tokens)
-    assert prompt.ids == vectors["prompt_ids"]
-    audios = [log_mel(golden_audio(rate=audio_pre.sample_rate), audio_pre)[None]] if audio_pre else []
-    rec = RecordingRuntime(runtime)
-    graph_calls: list[dict] = []
-    if hasattr(runtime, "_run"):  # static-graph bundles (qnn, onnx-qnn: graph; coreml: package, function): every call
-        inner = runtime._run
-
-        def recorded(*args):
-            *names, feeds = args
-            out = inner(*args)
-            outs = list(out.values()) if isinstance(out, dict) else out
-            graph_calls.append({"graph": "/".join(names), "inputs": {k: _tensor_json(np.asarray(v)) for k, v in feeds.items()},
-                                "outputs": [_tensor_json(np.asarray(o)) for o in outs]})  # fmt: skip
-            return out
-
-        runtime._run = recorded
-    trace = generate(rec, prompt, images=[preprocess_image(golden_image(), pre, pre.sizes[0])], image_grids=[pre.merged_grid],
-                     audios=audios, max_new_tokens=max_new_tokens, eos_ids=tuple(manifest["prompt"]["eos_ids"]))  # fmt: skip
-    vectors["trace"] = {"max_new_tokens": max_new_tokens, "tokens": trace.tokens, "calls": rec.calls,
-                        "target": manifest["target"]}  # fmt: skip
-    if graph_calls:
-        vectors["trace"]["graph_calls"] = graph_calls
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_golden(out_dir / "golden.json", vectors)
-    for name in ("manifest.json", *manifest["files"]):
-        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)  # files inside a .mlpackage
-        shutil.copyfile(Path(bundle) / name, out_dir / name)
-    return out_dir / "golden.json"

@@ -23,9 +23,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ExportError, excerpt
-from ..host.conversation import ChatEngine, ChatResult, Message, Part, split_reasoning
+from ..chat_engine import ChatEngine, ChatResult
+from ..host.conversation import split_reasoning
+from ..host.messages import Message, Part
 from ..host.sampling import SamplingParams
-from ..lower.memory_fit import resident_bytes
+from ..targets.shared.memory_fit import resident_bytes
 from .media import MediaRefused, MediaTooLarge, b64, media_bytes
 from .schema import ChatMessage, ChatRequest
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import CheckpointError
+from .config_fields import ConfigFields
 
 MERGE = 4  # encoder frames merged into one LM token (GlmAsr's reshape to intermediate_size)
 
@@ -46,13 +47,11 @@ def parse_audio_config(config: dict, file: Path, text) -> AudioSpec | None:
     raw = config.get("audio_config")
     if raw is None:
         return None
-    from .spec import _Fields  # shared typed-field reader
-
     if not isinstance(raw, dict):
         raise CheckpointError("invalid config section", file=file, field="audio_config", expected="an object",
                               got=type(raw).__name__, fix="use the GlmAsrEncoderConfig fields")  # fmt: skip
-    a = _Fields(raw, file, "audio_config.")
-    top = _Fields(config, file, "")
+    a = ConfigFields(raw, file, "audio_config.")
+    top = ConfigFields(config, file, "")
     for key, want in (("hidden_act", "gelu"), ("projector_hidden_act", "gelu")):
         src = raw if key == "hidden_act" else config
         if src.get(key, want) != want:

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import CheckpointError
+from .config_fields import ConfigFields
 
 ARCHITECTURE = "Glm4vForConditionalGeneration"
 MODEL_TYPES = ("glm4v",)
 
-# Real special token ids of GLM-4.1V (DESIGN.md §1); tiny checkpoints remap them.
+# Real special token ids of GLM-4.1V (its released tokenizer.json); tiny checkpoints remap them.
 SPECIAL_TOKEN_NAMES = {
     "pad": "<|endoftext|>",
     "gmask": "[gMASK]",
@@ -107,58 +108,6 @@ class ModelSpec:
         return asdict(self)
 
 
-class _Fields:
-    """Typed access to one JSON object with errors that name file and field."""
-
-    def __init__(self, data: dict, file: Path, prefix: str) -> None:
-        self.data, self.file, self.prefix = data, file, prefix
-
-    def _err(self, key: str, expected: str, got: Any) -> CheckpointError:
-        return CheckpointError(
-            "invalid config value",
-            file=self.file,
-            field=f"{self.prefix}{key}",
-            expected=expected,
-            got=repr(got),
-            fix="correct config.json (compare with the published GLM-4.1V config)",
-        )
-
-    def has(self, key: str) -> bool:
-        return key in self.data and self.data[key] is not None
-
-    def int(self, key: str, default: int | None = None, minimum: int = 1) -> int:
-        v = self.data.get(key, default)
-        if v is None:
-            raise CheckpointError(
-                "missing config field",
-                file=self.file,
-                field=f"{self.prefix}{key}",
-                expected="an integer",
-                fix="add the field to config.json",
-            )
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise self._err(key, f"an integer >= {minimum}", v)
-        return v
-
-    def float(self, key: str, default: float | None = None) -> float:
-        v = self.data.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise self._err(key, "a positive number", v)
-        return float(v)
-
-    def bool(self, key: str, default: bool) -> bool:
-        v = self.data.get(key, default)
-        if not isinstance(v, bool):
-            raise self._err(key, "true or false", v)
-        return v
-
-    def str(self, key: str, default: str) -> str:
-        v = self.data.get(key, default)
-        if not isinstance(v, str):
-            raise self._err(key, "a string", v)
-        return v
-
-
 def _rope_fields(text: dict, top: dict) -> dict:
     """Collect RoPE settings from wherever a GLM-4.1V config keeps them.
 
@@ -181,7 +130,7 @@ def _rope_fields(text: dict, top: dict) -> dict:
 
 def parse_config(config: dict, file: Path, generation_config: dict | None = None) -> ModelSpec:
     """Build a ``ModelSpec`` from a parsed config.json (nested or flat form)."""
-    top = _Fields(config, file, "")
+    top = ConfigFields(config, file, "")
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
     if ARCHITECTURE not in archs and model_type not in MODEL_TYPES:
@@ -196,9 +145,9 @@ def parse_config(config: dict, file: Path, generation_config: dict | None = None
 
     nested = isinstance(config.get("text_config"), dict)
     text_raw = config["text_config"] if nested else config
-    t = _Fields(text_raw, file, "text_config." if nested else "")
+    t = ConfigFields(text_raw, file, "text_config." if nested else "")
     rope = _rope_fields(text_raw, config)
-    rf = _Fields(rope, file, "text_config.rope_parameters." if nested else "rope_scaling.")
+    rf = ConfigFields(rope, file, "text_config.rope_parameters." if nested else "rope_scaling.")
 
     hidden = t.int("hidden_size")
     heads = t.int("num_attention_heads")
@@ -253,7 +202,7 @@ def parse_config(config: dict, file: Path, generation_config: dict | None = None
             expected="an object describing the vision tower",
             fix="use the checkpoint's original config.json",
         )
-    v = _Fields(vraw, file, "vision_config.")
+    v = ConfigFields(vraw, file, "vision_config.")
     vrope = vraw.get("rope_parameters") or {}
     if v.str("hidden_act", "silu") != "silu":
         raise v._err("hidden_act", "'silu'", vraw.get("hidden_act"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..errors import BackendUnavailable
+from ...errors import BackendUnavailable
 
 
 def physical_memory_bytes() -> int:

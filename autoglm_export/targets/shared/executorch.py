@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram, export
 
-from ..bundle import decoder_part_paths, program_data_files
-from ..models.glm4v.layout import is_vision_method
+from ...bundle import decoder_part_paths, program_data_files
+from ...models.glm4v.layout import is_vision_method
 from .export_caches import release_export_caches
 
 # bookkeeping nodes that are not compute
@@ -24,7 +24,7 @@ def export_component(name: str, module: torch.nn.Module, prefill_chunk: int) -> 
     """torch.export one component; token_embedding and text_decoder take 1..prefill_chunk tokens.
 
     ``strict=True`` is required: with ``strict=False`` the KV cache becomes a constant and
-    lowering fails (DESIGN.md §2).
+    lowering fails.
     """
     with torch.no_grad():
         try:
@@ -153,7 +153,7 @@ class ExecuTorchRuntime:
             # the manifest is not hashed: the program's own constant bounds the cache positions used
             built = int(self.metadata("get_max_context_len"))
             if built != max_context:
-                from ..errors import BundleError
+                from ...errors import BundleError
 
                 raise BundleError("manifest disagrees with the program's KV cache length", file=pte,
                                   field="shapes.max_context", expected=f"{built} (get_max_context_len of {pte.name})",
@@ -207,3 +207,6 @@ class ExecuTorchRuntime:
 
     def reset(self) -> None:
         pass
+
+    def close(self) -> None:
+        """Nothing to end: the runtime lives in this process."""

@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bundle import REPORT
-from ..errors import BackendUnavailable, ExportError
-from ..progress import silent
-from .executorch_common import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_output
-from .export_caches import release_export_caches
-from .qnn_contexts import HTP_CONTEXT_LIMIT, plan_contexts
-from .static_graphs import ComponentAdapter, StaticGraphRuntime, graph_entries, graph_key, graph_names, static_graphs
+from ...bundle import REPORT
+from ...errors import BackendUnavailable, ExportError
+from ..contract import Target
+from ..shared.executorch import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_output
+from ..shared.export_caches import release_export_caches
+from ..shared.static_graphs import ComponentAdapter, StaticGraphRuntime, graph_entries, graph_key, graph_names, static_graphs
+from .contexts import HTP_CONTEXT_LIMIT, plan_contexts
 
 PTE = "model.pte"
 SOC_NAME, SOC_MODEL, HTP_ARCH = "SM8650", 57, 75
@@ -49,7 +49,7 @@ def preload_qnn_libraries() -> dict:
     global _preloaded
     if _preloaded is not None:
         return _preloaded
-    from .qnn_libs import REAL_LIBRARY_ENV, qnn_environment
+    from .libs import REAL_LIBRARY_ENV, qnn_environment
 
     env, note = qnn_environment()
     dirs = [d for d in env["LD_LIBRARY_PATH"].split(":") if d]
@@ -112,7 +112,7 @@ def _lower_group(modules: dict, args: dict, fp16: bool, ctx, plan):
 
     import executorch.backends.qualcomm.utils.utils as qnn_utils
 
-    from .qnn_contexts import group_partitioner, units_by_module
+    from .contexts import group_partitioner, units_by_module
 
     spec = _compiler_spec(fp16, ctx.weight_sharing, multi_contexts=len(ctx.groups) > 1)
     units = units_by_module(plan)
@@ -163,7 +163,7 @@ def quantize_graph(spec, plan) -> torch.nn.Module:
     from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from ..models.glm4v.modules import TextDecoderStatic
+    from ...models.glm4v.decoder_forms import TextDecoderStatic
 
     # non-strict: strict export (dynamo) clones every weight it captures into a cache of real values
     # and holds up to three times the component's fp32 weights while tracing (+6.9 GiB for the 9B
@@ -271,33 +271,23 @@ def _free_float_weights(float_modules, quantized) -> None:
                 t.data = torch.empty(0, dtype=t.dtype)
 
 
-class QnnBackend:
-    name = "qnn"
+class QnnTarget(Target):
     runtime_name = "executorch.runtime + QNN HTP delegate (x86_64 HTP emulator), compiled for SM8650 / v75"
-    quantizes_in_torch = False
-    # the decoder's calibration runs on the token embedding's and vision encoder's outputs, so a
-    # decoder in parts comes after them (their model.pte is written first, nothing else is held)
-    decoder_parts_last = True
 
-    def __init__(self) -> None:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self._state: dict = {}  # calibration state carried across components during export
         self._ref_states: dict[str, dict] = {}  # the same, per bundle, while verify rebuilds references
         self._qnn = None  # the recipe's qnn section (configure)
-        self.calibration_set = None  # the recipe's calibration files, loaded (configure)
         self._twin = None  # the emulator twin of a weight-shared model.pte, for the bundle being exported
         self._twin_for = None
         self._plans: dict = {}  # check_plans: what export lowers each component to
         self._contexts: dict = {}  # check_plans: the HTP contexts of each component, or of each decoder part
         self._in_parts = False  # check_plans: the recipe lowers the decoder in parts
-        self.progress = silent  # set by the pipeline: export quantizes and lowers, which takes minutes
-        self.emulator_twin = True  # False when the export will not verify (pipeline.export(verify=False))
-
-    def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
-        raise AssertionError("the qnn target quantizes with PT2E after export")
 
     def check_plans(self, plans: dict, recipe_file: str, parts: list | None = None) -> None:
-        from .memory_fit import refuse_if_over_memory
-        from .onnx_qnn import check_npu_plans
+        from ..shared.htp_plans import check_npu_plans
+        from ..shared.memory_fit import refuse_if_over_memory
 
         preload_qnn_libraries()  # a missing toolchain is reported before any tensor is read
         check_npu_plans(plans, recipe_file)
@@ -316,7 +306,7 @@ class QnnBackend:
                           for key, plan in self._plans.items()}  # fmt: skip
 
     def configure(self, recipe, recipe_file: str, *, tokenizer, pre, base=None) -> None:
-        from ..calibration import load_calibration
+        from ...calibration import load_calibration
 
         self.release()  # an earlier export's emulator twin, should it have failed before its own release
         self._qnn = recipe.qnn
@@ -348,7 +338,7 @@ class QnnBackend:
             graph_info[graph] = {"component": name, "precision": precision, "tokens": spec.tokens,
                                  "inputs": [{"name": n, "shape": list(a.shape)} for n, a in zip(spec.input_names, spec.args)],
                                  "outputs": spec.output_names}  # fmt: skip
-            if precision == "16a4w/16a8w":  # a rule's group_size reads as if it applied (quantize.PER_CHANNEL_INT4_TARGETS)
+            if precision == "16a4w/16a8w":  # a rule's group_size reads as if it applied (capabilities.per_channel_int4)
                 graph_info[graph]["int4_granularity"] = "symmetric, per output channel (QNN); a rule's group_size does not apply"
         if plan.quantized:
             _free_float_weights([spec.module for spec in graphs.values()], modules.values())
@@ -357,7 +347,7 @@ class QnnBackend:
                  f"(htp_arch {HTP_ARCH}){', weights shared' if ctx.weight_sharing else ''}")  # fmt: skip
         lowered = {"graph_info": graph_info, "contexts": ctx,
                    "shipped": _lower_group(modules, args, precision == "fp16", ctx, plan)}
-        if ctx.weight_sharing and self.emulator_twin:  # the x86 emulator cannot load shared-weight contexts
+        if ctx.weight_sharing and self.verifying:  # the x86 emulator cannot load shared-weight contexts
             progress(f"{name}: the same graphs without weight sharing, for the emulator")
             lowered["emulated"] = _lower_group(modules, args, precision == "fp16", replace(ctx, weight_sharing=False), plan)
         del modules
@@ -393,7 +383,7 @@ class QnnBackend:
     def lower_part(self, name: str, program: dict, layers: tuple[int, int], out_dir: Path, progress, plan) -> dict:
         """One part of the decoder (``recipe.lowering``), as ``export`` lowered it, emitted into its
         own ``.pte`` with the methods text_decoder_prefill / text_decoder_decode over its layers' caches."""
-        from ..bundle import part_file
+        from ...bundle import part_file
 
         file = part_file(name, layers, "pte")
         ctx = program["contexts"]
@@ -615,7 +605,7 @@ class _EmulatorProcess:
 
 
 def _emulator_main(conn, files: dict[str, str]) -> None:
-    from ..cli import quiet_third_party_logs
+    from ...progress import quiet_third_party_logs
 
     quiet_third_party_logs()  # a fresh interpreter: the parent's logging setup does not carry over
     # results and errors travel through the pipe, so this child's stdout and stderr are nobody's:
@@ -646,5 +636,3 @@ def _emulator_main(conn, files: dict[str, str]) -> None:
         except Exception as e:  # noqa: BLE001
             conn.send(("error", f"{type(e).__name__}: {e}"))
 
-
-BACKEND = QnnBackend()

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
-import os
 import platform
 import shutil
 import tempfile
@@ -31,10 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bundle import part_file
-from ..errors import BackendUnavailable, ExportError
-from ..models.glm4v.layout import is_vision_method
-from . import coreml_quant
+from ...bundle import part_file
+from ...errors import ExportError
+from ...models.glm4v.layout import is_vision_method
+from ...progress import silent
+from ..contract import Target
+from . import quant as coreml_quant
+from .runtime import CoreMLPredictRuntime, MilRuntime
+from .toolchain import import_coremltools
 
 DEPLOYMENT = "iOS18"
 MULTIFUNCTION = ("token_embedding", "text_decoder")
@@ -52,37 +54,8 @@ def package_name(component: str) -> str:
     return f"{component}.mlpackage"
 
 
-def package_records(manifest: dict) -> list[tuple[str, str, dict]]:
-    """(label, component, entry) of every package in a bundle: one per component, or one per part
-    of a decoder lowered in parts (label ``text_decoder.00-01``); entries have ``file`` and ``package``."""
-    out = []
-    for name, comp in manifest["components"].items():
-        for entry in comp.get("programs") or [comp]:
-            out.append((entry["file"].removesuffix(".mlpackage"), name, entry))
-    return out
-
-
 def function_names(component: str) -> list[str]:
     return ["prefill", "decode"] if component in MULTIFUNCTION else ["main"]
-
-
-def quiet_coremltools() -> None:
-    # progress bars per MIL pass (tqdm) would drown our own progress lines
-    os.environ["TQDM_DISABLE"] = "1"
-    # coremltools warns on import about untested torch / sklearn versions and a missing native
-    # runtime (expected on Linux: DESIGN.md §4), and prints progress bars per pass
-    for name in ("coremltools", "coremltools.converters", "coremltools.optimize"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="coremltools")
-
-
-def _import_ct():
-    quiet_coremltools()
-    try:
-        import coremltools as ct
-    except ImportError as e:  # pragma: no cover - pinned in pyproject
-        raise BackendUnavailable(f"coremltools is not installed ({e}); run `make setup` (pins coremltools==9.0)") from None
-    return ct
 
 
 class _Fp32LayerNorm(torch.nn.LayerNorm):
@@ -105,18 +78,11 @@ class _IntEmbedding(torch.nn.Module):
         return self.inner.embed_tokens(input_ids).float()
 
 
-class CoreMLBackend:
-    name = "coreml"
+class CoreMLTarget(Target):
     runtime_name = ("Core ML predict (macOS)" if platform.system() == "Darwin"
                     else "MIL reference interpreter (numpy; program semantics, not Core ML kernels)")  # fmt: skip
-    quantizes_in_torch = False  # coremltools quantizes the converted program
-    load_dtype = torch.float16  # weights are quantized from their fp16 values (reference_component)
-
-    def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
-        raise AssertionError("the coreml target quantizes after conversion")
-
     def check_plans(self, plans: dict, recipe_file: str, parts: list | None = None) -> None:
-        from .memory_fit import refuse_if_over_memory
+        from ..shared.memory_fit import refuse_if_over_memory
 
         refuse_if_over_memory("coreml", plans, held=HELD_BYTES_PER_PARAM, per_component=CONVERT_BYTES_PER_PARAM,
                               how="converts each component (or decoder part) whole", parts=parts,
@@ -140,14 +106,17 @@ class CoreMLBackend:
     # -- export: static torch.export graphs per Core ML function ---------------------------------
 
     def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
-        from ..models.glm4v.modules import RMSNorm, TextDecoderStateful
+        from ...models.glm4v.blocks import RMSNorm
+
+        # fp16 in PyTorch already: the program computes in fp16 either way (compute_precision), and
+        from ...models.glm4v.decoder_forms import TextDecoderStateful
 
         # fp16 in PyTorch already: the program computes in fp16 either way (compute_precision), and
         # converting an fp32 graph cost ~30 bytes of RAM per parameter against ~4 for an fp16 one
         # (a 151552 x 256 embedding: +1.17 vs +0.16 GiB), which decides whether 9B converts in 24 GiB
         extra = {}
         if name == "text_decoder":  # from the fp32 frequencies, before the module goes to fp16
-            from ..host.static_decoder import rope_table
+            from ...host.static_decoder import rope_table
 
             extra["rope"] = rope_table(module.inv_freq, module.axis_selector)
         module = module.half().eval()
@@ -206,7 +175,7 @@ class CoreMLBackend:
     def lower_part(self, name: str, program, layers: tuple[int, int], out_dir: Path, progress, plan) -> dict:
         """One part of the decoder (``recipe.lowering``) as its own package (prefill / decode over
         the states of its own layers); the rotary table goes to the component's entry."""
-        from ..quantize import ComponentPlan
+        from ...quantize import ComponentPlan
 
         mine = set(program["consts"].values())
         part_plan = ComponentPlan(plan.component, plan.dtype, {n: w for n, w in plan.weights.items() if n in mine})
@@ -217,9 +186,9 @@ class CoreMLBackend:
     def _package(self, prog: dict, plan, out_dir: Path, file: str, progress, label: str) -> tuple[list[str], dict]:
         """Convert, quantize and save one component's (or part's) functions as ``file``; returns
         the files written and the manifest entry."""
-        from .coreml_mil import MilProgram
+        from .mil import MilProgram
 
-        ct = _import_ct()
+        ct = import_coremltools()
         pkg = out_dir / file
         with tempfile.TemporaryDirectory(prefix="autoglm-coreml-") as tmp, _temp_files_in(tmp):
             parts = {}
@@ -236,7 +205,7 @@ class CoreMLBackend:
                 ml.save(str(parts[fn]))
                 del ml
             if len(parts) > 1:
-                from .coreml_multifunction import merge_functions
+                from .multifunction import merge_functions
 
                 progress(f"{label}: one multifunction package of {', '.join(parts)} (weights shared)")
                 merge_functions(parts, pkg, DEFAULT_FUNCTION)
@@ -265,13 +234,14 @@ class CoreMLBackend:
                 p.copy_(torch.from_numpy(w16.astype(np.float32)))
         return module
 
-    def checkpoint_checks(self, ckpt, shapes, plans, *, bundle: Path, manifest: dict) -> list[dict]:
-        from .coreml_checks import weight_checks
+    def checkpoint_checks(self, ckpt, shapes, plans, *, bundle: Path, manifest: dict, progress=silent) -> list[dict]:
+        from .checks import weight_checks
 
+        progress("checking the bundle's quantized weights against the checkpoint")
         return weight_checks(ckpt, shapes, plans, bundle, manifest)
 
     def contract_checks(self, runtime, manifest: dict) -> list[dict]:
-        from .coreml_checks import structure_checks
+        from .checks import structure_checks
 
         return structure_checks(runtime.programs, manifest)
 
@@ -390,107 +360,3 @@ def describe(program, consts: dict, plan) -> dict:
     return {"functions": functions, "quantized_weights": dict(sorted(quantized.items())),
             "default_function": program.description()["default_function"]}  # fmt: skip
 
-
-class _PackageRuntime:
-    """Host side shared by the Linux interpreter and macOS predict: picks prefill / decode by
-    length, computes cos/sin and the mask; the KV cache lives in the package's states."""
-
-    def __init__(self, bundle: Path, manifest: dict) -> None:
-        self.manifest = manifest
-        self.max_context = manifest["shapes"]["max_context"]
-        self.prefill_chunk = manifest["shapes"]["prefill_chunk"]
-        self.rope = manifest["components"]["text_decoder"]["rope"]
-        self.bundle = bundle
-        self.records = package_records(manifest)
-        # the decoder's packages in layer order: one, or one per part (hidden states passed along)
-        self.decoder_labels = [label for label, name, _ in self.records if name == "text_decoder"]
-
-    def _run(self, component: str, function: str, feeds: dict) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def token_embedding(self, input_ids):
-        ids = input_ids.numpy().astype(np.int32)
-        T = ids.shape[1]
-        if T == self.prefill_chunk:
-            return torch.from_numpy(self._out("token_embedding", "prefill", {"input_ids": ids}))
-        parts = [self._out("token_embedding", "decode", {"input_ids": ids[:, i : i + 1]}) for i in range(T)]
-        return torch.from_numpy(np.concatenate(parts, axis=1))
-
-    def vision_encoder(self, pixel_values, method: str = "vision_encoder"):
-        return torch.from_numpy(self._out(method, "main", {"pixel_values": pixel_values.numpy().astype(np.float32)}))
-
-    def audio_encoder(self, input_features):
-        return torch.from_numpy(self._out("audio_encoder", "main", {"input_features": input_features.numpy().astype(np.float32)}))
-
-    def text_decoder(self, embeds, position_ids, cache_position):
-        x, pos, slots = embeds.numpy().astype(np.float32), position_ids.numpy(), cache_position.numpy()
-        T = x.shape[1]
-        if T == self.prefill_chunk:
-            return torch.from_numpy(self._decoder_call("prefill", x, pos, int(slots[0])))
-        logits = None
-        for i in range(T):  # static shapes: a shorter chunk goes token by token
-            logits = self._decoder_call("decode", x[:, i : i + 1], pos[:, i : i + 1], int(slots[i]))
-        return torch.from_numpy(logits)
-
-    def _decoder_call(self, fn: str, x, pos, start: int) -> np.ndarray:
-        from ..host.static_decoder import additive_mask, rotary_cos_sin
-
-        cos, sin = rotary_cos_sin(self.rope, pos)
-        feeds = {"cos": cos, "sin": sin, "mask": additive_mask(start, x.shape[1], self.max_context),
-                 "cache_start": np.array([start], np.int32)}  # fmt: skip
-        for label in self.decoder_labels:
-            x = self._out(label, fn, {"inputs_embeds": x, **feeds})
-        return x
-
-    def _out(self, component: str, fn: str, feeds: dict) -> np.ndarray:
-        (value,) = self._run(component, fn, feeds).values()
-        return np.asarray(value, dtype=np.float32)
-
-
-class MilRuntime(_PackageRuntime):
-    """The bundle's packages executed by the numpy MIL interpreter (Linux)."""
-
-    def __init__(self, bundle: Path, manifest: dict) -> None:
-        from .coreml_mil import MilInterpreter, MilProgram
-
-        super().__init__(bundle, manifest)
-        self.programs = {label: MilProgram(bundle / entry["file"]) for label, _, entry in self.records}
-        self.interpreters = {label: MilInterpreter(p) for label, p in self.programs.items()}
-
-    def reset(self) -> None:
-        for label in self.decoder_labels:
-            self.interpreters[label].reset()
-
-    def _run(self, component: str, function: str, feeds: dict) -> dict:
-        return self.interpreters[component].run(function, feeds)
-
-
-class CoreMLPredictRuntime(_PackageRuntime):  # pragma: no cover - needs macOS
-    """Core ML's own ``predict`` with states (macOS 15+); the structure checks still read the
-    packages with ``MilProgram``."""
-
-    def __init__(self, bundle: Path, manifest: dict) -> None:
-        from .coreml_mil import MilProgram
-
-        ct = _import_ct()
-        super().__init__(bundle, manifest)
-        self.programs = {label: MilProgram(bundle / entry["file"]) for label, _, entry in self.records}
-        self.models = {}
-        for label, _, entry in self.records:
-            for fn in entry["package"]["functions"]:
-                kw = {} if fn == "main" else {"function_name": fn}
-                self.models[(label, fn)] = ct.models.MLModel(str(bundle / entry["file"]), compute_units=ct.ComputeUnit.CPU_AND_NE, **kw)
-        self.reset()
-
-    def reset(self) -> None:
-        # prefill and decode are functions of one package over the same state: one state object per package
-        self.states = {label: self.models[(label, "decode")].make_state() for label in self.decoder_labels}
-
-    def _run(self, component: str, function: str, feeds: dict) -> dict:
-        model = self.models[(component, function)]
-        if component in self.states:
-            return model.predict(feeds, state=self.states[component])
-        return model.predict(feeds)
-
-
-BACKEND = CoreMLBackend()

@@ -1,4 +1,4 @@
-"""Linux checks of Core ML packages (DESIGN.md §4): what can be proven without Core ML.
+"""Linux checks of Core ML packages: what can be proven without Core ML (docs/proven.md).
 
 * ``structure_checks``: functions, inputs, outputs, states with shapes and dtypes as the
   manifest records them, no symbolic dimension; every op in the Neural Engine allow-list (no
@@ -60,8 +60,8 @@ def _input_shape(op, key: str, declared: dict) -> tuple:
 
 
 def structure_checks(programs: dict, manifest: dict) -> list[dict]:
-    """``programs``: MilProgram per package label (``coreml.package_records``)."""
-    from .coreml import package_records
+    """``programs``: MilProgram per package label (``runtime.package_records``)."""
+    from .runtime import package_records
 
     records = {label: entry["package"] for label, _, entry in package_records(manifest)}
     checks = []
@@ -128,12 +128,12 @@ def weight_checks(ckpt, shapes, plans: dict, bundle: Path, manifest: dict) -> li
     """INT4/INT8 codes and scales in weight.bin vs the project's quantizer on the checkpoint."""
     import torch
 
-    from ..components import registry
-    from ..load import build_on_meta, load_component
-    from . import coreml_quant
-    from .coreml_mil import MilProgram
+    from ...components import registry
+    from ...load import build_on_meta, load_component
+    from . import quant as coreml_quant
+    from .mil import MilProgram
 
-    from .coreml import package_records
+    from .runtime import package_records
 
     checks = []
     for name in manifest["components"]:

@@ -2,14 +2,14 @@
 
 1. ``QNN_SDK_ROOT`` set: a real QNN SDK (2.37 matches the headers executorch 1.5.1 was built with).
 2. Otherwise the QNN 2.51 libraries inside the pinned ``onnxruntime-qnn`` wheel (x86_64 HTP
-   emulator + offline prepare), reached through ``qnn_htp_compat`` (``autoglm_export/native``):
+   emulator + offline prepare), reached through ``qnn_htp_compat.c`` (beside this file):
    a forwarding ``libQnnHtp.so`` that converts the HTP device custom config from the 2.37 to the
    2.51 layout. ``make setup`` compiles it with the machine's gcc into ``$VIRTUAL_ENV/qnn_compat``.
    The libraries are found through ``LD_LIBRARY_PATH``, which the dynamic loader reads once at
    start-up, so QNN work runs in a subprocess with ``qnn_environment()``; and ONNX Runtime's QNN
    EP must not share that process (both would load a ``libQnnHtp.so``).
 
-    python -m autoglm_export.lower.qnn_libs build   # what make setup runs
+    python -m autoglm_export.targets.qnn.libs build   # what make setup runs
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import BackendUnavailable
+from ...errors import BackendUnavailable
 
-SHIM_SOURCE = Path(__file__).resolve().parents[1] / "native" / "qnn_htp_compat.c"
+SHIM_SOURCE = Path(__file__).resolve().parent / "qnn_htp_compat.c"
 REAL_LIBRARY_ENV = "AUTOGLM_QNN_HTP_LIBRARY"
 FIX = ("either set QNN_SDK_ROOT to a QNN 2.37 SDK (Qualcomm AI Engine Direct), or `pip install onnxruntime-qnn==2.7.0` "
        "and run `make setup`, which builds the compatibility layer for its QNN 2.51 libraries")  # fmt: skip

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import ExportError
-from ..quantize import ComponentPlan, WeightPlan
+from ...errors import ExportError
+from ...quantize import ComponentPlan, WeightPlan
 
 HTP_CONTEXT_LIMIT = 4 * 1024**3  # bytes; QNN HTP cannot map a larger context binary
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")

@@ -7,7 +7,7 @@ decode functions hold the same weights), any other is appended. Peak memory is t
 
 ``weights/weight.bin``: a 64-byte header (blob count, version), then per blob a 64-byte metadata
 record (sentinel 0xDEADBEEF, storage type, size, offset of the data) and the data, each record at a
-64-byte boundary; programs address a blob by the offset of its record (DESIGN.md §4).
+64-byte boundary; programs address a blob by the offset of its record.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 INT4 / INT8 linears run as XNNPACK's dynamically-quantized int8-activation kernels (8da4w,
 8da8w); INT4 / INT8 embeddings as ExecuTorch's quantized embedding kernels. Recipes and numbers
-behind these choices: DESIGN.md §2.
+behind these choices: docs/benchmarks.md.
 
 With ``lowering.external_weights`` each program's weights (the XNNPACK delegate's constants and
 the ones left to portable kernels) go to a ``.ptd`` file beside its ``.pte`` (ExecuTorch's
@@ -16,25 +16,24 @@ from pathlib import Path
 
 import torch
 
-from ..bundle import part_file
-from ..errors import ExportError
-from .executorch_common import ExecuTorchRuntime, contract_check, delegation_stats, export_component, metadata_methods
-from .export_caches import release_export_caches
+from ...bundle import part_file
+from ...errors import ExportError
+from ..contract import Target
+from ..shared.executorch import ExecuTorchRuntime, contract_check, delegation_stats, export_component, metadata_methods
+from ..shared.export_caches import release_export_caches
 
 PTE = "model.pte"
 
 
-class XnnpackBackend:
-    name = "xnnpack"
+class XnnpackTarget(Target):
     runtime_name = "executorch.runtime (XNNPACK delegate, host CPU)"
-    quantizes_in_torch = True
     external_weights = False
 
     def configure(self, rec, recipe_file: str, **_) -> None:
         self.external_weights = rec.lowering.external_weights
 
     def check_plans(self, plans: dict, recipe_file: str, parts: list | None = None) -> None:
-        pass
+        pass  # every scheme and group size of the recipe schema has an XNNPACK kernel
 
     def torchao_config(self, scheme: str, group_size: int | None, module: torch.nn.Module):
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
@@ -163,5 +162,3 @@ def _lower_to_pte(programs: dict, constant_methods: dict, path: Path, progress, 
     release_export_caches()
     return stats, data
 
-
-BACKEND = XnnpackBackend()

@@ -27,11 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailable, ExportError
-from .onnx_graph import fuse_rms_norm
-from .onnxrt import _digest
-from .static_graphs import graph_names as _graphs
-from .static_graphs import ComponentAdapter, StaticGraphRuntime, static_graphs
+from ...errors import BackendUnavailable, ExportError
+from ..contract import Target
+from ..shared.htp_plans import check_npu_plans
+from ..shared.onnx_weights import weight_digest
+from ..shared.static_graphs import graph_names as _graphs
+from ..shared.static_graphs import ComponentAdapter, StaticGraphRuntime, static_graphs
+from .rms_norm_fusion import fuse_rms_norm
 
 SOC_MODEL, HTP_ARCH, SOC_NAME = "57", "75", "SM8650"
 OPSET = 21  # 16-bit QDQ needs opset 21; exported at 20 and raised (no op used here changed)
@@ -75,43 +77,15 @@ def qnn_session_options(*, fp16: bool, context_file: Path | None = None, record:
     return so
 
 
-def check_npu_plans(plans: dict, recipe_file: str) -> None:
-    """Recipe rules an HTP can run: integer components (QDQ / PT2E, 16-bit activations) or fp16
-    components, 4-bit only on linear (MatMul) weights."""
-    for plan in plans.values():
-        where = f"quantization (component {plan.component})"
-        if plan.quantized and plan.dtype != "fp32":
-            raise ExportError("an HTP target cannot mix integer and fp16 rules in one component", file=recipe_file,
-                              field=where, expected="integer rules (QDQ, 16-bit activations) or all fp16", got=plan.dtype,
-                              fix="make the component's float rules fp32 (they become 8-bit QDQ weights) or drop its integer rules")  # fmt: skip
-        if not plan.quantized and plan.dtype != "fp16":
-            raise ExportError("the HTP has no fp32: a float component must be fp16", file=recipe_file, field=where,
-                              expected="fp16, or int8/int4 rules", got=plan.dtype, fix="use fp16 for this component")  # fmt: skip
-        for w in plan.weights.values():
-            # a 4-bit embedding table is no smaller on the HTP: lowered through ExecuTorch's
-            # QnnQuantizer (16a4w, per row) its context held 1.20 bytes per weight, 8-bit 1.17
-            # (docs/benchmarks.md) — only the precision would drop
-            if w.scheme == "int4" and (w.weight.startswith("token_embedding.") or not w.weight.endswith(".weight") or
-                                       len(w.shape) != 2):  # fmt: skip
-                raise ExportError("4-bit weights only on MatMul weights for QNN", file=recipe_file,
-                                  field=f"quantization[{w.rule}]", expected="int4 on linear weights", got=w.weight,
-                                  fix="use int8 for this weight")  # fmt: skip
-
-
-class OnnxQnnBackend:
-    name = "onnx-qnn"
+class OnnxQnnTarget(Target):
     runtime_name = "onnxruntime-qnn (QNN HTP emulator on x86_64, compiled for SM8650 / v75)"
-    quantizes_in_torch = False
 
-    def __init__(self) -> None:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self._calibration: dict[str, object] = {}
-        self.calibration_set = None
-
-    def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
-        raise AssertionError("the onnx-qnn target quantizes after export")
 
     def configure(self, recipe, recipe_file: str, *, tokenizer, pre, base=None) -> None:
-        from ..calibration import load_calibration
+        from ...calibration import load_calibration
 
         self.calibration_set = load_calibration(recipe.calibration, Path(base or Path(recipe_file).parent), recipe_file, tokenizer, pre)
         self._calibration = {"calibration": self.calibration_set}
@@ -160,7 +134,7 @@ class OnnxQnnBackend:
         try:
             for name, prog in programs.items():
                 plan = plans[name]
-                by_digest = {_digest(v.T): n for n, v in prog["params"].items() if v.ndim == 2}
+                by_digest = {weight_digest(v.T): n for n, v in prog["params"].items() if v.ndim == 2}
                 graphs = {}
                 for graph in _graphs(name):
                     model = prog["graphs"][graph]
@@ -171,7 +145,7 @@ class OnnxQnnBackend:
                         inits = {i.name: i for i in model.graph.initializer}
                         for node in model.graph.node:
                             if node.op_type == "MatMul" and node.input[1] in inits:
-                                param = by_digest.get(_digest(onnx.numpy_helper.to_array(inits[node.input[1]])))
+                                param = by_digest.get(weight_digest(onnx.numpy_helper.to_array(inits[node.input[1]])))
                                 w = plan.weights.get(param) if param else None
                                 if w is not None and w.scheme == "int4":
                                     int4[node.input[1]] = param
@@ -360,5 +334,3 @@ class OnnxQnnRuntime(StaticGraphRuntime):
     def _run(self, graph: str, feeds: dict) -> list[np.ndarray]:
         return self.sessions[graph].run(None, feeds)
 
-
-BACKEND = OnnxQnnBackend()

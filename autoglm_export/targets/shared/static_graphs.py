@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models.glm4v.layout import VISION_METHOD, is_vision_method
+from ...models.glm4v.layout import VISION_METHOD, is_vision_method
 
 CALIBRATION_SEED = 1234
 
@@ -44,7 +44,8 @@ def graph_names(component: str) -> list[str]:
 
 @torch.no_grad()
 def static_graphs(name: str, module: torch.nn.Module, prefill_chunk: int, state: dict) -> dict[str, StaticGraph]:
-    from ..models.glm4v.modules import RMSNorm, TextDecoderStatic
+    from ...models.glm4v.blocks import RMSNorm
+    from ...models.glm4v.decoder_forms import TextDecoderStatic
 
     module = module.float().eval()
     for m in module.modules():
@@ -85,8 +86,8 @@ def static_graphs(name: str, module: torch.nn.Module, prefill_chunk: int, state:
 
 
 def _encoder_calibration(name: str, module, example: torch.Tensor, state: dict) -> list[dict]:
-    from ..host.golden import golden_audio, golden_image
-    from ..host.image import patchify
+    from ...host.golden import golden_audio, golden_image
+    from ...host.image import patchify
 
     g = torch.Generator().manual_seed(CALIBRATION_SEED)
     key = "pixel_values" if is_vision_method(name) else "input_features"
@@ -96,7 +97,7 @@ def _encoder_calibration(name: str, module, example: torch.Tensor, state: dict) 
         img = (img - 0.45) / 0.27
         real = torch.from_numpy(patchify(img.astype(np.float32), module.v.patch_size, module.v.spatial_merge_size))
     else:
-        from ..host.audio import AudioPreprocessing, log_mel
+        from ...host.audio import AudioPreprocessing, log_mel
 
         pre = AudioPreprocessing(frames=example.shape[-1], mel_bins=example.shape[1])
         real = torch.from_numpy(log_mel(golden_audio(1.5)[::-1].copy(), pre)[None])
@@ -112,7 +113,7 @@ def _encoder_calibration(name: str, module, example: torch.Tensor, state: dict) 
 
 
 def _calibration_set(state: dict):
-    from ..calibration import CalibrationSet
+    from ...calibration import CalibrationSet
 
     return state.get("calibration") or CalibrationSet()
 
@@ -135,7 +136,7 @@ def _decoder_calibration(wrapper, chunk: int, state: dict) -> list[dict]:
 
 def _decoder_sequences(wrapper, chunk: int, state: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs_embeds [1, L, D], position_ids [3, L]) of each calibration sequence."""
-    from ..host.prompt import IMAGE
+    from ...host.prompt import IMAGE
 
     d = wrapper.decoder
     t = d.t
@@ -269,7 +270,7 @@ class StaticGraphRuntime:
         return torch.from_numpy(logits)
 
     def _decoder_call(self, kind: str, x, pos, slots) -> np.ndarray:
-        from ..host.static_decoder import attention_mask, rotary_cos_sin
+        from ...host.static_decoder import attention_mask, rotary_cos_sin
 
         T = x.shape[1]
         start = int(slots[0])
@@ -286,7 +287,7 @@ class StaticGraphRuntime:
 
     def probe_feeds(self, graph: str) -> dict:
         """Seeded inputs of the right shapes and ranges for a graph (reload comparisons)."""
-        from ..host.static_decoder import attention_mask, rotary_cos_sin
+        from ...host.static_decoder import attention_mask, rotary_cos_sin
 
         g = np.random.default_rng(7)
         feeds = {}
@@ -301,6 +302,9 @@ class StaticGraphRuntime:
                 feeds[name] = g.standard_normal(shape).astype(np.float32)
         return feeds
 
+    def close(self) -> None:
+        """Nothing to end: the graphs run in this process (the qnn emulator's runtime overrides this)."""
+
 
 class ComponentAdapter:
     """One component of a ``StaticGraphRuntime`` called like the PyTorch module it stands for
@@ -310,7 +314,7 @@ class ComponentAdapter:
         self.runtime, self.name = runtime, name
 
     def __call__(self, *args):
-        from ..host.generate import call_component
+        from ...host.generate import call_component
 
         if len(args) == 1:  # an encoder or the token embedding
             return call_component(self.runtime, self.name, *args)

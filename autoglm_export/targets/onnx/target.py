@@ -17,7 +17,6 @@ weight replaced by its dequantized value, read back from the written model.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import tempfile
@@ -27,20 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bundle import decoder_part_paths, part_file
-from ..errors import ExportError
-from ..models.glm4v.layout import is_vision_method
-from .export_caches import release_export_caches
+from ...bundle import decoder_part_paths, part_file
+from ...errors import ExportError
+from ...models.glm4v.layout import is_vision_method
+from ..contract import Target
+from ..shared.export_caches import release_export_caches
+from ..shared.onnx_weights import weight_digest
 
 EXTERNAL_DATA_THRESHOLD = 1 << 20
 
 
 def _file(name: str) -> str:
     return f"{name}.onnx"
-
-
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).data).hexdigest()  # no bytes copy
 
 
 def _nbytes(tensor) -> int:
@@ -70,14 +67,8 @@ def dequantize_matmul_nbits(node, inits: dict) -> np.ndarray:
     return w.reshape(n, -1)[:, :k]
 
 
-class OnnxBackend:
-    name = "onnx"
+class OnnxTarget(Target):
     runtime_name = "onnxruntime (CPUExecutionProvider)"
-    quantizes_in_torch = False  # ONNX Runtime's quantizer works on the exported graph
-
-    def torchao_config(self, scheme, group_size, module):  # pragma: no cover - never called
-        raise AssertionError("the onnx target quantizes after export")
-
     def check_plans(self, plans: dict, recipe_file: str, parts: list | None = None) -> None:
         for plan in plans.values():
             if plan.dtype == "fp16" and plan.quantized:
@@ -103,7 +94,7 @@ class OnnxBackend:
     def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
         from torch.export import Dim
 
-        from ..models.glm4v.modules import TextDecoderExplicitCache
+        from ...models.glm4v.decoder_forms import TextDecoderExplicitCache
 
         T = Dim("T", min=1, max=prefill_chunk)
         length = min(4, prefill_chunk)
@@ -143,7 +134,7 @@ class OnnxBackend:
             # (transposed), for mapping MatMul initializers back to recipe rules in lower();
             # torchao-quantized weights (the --against gate exports those as they are) are skipped
             prefix = "decoder." if name == "text_decoder" else ""
-            digests = {_digest(p.detach().float().numpy().T): n.removeprefix(prefix) for n, p in module.named_parameters()
+            digests = {weight_digest(p.detach().float().numpy().T): n.removeprefix(prefix) for n, p in module.named_parameters()
                        if type(p) in (torch.Tensor, torch.nn.Parameter) and p.dim() == 2}  # fmt: skip
         release_export_caches()
         return {"model": model, "scratch": scratch, "digests": digests}
@@ -160,7 +151,7 @@ class OnnxBackend:
     def lower_part(self, name: str, program, layers: tuple[int, int], out_dir: Path, progress, plan) -> dict:
         """One part of the decoder (``recipe.lowering``) as its own model, its KV cache inputs and
         outputs those of its own layers (``k_cache_{layer}``)."""
-        from ..quantize import ComponentPlan
+        from ...quantize import ComponentPlan
 
         a, b = layers
         path = out_dir / part_file(name, layers, "onnx")
@@ -188,7 +179,7 @@ class OnnxBackend:
             if node.op_type != "MatMul" or node.input[1] not in inits:
                 continue
             constant_matmuls.append(node.name)
-            param = by_digest.get(_digest(onnx.numpy_helper.to_array(inits[node.input[1]])))
+            param = by_digest.get(weight_digest(onnx.numpy_helper.to_array(inits[node.input[1]])))
             w = plan.weights.get(param) if param else None
             if w is not None and w.scheme == "int4":
                 groups.setdefault(matmul_nbits_block(w), []).append(node.name)
@@ -286,7 +277,7 @@ class OnnxRuntime:
         built = {tuple(i.shape) for s in self.decoder for i in s.get_inputs()[3:]}
         if built != {tuple(cache_shape)} or cache_shape[2] != max_context:
             # the manifest is not hashed: the models' own cache inputs bound the positions used
-            from ..errors import BundleError
+            from ...errors import BundleError
 
             raise BundleError("manifest disagrees with the decoder's KV cache inputs", field="shapes.max_context",
                               expected=f"cache shape {sorted(built)}", got=f"{cache_shape}, max_context {max_context}",
@@ -320,5 +311,5 @@ class OnnxRuntime:
             x, *self.caches[i] = session.run(None, feeds)
         return torch.from_numpy(x)
 
-
-BACKEND = OnnxBackend()
+    def close(self) -> None:
+        """Nothing to end: the runtime lives in this process."""

@@ -8,7 +8,7 @@ DEMO   ?= demo-out
 # ExecuTorch's FX passes): the tiny xnnpack export took about 15% less CPU on it (CHANGELOG, 2026-11-24).
 PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3)
 
-.PHONY: setup app-toolchain test demo bench clean
+.PHONY: setup app-toolchain lint test demo bench clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,13 @@ app-toolchain:
 	    { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q kotlin junit4 libgoogle-gson-java >/dev/null; } || \
 	    echo "could not install the Kotlin toolchain: tests/test_app_ports.py will fail"; }
 
-test: setup app-toolchain
+test: setup app-toolchain lint
 	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile
+
+# ruff (pinned in pyproject.toml): formatting and lint rules of [tool.ruff]; `ruff format .` fixes the first
+lint: setup
+	$(PY) -m ruff format --check --quiet .
+	$(PY) -m ruff check --quiet .
 
 demo: setup
 	rm -rf $(DEMO)

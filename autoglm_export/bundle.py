@@ -22,8 +22,10 @@ from .recipe import MAX_IMAGE_BUCKETS, MAX_IMAGE_SIDE
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REPORT = "report.json"
-PROMPT_TEMPLATE = ("[gMASK]<sop><|user|>\n<|begin_of_image|><|image|>×N<|end_of_image|>"
-                   "[<|begin_of_audio|><|audio|>×M<|end_of_audio|>]TEXT<|assistant|>\n")
+PROMPT_TEMPLATE = (
+    "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|>×N<|end_of_image|>"
+    "[<|begin_of_audio|><|audio|>×M<|end_of_audio|>]TEXT<|assistant|>\n"
+)
 
 
 def library_versions(extra: dict | None = None) -> dict:
@@ -70,8 +72,12 @@ def _safe_relative(name: str) -> bool:
     if not isinstance(name, str) or "\\" in name or "\0" in name:
         return False
     parts = name.split("/")
-    return bool(name) and not name.startswith("/") and all(p and not p.startswith(".") for p in parts) and (
-        len(parts) == 1 or parts[0].endswith(".mlpackage"))
+    return (
+        bool(name)
+        and not name.startswith("/")
+        and all(p and not p.startswith(".") for p in parts)
+        and (len(parts) == 1 or parts[0].endswith(".mlpackage"))
+    )
 
 
 def _inside(bundle: Path, name: str) -> bool:
@@ -119,26 +125,41 @@ def _check_structure(manifest: dict, mpath: Path) -> None:
     fix = "re-export the bundle with autoglm-export"
 
     def bad(field: str, expected: str, got: object) -> BundleError:
-        return BundleError("malformed manifest", file=mpath, field=field, expected=expected,
-                           got=excerpt(repr(got)), fix=fix)  # fmt: skip
+        return BundleError(
+            "malformed manifest", file=mpath, field=field, expected=expected, got=excerpt(repr(got)), fix=fix
+        )
 
     files = manifest["files"]
     if not isinstance(files, dict) or not files:
         raise bad("files", "a mapping of file name -> {bytes, sha256}", type(files).__name__)
     for name, entry in files.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or isinstance(entry.get("bytes"), bool) \
-                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("bytes"), int)
+            or isinstance(entry.get("bytes"), bool)
+            or not isinstance(entry.get("sha256"), str)
+            or len(entry["sha256"]) != 64
+        ):
             raise bad(f"files.{excerpt(name, 80)}", "{bytes: integer, sha256: 64 hex digits}", entry)
     comps = manifest["components"]
     if not isinstance(comps, dict) or not isinstance(comps.get("text_decoder"), dict):
-        raise bad("components.text_decoder", "a mapping per component, text_decoder among them",
-                  sorted(comps) if isinstance(comps, dict) else type(comps).__name__)
+        raise bad(
+            "components.text_decoder",
+            "a mapping per component, text_decoder among them",
+            sorted(comps) if isinstance(comps, dict) else type(comps).__name__,
+        )
     for name, comp in comps.items():
         if not isinstance(comp, dict) or not isinstance(comp.get("file"), str):
-            raise bad(f"components.{excerpt(name, 80)}.file", "a file name", comp.get("file") if isinstance(comp, dict) else comp)
+            raise bad(
+                f"components.{excerpt(name, 80)}.file",
+                "a file name",
+                comp.get("file") if isinstance(comp, dict) else comp,
+            )
         programs = comp.get("programs")
-        if programs is not None and (not isinstance(programs, list) or
-                                     not all(isinstance(p, dict) and isinstance(p.get("file"), str) for p in programs)):
+        if programs is not None and (
+            not isinstance(programs, list)
+            or not all(isinstance(p, dict) and isinstance(p.get("file"), str) for p in programs)
+        ):
             raise bad(f"components.{name}.programs", "a list of {file: name, ...}", programs)
     shapes = manifest["shapes"]
     mc = shapes.get("max_context") if isinstance(shapes, dict) else None
@@ -150,14 +171,20 @@ def _check_structure(manifest: dict, mpath: Path) -> None:
         raise bad("shapes.max_context", f"the KV cache length the decoder was exported with ({recorded})", mc)
     buckets = _dig(manifest, "preprocessing", "buckets")
     if not isinstance(buckets, list) or not 1 <= len(buckets) <= MAX_IMAGE_BUCKETS:
-        raise bad("preprocessing.buckets", f"1 to {MAX_IMAGE_BUCKETS} image buckets (bundles before image buckets "
-                  "had preprocessing.image_size)", buckets if isinstance(buckets, list) else type(buckets).__name__)  # fmt: skip
+        raise bad(
+            "preprocessing.buckets",
+            f"1 to {MAX_IMAGE_BUCKETS} image buckets (bundles before image buckets had preprocessing.image_size)",
+            buckets if isinstance(buckets, list) else type(buckets).__name__,
+        )
     for i, b in enumerate(buckets):
         h, w = (b.get("height"), b.get("width")) if isinstance(b, dict) else (None, None)
         sides_ok = all(isinstance(x, int) and not isinstance(x, bool) and 28 <= x <= MAX_IMAGE_SIDE for x in (h, w))
         if not sides_ok or b.get("method") != vision_method(i, (h, w)) or b["method"] not in comps:
-            raise bad(f"preprocessing.buckets[{i}]", f"{{height, width: 28..{MAX_IMAGE_SIDE}, method: the vision "
-                      "component of that size}", b)  # fmt: skip
+            raise bad(
+                f"preprocessing.buckets[{i}]",
+                f"{{height, width: 28..{MAX_IMAGE_SIDE}, method: the vision component of that size}}",
+                b,
+            )
 
 
 def _dig(node, *keys: str, default=None):
@@ -173,17 +200,33 @@ def check_opened_files(bundle: Path, manifest: dict, mpath: Path) -> None:
     files = manifest["files"]
     for name in files:
         if not _safe_relative(name) or not _inside(bundle, name):
-            raise BundleError("manifest names a file outside the bundle", file=mpath, field="files",
-                              got=excerpt(repr(name)), fix="re-export the bundle with autoglm-export")  # fmt: skip
+            raise BundleError(
+                "manifest names a file outside the bundle",
+                file=mpath,
+                field="files",
+                got=excerpt(repr(name)),
+                fix="re-export the bundle with autoglm-export",
+            )
     packages = {n.split("/")[0] for n in files if "/" in n}
     for field, name in opened_files(manifest):
         if not _safe_relative(name) or not _inside(bundle, name):
-            raise BundleError("manifest names a file outside the bundle", file=mpath, field=field,
-                              expected="a file name inside the bundle", got=excerpt(repr(name)),
-                              fix="re-export the bundle with autoglm-export")  # fmt: skip
+            raise BundleError(
+                "manifest names a file outside the bundle",
+                file=mpath,
+                field=field,
+                expected="a file name inside the bundle",
+                got=excerpt(repr(name)),
+                fix="re-export the bundle with autoglm-export",
+            )
         if name not in files and name not in packages:
-            raise BundleError("manifest names a file it does not hash", file=mpath, field=field, got=excerpt(repr(name)),
-                              expected="a name listed in files (with its sha256)", fix="re-export the bundle with autoglm-export")  # fmt: skip
+            raise BundleError(
+                "manifest names a file it does not hash",
+                file=mpath,
+                field=field,
+                got=excerpt(repr(name)),
+                expected="a name listed in files (with its sha256)",
+                fix="re-export the bundle with autoglm-export",
+            )
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -206,8 +249,14 @@ def load_bundle(bundle: str | Path, *, check_hashes: bool = True, trust_stamp: b
         raise BundleError(f"manifest is not valid JSON ({e.__class__.__name__})", file=mpath, fix=fix) from None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
         got = manifest.get("schema_version") if isinstance(manifest, dict) else type(manifest).__name__
-        raise BundleError("unsupported manifest", file=mpath, field="schema_version", expected=str(SCHEMA_VERSION),
-                          got=repr(got), fix=fix)  # fmt: skip
+        raise BundleError(
+            "unsupported manifest",
+            file=mpath,
+            field="schema_version",
+            expected=str(SCHEMA_VERSION),
+            got=repr(got),
+            fix=fix,
+        )
     for key in ("target", "files", "components", "shapes", "prompt", "preprocessing"):
         if key not in manifest:
             raise BundleError("manifest field missing", file=mpath, field=key, fix=fix)

@@ -62,11 +62,19 @@ def load_calibration(spec, base: Path, recipe_file: str, tokenizer, pre) -> Cali
         out.files[spec.prompts] = sha256_file(path)
         lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
         if not lines:
-            raise ExportError("no prompts in the calibration file", file=path, field="calibration.prompts",
-                              fix="write one prompt per line")  # fmt: skip
+            raise ExportError(
+                "no prompts in the calibration file",
+                file=path,
+                field="calibration.prompts",
+                fix="write one prompt per line",
+            )
         if not out.pixel_values:
-            raise ExportError("calibration prompts need at least one image", file=recipe_file, field="calibration.images",
-                              fix="list one or more screenshots under calibration.images")  # fmt: skip
+            raise ExportError(
+                "calibration prompts need at least one image",
+                file=recipe_file,
+                field="calibration.images",
+                fix="list one or more screenshots under calibration.images",
+            )
         for text in lines:
             p = build_chat_prompt(tokenizer, text, image_tokens=pre.num_tokens)
             out.prompts.append(p)
@@ -77,13 +85,23 @@ def load_calibration(spec, base: Path, recipe_file: str, tokenizer, pre) -> Cali
 def check_unchanged(recorded: dict, current: CalibrationSet, manifest_file) -> None:
     for name, digest in recorded.items():
         if current.files.get(name) != digest:
-            raise ExportError("a calibration file differs from the one this bundle was calibrated with", file=manifest_file,
-                              field=f"calibration.files[{name!r}]", fix="restore the file, or re-export the bundle")  # fmt: skip
+            raise ExportError(
+                "a calibration file differs from the one this bundle was calibrated with",
+                file=manifest_file,
+                field=f"calibration.files[{name!r}]",
+                fix="restore the file, or re-export the bundle",
+            )
 
 
 def _resolve(base: Path, name: str, field_name: str, recipe_file: str) -> Path:
     path = (base / name).resolve()
     if not path.is_file():
-        raise ExportError("calibration file not found", file=recipe_file, field=field_name, got=str(path),
-                          expected="a file relative to the recipe's directory", fix="fix the path or drop the entry")  # fmt: skip
+        raise ExportError(
+            "calibration file not found",
+            file=recipe_file,
+            field=field_name,
+            got=str(path),
+            expected="a file relative to the recipe's directory",
+            fix="fix the path or drop the entry",
+        )
     return path

@@ -32,8 +32,14 @@ class ChatEngine:
     """One bundle's runtime with its tokenizer and preprocessing, remembering what its cache holds.
     Calls are serialised (one KV cache); ``chat`` is safe to call from any one thread at a time."""
 
-    def __init__(self, bundle: str | Path, *, allow_failed: bool = False, warn: Callable[[str], object] = lambda s: None,
-                 manifest: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        bundle: str | Path,
+        *,
+        allow_failed: bool = False,
+        warn: Callable[[str], object] = lambda s: None,
+        manifest: dict | None = None,
+    ) -> None:
         """``manifest``: one the caller already loaded and checked (``load_bundle``, ``check_verified``)."""
         from .bundle import load_bundle
         from .host.audio import AudioPreprocessing
@@ -70,7 +76,11 @@ class ChatEngine:
         from .host.audio import log_mel
 
         if self.audio_pre is None:
-            raise ExportError("this bundle has no audio encoder", field="audio", fix="export a checkpoint with an audio tower, or send no audio")
+            raise ExportError(
+                "this bundle has no audio encoder",
+                field="audio",
+                fix="export a checkpoint with an audio tower, or send no audio",
+            )
         feats = log_mel(wave, self.audio_pre)[None]
         return Part("audio", data=feats, digest=digest(feats))
 
@@ -101,11 +111,17 @@ class ChatEngine:
         r = self.render(messages, enable_thinking)
         n = len(r.prompt)
         if n >= self.max_context:
-            raise ExportError("prompt does not fit the bundle's context", field="messages",
-                              expected=f"fewer than {self.max_context} tokens (shapes.max_context of this bundle)",
-                              got=f"{n:,} tokens", fix="drop earlier turns or images, or export with a larger max_context")  # fmt: skip
+            raise ExportError(
+                "prompt does not fit the bundle's context",
+                field="messages",
+                expected=f"fewer than {self.max_context} tokens (shapes.max_context of this bundle)",
+                got=f"{n:,} tokens",
+                fix="drop earlier turns or images, or export with a larger max_context",
+            )
         if max_tokens < 1:
-            raise ExportError("max_tokens must be at least 1", field="max_tokens", got=str(max_tokens), fix="ask for 1 or more tokens")
+            raise ExportError(
+                "max_tokens must be at least 1", field="max_tokens", got=str(max_tokens), fix="ask for 1 or more tokens"
+            )
         budget = min(max_tokens, self.max_context - n)
         stops = [s for s in stop if s]
         with self._lock:
@@ -116,7 +132,9 @@ class ChatEngine:
 
         n = len(r.prompt)
         reuse = 0
-        for a, b in zip(self._cached, r.keys[: n - 1]):  # the last prompt token always runs: its logits start the answer
+        for a, b in zip(
+            self._cached, r.keys[: n - 1]
+        ):  # the last prompt token always runs: its logits start the answer
             if a != b:
                 break
             reuse += 1
@@ -157,10 +175,23 @@ class ChatEngine:
                 return True
             return False
 
-        choose = None if sampling.greedy and not (sampling.frequency_penalty or sampling.presence_penalty) else Sampler(sampling)
-        trace = generate(self.runtime, r.prompt, **r.image_inputs(self.pre.merged_grid), audios=r.audios,
-                         max_new_tokens=budget, eos_ids=self.eos, on_token=on_token, reuse=reuse,
-                         choose=choose, stop=should_stop)  # fmt: skip
+        choose = (
+            None
+            if sampling.greedy and not (sampling.frequency_penalty or sampling.presence_penalty)
+            else Sampler(sampling)
+        )
+        trace = generate(
+            self.runtime,
+            r.prompt,
+            **r.image_inputs(self.pre.merged_grid),
+            audios=r.audios,
+            max_new_tokens=budget,
+            eos_ids=self.eos,
+            on_token=on_token,
+            reuse=reuse,
+            choose=choose,
+            stop=should_stop,
+        )
         fed = trace.tokens[: trace.cached - n]
         self._cached = r.keys + [(t, "") for t in fed]
         reason = state["reason"] or "length"
@@ -169,5 +200,12 @@ class ChatEngine:
         if on_text is not None and len(text) > len(state["shown"]) and text.startswith(state["shown"]):
             on_text(text[len(state["shown"]) :])
         first = state["first"] or time.perf_counter()
-        return ChatResult(text=text, tokens=answer, prompt_tokens=n, reused_tokens=reuse, finish_reason=reason,
-                          prefill_s=first - t0, decode_s=time.perf_counter() - first)  # fmt: skip
+        return ChatResult(
+            text=text,
+            tokens=answer,
+            prompt_tokens=n,
+            reused_tokens=reuse,
+            finish_reason=reason,
+            prefill_s=first - t0,
+            decode_s=time.perf_counter() - first,
+        )

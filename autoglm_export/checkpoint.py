@@ -90,15 +90,25 @@ class Checkpoint:
         if t.is_floating_point() and not _all_finite(t):
             nan = int(torch.isnan(t).sum())
             raise CheckpointError(
-                "weight holds non-finite values", file=info.file, field=info.key,
-                expected="finite numbers", got=f"{nan:,} NaN and {int(torch.isinf(t).sum()):,} infinite of {t.numel():,}",
+                "weight holds non-finite values",
+                file=info.file,
+                field=info.key,
+                expected="finite numbers",
+                got=f"{nan:,} NaN and {int(torch.isinf(t).sum()):,} infinite of {t.numel():,}",
                 fix="the checkpoint is damaged (or diverged in training); re-download it or use another one",
-            )  # fmt: skip
+            )
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
     def files(self) -> list[Path]:
-        names = {"config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json", INDEX_FILE,
-                 "chat_template.jinja", "tokenizer_config.json"}  # fmt: skip
+        names = {
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "preprocessor_config.json",
+            INDEX_FILE,
+            "chat_template.jinja",
+            "tokenizer_config.json",
+        }
         out = [self.root / n for n in sorted(names) if (self.root / n).is_file()]
         out += sorted({i.file for i in self.tensors.values()})
         return out
@@ -131,11 +141,14 @@ def checked_file(root: Path, path: Path, field: str) -> Path:
         path.resolve().relative_to(containment_root(root))
     except ValueError:
         raise CheckpointError(
-            "file resolves outside the checkpoint directory", file=path, field=field,
-            expected=f"a file inside {containment_root(root)}", got=excerpt(str(path.resolve())),
+            "file resolves outside the checkpoint directory",
+            file=path,
+            field=field,
+            expected=f"a file inside {containment_root(root)}",
+            got=excerpt(str(path.resolve())),
             fix="copy the file into the checkpoint directory (symlinks may point inside it, or inside the "
-                "models--*/ directory of a Hugging Face cache snapshot)",
-        ) from None  # fmt: skip
+            "models--*/ directory of a Hugging Face cache snapshot)",
+        ) from None
     return path
 
 
@@ -170,7 +183,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         (n,) = struct.unpack("<Q", head)
         if n <= 1 or n > MAX_HEADER_BYTES or 8 + n > size:
             raise CheckpointError(
-                "truncated or corrupt safetensors header", file=path, got=f"header length {n}, file size {size}", fix=fix
+                "truncated or corrupt safetensors header",
+                file=path,
+                got=f"header length {n}, file size {size}",
+                fix=fix,
             )
         try:
             header = json.loads(f.read(n))
@@ -188,9 +204,14 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError("corrupt safetensors entry", file=path, field=excerpt(key), fix=fix) from None
         if not all(_is_index(d) for d in shape) or not (_is_index(begin) and _is_index(end)):
-            raise CheckpointError("corrupt safetensors entry", file=path, field=excerpt(key),
-                                  expected="non-negative integer shape and data_offsets",
-                                  got=excerpt(f"shape {meta['shape']!r}, data_offsets {meta['data_offsets']!r}"), fix=fix)  # fmt: skip
+            raise CheckpointError(
+                "corrupt safetensors entry",
+                file=path,
+                field=excerpt(key),
+                expected="non-negative integer shape and data_offsets",
+                got=excerpt(f"shape {meta['shape']!r}, data_offsets {meta['data_offsets']!r}"),
+                fix=fix,
+            )
         if dtype not in DTYPES:
             raise CheckpointError(
                 "unsupported tensor dtype", file=path, field=key, expected="|".join(DTYPES), got=dtype, fix=fix
@@ -214,8 +235,13 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     spans = sorted((m["data_offsets"][0], m["data_offsets"][1], k) for k, m in header.items() if k != "__metadata__")
     for (_, end_a, key_a), (begin_b, _, key_b) in zip(spans, spans[1:]):
         if begin_b < end_a:
-            raise CheckpointError("overlapping tensor byte ranges", file=path, field=excerpt(key_b),
-                                  got=f"starts at {begin_b}, inside {excerpt(key_a, 60)} (ends at {end_a})", fix=fix)  # fmt: skip
+            raise CheckpointError(
+                "overlapping tensor byte ranges",
+                file=path,
+                field=excerpt(key_b),
+                got=f"starts at {begin_b}, inside {excerpt(key_a, 60)} (ends at {end_a})",
+                fix=fix,
+            )
     return out
 
 
@@ -278,7 +304,11 @@ def open_checkpoint(path: str | Path, *, require_tokenizer: bool = True) -> Chec
     config_file = root / "config.json"
     config = load_json(config_file, "config.json", "pass a Hugging Face checkpoint directory that has config.json")
     gen_file = root / "generation_config.json"
-    generation = load_json(gen_file, "generation_config.json", "copy it from the original checkpoint") if gen_file.is_file() else {}
+    generation = (
+        load_json(gen_file, "generation_config.json", "copy it from the original checkpoint")
+        if gen_file.is_file()
+        else {}
+    )
     spec = parse_config(config, config_file, generation)
 
     stored: dict[str, TensorInfo] = {}
@@ -309,7 +339,11 @@ def open_checkpoint(path: str | Path, *, require_tokenizer: bool = True) -> Chec
             )
         if not info.dtype.startswith(("F", "BF")):
             raise CheckpointError(
-                "weight is not floating point", file=info.file, field=key, got=info.dtype, fix="use an unquantized checkpoint"
+                "weight is not floating point",
+                file=info.file,
+                field=key,
+                got=info.dtype,
+                fix="use an unquantized checkpoint",
             )
     if require_tokenizer and not (root / "tokenizer.json").is_file():
         raise CheckpointError(

@@ -110,8 +110,16 @@ def tiny_cmd(
     from .tiny import write_tiny_checkpoint
 
     p = Progress(quiet)
-    write_tiny_checkpoint(out, seed=seed, preset=preset, layers=layers, vision_depth=vision_depth, audio=audio, force=force,
-                          progress=p.stage("tiny-checkpoint"))  # fmt: skip
+    write_tiny_checkpoint(
+        out,
+        seed=seed,
+        preset=preset,
+        layers=layers,
+        vision_depth=vision_depth,
+        audio=audio,
+        force=force,
+        progress=p.stage("tiny-checkpoint"),
+    )
     p(f"wrote {out}", "tiny-checkpoint")
 
 
@@ -130,16 +138,23 @@ def verify_cmd(
     if not report["passed"]:
         from .errors import VerificationFailed
 
-        raise VerificationFailed("parity gates failed: " + ", ".join(report["failed"]), file=bundle,
-                                 fix="see the table above; re-export or relax the recipe rule for that component")  # fmt: skip
+        raise VerificationFailed(
+            "parity gates failed: " + ", ".join(report["failed"]),
+            file=bundle,
+            fix="see the table above; re-export or relax the recipe rule for that component",
+        )
 
 
 @app.command("run")
 def run_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="The user turn's text."),
-    prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="Read the text from a file ('-': standard input)."),
-    allow_failed: bool = typer.Option(False, "--allow-failed", help="Run a bundle whose parity gates failed at export."),
+    prompt_file: Optional[str] = typer.Option(
+        None, "--prompt-file", help="Read the text from a file ('-': standard input)."
+    ),
+    allow_failed: bool = typer.Option(
+        False, "--allow-failed", help="Run a bundle whose parity gates failed at export."
+    ),
     image: Optional[Path] = typer.Option(None, "--image", help="PNG/JPEG; resized to the bundle's image size."),
     audio: Optional[Path] = typer.Option(None, "--audio", help="WAV/FLAC (bundles with an audio encoder)."),
     order: str = typer.Option("image,audio,text", "--order", help="Order of the parts in the user turn."),
@@ -150,9 +165,18 @@ def run_cmd(
     from .runner import read_prompt, run_bundle
 
     text = read_prompt(prompt, prompt_file)
-    run_bundle(bundle, prompt=text, image=image, audio=audio, order=order, max_new_tokens=max_new_tokens, system=system,
-               allow_failed=allow_failed, write=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
-               warn=lambda s: print(s, file=sys.stderr))  # fmt: skip
+    run_bundle(
+        bundle,
+        prompt=text,
+        image=image,
+        audio=audio,
+        order=order,
+        max_new_tokens=max_new_tokens,
+        system=system,
+        allow_failed=allow_failed,
+        write=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+        warn=lambda s: print(s, file=sys.stderr),
+    )
     sys.stdout.write("\n")
 
 
@@ -162,16 +186,30 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     model_name: str = typer.Option("autoglm-phone-9b", "--model-name", help="The model id clients ask for."),
-    allow_files: Optional[Path] = typer.Option(None, "--allow-files", help="Serve file:// image/audio URLs under this directory."),
-    max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests admitted at once (running + waiting); 429 beyond."),
-    allow_failed: bool = typer.Option(False, "--allow-failed", help="Serve a bundle whose parity gates failed at export."),
+    allow_files: Optional[Path] = typer.Option(
+        None, "--allow-files", help="Serve file:// image/audio URLs under this directory."
+    ),
+    max_queue: int = typer.Option(
+        8, "--max-queue", min=1, help="Requests admitted at once (running + waiting); 429 beyond."
+    ),
+    allow_failed: bool = typer.Option(
+        False, "--allow-failed", help="Serve a bundle whose parity gates failed at export."
+    ),
 ) -> None:
     """OpenAI-compatible chat service on a bundle: POST /v1/chat/completions, GET /v1/models, /health, /docs."""
     from .serve.app import serve
 
-    serve(bundle, host=host, port=port, model_name=model_name, allow_files=allow_files, max_queue=max_queue,
-          allow_failed=allow_failed, say=lambda s: print(s, file=sys.stderr, flush=True),
-          warn=lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
+    serve(
+        bundle,
+        host=host,
+        port=port,
+        model_name=model_name,
+        allow_files=allow_files,
+        max_queue=max_queue,
+        allow_failed=allow_failed,
+        say=lambda s: print(s, file=sys.stderr, flush=True),
+        warn=lambda s: print(s, file=sys.stderr, flush=True),
+    )
 
 
 @recipes_app.command("list")

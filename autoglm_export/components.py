@@ -37,8 +37,9 @@ class Shapes:
     @classmethod
     def from_recipe(cls, recipe) -> "Shapes":
         s = recipe.shapes
-        return cls(max_context=s.max_context, prefill_chunk=s.prefill_chunk, audio_seconds=s.audio_seconds,
-                   images=s.buckets)  # fmt: skip
+        return cls(
+            max_context=s.max_context, prefill_chunk=s.prefill_chunk, audio_seconds=s.audio_seconds, images=s.buckets
+        )
 
     @property
     def buckets(self) -> tuple[tuple[int, int], ...]:
@@ -99,8 +100,13 @@ class ComponentRegistry:
 
 
 def _bucket(vision: Component, name: str, size: tuple[int, int]) -> Component:
-    return replace(vision, name=name, tower=VISION_METHOD, build=lambda spec, shapes: VisionEncoder(spec, size),
-                   description=f"{vision.description} ({size[0]}x{size[1]} pixels)")  # fmt: skip
+    return replace(
+        vision,
+        name=name,
+        tower=VISION_METHOD,
+        build=lambda spec, shapes: VisionEncoder(spec, size),
+        description=f"{vision.description} ({size[0]}x{size[1]} pixels)",
+    )
 
 
 registry = ComponentRegistry()

@@ -49,8 +49,14 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
 
 
-def check_output(out: Path, *, force: bool, protected: tuple[Path, ...] = (), replaceable: Callable[[Path], bool] = is_bundle,
-                 what: str = "an autoglm-export bundle") -> None:  # fmt: skip
+def check_output(
+    out: Path,
+    *,
+    force: bool,
+    protected: tuple[Path, ...] = (),
+    replaceable: Callable[[Path], bool] = is_bundle,
+    what: str = "an autoglm-export bundle",
+) -> None:
     """Refuse an output path that would destroy anything but an earlier output of the same kind."""
     out = Path(os.path.abspath(out))
     real = out.resolve()
@@ -68,11 +74,16 @@ def check_output(out: Path, *, force: bool, protected: tuple[Path, ...] = (), re
         _probe_writable(out)
         return
     if not force:
-        raise ExportError("output already exists", file=out,
-                          fix="choose another --out path, delete it, or pass --force to replace it")  # fmt: skip
+        raise ExportError(
+            "output already exists", file=out, fix="choose another --out path, delete it, or pass --force to replace it"
+        )
     if out.is_symlink() or not out.is_dir():
-        raise ExportError("output path exists and is not a directory", file=out, field="--out",
-                          fix="choose another --out path; --force replaces only an earlier output directory")  # fmt: skip
+        raise ExportError(
+            "output path exists and is not a directory",
+            file=out,
+            field="--out",
+            fix="choose another --out path; --force replaces only an earlier output directory",
+        )
     if not (_is_empty_dir(out) or replaceable(out)):
         raise ExportError(
             "--force refuses to replace a directory that is not an earlier output",
@@ -136,7 +147,9 @@ def _signals_held():
         yield
         return
     pending: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -147,14 +160,24 @@ def _signals_held():
 
 
 def _write_error(e: OSError, out: Path) -> ExportError:
-    return ExportError(f"cannot write the output ({e.strerror or e.__class__.__name__})", file=e.filename or out,
-                       field="--out", fix="choose an --out on a writable file system with enough free space")  # fmt: skip
+    return ExportError(
+        f"cannot write the output ({e.strerror or e.__class__.__name__})",
+        file=e.filename or out,
+        field="--out",
+        fix="choose an --out on a writable file system with enough free space",
+    )
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, *, force: bool = False, protected: tuple[Path, ...] = (),
-                      replaceable: Callable[[Path], bool] = is_bundle, what: str = "an autoglm-export bundle",
-                      on_note: Callable[[str], object] | None = None):  # fmt: skip
+def atomic_output_dir(
+    out: Path,
+    *,
+    force: bool = False,
+    protected: tuple[Path, ...] = (),
+    replaceable: Callable[[Path], bool] = is_bundle,
+    what: str = "an autoglm-export bundle",
+    on_note: Callable[[str], object] | None = None,
+):
     out = Path(os.path.abspath(out))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .host.golden import GOLDEN_PROMPT, TOKENIZER_CASES, RecordingRuntime, tensor_json, golden_audio, golden_image, golden_vectors, write_golden
+from .host.golden import (
+    GOLDEN_PROMPT,
+    TOKENIZER_CASES,
+    RecordingRuntime,
+    tensor_json,
+    golden_audio,
+    golden_image,
+    golden_vectors,
+    write_golden,
+)
 from .host.image import preprocess_image
 from .host.prompt import build_chat_prompt
 
@@ -39,15 +48,31 @@ def golden_bundle(bundle: Path, out_dir: Path, max_new_tokens: int = 8) -> Path:
             *names, feeds = args
             out = inner(*args)
             outs = list(out.values()) if isinstance(out, dict) else out
-            graph_calls.append({"graph": "/".join(names), "inputs": {k: tensor_json(np.asarray(v)) for k, v in feeds.items()},
-                                "outputs": [tensor_json(np.asarray(o)) for o in outs]})  # fmt: skip
+            graph_calls.append(
+                {
+                    "graph": "/".join(names),
+                    "inputs": {k: tensor_json(np.asarray(v)) for k, v in feeds.items()},
+                    "outputs": [tensor_json(np.asarray(o)) for o in outs],
+                }
+            )
             return out
 
         runtime._run = recorded
-    trace = generate(rec, prompt, images=[preprocess_image(golden_image(), pre, pre.sizes[0])], image_grids=[pre.merged_grid],
-                     audios=audios, max_new_tokens=max_new_tokens, eos_ids=tuple(manifest["prompt"]["eos_ids"]))  # fmt: skip
-    vectors["trace"] = {"max_new_tokens": max_new_tokens, "tokens": trace.tokens, "calls": rec.calls,
-                        "target": manifest["target"]}  # fmt: skip
+    trace = generate(
+        rec,
+        prompt,
+        images=[preprocess_image(golden_image(), pre, pre.sizes[0])],
+        image_grids=[pre.merged_grid],
+        audios=audios,
+        max_new_tokens=max_new_tokens,
+        eos_ids=tuple(manifest["prompt"]["eos_ids"]),
+    )
+    vectors["trace"] = {
+        "max_new_tokens": max_new_tokens,
+        "tokens": trace.tokens,
+        "calls": rec.calls,
+        "target": manifest["target"],
+    }
     if graph_calls:
         vectors["trace"]["graph_calls"] = graph_calls
     out_dir = Path(out_dir)

@@ -37,7 +37,9 @@ def human_bytes(n: float) -> str:
 def describe(path: str | Path) -> dict:
     root = Path(path)
     if not root.is_dir():
-        raise CheckpointError("checkpoint directory not found", file=root, fix="pass the directory that holds config.json")
+        raise CheckpointError(
+            "checkpoint directory not found", file=root, fix="pass the directory that holds config.json"
+        )
     has_weights = (root / INDEX_FILE).is_file() or (root / SINGLE_FILE).is_file()
     if has_weights:
         ckpt = open_checkpoint(root, require_tokenizer=False)
@@ -46,7 +48,11 @@ def describe(path: str | Path) -> dict:
         cfg_file = root / "config.json"
         config = load_json(cfg_file, "config.json", "pass a Hugging Face checkpoint directory that has config.json")
         gen_file = root / "generation_config.json"
-        gen = load_json(gen_file, "generation_config.json", "copy it from the original checkpoint") if gen_file.is_file() else None
+        gen = (
+            load_json(gen_file, "generation_config.json", "copy it from the original checkpoint")
+            if gen_file.is_file()
+            else None
+        )
         spec, dtypes = parse_config(config, cfg_file, gen), {}
     components = {}
     total = int4_total = fp16_total = 0
@@ -71,32 +77,55 @@ def describe(path: str | Path) -> dict:
         "model_type": spec.model_type,
         "config_form": spec.config_form,
         "weights_present": has_weights,
-        "text": {"layers": t.num_layers, "hidden": t.hidden_size, "heads": t.num_heads, "kv_heads": t.num_kv_heads,
-                 "head_dim": t.head_dim, "vocab": t.vocab_size, "mrope_section": list(t.mrope_section),
-                 "rotary_dim": t.rotary_dim},
-        "vision": {"depth": v.depth, "hidden": v.hidden_size, "heads": v.num_heads, "image_size": v.image_size,
-                   "patch_size": v.patch_size},
-        "audio": None if spec.audio is None else {"layers": spec.audio.num_layers, "hidden": spec.audio.hidden_size,
-                                                  "heads": spec.audio.num_heads, "mel_bins": spec.audio.num_mel_bins},
+        "text": {
+            "layers": t.num_layers,
+            "hidden": t.hidden_size,
+            "heads": t.num_heads,
+            "kv_heads": t.num_kv_heads,
+            "head_dim": t.head_dim,
+            "vocab": t.vocab_size,
+            "mrope_section": list(t.mrope_section),
+            "rotary_dim": t.rotary_dim,
+        },
+        "vision": {
+            "depth": v.depth,
+            "hidden": v.hidden_size,
+            "heads": v.num_heads,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+        },
+        "audio": None
+        if spec.audio is None
+        else {
+            "layers": spec.audio.num_layers,
+            "hidden": spec.audio.hidden_size,
+            "heads": spec.audio.num_heads,
+            "mel_bins": spec.audio.num_mel_bins,
+        },
         "components": components,
         "total_params": total,
         "int4_bytes_est": int4_total,
         "fp16_bytes_est": fp16_total,
-    }  # fmt: skip
+    }
 
 
 def format_table(info: dict) -> str:
     lines = [
         f"checkpoint    {info['checkpoint']}",
         f"architecture  {info['architecture']} (config form: {info['config_form']}"
-        + ("" if info["weights_present"] else ", config only: no weights present") + ")",
+        + ("" if info["weights_present"] else ", config only: no weights present")
+        + ")",
         f"text          {info['text']['layers']} layers, hidden {info['text']['hidden']}, "
         f"{info['text']['heads']}/{info['text']['kv_heads']} heads (head_dim {info['text']['head_dim']}), "
         f"vocab {info['text']['vocab']}, M-RoPE {info['text']['mrope_section']}",
         f"vision        {info['vision']['depth']} blocks, hidden {info['vision']['hidden']}, "
         f"image {info['vision']['image_size']}px, patch {info['vision']['patch_size']}",
-        "audio         " + (f"{info['audio']['layers']} layers, hidden {info['audio']['hidden']}, "
-                            f"{info['audio']['mel_bins']} mel bins" if info["audio"] else "none"),
+        "audio         "
+        + (
+            f"{info['audio']['layers']} layers, hidden {info['audio']['hidden']}, {info['audio']['mel_bins']} mel bins"
+            if info["audio"]
+            else "none"
+        ),
         "",
         f"{'component':<18}{'params':>16}  {'dtypes':<14}{'INT4 est.':>12}{'FP16 est.':>12}",
     ]

@@ -78,7 +78,9 @@ def load_component(
             if not pending[owner] and on_module is not None:
                 on_module(owner, module.get_submodule(owner) if owner else module)
         module.init_runtime_buffers()
-    leftovers = [n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.device.type == "meta"]
+    leftovers = [
+        n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.device.type == "meta"
+    ]
     if leftovers:
         raise RuntimeError(f"{type(module).__name__}: not loaded from the checkpoint: {leftovers[:5]}")
     return module.eval()

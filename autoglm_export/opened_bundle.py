@@ -31,8 +31,9 @@ def open_bundle(bundle: Path, manifest: dict | None = None, trust_stamp: bool = 
     sp = p["special_ids"]
     audio = None
     if manifest.get("audio_preprocessing"):
-        audio = SimpleNamespace(audio_token_id=sp["audio"], audio_start_token_id=sp["begin_of_audio"],
-                                audio_end_token_id=sp["end_of_audio"])  # fmt: skip
+        audio = SimpleNamespace(
+            audio_token_id=sp["audio"], audio_start_token_id=sp["begin_of_audio"], audio_end_token_id=sp["end_of_audio"]
+        )
     tokenizer = ChatTokenizer(Path(bundle) / "tokenizer.json", tokens, audio)
     pre = ImagePreprocessing.from_json(manifest["preprocessing"])
     return manifest, open_bundle_runtime(tgt, Path(bundle), manifest), tokenizer, pre
@@ -44,7 +45,11 @@ def check_verified(bundle: Path, manifest: dict, allow_failed: bool, warn: Calla
     if verification.get("passed") is False:
         failed = ", ".join(str(f) for f in verification.get("failed") or [])
         if not allow_failed:
-            raise BundleError("this bundle failed its parity gates at export", file=bundle / "manifest.json",
-                              field="verification.passed", got=excerpt(f"false ({failed})"),
-                              fix="re-export with another recipe, or pass --allow-failed to run it anyway")  # fmt: skip
+            raise BundleError(
+                "this bundle failed its parity gates at export",
+                file=bundle / "manifest.json",
+                field="verification.passed",
+                got=excerpt(f"false ({failed})"),
+                fix="re-export with another recipe, or pass --allow-failed to run it anyway",
+            )
         warn(f"warning: running a bundle that failed its parity gates ({excerpt(failed)})")

@@ -10,7 +10,9 @@ from .cli import TARGET_HELP
 
 
 class AutoGLMExportCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="autoglm", help="Export an AutoGLM-Phone-9B / GLM-4.1V checkpoint to a verified on-device bundle.")
+    COMMAND = CommandInfo(
+        name="autoglm", help="Export an AutoGLM-Phone-9B / GLM-4.1V checkpoint to a verified on-device bundle."
+    )
 
     @staticmethod
     def parse_args(parser) -> None:

@@ -48,23 +48,31 @@ def check_recipe_fits(recipe: Recipe, ckpt: Checkpoint, recipe_file: Path) -> No
     field = "shapes.images" if recipe.shapes.images is not None else "shapes.image_size"
     for h, w in recipe.shapes.buckets:
         if h % factor or w % factor:
-            problems.append(f"{field}: {h} x {w} must be a multiple of patch_size x spatial_merge_size = {factor} on "
-                            "both sides for this checkpoint")  # fmt: skip
+            problems.append(
+                f"{field}: {h} x {w} must be a multiple of patch_size x spatial_merge_size = {factor} on "
+                "both sides for this checkpoint"
+            )
     if recipe.shapes.max_context > t.max_position_embeddings:
-        problems.append(f"shapes.max_context = {recipe.shapes.max_context}: exceeds the model's "
-                        f"max_position_embeddings {t.max_position_embeddings}")  # fmt: skip
+        problems.append(
+            f"shapes.max_context = {recipe.shapes.max_context}: exceeds the model's "
+            f"max_position_embeddings {t.max_position_embeddings}"
+        )
     image_tokens = max((h // factor) * (w // factor) for h, w in recipe.shapes.buckets)
     audio_tokens = 0
     if ckpt.spec.audio is not None:
         frames = round(recipe.shapes.audio_seconds * 100)
         audio_tokens = frames // 8
         if frames // 2 > ckpt.spec.audio.max_position_embeddings:
-            problems.append(f"shapes.audio_seconds = {recipe.shapes.audio_seconds}: {frames // 2} encoder positions exceed "
-                            f"the audio tower's max_position_embeddings {ckpt.spec.audio.max_position_embeddings}")  # fmt: skip
+            problems.append(
+                f"shapes.audio_seconds = {recipe.shapes.audio_seconds}: {frames // 2} encoder positions exceed "
+                f"the audio tower's max_position_embeddings {ckpt.spec.audio.max_position_embeddings}"
+            )
     if image_tokens + audio_tokens + 16 > recipe.shapes.max_context:
-        problems.append(f"shapes.max_context = {recipe.shapes.max_context}: too small for one image ({image_tokens} "
-                        f"tokens){f' and one audio clip ({audio_tokens} tokens)' if audio_tokens else ''} plus a prompt; "
-                        "raise it or use smaller images / audio_seconds")  # fmt: skip
+        problems.append(
+            f"shapes.max_context = {recipe.shapes.max_context}: too small for one image ({image_tokens} "
+            f"tokens){f' and one audio clip ({audio_tokens} tokens)' if audio_tokens else ''} plus a prompt; "
+            "raise it or use smaller images / audio_seconds"
+        )
     if problems:
         raise RecipeError(recipe_file, problems)
 
@@ -72,8 +80,10 @@ def check_recipe_fits(recipe: Recipe, ckpt: Checkpoint, recipe_file: Path) -> No
 def report_plan_notes(rec: Recipe, plans: dict, say) -> None:
     """What the plan changed or ignored of the recipe, said before the work starts."""
     for i in unused_rules(rec, plans):
-        say(f"warning: quantization[{i}] (match {excerpt(repr(rec.quantization[i].match), 60)}) matches no weight of "
-            "this checkpoint and has no effect")  # fmt: skip
+        say(
+            f"warning: quantization[{i}] (match {excerpt(repr(rec.quantization[i].match), 60)}) matches no weight of "
+            "this checkpoint and has no effect"
+        )
     seen = set()
     for plan in plans.values():
         if plan.component in seen:  # the image buckets' vision methods: one tower, said once
@@ -83,11 +93,18 @@ def report_plan_notes(rec: Recipe, plans: dict, say) -> None:
         for weight, f in plan.group_fallbacks().items():
             by_choice.setdefault((f["rule_group_size"], f["scheme"], f["group_size"]), []).append(weight)
         for (rule_group, scheme, used), weights in sorted(by_choice.items(), key=str):
-            how = ("int8, one scale per output channel (this target has no per-channel int4)" if scheme == "int8" else
-                   "one scale per output channel" if used == "channel" else f"groups of {used}")  # fmt: skip
+            how = (
+                "int8, one scale per output channel (this target has no per-channel int4)"
+                if scheme == "int8"
+                else "one scale per output channel"
+                if used == "channel"
+                else f"groups of {used}"
+            )
             widths = sorted({plan.weights[w.removeprefix(plan.component + ".")].shape[-1] for w in weights})
-            say(f"{plan.component}: int4 group {rule_group} does not divide the input width ({', '.join(map(str, widths))}) "
-                f"of {len(weights)} weight(s), e.g. {weights[0]}; using {how} for them (manifest: int4_group_fallbacks)")
+            say(
+                f"{plan.component}: int4 group {rule_group} does not divide the input width ({', '.join(map(str, widths))}) "
+                f"of {len(weights)} weight(s), e.g. {weights[0]}; using {how} for them (manifest: int4_group_fallbacks)"
+            )
 
 
 def model_metadata(ckpt: Checkpoint, tokenizer: ChatTokenizer, shapes: Shapes) -> dict:
@@ -105,24 +122,42 @@ def component_io(name: str, ckpt: Checkpoint, shapes: Shapes, pre: ImagePreproce
     if is_vision_method(name):
         h, w = shapes.bucket_methods()[name]
         n = (h // v.patch_size) * (w // v.patch_size)
-        return {"image_size": [h, w],
-                "inputs": [{"name": "pixel_values", "shape": [n, v.in_channels * v.patch_size**2], "dtype": f32}],
-                "outputs": [{"name": "image_embeddings", "shape": [n // v.spatial_merge_size**2, t.hidden_size], "dtype": f32}]}
+        return {
+            "image_size": [h, w],
+            "inputs": [{"name": "pixel_values", "shape": [n, v.in_channels * v.patch_size**2], "dtype": f32}],
+            "outputs": [
+                {"name": "image_embeddings", "shape": [n // v.spatial_merge_size**2, t.hidden_size], "dtype": f32}
+            ],
+        }
     if name == "audio_encoder":
         a = ckpt.spec.audio
-        return {"inputs": [{"name": "input_features", "shape": [1, a.num_mel_bins, shapes.audio_frames], "dtype": f32}],
-                "outputs": [{"name": "audio_embeddings", "shape": [shapes.audio_frames // 8, t.hidden_size], "dtype": f32}]}
+        return {
+            "inputs": [{"name": "input_features", "shape": [1, a.num_mel_bins, shapes.audio_frames], "dtype": f32}],
+            "outputs": [{"name": "audio_embeddings", "shape": [shapes.audio_frames // 8, t.hidden_size], "dtype": f32}],
+        }
     if name == "token_embedding":
-        return {"inputs": [{"name": "input_ids", "shape": [1, "T"], "dtype": i64}],
-                "outputs": [{"name": "embeddings", "shape": [1, "T", t.hidden_size], "dtype": f32}]}
+        return {
+            "inputs": [{"name": "input_ids", "shape": [1, "T"], "dtype": i64}],
+            "outputs": [{"name": "embeddings", "shape": [1, "T", t.hidden_size], "dtype": f32}],
+        }
     if name == "text_decoder":
-        return {"inputs": [{"name": "inputs_embeds", "shape": [1, "T", t.hidden_size], "dtype": f32},
-                           {"name": "position_ids", "shape": [3, "T"], "dtype": i64},
-                           {"name": "cache_position", "shape": ["T"], "dtype": i64}],
-                "outputs": [{"name": "logits", "shape": [1, t.vocab_size], "dtype": f32}],
-                "state": {"kv_cache": {"layers": t.num_layers, "shape": [1, t.num_kv_heads, shapes.max_context, t.head_dim],
-                                       "dtype": f32, "note": "held inside the method; positions >= cache_position are masked"}}}
-    raise KeyError(name)  # fmt: skip
+        return {
+            "inputs": [
+                {"name": "inputs_embeds", "shape": [1, "T", t.hidden_size], "dtype": f32},
+                {"name": "position_ids", "shape": [3, "T"], "dtype": i64},
+                {"name": "cache_position", "shape": ["T"], "dtype": i64},
+            ],
+            "outputs": [{"name": "logits", "shape": [1, t.vocab_size], "dtype": f32}],
+            "state": {
+                "kv_cache": {
+                    "layers": t.num_layers,
+                    "shape": [1, t.num_kv_heads, shapes.max_context, t.head_dim],
+                    "dtype": f32,
+                    "note": "held inside the method; positions >= cache_position are masked",
+                }
+            },
+        }
+    raise KeyError(name)
 
 
 @dataclass
@@ -145,7 +180,9 @@ class ExportJob:
         return self.progress.stage(stage)
 
 
-def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, progress=silent, verify: bool = True) -> dict:
+def export(
+    *, checkpoint, target: str, out, recipe=None, force: bool = False, progress=silent, verify: bool = True
+) -> dict:
     """Export ``checkpoint`` for ``target`` into ``out``. ``verify=False`` (library only, for
     bench/scale.py's compile-time and memory measurements) skips the parity stage and says so in
     the manifest; the CLI always verifies."""
@@ -165,8 +202,11 @@ def export(*, checkpoint, target: str, out, recipe=None, force: bool = False, pr
         files = lowered["files"] + extra_files
         manifest["files"] = file_entries(tmp, files)  # before verification: runtimes find data files through it
         report = verify_in_place(job, tmp, manifest) if verify else skip_verification(job)
-        manifest["verification"] = ({"passed": report["passed"], "failed": report["failed"], "report": REPORT} if verify
-                                    else {"skipped": report["skipped"]})  # fmt: skip
+        manifest["verification"] = (
+            {"passed": report["passed"], "failed": report["failed"], "report": REPORT}
+            if verify
+            else {"skipped": report["skipped"]}
+        )
         write_json(tmp / MANIFEST, manifest)
         size = sum(e["bytes"] for e in manifest["files"].values())
         job.say("bundle")(f"{out}: {len(files) + 2} files, {size / 1e6:.2f} MB")
@@ -180,17 +220,26 @@ def plan_export(checkpoint, target: str, tgt: Target, recipe_file: Path, progres
     fix is raised here, before any tensor is read."""
     rec = load_recipe(recipe_file)
     if rec.target != target:
-        raise RecipeError(recipe_file, [f"target = {rec.target!r}: this recipe is for {rec.target}, not --target {target}"])
+        raise RecipeError(
+            recipe_file, [f"target = {rec.target!r}: this recipe is for {rec.target}, not --target {target}"]
+        )
     ckpt = open_checkpoint(checkpoint)
     tokenizer = ckpt.chat_tokenizer()
     check_recipe_fits(rec, ckpt, recipe_file)
     shapes = Shapes.from_recipe(rec)
     pc_file = ckpt.root / "preprocessor_config.json"
-    pc = load_json(pc_file, "preprocessor_config.json", "copy it from the original checkpoint") if pc_file.is_file() else {}
-    pre = ImagePreprocessing.from_checkpoint(pc, shapes.buckets, ckpt.spec.vision.patch_size,
-                                             ckpt.spec.vision.spatial_merge_size, pc_file)  # fmt: skip
-    progress.stage("load")(f"{ckpt.spec.architecture}: {len(ckpt.tensors)} tensors, "
-                           f"{sum(i.numel for i in ckpt.tensors.values()):,} parameters")  # fmt: skip
+    pc = (
+        load_json(pc_file, "preprocessor_config.json", "copy it from the original checkpoint")
+        if pc_file.is_file()
+        else {}
+    )
+    pre = ImagePreprocessing.from_checkpoint(
+        pc, shapes.buckets, ckpt.spec.vision.patch_size, ckpt.spec.vision.spatial_merge_size, pc_file
+    )
+    progress.stage("load")(
+        f"{ckpt.spec.architecture}: {len(ckpt.tensors)} tensors, "
+        f"{sum(i.numel for i in ckpt.tensors.values()):,} parameters"
+    )
     plans = plan_quantization(rec, ckpt, shapes, str(recipe_file))
     report_plan_notes(rec, plans, progress.stage("quantize"))
     tgt.configure(rec, str(recipe_file), tokenizer=tokenizer, pre=pre)
@@ -237,22 +286,32 @@ def lower_components(job: ExportJob, tmp: Path) -> dict:
     for comp in components:
         plan = job.plans[comp.name]
         s = plan.summary()
-        job.say("quantize")(f"{comp.name}: {s['params']:,} params, {s['params_by_scheme']}, "
-                            f"{s['effective_bits_per_weight']} bits/weight")  # fmt: skip
+        job.say("quantize")(
+            f"{comp.name}: {s['params']:,} params, {s['params_by_scheme']}, "
+            f"{s['effective_bits_per_weight']} bits/weight"
+        )
         hook = quantize_hook(plan, tgt.torchao_config) if tgt.capabilities.quantizes_in_torch else None
         if comp.name == "text_decoder" and parts:
             if decoder_last:
                 lowered = lower_held()
             for i, (a, b) in enumerate(parts):
-                program = _export_module(job, comp.name, lambda a=a, b=b: TextDecoder(ckpt.spec, shapes.max_context, (a, b)),
-                                         plan, hook, f"text_decoder part {i + 1}/{len(parts)} (layers {a}..{b - 1})")  # fmt: skip
+                program = _export_module(
+                    job,
+                    comp.name,
+                    lambda a=a, b=b: TextDecoder(ckpt.spec, shapes.max_context, (a, b)),
+                    plan,
+                    hook,
+                    f"text_decoder part {i + 1}/{len(parts)} (layers {a}..{b - 1})",
+                )
                 part = tgt.lower_part(comp.name, program, (a, b), tmp, lower_say, plan)
                 part["output"] = "logits [1, V]" if b == ckpt.spec.text.num_layers else "hidden_states [1, T, D]"
                 part_results.append(part)
                 del program
                 gc.collect()
             continue
-        programs[comp.name] = _export_module(job, comp.name, lambda c=comp: c.build(ckpt.spec, shapes), plan, hook, comp.name)
+        programs[comp.name] = _export_module(
+            job, comp.name, lambda c=comp: c.build(ckpt.spec, shapes), plan, hook, comp.name
+        )
     if lowered is None:
         lowered = lower_held()
     if part_results:
@@ -283,39 +342,64 @@ def build_manifest(job: ExportJob, lowered: dict, *, chat_template: bool) -> dic
         "format": "autoglm-export bundle",
         "target": job.target,
         "runtime": job.tgt.runtime_name,
-        "source": {"checkpoint": str(ckpt.root.resolve()), "sha256": ckpt.fingerprint(),
-                   "architecture": ckpt.spec.architecture, "config_form": ckpt.spec.config_form},
-        "recipe": {"file": str(job.recipe_file.resolve()), "sha256": sha256_file(job.recipe_file), "content": rec.to_json()},
-        "shapes": {"images": [list(b) for b in shapes.buckets], "max_context": shapes.max_context,
-                   "prefill_chunk": shapes.prefill_chunk, "audio_seconds": shapes.audio_seconds,
-                   "dynamic_dims": {"T": [1, shapes.prefill_chunk]}},
+        "source": {
+            "checkpoint": str(ckpt.root.resolve()),
+            "sha256": ckpt.fingerprint(),
+            "architecture": ckpt.spec.architecture,
+            "config_form": ckpt.spec.config_form,
+        },
+        "recipe": {
+            "file": str(job.recipe_file.resolve()),
+            "sha256": sha256_file(job.recipe_file),
+            "content": rec.to_json(),
+        },
+        "shapes": {
+            "images": [list(b) for b in shapes.buckets],
+            "max_context": shapes.max_context,
+            "prefill_chunk": shapes.prefill_chunk,
+            "audio_seconds": shapes.audio_seconds,
+            "dynamic_dims": {"T": [1, shapes.prefill_chunk]},
+        },
         "model": ckpt.spec.to_json(),
         "components": {
-            name: {"method": name, **lowered["methods"][name], **component_io(name, ckpt, shapes, job.pre),
-                   "quantization": job.plans[name].summary()}
+            name: {
+                "method": name,
+                **lowered["methods"][name],
+                **component_io(name, ckpt, shapes, job.pre),
+                "quantization": job.plans[name].summary(),
+            }
             for name in job.plans
         },
-        "prompt": {"template": PROMPT_TEMPLATE, "special_ids": dict(sorted(tokenizer.special.items())),
-                   "eos_ids": list(ckpt.spec.tokens.eos_token_ids), "pad_id": ckpt.spec.tokens.pad_token_id,
-                   "bos_id": tokenizer.special["gmask"],
-                   **({"chat_template": TEMPLATE_FILE} if chat_template else {})},
+        "prompt": {
+            "template": PROMPT_TEMPLATE,
+            "special_ids": dict(sorted(tokenizer.special.items())),
+            "eos_ids": list(ckpt.spec.tokens.eos_token_ids),
+            "pad_id": ckpt.spec.tokens.pad_token_id,
+            "bos_id": tokenizer.special["gmask"],
+            **({"chat_template": TEMPLATE_FILE} if chat_template else {}),
+        },
         "preprocessing": job.pre.to_json(),
-        "audio_preprocessing": None if ckpt.spec.audio is None else AudioPreprocessing(
-            frames=shapes.audio_frames, mel_bins=ckpt.spec.audio.num_mel_bins).to_json(),
-        "positions": {"scheme": "mrope-3axis", "mrope_section": list(ckpt.spec.text.mrope_section),
-                      "rule": "text and audio: same position on t/h/w; image at cur: t=cur, h=cur+row, "
-                              "w=cur+col, then cur += max(gh, gw); decode position = cache_index + rope_delta"},
+        "audio_preprocessing": None
+        if ckpt.spec.audio is None
+        else AudioPreprocessing(frames=shapes.audio_frames, mel_bins=ckpt.spec.audio.num_mel_bins).to_json(),
+        "positions": {
+            "scheme": "mrope-3axis",
+            "mrope_section": list(ckpt.spec.text.mrope_section),
+            "rule": "text and audio: same position on t/h/w; image at cur: t=cur, h=cur+row, "
+            "w=cur+col, then cur += max(gh, gw); decode position = cache_index + rope_delta",
+        },
         "versions": library_versions(job.tgt.versions()),
         **lowered.get("manifest", {}),  # target-specific sections (e.g. qnn: SoC, SDK, emulator note)
-    }  # fmt: skip
+    }
 
 
 def verify_in_place(job: ExportJob, tmp: Path, manifest: dict) -> dict:
     """The parity stage on the bundle still in its temporary directory; writes ``report.json``."""
     runtime = job.tgt.open_runtime(tmp, manifest)
     try:
-        report = run_checks(runtime, job.ckpt, job.recipe, job.tgt, job.plans, job.pre, job.say("verify"),
-                            bundle=tmp, manifest=manifest)  # fmt: skip
+        report = run_checks(
+            runtime, job.ckpt, job.recipe, job.tgt, job.plans, job.pre, job.say("verify"), bundle=tmp, manifest=manifest
+        )
     finally:
         runtime.close()  # e.g. the emulator's process
         job.tgt.release()  # e.g. an emulator twin outside the bundle
@@ -327,5 +411,10 @@ def verify_in_place(job: ExportJob, tmp: Path, manifest: dict) -> dict:
 
 def skip_verification(job: ExportJob) -> dict:
     job.tgt.release()
-    return {"passed": None, "failed": [], "checks": [], "skipped": "export(verify=False): a measurement run; "
-            "run `autoglm-export verify` on this bundle before using it"}  # fmt: skip
+    return {
+        "passed": None,
+        "failed": [],
+        "checks": [],
+        "skipped": "export(verify=False): a measurement run; "
+        "run `autoglm-export verify` on this bundle before using it",
+    }

@@ -31,8 +31,17 @@ def quiet_third_party_logs() -> None:
     import logging
     import warnings
 
-    for name in ("torchao", "torch.utils._pytree", "torch._export", "torch.onnx", "onnx_ir", "onnxscript",
-                 "onnxruntime", "coremltools", "executorch"):  # fmt: skip
+    for name in (
+        "torchao",
+        "torch.utils._pytree",
+        "torch._export",
+        "torch.onnx",
+        "onnx_ir",
+        "onnxscript",
+        "onnxruntime",
+        "coremltools",
+        "executorch",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     # ExecuTorch modules call logging.basicConfig(level=INFO) on import and its Qualcomm code logs
     # through the root logger; a root handler of our own makes those calls no-ops and keeps what

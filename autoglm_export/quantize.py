@@ -34,7 +34,9 @@ class WeightPlan:
     rule: int | None  # index of the matching rule, None when no rule matched
     params: int
     shape: tuple[int, ...]
-    rule_group: int | None = None  # the rule's group size when it does not divide this weight (group_size is then the fallback)
+    rule_group: int | None = (
+        None  # the rule's group size when it does not divide this weight (group_size is then the fallback)
+    )
 
     @property
     def bits(self) -> float:
@@ -74,8 +76,11 @@ class ComponentPlan:
         schemes: dict[str, int] = {}
         bits = params = 0.0
         for w in self.weights.values():
-            key = (("int4-channel" if w.group_size == "channel" else f"int4-g{w.group_size}") if w.scheme == "int4"
-                   else w.scheme)  # fmt: skip
+            key = (
+                ("int4-channel" if w.group_size == "channel" else f"int4-g{w.group_size}")
+                if w.scheme == "int4"
+                else w.scheme
+            )
             schemes[key] = schemes.get(key, 0) + w.params
             bits += w.bits * w.params
             params += w.params
@@ -92,15 +97,20 @@ class ComponentPlan:
 
     def group_fallbacks(self) -> dict[str, dict]:
         """Weights whose rule's int4 group size does not divide their input width, and what they got."""
-        return {w.weight: {"rule_group_size": w.rule_group, "scheme": w.scheme, "group_size": w.group_size,
-                           "in_features": w.shape[-1]}
-                for w in self.weights.values() if w.rule_group is not None}  # fmt: skip
+        return {
+            w.weight: {
+                "rule_group_size": w.rule_group,
+                "scheme": w.scheme,
+                "group_size": w.group_size,
+                "in_features": w.shape[-1],
+            }
+            for w in self.weights.values()
+            if w.rule_group is not None
+        }
 
 
 def _quantizable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding))
-
-
 
 
 def fitting_group(group: int, width: int) -> int | str:
@@ -139,8 +149,13 @@ def plan_component(recipe: Recipe, component: str, module: nn.Module, recipe_fil
         weights[name] = WeightPlan(full, scheme or "?", group, rule_idx, p.numel(), tuple(p.shape), rule_group)
     if len(float_votes) > 1:
         got = ", ".join(f"{s} for {w}" for s, w in float_votes.items())
-        raise RecipeError(recipe_file, [f"quantization (component {component}): one component cannot mix fp16 and fp32 "
-                                        f"weights, got {got}; give every float weight of a component the same precision"])  # fmt: skip
+        raise RecipeError(
+            recipe_file,
+            [
+                f"quantization (component {component}): one component cannot mix fp16 and fp32 "
+                f"weights, got {got}; give every float weight of a component the same precision"
+            ],
+        )
     dtype = next(iter(float_votes), "fp32")
     for name, w in weights.items():
         if w.scheme in ("?",) or (w.scheme in FLOAT_DTYPES and w.scheme != dtype):
@@ -194,8 +209,9 @@ def _dequantized_rows(w: torch.Tensor, rows) -> torch.Tensor:
     from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, dequantize_affine
 
     qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[w.target_dtype]
-    return dequantize_affine(w.qdata[rows], w.block_size, w.scale[rows], w.zero_point[rows], torch.int8, qmin, qmax,
-                             output_dtype=w.dtype)  # fmt: skip
+    return dequantize_affine(
+        w.qdata[rows], w.block_size, w.scale[rows], w.zero_point[rows], torch.int8, qmin, qmax, output_dtype=w.dtype
+    )
 
 
 class RowLookupEmbedding(nn.Module):
@@ -238,8 +254,11 @@ class RowBlockLinear(nn.Module):
 
 
 def _row_wise_quantized(w) -> bool:
-    return (all(hasattr(w, a) for a in ("qdata", "scale", "zero_point", "block_size", "target_dtype"))
-            and w.block_size[0] == 1 and w.scale.shape[0] == w.qdata.shape[0])  # fmt: skip
+    return (
+        all(hasattr(w, a) for a in ("qdata", "scale", "zero_point", "block_size", "target_dtype"))
+        and w.block_size[0] == 1
+        and w.scale.shape[0] == w.qdata.shape[0]
+    )
 
 
 def dequantize_per_call(module: nn.Module) -> nn.Module:
@@ -251,7 +270,11 @@ def dequantize_per_call(module: nn.Module) -> nn.Module:
             continue
         if isinstance(child, nn.Embedding):
             form = RowLookupEmbedding(w)
-        elif isinstance(child, nn.Linear) and w.qdata.numel() > REFERENCE_BLOCK_ELEMENTS and hasattr(w, "activation_quantization"):
+        elif (
+            isinstance(child, nn.Linear)
+            and w.qdata.numel() > REFERENCE_BLOCK_ELEMENTS
+            and hasattr(w, "activation_quantization")
+        ):
             form = RowBlockLinear(child)
         else:
             continue
@@ -276,8 +299,11 @@ def _quantize_in_row_blocks(owner: nn.Module, config) -> None:
     for a in range(0, weight.shape[0], rows):
         part = weight[a : a + rows]
         # the same kind of module (the config may depend on it), weights assigned, none allocated
-        block = (nn.Embedding(part.shape[0], part.shape[1], device="meta") if isinstance(owner, nn.Embedding)
-                 else nn.Linear(part.shape[1], part.shape[0], bias=False, device="meta"))  # fmt: skip
+        block = (
+            nn.Embedding(part.shape[0], part.shape[1], device="meta")
+            if isinstance(owner, nn.Embedding)
+            else nn.Linear(part.shape[1], part.shape[0], bias=False, device="meta")
+        )
         block.weight = nn.Parameter(part, requires_grad=False)
         quantize_(block, config, filter_fn=lambda m, fqn: True)
         pieces.append(block.weight)
@@ -288,4 +314,3 @@ def _quantize_in_row_blocks(owner: nn.Module, config) -> None:
     attrs = [getattr(first, n) for n in first.tensor_attribute_names]
     del pieces, weight
     owner.weight = nn.Parameter(type(first)(*data, *attrs), requires_grad=False)
-

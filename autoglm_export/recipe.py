@@ -39,8 +39,10 @@ class RuleTimeout(ValueError):
     """A quantization pattern took too long on one weight name."""
 
     def __init__(self, index: int, pattern: str, weight: str) -> None:
-        super().__init__(f"quantization[{index}].match = {excerpt(repr(pattern))}: matching {weight!r} took over "
-                         f"{MATCH_TIMEOUT_S:g} s; simplify the pattern (no nested repetition such as '(.*)*')")
+        super().__init__(
+            f"quantization[{index}].match = {excerpt(repr(pattern))}: matching {weight!r} took over "
+            f"{MATCH_TIMEOUT_S:g} s; simplify the pattern (no nested repetition such as '(.*)*')"
+        )
 
 
 class _Strict(BaseModel):
@@ -62,9 +64,13 @@ def _image_side(v: int, what: str) -> str | None:
 
 class ShapesSpec(_Strict):
     images: list[tuple[int, int]] | None = Field(
-        None, description="image buckets [[height, width], ...] in pixels, multiples of 28; each is one vision method "
-                          f"and an image goes to the bucket closest in aspect ratio (default {[list(b) for b in DEFAULT_IMAGES]})")
-    image_size: int | None = Field(None, description="one square bucket of this side (instead of images); a multiple of 28")
+        None,
+        description="image buckets [[height, width], ...] in pixels, multiples of 28; each is one vision method "
+        f"and an image goes to the bucket closest in aspect ratio (default {[list(b) for b in DEFAULT_IMAGES]})",
+    )
+    image_size: int | None = Field(
+        None, description="one square bucket of this side (instead of images); a multiple of 28"
+    )
     max_context: int = Field(2048, description="KV cache length (prompt + generated tokens)")
     prefill_chunk: int = Field(128, description="tokens per prefill call")
     audio_seconds: float = Field(3.2, description="fixed audio window (checkpoints with an audio tower)")
@@ -111,7 +117,9 @@ class ShapesSpec(_Strict):
             raise ValueError(f"must be a finite number of seconds up to 3600, got {v}; use e.g. 3.2")
         frames = v * 100
         if v <= 0 or abs(frames - round(frames)) > 1e-6 or round(frames) % 8:
-            raise ValueError(f"must be a positive multiple of 0.08 s (8 log-mel frames = 1 audio token), got {v}; use e.g. 3.2")
+            raise ValueError(
+                f"must be a positive multiple of 0.08 s (8 log-mel frames = 1 audio token), got {v}; use e.g. 3.2"
+            )
         return v
 
     @model_validator(mode="after")
@@ -156,34 +164,47 @@ class ParitySpec(_Strict):
     # a gate that can never fail is no gate: finite, and above 0 dB (signal louder than the error)
     float_sqnr_db: float = Field(60.0, gt=0, le=400, description="fp32 components, lowered vs PyTorch")
     fp16_sqnr_db: float = Field(40.0, gt=0, le=400, description="fp16 components vs the fp32 reference")
-    quantized_sqnr_db: float = Field(35.0, gt=0, le=400,
-                                     description="quantized components, lowered vs PyTorch with the same weights")
+    quantized_sqnr_db: float = Field(
+        35.0, gt=0, le=400, description="quantized components, lowered vs PyTorch with the same weights"
+    )
     greedy_tokens: int = Field(32, ge=1, description="tokens of the end-to-end greedy check")
     greedy_agreement: float | None = Field(
-        1.0, ge=0.0, le=1.0, description="share of greedy tokens that must agree; null: measured and reported, not gated")
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="share of greedy tokens that must agree; null: measured and reported, not gated",
+    )
 
 
 class QnnSpec(_Strict):
     max_context_bytes: int = Field(
-        3_600_000_000, ge=1, le=4 * 1024**3,
+        3_600_000_000,
+        ge=1,
+        le=4 * 1024**3,
         description="estimated weight bytes per HTP context; a component that needs more is split into "
-                    "several contexts at block boundaries (the HTP limit is 4 GiB)")
+        "several contexts at block boundaries (the HTP limit is 4 GiB)",
+    )
     weight_sharing: bool = Field(
-        True, description="prefill and decode graphs of a context share one copy of the weights; the x86 HTP "
-                          "emulator cannot load such contexts, so verification runs an unshared twin")
+        True,
+        description="prefill and decode graphs of a context share one copy of the weights; the x86 HTP "
+        "emulator cannot load such contexts, so verification runs an unshared twin",
+    )
 
 
 class LoweringSpec(_Strict):
     decoder_layers_per_program: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="lower and write the text decoder in programs of this many layers, one at a time, so peak "
-                    "export memory follows this number instead of the model's layer count; the runtime chains "
-                    "them (manifest components.text_decoder.programs). null: one program")
+        "export memory follows this number instead of the model's layer count; the runtime chains "
+        "them (manifest components.text_decoder.programs). null: one program",
+    )
     external_weights: bool = Field(
         False,
         description="xnnpack: write each program's weights to a .ptd file beside its .pte (ExecuTorch program-data "
-                    "separation; manifest data_file); runtimes load the pair. The ExecuTorch Android Module API "
-                    "(executorch-android 1.5.1) loads a .pte alone, so the Android demo refuses such bundles")
+        "separation; manifest data_file); runtimes load the pair. The ExecuTorch Android Module API "
+        "(executorch-android 1.5.1) loads a .pte alone, so the Android demo refuses such bundles",
+    )
 
 
 class CalibrationSpec(_Strict):
@@ -203,21 +224,31 @@ def cross_field_problems(data: dict) -> list[str]:
     problems = []
     for section in sorted({s for c in TARGETS.values() for s in c.recipe_sections} - set(caps.recipe_sections)):
         if section in data:
-            problems.append(f"the {section} section applies to target {_targets_with(lambda c: section in c.recipe_sections)} "
-                            f"only; remove it from this {target} recipe")  # fmt: skip
+            problems.append(
+                f"the {section} section applies to target {_targets_with(lambda c: section in c.recipe_sections)} "
+                f"only; remove it from this {target} recipe"
+            )
     channel = [i for i, r in enumerate(rules) if isinstance(r, dict) and r.get("group_size") == "channel"]
     if channel and not caps.channel_int4_rules:
-        problems.append(f"group_size 'channel' (rule {channel[0]}) is for target {_targets_with(lambda c: c.channel_int4_rules)} "
-                        "only (per-channel INT4 for the Neural Engine); use a block size such as 32")  # fmt: skip
+        problems.append(
+            f"group_size 'channel' (rule {channel[0]}) is for target {_targets_with(lambda c: c.channel_int4_rules)} "
+            "only (per-channel INT4 for the Neural Engine); use a block size such as 32"
+        )
     if lowering.get("decoder_layers_per_program") is not None and not caps.decoder_in_parts:
-        problems.append(f"lowering.decoder_layers_per_program: {target} cannot lower the decoder in parts yet "
-                        f"(supported: {_targets_with(lambda c: c.decoder_in_parts)}); remove it")  # fmt: skip
+        problems.append(
+            f"lowering.decoder_layers_per_program: {target} cannot lower the decoder in parts yet "
+            f"(supported: {_targets_with(lambda c: c.decoder_in_parts)}); remove it"
+        )
     if lowering.get("external_weights") and caps.data_files is not None:
-        problems.append(f"lowering.external_weights: only {_targets_with(lambda c: c.data_files is None)} writes "
-                        f"ExecuTorch .ptd data files ({target} {caps.data_files}); remove it")  # fmt: skip
+        problems.append(
+            f"lowering.external_weights: only {_targets_with(lambda c: c.data_files is None)} writes "
+            f"ExecuTorch .ptd data files ({target} {caps.data_files}); remove it"
+        )
     if data.get("calibration") is not None and not caps.calibrated:
-        problems.append(f"calibration applies to {_targets_with(lambda c: c.calibrated)} only ({target} quantizes "
-                        "activations dynamically); remove it")
+        problems.append(
+            f"calibration applies to {_targets_with(lambda c: c.calibrated)} only ({target} quantizes "
+            "activations dynamically); remove it"
+        )
     return problems
 
 
@@ -329,8 +360,10 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are not "
-                                 "allowed in a recipe; write the value out")
+            raise yaml.YAMLError(
+                f"line {event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are not "
+                "allowed in a recipe; write the value out"
+            )
         return super().compose_node(parent, index)
 
 

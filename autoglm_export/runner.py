@@ -15,8 +15,13 @@ from .opened_bundle import check_verified
 def parse_order(order: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in order.split(","))
     if sorted(parts) != ["audio", "image", "text"]:
-        raise ExportError("invalid part order", field="--order", expected="image, audio and text once each, e.g. audio,text,image",
-                          got=repr(order), fix="list the three parts separated by commas")  # fmt: skip
+        raise ExportError(
+            "invalid part order",
+            field="--order",
+            expected="image, audio and text once each, e.g. audio,text,image",
+            got=repr(order),
+            fix="list the three parts separated by commas",
+        )
     return parts
 
 
@@ -25,8 +30,12 @@ def read_prompt(prompt: str | None, prompt_file: str | Path | None, stdin=None) 
     import sys
 
     if (prompt is None) == (prompt_file is None):
-        raise ExportError("give the prompt once", field="--prompt / --prompt-file", expected="exactly one of them",
-                          fix="pass --prompt TEXT, or --prompt-file FILE (- reads standard input)")  # fmt: skip
+        raise ExportError(
+            "give the prompt once",
+            field="--prompt / --prompt-file",
+            expected="exactly one of them",
+            fix="pass --prompt TEXT, or --prompt-file FILE (- reads standard input)",
+        )
     if prompt is not None:
         return prompt
     if str(prompt_file) == "-":
@@ -35,26 +44,43 @@ def read_prompt(prompt: str | None, prompt_file: str | Path | None, stdin=None) 
     else:
         p = Path(prompt_file)
         if not p.is_file():
-            raise ExportError("prompt file not found", file=p, field="--prompt-file", fix="pass an existing UTF-8 text file")
+            raise ExportError(
+                "prompt file not found", file=p, field="--prompt-file", fix="pass an existing UTF-8 text file"
+            )
         with open(p, "rb") as f:
             data = f.read(MAX_PROMPT_BYTES + 1)
         where = p
     if len(data) > MAX_PROMPT_BYTES:
-        raise ExportError("prompt too long", file=where, expected=f"at most {MAX_PROMPT_BYTES:,} bytes",
-                          fix="shorten the prompt; the bundle's max_context bounds it anyway")  # fmt: skip
+        raise ExportError(
+            "prompt too long",
+            file=where,
+            expected=f"at most {MAX_PROMPT_BYTES:,} bytes",
+            fix="shorten the prompt; the bundle's max_context bounds it anyway",
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ExportError("prompt is not UTF-8 text", file=where, got=f"byte {e.start}", fix="save the prompt as UTF-8") from None
+        raise ExportError(
+            "prompt is not UTF-8 text", file=where, got=f"byte {e.start}", fix="save the prompt as UTF-8"
+        ) from None
 
 
 MAX_PROMPT_BYTES = 16 << 20
 
 
-def run_bundle(bundle: str | Path, *, prompt: str, image: str | Path | None, max_new_tokens: int,
-               write: Callable[[str], object], audio: str | Path | None = None, order: str = "image,audio,text",
-               allow_failed: bool = False, warn: Callable[[str], object] = lambda s: None,
-               system: str | None = None) -> list[int]:  # fmt: skip
+def run_bundle(
+    bundle: str | Path,
+    *,
+    prompt: str,
+    image: str | Path | None,
+    max_new_tokens: int,
+    write: Callable[[str], object],
+    audio: str | Path | None = None,
+    order: str = "image,audio,text",
+    allow_failed: bool = False,
+    warn: Callable[[str], object] = lambda s: None,
+    system: str | None = None,
+) -> list[int]:
     """One user turn (and an optional system prompt) through the conversation runtime ``serve`` uses."""
     from .chat_engine import ChatEngine
     from .host.messages import Message, Part
@@ -69,8 +95,12 @@ def run_bundle(bundle: str | Path, *, prompt: str, image: str | Path | None, max
     wave = None
     if audio is not None:
         if not manifest.get("audio_preprocessing"):
-            raise ExportError("this bundle has no audio encoder", field="--audio", file=bundle,
-                              fix="export a checkpoint with an audio tower, or drop --audio")  # fmt: skip
+            raise ExportError(
+                "this bundle has no audio encoder",
+                field="--audio",
+                file=bundle,
+                fix="export a checkpoint with an audio tower, or drop --audio",
+            )
         wave = load_audio(audio, AudioPreprocessing(**manifest["audio_preprocessing"]))
     engine = ChatEngine(bundle, manifest=manifest)
     user = []

@@ -25,11 +25,27 @@ from .safetensors_io import write_safetensors
 REAL_SPECIAL_BASE = 151329
 # offsets from 151329, as in the released GLM-4.1V tokenizer
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-    "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
-    "<|end_of_video|>", "<|image|>", "<|video|>", "<|begin_of_audio|>", "<|end_of_audio|>",
-    "<|audio|>", "<|reserved_151348|>",
-]  # fmt: skip
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|image|>",
+    "<|video|>",
+    "<|begin_of_audio|>",
+    "<|end_of_audio|>",
+    "<|audio|>",
+    "<|reserved_151348|>",
+]
 EOS_OFFSETS = (0, 7, 9, 19)  # 151329, 151336, 151338, 151348
 
 
@@ -58,19 +74,40 @@ PRESETS = {
     "tiny": Preset(),
     # real widths (GLM-4.1V-9B's config.json); depth chosen with --layers / --vision-depth
     "9b-shape": Preset(
-        hidden=4096, layers=40, heads=32, kv_heads=2, intermediate=13696, vocab=151552, mrope_section=(8, 12, 12),
-        vision_depth=24, vision_hidden=1536, vision_heads=12, vision_intermediate=13696, image_size=336,
-        max_shard_bytes=4 * 1024**3, full_vocab_tokenizer=True,
+        hidden=4096,
+        layers=40,
+        heads=32,
+        kv_heads=2,
+        intermediate=13696,
+        vocab=151552,
+        mrope_section=(8, 12, 12),
+        vision_depth=24,
+        vision_hidden=1536,
+        vision_heads=12,
+        vision_intermediate=13696,
+        image_size=336,
+        max_shard_bytes=4 * 1024**3,
+        full_vocab_tokenizer=True,
     ),
     # ~102 M parameters for the CI memory guard (tests/test_memory_guard.py): its largest tensor
     # (gate_up_proj, 12.6 M) is an eighth of the total, so loading everything at once lands far
     # above a ceiling derived from that tensor; 4 layers keep the export to about a minute.
     "guard": Preset(
-        hidden=1024, layers=4, heads=8, kv_heads=2, intermediate=6144, vocab=8192, mrope_section=(8, 12, 12),
-        vision_depth=2, vision_hidden=256, vision_heads=4, vision_intermediate=1024, image_size=112,
+        hidden=1024,
+        layers=4,
+        heads=8,
+        kv_heads=2,
+        intermediate=6144,
+        vocab=8192,
+        mrope_section=(8, 12, 12),
+        vision_depth=2,
+        vision_hidden=256,
+        vision_heads=4,
+        vision_intermediate=1024,
+        image_size=112,
         max_shard_bytes=64 * 1024**2,
     ),
-}  # fmt: skip
+}
 
 
 def special_base(vocab: int, full: bool) -> int:
@@ -97,8 +134,13 @@ def make_config(p: Preset, audio: bool = False) -> dict:
     base = special_base(p.vocab, p.full_vocab_tokenizer)
     extra = {}
     if audio:
-        extra = {"audio_config": audio_config(p), "audio_token_id": base + 18, "audio_start_token_id": base + 16,
-                 "audio_end_token_id": base + 17, "projector_hidden_act": "gelu"}  # fmt: skip
+        extra = {
+            "audio_config": audio_config(p),
+            "audio_token_id": base + 18,
+            "audio_start_token_id": base + 16,
+            "audio_end_token_id": base + 17,
+            "projector_hidden_act": "gelu",
+        }
     return {
         **extra,
         "architectures": ["Glm4vForConditionalGeneration"],
@@ -206,15 +248,29 @@ def build_tokenizer(vocab: int, full_vocab: bool) -> str:
     size = len(data["model"]["vocab"])
     # fill up to the special-token base with reserved tokens so specials land on their ids
     added = [
-        {"id": i, "content": f"<|filler_{i}|>", "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
+        {
+            "id": i,
+            "content": f"<|filler_{i}|>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
         for i in range(size, base)
-    ]  # fmt: skip
+    ]
     added += [
-        {"id": base + k, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
+        {
+            "id": base + k,
+            "content": s,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
         for k, s in enumerate(SPECIAL_TOKENS)
-    ]  # fmt: skip
+    ]
     data["added_tokens"] = added
     return json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True)
 
@@ -285,7 +341,9 @@ def write_tiny_checkpoint(
     spec = parse_config(config, Path(out) / "config.json", gen)
     shapes = full_layout(spec)
 
-    with atomic_output_dir(Path(out), force=force, replaceable=is_tiny_checkpoint, what="a checkpoint this command wrote") as tmp:
+    with atomic_output_dir(
+        Path(out), force=force, replaceable=is_tiny_checkpoint, what="a checkpoint this command wrote"
+    ) as tmp:
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
         for name, shape in shapes.items():
@@ -309,9 +367,16 @@ def write_tiny_checkpoint(
         (tmp / "tokenizer.json").write_text(build_tokenizer(p.vocab, p.full_vocab_tokenizer))
         (tmp / "chat_template.jinja").write_text(chat_template(audio))
         (tmp / "tokenizer_config.json").write_text(
-            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<|endoftext|>",
-                        "eos_token": "<|endoftext|>"}, indent=2) + "\n"
-        )  # fmt: skip
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "pad_token": "<|endoftext|>",
+                    "eos_token": "<|endoftext|>",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         pre = {
             "image_processor_type": "Glm4vImageProcessor",
             "do_resize": True,

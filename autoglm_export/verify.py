@@ -47,8 +47,15 @@ def memory_budget_bytes() -> int:
     return int(physical_memory_bytes() * 0.5)
 
 
-def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentPlan | None, tgt: Target,
-                   bundle: Path | None = None, manifest: dict | None = None) -> torch.nn.Module:  # fmt: skip
+def load_reference(
+    ckpt: Checkpoint,
+    name: str,
+    shapes: Shapes,
+    plan: ComponentPlan | None,
+    tgt: Target,
+    bundle: Path | None = None,
+    manifest: dict | None = None,
+) -> torch.nn.Module:
     """One component in PyTorch: quantized exactly as exported (``plan``) or fp32 (``None``).
 
     Targets that quantize in PyTorch get the same torchao configuration; targets that quantize
@@ -58,6 +65,7 @@ def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentP
     if plan is None:
         return load_component(meta, ckpt, torch.float32)
     if tgt.capabilities.own_reference:  # targets whose reference is not a PyTorch module
+
         def load(layers=None):  # layers: one part of the decoder (targets that rebuild a decoder in parts)
             part = meta if layers is None else build_on_meta(lambda: TextDecoder(ckpt.spec, shapes.max_context, layers))
             return load_component(part, ckpt, torch.float32)
@@ -66,7 +74,9 @@ def load_reference(ckpt: Checkpoint, name: str, shapes: Shapes, plan: ComponentP
         if ref is not None:
             return ref
     if tgt.capabilities.quantizes_in_torch:
-        return dequantize_per_call(load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype], on_module=quantize_hook(plan, tgt.torchao_config)))
+        return dequantize_per_call(
+            load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype], on_module=quantize_hook(plan, tgt.torchao_config))
+        )
     module = load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype])
     if plan.quantized:
         tgt.apply_bundle_weights(name, module, bundle, manifest)
@@ -80,35 +90,71 @@ class _Report:
     def add(self, name: str, kind: str, figures: dict | None, threshold: float | None, note: str = "", **extra) -> None:
         gated = threshold is not None
         passed = (passes(figures, threshold) if figures else False) if gated else None
-        self.checks.append({"name": name, "kind": kind, "threshold_db": threshold, "gated": gated, "passed": passed,
-                            "note": note, **(figures or {}), **extra})  # fmt: skip
+        self.checks.append(
+            {
+                "name": name,
+                "kind": kind,
+                "threshold_db": threshold,
+                "gated": gated,
+                "passed": passed,
+                "note": note,
+                **(figures or {}),
+                **extra,
+            }
+        )
 
     def finish(self, extra: dict) -> dict:
         failed = [c["name"] for c in self.checks if c["gated"] and not c["passed"]]
         return {"passed": not failed, "failed": failed, "checks": self.checks, **extra}
 
 
-def _decoder_call_inputs(embeds: torch.Tensor, positions: np.ndarray, delta: int, chunk: int, tokens: list[int], embed_fn):
+def _decoder_call_inputs(
+    embeds: torch.Tensor, positions: np.ndarray, delta: int, chunk: int, tokens: list[int], embed_fn
+):
     """(inputs_embeds, position_ids, cache_position) of every decoder call: ``embeds`` prefilled in
     chunks, then ``tokens`` decoded one by one (teacher-forced)."""
     n = embeds.shape[1]
     pos = torch.from_numpy(positions)
-    calls = [(embeds[:, a : min(a + chunk, n)], pos[:, a : min(a + chunk, n)].contiguous(), torch.arange(a, min(a + chunk, n)))
-             for a in range(0, n, chunk)]  # fmt: skip
+    calls = [
+        (
+            embeds[:, a : min(a + chunk, n)],
+            pos[:, a : min(a + chunk, n)].contiguous(),
+            torch.arange(a, min(a + chunk, n)),
+        )
+        for a in range(0, n, chunk)
+    ]
     for i, tok in enumerate(tokens):
-        calls.append((embed_fn(torch.tensor([[tok]])), torch.full((3, 1), n + i + delta, dtype=torch.long), torch.tensor([n + i])))
+        calls.append(
+            (
+                embed_fn(torch.tensor([[tok]])),
+                torch.full((3, 1), n + i + delta, dtype=torch.long),
+                torch.tensor([n + i]),
+            )
+        )
     return calls
 
 
-def _decoder_calls(runtime, embeds: torch.Tensor, positions: np.ndarray, delta: int, chunk: int, tokens: list[int], embed_fn):
+def _decoder_calls(
+    runtime, embeds: torch.Tensor, positions: np.ndarray, delta: int, chunk: int, tokens: list[int], embed_fn
+):
     """Prefill ``embeds`` in chunks, then decode ``tokens``; logits of every call, stacked."""
     runtime.reset()
-    out = [runtime.text_decoder(*call) for call in _decoder_call_inputs(embeds, positions, delta, chunk, tokens, embed_fn)]
+    out = [
+        runtime.text_decoder(*call) for call in _decoder_call_inputs(embeds, positions, delta, chunk, tokens, embed_fn)
+    ]
     return torch.cat([o.reshape(1, -1) for o in out]).numpy()
 
 
-def _decoder_calls_by_part(ckpt: Checkpoint, shapes: Shapes, embeds: torch.Tensor, positions: np.ndarray, delta: int,
-                           tokens: list[int], embed_fn, progress=silent) -> np.ndarray:  # fmt: skip
+def _decoder_calls_by_part(
+    ckpt: Checkpoint,
+    shapes: Shapes,
+    embeds: torch.Tensor,
+    positions: np.ndarray,
+    delta: int,
+    tokens: list[int],
+    embed_fn,
+    progress=silent,
+) -> np.ndarray:
     """``_decoder_calls`` of the fp32 decoder with one decoder layer's weights held at a time.
 
     The decode steps are teacher-forced (``tokens`` are known), so every call's input is known
@@ -120,7 +166,9 @@ def _decoder_calls_by_part(ckpt: Checkpoint, shapes: Shapes, embeds: torch.Tenso
     layers = ckpt.spec.text.num_layers
     for a in range(layers):
         progress(f"fp32 reference for text_decoder: layer {a + 1}/{layers}")
-        part = load_component(build_on_meta(lambda a=a: TextDecoder(ckpt.spec, shapes.max_context, (a, a + 1))), ckpt, torch.float32)
+        part = load_component(
+            build_on_meta(lambda a=a: TextDecoder(ckpt.spec, shapes.max_context, (a, a + 1))), ckpt, torch.float32
+        )
         part.reset_cache()
         xs = [part(x, p, c) for x, (_, p, c) in zip(xs, calls)]
         del part
@@ -155,27 +203,48 @@ class GoldenCase:
             "token_embedding": [torch.tensor([self.prompt.ids[: shapes.prefill_chunk]]), torch.tensor([[0]])],
         }
         if self.features is not None:
-            self.inputs["audio_encoder"] = [torch.from_numpy(self.features), torch.randn(self.features.shape, generator=g)]
+            self.inputs["audio_encoder"] = [
+                torch.from_numpy(self.features),
+                torch.randn(self.features.shape, generator=g),
+            ]
         for i, size in enumerate(pre.sizes[1:], 1):  # every further image bucket: the golden image at its size
             px = preprocess_image(golden_image(), pre, size)
             self.inputs[pre.method(i)] = [torch.from_numpy(px), torch.randn(px.shape, generator=g)]
-        self.media = {"images": [self.pixels], "image_grids": [self.image.grid], "image_methods": [self.image.method],
-                      "audios": [self.features] if self.features is not None else []}  # fmt: skip
+        self.media = {
+            "images": [self.pixels],
+            "image_grids": [self.image.grid],
+            "image_methods": [self.image.method],
+            "audios": [self.features] if self.features is not None else [],
+        }
         self.positions, self.delta = mrope_positions(self.prompt.types, [self.image.grid])
 
     def embeddings(self, modules: dict, chunk: int) -> torch.Tensor:
         """The prompt's input embeddings with image (and audio) encodings in place."""
         ids = torch.tensor([self.prompt.ids])
-        embeds = torch.cat([modules["token_embedding"](ids[:, a : a + chunk]) for a in range(0, len(self.prompt), chunk)], dim=1)
+        embeds = torch.cat(
+            [modules["token_embedding"](ids[:, a : a + chunk]) for a in range(0, len(self.prompt), chunk)], dim=1
+        )
         encode = modules[self.image.method]
         embeds[0, [i for i, t in enumerate(self.prompt.types) if t == IMAGE]] = encode(torch.from_numpy(self.pixels))
         if self.features is not None:
-            embeds[0, [i for i, t in enumerate(self.prompt.types) if t == AUDIO]] = modules["audio_encoder"](self.inputs["audio_encoder"][0])
+            embeds[0, [i for i, t in enumerate(self.prompt.types) if t == AUDIO]] = modules["audio_encoder"](
+                self.inputs["audio_encoder"][0]
+            )
         return embeds
 
 
-def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: Target, plans: dict[str, ComponentPlan],
-               pre: ImagePreprocessing, progress=silent, *, bundle: Path, manifest: dict) -> dict:  # fmt: skip
+def run_checks(
+    bundle_runtime,
+    ckpt: Checkpoint,
+    recipe: Recipe,
+    tgt: Target,
+    plans: dict[str, ComponentPlan],
+    pre: ImagePreprocessing,
+    progress=silent,
+    *,
+    bundle: Path,
+    manifest: dict,
+) -> dict:
     shapes = Shapes.from_recipe(recipe)
     par = recipe.parity
     case = GoldenCase(ckpt, pre, shapes)
@@ -191,11 +260,19 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: Target, pl
     progress("loading the PyTorch reference with the exported (quantized) weights")
     q = {}
     for name in plans:
-        share = is_vision_method(name) and name != VISION_METHOD and not tgt.capabilities.own_reference and (
-            tgt.capabilities.quantizes_in_torch or not plans[name].quantized)  # fmt: skip
+        share = (
+            is_vision_method(name)
+            and name != VISION_METHOD
+            and not tgt.capabilities.own_reference
+            and (tgt.capabilities.quantizes_in_torch or not plans[name].quantized)
+        )
         if share:  # weights from the checkpoint and the (same) plan alone: the buckets' are the same tensors
-            q[name] = load_shared(build_on_meta(lambda n=name: registry.get(n).build(ckpt.spec, shapes)), q[VISION_METHOD],
-                                  ckpt, FLOAT_DTYPES[plans[name].dtype])  # fmt: skip
+            q[name] = load_shared(
+                build_on_meta(lambda n=name: registry.get(n).build(ckpt.spec, shapes)),
+                q[VISION_METHOD],
+                ckpt,
+                FLOAT_DTYPES[plans[name].dtype],
+            )
         else:
             q[name] = load_reference(ckpt, name, shapes, plans[name], tgt, bundle, manifest)
     qrt = EagerRuntime(q, shapes.max_context, shapes.prefill_chunk)
@@ -205,8 +282,13 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: Target, pl
             ref = np.concatenate([q[name](x).numpy().ravel() for x in inputs[name]])
             got = np.concatenate([call_component(bundle_runtime, name, x).numpy().ravel() for x in inputs[name]])
             outs[name] = {"quantized": ref}
-            report.add(f"{name}/lowered_vs_reference", "lowering", compare(ref, got), _lowering_threshold(plans[name], par),
-                       "bundle runtime vs PyTorch with the same weights")  # fmt: skip
+            report.add(
+                f"{name}/lowered_vs_reference",
+                "lowering",
+                compare(ref, got),
+                _lowering_threshold(plans[name], par),
+                "bundle runtime vs PyTorch with the same weights",
+            )
         # the reference's own greedy run: its tokens drive the decoder check and the end-to-end gate
         progress(f"greedy generation of {par.greedy_tokens} tokens: reference, then bundle")
         n_new = min(par.greedy_tokens, shapes.max_context - len(prompt))
@@ -220,14 +302,26 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: Target, pl
         outs["text_decoder"] = {"quantized": ref}
         fig = compare(ref, got)
         agree = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
-        report.add("text_decoder/lowered_vs_reference", "lowering", fig, _lowering_threshold(plans["text_decoder"], par),
-                   f"prefill of {len(prompt)} tokens in chunks of {shapes.prefill_chunk}, then {len(feed)} decode steps",
-                   argmax_agreement=agree)  # fmt: skip
+        report.add(
+            "text_decoder/lowered_vs_reference",
+            "lowering",
+            fig,
+            _lowering_threshold(plans["text_decoder"], par),
+            f"prefill of {len(prompt)} tokens in chunks of {shapes.prefill_chunk}, then {len(feed)} decode steps",
+            argmax_agreement=agree,
+        )
 
         # 2. end to end, bundle vs quantized reference
         got_trace = generate(bundle_runtime, prompt, **case.media, max_new_tokens=n_new)
-        report.checks.append(_greedy_check("end_to_end/greedy_lowered_vs_reference", ref_trace, got_trace,
-                                           par.greedy_agreement, gated=par.greedy_agreement is not None))  # fmt: skip
+        report.checks.append(
+            _greedy_check(
+                "end_to_end/greedy_lowered_vs_reference",
+                ref_trace,
+                got_trace,
+                par.greedy_agreement,
+                gated=par.greedy_agreement is not None,
+            )
+        )
     del q, qrt  # keep the (small) quantized embedding: decode steps of every decoder run share it
     fp32_bytes = sum(4 * i.numel for i in ckpt.tensors.values())
     large = fp32_bytes > memory_budget_bytes() // 8  # a collection costs ~0.25 s: worth it for gigabytes only
@@ -249,18 +343,32 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: Target, pl
             if name == "text_decoder" and not keep_all:
                 ref = _decoder_calls_by_part(ckpt, shapes, embeds, positions, delta, feed, embed_q, progress)
             elif comp_bytes > budget:
-                report.add(f"{name}/reference_vs_fp32", "quantization", None, threshold,
-                           f"skipped: the fp32 reference needs {comp_bytes / 2**30:.1f} GiB, over this machine's budget")  # fmt: skip
+                report.add(
+                    f"{name}/reference_vs_fp32",
+                    "quantization",
+                    None,
+                    threshold,
+                    f"skipped: the fp32 reference needs {comp_bytes / 2**30:.1f} GiB, over this machine's budget",
+                )
                 continue
             else:
                 progress(f"fp32 reference for {name}")
                 if is_vision_method(name) and VISION_METHOD in f:  # kept for the greedy run: share its weights
-                    mod = load_shared(build_on_meta(lambda n=name: registry.get(n).build(ckpt.spec, shapes)), f[VISION_METHOD], ckpt)
+                    mod = load_shared(
+                        build_on_meta(lambda n=name: registry.get(n).build(ckpt.spec, shapes)), f[VISION_METHOD], ckpt
+                    )
                 else:
                     mod = load_reference(ckpt, name, shapes, None, tgt)
                 if name == "text_decoder":
-                    ref = _decoder_calls(EagerRuntime({"text_decoder": mod}, shapes.max_context, shapes.prefill_chunk),
-                                         embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)  # fmt: skip
+                    ref = _decoder_calls(
+                        EagerRuntime({"text_decoder": mod}, shapes.max_context, shapes.prefill_chunk),
+                        embeds,
+                        positions,
+                        delta,
+                        shapes.prefill_chunk,
+                        feed,
+                        embed_q,
+                    )
                 else:
                     ref = np.concatenate([mod(x).numpy().ravel() for x in inputs[name]])
                 if keep_all:
@@ -269,22 +377,50 @@ def run_checks(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: Target, pl
                 if large:
                     gc.collect()
             fig = compare(ref, outs[name]["quantized"])
-            report.add(f"{name}/reference_vs_fp32", "quantization", fig, threshold,
-                       "PyTorch with the exported weights vs fp32 (the cost of the recipe)")  # fmt: skip
+            report.add(
+                f"{name}/reference_vs_fp32",
+                "quantization",
+                fig,
+                threshold,
+                "PyTorch with the exported weights vs fp32 (the cost of the recipe)",
+            )
         if keep_all and len(f) == len(plans):
             frt = EagerRuntime(f, shapes.max_context, shapes.prefill_chunk)
             fp_trace = generate(frt, prompt, **case.media, max_new_tokens=n_new)
-            report.checks.append(_greedy_check("end_to_end/greedy_reference_vs_fp32", fp_trace, ref_trace, None, gated=False))
+            report.checks.append(
+                _greedy_check("end_to_end/greedy_reference_vs_fp32", fp_trace, ref_trace, None, gated=False)
+            )
         elif not keep_all:
-            report.add("end_to_end/greedy_reference_vs_fp32", "quantization", None, None,
-                       f"skipped: every fp32 component at once needs {fp32_bytes / 2**30:.1f} GiB (and a quarter more to "
-                       f"run) beside {held / 2**30:.1f} GiB held, over this machine's budget of {budget / 2**30:.1f} GiB")  # fmt: skip
-    return report.finish({"prompt_tokens": len(prompt), "greedy_tokens": n_new, "reference_tokens": ref_trace.tokens,
-                          "bundle_tokens": got_trace.tokens})  # fmt: skip
+            report.add(
+                "end_to_end/greedy_reference_vs_fp32",
+                "quantization",
+                None,
+                None,
+                f"skipped: every fp32 component at once needs {fp32_bytes / 2**30:.1f} GiB (and a quarter more to "
+                f"run) beside {held / 2**30:.1f} GiB held, over this machine's budget of {budget / 2**30:.1f} GiB",
+            )
+    return report.finish(
+        {
+            "prompt_tokens": len(prompt),
+            "greedy_tokens": n_new,
+            "reference_tokens": ref_trace.tokens,
+            "bundle_tokens": got_trace.tokens,
+        }
+    )
 
 
-def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: Target, plans: dict[str, ComponentPlan],
-                        pre: ImagePreprocessing, progress=silent, *, bundle: Path, manifest: dict) -> dict:  # fmt: skip
+def against_onnxruntime(
+    bundle_runtime,
+    ckpt: Checkpoint,
+    recipe: Recipe,
+    tgt: Target,
+    plans: dict[str, ComponentPlan],
+    pre: ImagePreprocessing,
+    progress=silent,
+    *,
+    bundle: Path,
+    manifest: dict,
+) -> dict:
     """The independent-runtime gate: the PyTorch reference of each component (the same weights, and
     for torchao-quantized targets the same dynamic activation quantization) exported to ONNX and run
     in ONNX Runtime, compared with the bundle and with PyTorch on the same inputs."""
@@ -293,8 +429,16 @@ def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: T
     from .targets import get_target
     from .targets.onnx.target import OnnxRuntime
 
-    own = tgt.against_onnxruntime(bundle_runtime=bundle_runtime, ckpt=ckpt, recipe=recipe, plans=plans, pre=pre,
-                                      progress=progress, bundle=bundle, manifest=manifest)  # fmt: skip
+    own = tgt.against_onnxruntime(
+        bundle_runtime=bundle_runtime,
+        ckpt=ckpt,
+        recipe=recipe,
+        plans=plans,
+        pre=pre,
+        progress=progress,
+        bundle=bundle,
+        manifest=manifest,
+    )
     if own is not None:  # targets whose reference ONNX Runtime cannot take as is
         return own
     onnx_target = get_target("onnx")
@@ -315,7 +459,9 @@ def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: T
             files[name] = Path(tmp) / f"{name}.onnx"
             del module, prog
         t = ckpt.spec.text
-        ort_rt = OnnxRuntime(files, [1, t.num_kv_heads, shapes.max_context, t.head_dim], shapes.max_context, shapes.prefill_chunk)
+        ort_rt = OnnxRuntime(
+            files, [1, t.num_kv_heads, shapes.max_context, t.head_dim], shapes.max_context, shapes.prefill_chunk
+        )
         case = GoldenCase(ckpt, pre, shapes)
         prompt, positions, delta = case.prompt, case.positions, case.delta
         qrt = EagerRuntime(refs, shapes.max_context, shapes.prefill_chunk)
@@ -324,7 +470,12 @@ def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: T
             for name, x in inputs.items():
                 o = call_component(ort_rt, name, x).numpy()
                 thr = _lowering_threshold(plans[name], par)
-                report.add(f"onnxruntime/{name}_vs_bundle", "independent", compare(o, call_component(bundle_runtime, name, x).numpy()), thr)
+                report.add(
+                    f"onnxruntime/{name}_vs_bundle",
+                    "independent",
+                    compare(o, call_component(bundle_runtime, name, x).numpy()),
+                    thr,
+                )
                 report.add(f"onnxruntime/{name}_vs_reference", "independent", compare(refs[name](x).numpy(), o), thr)
             embeds = case.embeddings(refs, shapes.prefill_chunk)
             n_new = min(par.greedy_tokens, shapes.max_context - len(prompt))
@@ -333,13 +484,28 @@ def against_onnxruntime(bundle_runtime, ckpt: Checkpoint, recipe: Recipe, tgt: T
             emb = refs["token_embedding"]
             o = _decoder_calls(ort_rt, embeds, positions, delta, shapes.prefill_chunk, feed, emb)
             thr = _lowering_threshold(plans["text_decoder"], par)
-            report.add("onnxruntime/text_decoder_vs_bundle", "independent",
-                       compare(o, _decoder_calls(bundle_runtime, embeds, positions, delta, shapes.prefill_chunk, feed, emb)), thr)
-            report.add("onnxruntime/text_decoder_vs_reference", "independent",
-                       compare(_decoder_calls(qrt, embeds, positions, delta, shapes.prefill_chunk, feed, emb), o), thr)
+            report.add(
+                "onnxruntime/text_decoder_vs_bundle",
+                "independent",
+                compare(o, _decoder_calls(bundle_runtime, embeds, positions, delta, shapes.prefill_chunk, feed, emb)),
+                thr,
+            )
+            report.add(
+                "onnxruntime/text_decoder_vs_reference",
+                "independent",
+                compare(_decoder_calls(qrt, embeds, positions, delta, shapes.prefill_chunk, feed, emb), o),
+                thr,
+            )
             got = generate(bundle_runtime, prompt, **case.media, max_new_tokens=n_new)
-            report.checks.append(_greedy_check("onnxruntime/greedy_vs_bundle", ort_trace, got, par.greedy_agreement,
-                                              gated=par.greedy_agreement is not None))  # fmt: skip
+            report.checks.append(
+                _greedy_check(
+                    "onnxruntime/greedy_vs_bundle",
+                    ort_trace,
+                    got,
+                    par.greedy_agreement,
+                    gated=par.greedy_agreement is not None,
+                )
+            )
         del ort_rt
     return report.finish({"against": "onnxruntime"})
 
@@ -355,9 +521,17 @@ def _greedy_check(name: str, ref: Trace, got: Trace, threshold: float | None, ga
     same = sum(a == b for a, b in zip(ref.tokens, got.tokens))
     agreement = same / max(len(ref.tokens), 1)
     first = next((i for i, (a, b) in enumerate(zip(ref.tokens, got.tokens)) if a != b), None)
-    return {"name": name, "kind": "end_to_end", "gated": gated, "threshold_agreement": threshold,
-            "passed": (agreement >= threshold) if gated else None, "agreement": round(agreement, 4),
-            "tokens": n, "first_divergence": first, "note": "greedy, image + text prompt"}  # fmt: skip
+    return {
+        "name": name,
+        "kind": "end_to_end",
+        "gated": gated,
+        "threshold_agreement": threshold,
+        "passed": (agreement >= threshold) if gated else None,
+        "agreement": round(agreement, 4),
+        "tokens": n,
+        "first_divergence": first,
+        "note": "greedy, image + text prompt",
+    }
 
 
 def format_report(report: dict) -> str:
@@ -368,7 +542,11 @@ def format_report(report: dict) -> str:
             if "detail" in c:
                 detail = c["detail"]
             else:
-                detail = "all values as the manifest says" if c["passed"] else f"mismatch {c['mismatched']} missing {c['missing_methods']}"
+                detail = (
+                    "all values as the manifest says"
+                    if c["passed"]
+                    else f"mismatch {c['mismatched']} missing {c['missing_methods']}"
+                )
             rows.append(f"{c['name']:<{w}}{detail:>31}{'=':>8}  {'PASS' if c['passed'] else 'FAIL'}")
             continue
         if c["kind"] == "end_to_end":
@@ -389,15 +567,21 @@ def format_report(report: dict) -> str:
     return "\n".join(rows)
 
 
-def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, against: str | None = None,
-                  progress=silent) -> dict:  # fmt: skip
+def verify_bundle(
+    bundle: str | Path, *, checkpoint: str | Path | None = None, against: str | None = None, progress=silent
+) -> dict:
     from .bundle import load_bundle
     from .targets import get_target, open_bundle_runtime
     from .recipe import parse_recipe
 
     if against not in (None, "onnxruntime"):
-        raise ExportError("unknown independent runtime", field="--against", expected="onnxruntime", got=repr(against),
-                          fix="use --against onnxruntime or omit the option")  # fmt: skip
+        raise ExportError(
+            "unknown independent runtime",
+            field="--against",
+            expected="onnxruntime",
+            got=repr(against),
+            fix="use --against onnxruntime or omit the option",
+        )
     bundle = Path(bundle)
     manifest = load_bundle(bundle)
     tgt = get_target(manifest["target"])
@@ -406,19 +590,31 @@ def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, a
     recipe = parse_recipe(manifest["recipe"]["content"], bundle / "manifest.json")
     ckpt_path = Path(checkpoint) if checkpoint else Path(manifest["source"]["checkpoint"])
     if not ckpt_path.is_dir():
-        raise BundleError("the checkpoint this bundle was exported from is not at its recorded path", file=ckpt_path,
-                          fix="pass --checkpoint DIR pointing at the same checkpoint")  # fmt: skip
+        raise BundleError(
+            "the checkpoint this bundle was exported from is not at its recorded path",
+            file=ckpt_path,
+            fix="pass --checkpoint DIR pointing at the same checkpoint",
+        )
     ckpt = open_checkpoint(ckpt_path)
     progress("hashing the checkpoint")
     if ckpt.fingerprint() != manifest["source"]["sha256"]:
-        raise BundleError("checkpoint differs from the one this bundle was exported from", file=ckpt_path,
-                          field="source.sha256", fix="pass --checkpoint with the original checkpoint")  # fmt: skip
+        raise BundleError(
+            "checkpoint differs from the one this bundle was exported from",
+            file=ckpt_path,
+            field="source.sha256",
+            fix="pass --checkpoint with the original checkpoint",
+        )
     shapes = Shapes.from_recipe(recipe)
     plans = plan_quantization(recipe, ckpt, shapes, str(bundle / "manifest.json"))
     pre = ImagePreprocessing.from_json(manifest["preprocessing"])
     # calibration files resolve against the recipe's own directory
-    tgt.configure(recipe, str(bundle / "manifest.json"), tokenizer=ckpt.chat_tokenizer(), pre=pre,
-                      base=Path(manifest["recipe"]["file"]).parent)
+    tgt.configure(
+        recipe,
+        str(bundle / "manifest.json"),
+        tokenizer=ckpt.chat_tokenizer(),
+        pre=pre,
+        base=Path(manifest["recipe"]["file"]).parent,
+    )
     recorded = (manifest.get("calibration") or {}).get("files", {})
     if recorded:
         from .calibration import check_unchanged
@@ -429,7 +625,9 @@ def verify_bundle(bundle: str | Path, *, checkpoint: str | Path | None = None, a
     try:
         report = run_checks(runtime, ckpt, recipe, tgt, plans, pre, progress, bundle=bundle, manifest=manifest)
         if against == "onnxruntime":
-            extra = against_onnxruntime(runtime, ckpt, recipe, tgt, plans, pre, progress, bundle=bundle, manifest=manifest)
+            extra = against_onnxruntime(
+                runtime, ckpt, recipe, tgt, plans, pre, progress, bundle=bundle, manifest=manifest
+            )
             report["checks"] += extra["checks"]
             report["failed"] += extra["failed"]
             report["passed"] = report["passed"] and extra["passed"]

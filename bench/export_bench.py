@@ -27,8 +27,24 @@ RESULTS = REPO / "bench" / "results"
 
 def export(ckpt: Path, recipe: Path, out: Path) -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "autoglm_export.cli", "-q", "--target", "xnnpack", "--checkpoint",
-                           str(ckpt), "--out", str(out), "--recipe", str(recipe)], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "autoglm_export.cli",
+            "-q",
+            "--target",
+            "xnnpack",
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--recipe",
+            str(recipe),
+        ],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"export failed:\n{proc.stderr[-3000:]}")
@@ -80,15 +96,26 @@ def main() -> None:
             from autoglm_export.tiny import write_tiny_checkpoint
 
             ckpt_dir = write_tiny_checkpoint(tmp / "ckpt", seed=0)
-        result = {"name": a.name, "recipe": str(a.recipe.relative_to(REPO) if a.recipe.is_relative_to(REPO) else a.recipe),
-                  "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", **export(ckpt_dir, a.recipe, tmp / "bundle")}  # fmt: skip
+        result = {
+            "name": a.name,
+            "recipe": str(a.recipe.relative_to(REPO) if a.recipe.is_relative_to(REPO) else a.recipe),
+            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+            **export(ckpt_dir, a.recipe, tmp / "bundle"),
+        }
         manifest = load_bundle(tmp / "bundle")
         params = sum(c["quantization"]["params"] for c in manifest["components"].values())
         pte = manifest["files"]["model.pte"]["bytes"]
-        result.update({"params": params, "bundle_bytes": sum(f["bytes"] for f in manifest["files"].values()),
-                       "pte_bytes": pte, "pte_bits_per_param": round(8 * pte / params, 3),
-                       "nominal_bits_per_weight": {k: c["quantization"]["effective_bits_per_weight"]
-                                                   for k, c in manifest["components"].items()}})  # fmt: skip
+        result.update(
+            {
+                "params": params,
+                "bundle_bytes": sum(f["bytes"] for f in manifest["files"].values()),
+                "pte_bytes": pte,
+                "pte_bits_per_param": round(8 * pte / params, 3),
+                "nominal_bits_per_weight": {
+                    k: c["quantization"]["effective_bits_per_weight"] for k, c in manifest["components"].items()
+                },
+            }
+        )
         _, bundle_rt, tok, pre = open_bundle(tmp / "bundle")
         recipe = load_recipe(a.recipe)
         shapes = Shapes.from_recipe(recipe)
@@ -98,8 +125,12 @@ def main() -> None:
         prompt = build_chat_prompt(tok, GOLDEN_PROMPT, pre.num_tokens)
         pixels = preprocess_image(golden_image(), pre, pre.sizes[0])
         n = min(a.decode_tokens, shapes.max_context - len(prompt))
-        q = EagerRuntime({k: load_reference(ckpt, k, shapes, plans[k], tgt) for k in plans}, shapes.max_context, shapes.prefill_chunk)
-        f = EagerRuntime({k: load_reference(ckpt, k, shapes, None, tgt) for k in plans}, shapes.max_context, shapes.prefill_chunk)
+        q = EagerRuntime(
+            {k: load_reference(ckpt, k, shapes, plans[k], tgt) for k in plans}, shapes.max_context, shapes.prefill_chunk
+        )
+        f = EagerRuntime(
+            {k: load_reference(ckpt, k, shapes, None, tgt) for k in plans}, shapes.max_context, shapes.prefill_chunk
+        )
         result["decode_tokens"] = n
         result["decode_tok_s"] = {
             "executorch_pte": decode_speed(bundle_rt, prompt, pixels, pre.merged_grid, n),
@@ -120,20 +151,24 @@ def write_doc() -> None:
         if "decode_tok_s" not in r:
             continue
         d = r["decode_tok_s"]
-        rows.append(f"| {r['name']} | {r['params']:,} | {r['export_wall_s']} | {r['export_peak_rss_bytes'] / 2**20:.0f} | "
-                    f"{r['bundle_bytes'] / 1e6:.2f} | {r['pte_bits_per_param']} | {d['executorch_pte']} | "
-                    f"{d['pytorch_eager_quantized']} | {d['pytorch_eager_fp32']} |")  # fmt: skip
+        rows.append(
+            f"| {r['name']} | {r['params']:,} | {r['export_wall_s']} | {r['export_peak_rss_bytes'] / 2**20:.0f} | "
+            f"{r['bundle_bytes'] / 1e6:.2f} | {r['pte_bits_per_param']} | {d['executorch_pte']} | "
+            f"{d['pytorch_eager_quantized']} | {d['pytorch_eager_fp32']} |"
+        )
     doc = REPO / "docs" / "benchmarks.md"
     head = doc.read_text().split("<!-- export-bench -->")[0] if doc.exists() else "# Benchmarks\n\n"
-    table = "\n".join([
-        "<!-- export-bench -->",
-        "Written by `bench/export_bench.py` (host CPU, 1 thread, decode of the golden image + prompt).",
-        "",
-        "| run | params | export s | peak RSS MiB | bundle MB | .pte bits/param | decode tok/s .pte | tok/s eager INT4 ref | tok/s eager fp32 |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-    ])  # fmt: skip
+    table = "\n".join(
+        [
+            "<!-- export-bench -->",
+            "Written by `bench/export_bench.py` (host CPU, 1 thread, decode of the golden image + prompt).",
+            "",
+            "| run | params | export s | peak RSS MiB | bundle MB | .pte bits/param | decode tok/s .pte | tok/s eager INT4 ref | tok/s eager fp32 |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     doc.write_text(head + table)
 
 

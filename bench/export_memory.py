@@ -40,8 +40,25 @@ def rss_bytes(pid: int) -> int:
 def checkpoint(work: Path, layers: int) -> Path:
     ckpt = work / f"ckpt-9b-shape-{layers}l"
     if not (ckpt / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "autoglm_export.cli", "tiny-checkpoint", str(ckpt), "--preset", "9b-shape",
-                        "--layers", str(layers), "--vision-depth", "1", "-q", "--force"], cwd=REPO, check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "autoglm_export.cli",
+                "tiny-checkpoint",
+                str(ckpt),
+                "--preset",
+                "9b-shape",
+                "--layers",
+                str(layers),
+                "--vision-depth",
+                "1",
+                "-q",
+                "--force",
+            ],
+            cwd=REPO,
+            check=True,
+        )
     return ckpt
 
 
@@ -65,13 +82,20 @@ def run(cmd: list[str], interval: float = 0.2) -> dict:
         line = line.rstrip()
         tail = (tail + [line])[-40:]
         with lock:
-            stages.append({"line": line[:160], "t_s": round(time.perf_counter() - t0, 1), "max_rss": rss_bytes(proc.pid)})
+            stages.append(
+                {"line": line[:160], "t_s": round(time.perf_counter() - t0, 1), "max_rss": rss_bytes(proc.pid)}
+            )
         print(f"{time.perf_counter() - t0:7.1f}s {line[:140]}", flush=True)
     proc.wait()
     sampler.join()
     wall = time.perf_counter() - t0
-    return {"rc": proc.returncode, "wall_s": round(wall, 1), "stages": stages, "tail": tail,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}  # fmt: skip
+    return {
+        "rc": proc.returncode,
+        "wall_s": round(wall, 1),
+        "stages": stages,
+        "tail": tail,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+    }
 
 
 def main() -> None:
@@ -86,7 +110,17 @@ def main() -> None:
     ckpt = a.checkpoint or checkpoint(a.work, a.layers)
     out = a.work / f"bundle-{a.target}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "autoglm_export.cli", "--target", a.target, "--checkpoint", str(ckpt), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "autoglm_export.cli",
+        "--target",
+        a.target,
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(out),
+    ]
     if a.recipe:
         cmd += ["--recipe", str(a.recipe)]
     load = os.getloadavg()[0]

@@ -28,16 +28,22 @@ _BEGIN, _END = "<!-- full-bench -->", "<!-- /full-bench -->"
 
 def write_doc(result: dict) -> None:
     gguf = sum(GGUF_Q4_K_M_BYTES.values())
-    lines = [_BEGIN, f"Written by `bench/full.py` ({result['machine']}, {result['memory_gib']:.0f} GiB RAM): "
-             f"{FULL_LAYERS} decoder layers, ViT depth {FULL_VISION_DEPTH}, {result['params']:,} parameters; "
-             f"checkpoint written in {result['checkpoint_s']:.0f} s; exports without the parity stage.", "",
-             "| target | status | wall s | peak tree GiB | max process GiB | bundle GB | vs Q4_K_M GGUF (7.40 GB) | files |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        _BEGIN,
+        f"Written by `bench/full.py` ({result['machine']}, {result['memory_gib']:.0f} GiB RAM): "
+        f"{FULL_LAYERS} decoder layers, ViT depth {FULL_VISION_DEPTH}, {result['params']:,} parameters; "
+        f"checkpoint written in {result['checkpoint_s']:.0f} s; exports without the parity stage.",
+        "",
+        "| target | status | wall s | peak tree GiB | max process GiB | bundle GB | vs Q4_K_M GGUF (7.40 GB) | files |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["runs"]:
         if r.get("status") == "ok":
             tree = f"{r['tree_peak_bytes'] / 2**30:.2f}" if r["tree_peak_bytes"] else "n/a"
-            lines.append(f"| {r['target']} | ok | {r['wall_s']:.0f} | {tree} | {r['max_process_rss_bytes'] / 2**30:.2f} | "
-                         f"{r['bundle_bytes'] / 1e9:.3f} | {r['bundle_bytes'] / gguf:.2f}x | {r['files']} |")  # fmt: skip
+            lines.append(
+                f"| {r['target']} | ok | {r['wall_s']:.0f} | {tree} | {r['max_process_rss_bytes'] / 2**30:.2f} | "
+                f"{r['bundle_bytes'] / 1e9:.3f} | {r['bundle_bytes'] / gguf:.2f}x | {r['files']} |"
+            )
         else:
             wall = f"{r['wall_s']:.0f}" if "wall_s" in r else ""
             peak = f"{r['max_process_rss_bytes'] / 2**30:.2f}" if r.get("max_process_rss_bytes") else ""
@@ -51,7 +57,9 @@ def main() -> None:
     ap.add_argument("--targets", default="xnnpack:recipes/xnnpack-compact.yaml")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles in --work")
-    ap.add_argument("--timeout", type=float, default=None, help="seconds before an export is stopped and recorded as such")
+    ap.add_argument(
+        "--timeout", type=float, default=None, help="seconds before an export is stopped and recorded as such"
+    )
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="autoglm-full-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -60,15 +68,33 @@ def main() -> None:
     ckpt = work / "ckpt-full"
     t0 = time.monotonic()
     if not (ckpt / "model.safetensors.index.json").is_file():
-        subprocess.run([sys.executable, "-m", "autoglm_export.cli", "tiny-checkpoint", str(ckpt), "--preset", "9b-shape",
-                        "--layers", str(FULL_LAYERS), "--vision-depth", str(FULL_VISION_DEPTH), "--force"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "autoglm_export.cli",
+                "tiny-checkpoint",
+                str(ckpt),
+                "--preset",
+                "9b-shape",
+                "--layers",
+                str(FULL_LAYERS),
+                "--vision-depth",
+                str(FULL_VISION_DEPTH),
+                "--force",
+            ],
+            check=True,
+        )
         result["checkpoint_s"] = round(time.monotonic() - t0, 1)
     from autoglm_export.checkpoint import open_checkpoint
     from autoglm_export.targets.shared.memory_fit import physical_memory_bytes
 
     params = sum(t.numel for t in open_checkpoint(ckpt).tensors.values())  # from the shard headers
-    result.update(machine=f"{platform.machine()}, {platform.system()}, {_cores()} cores",
-                  memory_gib=physical_memory_bytes() / 2**30, params=params)
+    result.update(
+        machine=f"{platform.machine()}, {platform.system()}, {_cores()} cores",
+        memory_gib=physical_memory_bytes() / 2**30,
+        params=params,
+    )
     for spec in args.targets.split(","):
         target, _, recipe = spec.partition(":")
         label, tag = (f"{target} ({Path(recipe).stem})", Path(recipe).stem) if recipe else (target, target)

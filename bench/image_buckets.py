@@ -71,19 +71,33 @@ def main() -> None:
     rows = []
     for (h, w), m in mods.items():
         ms = statistics.median(times[(h, w)]) * 1e3
-        rows.append({"bucket": [h, w], "patches": m.num_patches, "image_tokens": m.num_tokens, "ms_per_image": round(ms, 1),
-                     "runs_ms": [round(t * 1e3, 1) for t in times[(h, w)]]})
+        rows.append(
+            {
+                "bucket": [h, w],
+                "patches": m.num_patches,
+                "image_tokens": m.num_tokens,
+                "ms_per_image": round(ms, 1),
+                "runs_ms": [round(t * 1e3, 1) for t in times[(h, w)]],
+            }
+        )
     base = rows[0]["ms_per_image"]
     for r in rows:
         r["time_vs_first"] = round(r["ms_per_image"] / base, 2)
-    result = {"what": "9B-width GLM-4.1V ViT (24 blocks, hidden 1536), random weights, PyTorch eager fp32, alternating buckets",
-              "threads": a.threads, "repeats": a.repeats, "load_avg_1m_at_start": os.getloadavg()[0],
-              "vision_params": sum(p.numel() for p in shared.values()), "buckets": rows}
+    result = {
+        "what": "9B-width GLM-4.1V ViT (24 blocks, hidden 1536), random weights, PyTorch eager fp32, alternating buckets",
+        "threads": a.threads,
+        "repeats": a.repeats,
+        "load_avg_1m_at_start": os.getloadavg()[0],
+        "vision_params": sum(p.numel() for p in shared.values()),
+        "buckets": rows,
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     for r in rows:
-        print(f"{r['bucket'][0]}x{r['bucket'][1]}: {r['patches']} patches, {r['image_tokens']} image tokens, "
-              f"{r['ms_per_image']:.0f} ms/image ({r['time_vs_first']}x)")
+        print(
+            f"{r['bucket'][0]}x{r['bucket'][1]}: {r['patches']} patches, {r['image_tokens']} image tokens, "
+            f"{r['ms_per_image']:.0f} ms/image ({r['time_vs_first']}x)"
+        )
     print(f"wrote {a.out}")
 
 

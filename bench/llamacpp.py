@@ -59,25 +59,62 @@ def llama_cpp(work: Path) -> Path:
     src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"), None)
     if src is None:
         log(f"downloading the {LLAMA_CPP_PYTHON} source package")
-        run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", work, LLAMA_CPP_PYTHON])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                work,
+                LLAMA_CPP_PYTHON,
+            ]
+        )
         with tarfile.open(next(work.glob("llama_cpp_python-*.tar.gz"))) as t:
             t.extractall(work, filter="data")
         src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
     build = src / "build"
     if not (build / "bin" / "llama-bench").is_file() or not (build / "bin" / "llama-quantize").is_file():
         log("building llama.cpp (cmake, CPU only)")
-        run(["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", *isa_flags(), "-DLLAMA_CURL=OFF",
-             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF"],
-            stdout=subprocess.DEVNULL)  # fmt: skip
-        run(["cmake", "--build", build, "-j", str(os.cpu_count()), "--target", "llama-bench", "llama-quantize"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        run(
+            [
+                "cmake",
+                "-S",
+                src,
+                "-B",
+                build,
+                "-DCMAKE_BUILD_TYPE=Release",
+                *isa_flags(),
+                "-DLLAMA_CURL=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_SERVER=OFF",
+                "-DLLAMA_OPENSSL=OFF",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        run(
+            ["cmake", "--build", build, "-j", str(os.cpu_count()), "--target", "llama-bench", "llama-quantize"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     base = src / "conversion" / "base.py"
     text = base.read_text()
-    marker = "        if res is None:\n            logger.warning(\"\\n\")"
+    marker = '        if res is None:\n            logger.warning("\\n")'
     if "autoglm-export bench" not in text:  # the local copy's one change: see the module docstring
         assert marker in text, "llama.cpp's get_vocab_base_pre changed: update the patch"
-        base.write_text(text.replace(marker, "        if res is None:  # autoglm-export bench: synthetic tokenizer\n"
-                                             "            res = \"gpt-2\"\n" + marker, 1))  # fmt: skip
+        base.write_text(
+            text.replace(
+                marker,
+                "        if res is None:  # autoglm-export bench: synthetic tokenizer\n"
+                '            res = "gpt-2"\n' + marker,
+                1,
+            )
+        )
     return src
 
 
@@ -86,8 +123,17 @@ def isa_flags() -> list[str]:
     reports amx_tile) crashed (SIGSEGV) on every batch of two or more tokens in llama-bench, while
     one-token batches ran; the AVX-512 build without AMX runs every batch size."""
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
-    want = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "AVX_VNNI": "avx_vnni", "AVX512": "avx512f",
-            "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16"}  # fmt: skip
+    want = {
+        "AVX": "avx",
+        "AVX2": "avx2",
+        "FMA": "fma",
+        "F16C": "f16c",
+        "AVX_VNNI": "avx_vnni",
+        "AVX512": "avx512f",
+        "AVX512_VBMI": "avx512vbmi",
+        "AVX512_VNNI": "avx512_vnni",
+        "AVX512_BF16": "avx512_bf16",
+    }
     return ["-DGGML_NATIVE=OFF", *(f"-DGGML_{k}={'ON' if v in flags else 'OFF'}" for k, v in want.items())]
 
 
@@ -95,8 +141,24 @@ def checkpoint(work: Path, layers: int) -> Path:
     ckpt = work / f"ckpt-9b-shape-{layers}l"
     if not (ckpt / "config.json").is_file():
         log(f"writing the synthetic 9B-shape checkpoint ({layers} layers, 1 ViT block)")
-        run([sys.executable, "-m", "autoglm_export.cli", "tiny-checkpoint", ckpt, "--preset", "9b-shape", "--layers", layers,
-             "--vision-depth", 1, "-q", "--force"], cwd=REPO)  # fmt: skip
+        run(
+            [
+                sys.executable,
+                "-m",
+                "autoglm_export.cli",
+                "tiny-checkpoint",
+                ckpt,
+                "--preset",
+                "9b-shape",
+                "--layers",
+                layers,
+                "--vision-depth",
+                1,
+                "-q",
+                "--force",
+            ],
+            cwd=REPO,
+        )
     return ckpt
 
 
@@ -105,15 +167,22 @@ def ggufs(src: Path, ckpt: Path, work: Path) -> dict[str, Path]:
     if not bf16.is_file():
         log("converting with llama.cpp's convert_hf_to_gguf.py")
         env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
-        run([sys.executable, src / "convert_hf_to_gguf.py", ckpt, "--outfile", bf16, "--outtype", "bf16"], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        run(
+            [sys.executable, src / "convert_hf_to_gguf.py", ckpt, "--outfile", bf16, "--outtype", "bf16"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     out = {}
     for name, extra in (("Q4_0", []), ("Q4_0+q8_0-output", ["--output-tensor-type", "q8_0"])):
         path = work / f"{ckpt.name}-{name}.gguf"
         if not path.is_file():
             log(f"llama-quantize {name}")
-            run([src / "build" / "bin" / "llama-quantize", *extra, bf16, path, "Q4_0"], stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL)  # fmt: skip
+            run(
+                [src / "build" / "bin" / "llama-quantize", *extra, bf16, path, "Q4_0"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         out[name] = path
     return out
 
@@ -123,13 +192,35 @@ def bundle(ckpt: Path, work: Path, recipe: Path) -> Path:
     if not (out / "manifest.json").is_file():
         log(f"exporting our bundle ({recipe.name}, the CLI with verification)")
         t0 = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "autoglm_export.cli", "-q", "--target",
-                               "xnnpack", "--checkpoint", ckpt, "--out", out, "--recipe", recipe, "--force"],
-                              cwd=REPO, capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [
+                "/usr/bin/time",
+                "-f",
+                "%M",
+                sys.executable,
+                "-m",
+                "autoglm_export.cli",
+                "-q",
+                "--target",
+                "xnnpack",
+                "--checkpoint",
+                ckpt,
+                "--out",
+                out,
+                "--recipe",
+                recipe,
+                "--force",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             sys.exit(f"export failed:\n{proc.stderr[-3000:]}")
         peak = int(proc.stderr.strip().splitlines()[-1]) * 1024
-        (out.parent / f"{out.name}.export.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_bytes": peak}))
+        (out.parent / f"{out.name}.export.json").write_text(
+            json.dumps({"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_bytes": peak})
+        )
     return out
 
 
@@ -184,8 +275,13 @@ print(json.dumps(out))
 
 
 def measure_bundle(path: Path, threads: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", BUNDLE_PROBE, str(path), str(threads)], cwd=REPO, capture_output=True,
-                          text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", BUNDLE_PROBE, str(path), str(threads)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -195,8 +291,12 @@ def measure_gguf(src: Path, path: Path, threads: int) -> dict:
 
     def bench_json(*args) -> tuple[list, float, int]:
         t0 = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", bench, *map(str, common), *map(str, args)], capture_output=True,
-                              text=True, check=True)  # fmt: skip
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", bench, *map(str, common), *map(str, args)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(proc.stdout), time.perf_counter() - t0, int(proc.stderr.strip().splitlines()[-1]) * 1024
 
     rows, wall, rss1 = bench_json("-p", 1, "-n", 1)
@@ -204,8 +304,13 @@ def measure_gguf(src: Path, path: Path, threads: int) -> dict:
     pp, _, rss2 = bench_json("-p", 128, "-n", 0)
     tg16, _, rss3 = bench_json("-p", 0, "-n", 64, "-d", 16)
     tg1500, _, rss4 = bench_json("-p", 0, "-n", 64, "-d", 1500)
-    return {"load_s": wall - compute, "prefill128_tok_s": pp[0]["avg_ts"], "decode_at16_tok_s": tg16[0]["avg_ts"],
-            "decode_at1500_tok_s": tg1500[0]["avg_ts"], "peak_rss_bytes": max(rss1, rss2, rss3, rss4)}  # fmt: skip
+    return {
+        "load_s": wall - compute,
+        "prefill128_tok_s": pp[0]["avg_ts"],
+        "decode_at16_tok_s": tg16[0]["avg_ts"],
+        "decode_at1500_tok_s": tg1500[0]["avg_ts"],
+        "peak_rss_bytes": max(rss1, rss2, rss3, rss4),
+    }
 
 
 def wait_quiet(limit: float) -> float:
@@ -277,16 +382,31 @@ def main() -> None:
             samples[name].append(m)
             log("  " + ", ".join(f"{k} {v:.3g}" for k, v in m.items()))
     bandwidth = read_bandwidth(a.threads)
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": a.threads, "layers": a.layers,
-              "reps": a.reps, "read_bandwidth_bytes_s": bandwidth, "sides": {}}  # fmt: skip
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "threads": a.threads,
+        "layers": a.layers,
+        "reps": a.reps,
+        "read_bandwidth_bytes_s": bandwidth,
+        "sides": {},
+    }
     for name, path in sides:
         med = {k: statistics.median(s[k] for s in samples[name]) for k in samples[name][0]}
         is_bundle = name.startswith("bundle:")
-        size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if is_bundle else Path(path).stat().st_size
+        size = (
+            sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+            if is_bundle
+            else Path(path).stat().st_size
+        )
         per_token = decode_bytes_bundle(path) if is_bundle else decode_bytes_gguf(src, path)
-        med.update({"file_bytes": size, "decode_weight_bytes": per_token,
-                    "decode_bound_tok_s": bandwidth / per_token,
-                    "fraction_of_bound_at16": med["decode_at16_tok_s"] / (bandwidth / per_token)})  # fmt: skip
+        med.update(
+            {
+                "file_bytes": size,
+                "decode_weight_bytes": per_token,
+                "decode_bound_tok_s": bandwidth / per_token,
+                "fraction_of_bound_at16": med["decode_at16_tok_s"] / (bandwidth / per_token),
+            }
+        )
         if is_bundle and (path.parent / f"{path.name}.export.json").is_file():
             med["export"] = json.loads((path.parent / f"{path.name}.export.json").read_text())
         result["sides"][name] = {"median": med, "samples": samples[name]}
@@ -303,20 +423,24 @@ def write_doc(result: dict) -> None:
     for name, s in sides.items():
         m = s["median"]
         ratio = lambda k: f"{m[k]:.1f} ({m[k] / ref[k]:.2f}×)"  # noqa: E731
-        rows.append(f"| {name} | {ratio('decode_at16_tok_s')} | {ratio('decode_at1500_tok_s')} | {ratio('prefill128_tok_s')} | "
-                    f"{m['load_s']:.2f} | {m['peak_rss_bytes'] / 2**30:.2f} | {m['file_bytes'] / 1e9:.2f} | "
-                    f"{m['fraction_of_bound_at16']:.2f} |")  # fmt: skip
-    table = "\n".join([
-        "<!-- llamacpp-bench -->",
-        f"Written by `bench/llamacpp.py`: synthetic 9B-width checkpoint with {result['layers']} decoder layers, text only, "
-        f"{result['threads']} threads, {result['machine']}, sides alternating, median of {result['reps']}; read bandwidth "
-        f"{result['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s. Ratios against llama.cpp Q4_0 with a q8_0 output matrix.",
-        "",
-        "| side | decode tok/s at 16 | decode tok/s at 1,500 | prefill tok/s (128) | load s | peak RSS GiB | files GB | decode / bandwidth bound |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
-        "<!-- /llamacpp-bench -->",
-    ])  # fmt: skip
+        rows.append(
+            f"| {name} | {ratio('decode_at16_tok_s')} | {ratio('decode_at1500_tok_s')} | {ratio('prefill128_tok_s')} | "
+            f"{m['load_s']:.2f} | {m['peak_rss_bytes'] / 2**30:.2f} | {m['file_bytes'] / 1e9:.2f} | "
+            f"{m['fraction_of_bound_at16']:.2f} |"
+        )
+    table = "\n".join(
+        [
+            "<!-- llamacpp-bench -->",
+            f"Written by `bench/llamacpp.py`: synthetic 9B-width checkpoint with {result['layers']} decoder layers, text only, "
+            f"{result['threads']} threads, {result['machine']}, sides alternating, median of {result['reps']}; read bandwidth "
+            f"{result['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s. Ratios against llama.cpp Q4_0 with a q8_0 output matrix.",
+            "",
+            "| side | decode tok/s at 16 | decode tok/s at 1,500 | prefill tok/s (128) | load s | peak RSS GiB | files GB | decode / bandwidth bound |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "<!-- /llamacpp-bench -->",
+        ]
+    )
     doc = REPO / "docs" / "benchmarks.md"
     text = doc.read_text()
     if "<!-- llamacpp-bench -->" in text:

@@ -53,6 +53,7 @@ def measure(cmd: list[str], *, env: dict | None = None, log: Path | None = None,
     group = _new_cgroup()
     timed_out = False
     with tempfile.NamedTemporaryFile("r", suffix=".json") as res:
+
         def enter():  # runs in the child before exec: the whole tree is charged to the group
             os.setsid()  # and is one process group, so a timeout stops all of it
             if group:
@@ -61,8 +62,13 @@ def measure(cmd: list[str], *, env: dict | None = None, log: Path | None = None,
         out = open(log, "w") if log else subprocess.DEVNULL
         t0 = time.perf_counter()
         try:
-            proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, res.name, *cmd], env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, preexec_fn=enter)  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _WRAPPER, res.name, *cmd],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=enter,
+            )
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -81,8 +87,13 @@ def measure(cmd: list[str], *, env: dict | None = None, log: Path | None = None,
             group[0].rmdir()
         except OSError:
             pass
-    return {"rc": data.get("rc", -1), "wall_s": round(wall, 2), "tree_peak_bytes": tree,
-            "max_process_rss_bytes": data.get("maxrss_kib", 0) * 1024, "timed_out": timed_out}  # fmt: skip
+    return {
+        "rc": data.get("rc", -1),
+        "wall_s": round(wall, 2),
+        "tree_peak_bytes": tree,
+        "max_process_rss_bytes": data.get("maxrss_kib", 0) * 1024,
+        "timed_out": timed_out,
+    }
 
 
 if __name__ == "__main__":  # python bench/measure.py CMD...: prints the figures as JSON

@@ -44,11 +44,16 @@ _EXPORT = (
 )
 
 
-def run_one(ckpt: Path, target: str, out: Path, recipe: str, verify: bool, log: Path, timeout: float | None = None) -> dict:
+def run_one(
+    ckpt: Path, target: str, out: Path, recipe: str, verify: bool, log: Path, timeout: float | None = None
+) -> dict:
     if target not in IMPLEMENTED:
         return {"target": target, "status": f"not implemented yet ({target} target: see its issue)"}
-    r = measure([sys.executable, "-c", _EXPORT, str(ckpt), target, str(out), recipe, "1" if verify else "0"], log=log,
-                timeout=timeout)  # fmt: skip
+    r = measure(
+        [sys.executable, "-c", _EXPORT, str(ckpt), target, str(out), recipe, "1" if verify else "0"],
+        log=log,
+        timeout=timeout,
+    )
     if r.get("timed_out"):
         return {"target": target, "status": f"stopped after {timeout:.0f} s (not finished)", **r}
     if r["rc"] != 0:
@@ -87,12 +92,24 @@ def summarize(rows: list[dict], vision_depth: int) -> dict:
         v_bytes_per_block = vision_block_bytes(target)
         size_full = a_s + b_s * FULL_LAYERS + v_bytes_per_block * (FULL_VISION_DEPTH - vision_depth)
         out[target] = {
-            "time_s": {"intercept": round(a_t, 1), "per_layer": round(b_t, 2), "at_40_layers": round(a_t + b_t * FULL_LAYERS)},
-            "bundle_bytes": {"intercept": round(a_s), "per_layer": round(b_s), "at_40_layers_24_blocks": round(size_full)},
-            "peak_bytes": {"min": min(peaks), "max": max(peaks), "per_layer_slope": round(b_m),
-                           "process_rss_per_layer_slope": round(b_p)},
+            "time_s": {
+                "intercept": round(a_t, 1),
+                "per_layer": round(b_t, 2),
+                "at_40_layers": round(a_t + b_t * FULL_LAYERS),
+            },
+            "bundle_bytes": {
+                "intercept": round(a_s),
+                "per_layer": round(b_s),
+                "at_40_layers_24_blocks": round(size_full),
+            },
+            "peak_bytes": {
+                "min": min(peaks),
+                "max": max(peaks),
+                "per_layer_slope": round(b_m),
+                "process_rss_per_layer_slope": round(b_p),
+            },
             "vs_gguf_q4_k_m": round(size_full / sum(GGUF_Q4_K_M_BYTES.values()), 3),
-        }  # fmt: skip
+        }
     return out
 
 
@@ -111,14 +128,19 @@ def vision_block_bytes(label: str) -> float:
     target, _, stem = label.partition(" (")
     if stem:  # a shipped recipe, or one kept for the bench (bench/recipes)
         name = f"{stem.rstrip(')')}.yaml"
-        path = next((d / name for d in (REPO / "recipes", REPO / "bench" / "recipes") if (d / name).is_file()), REPO / "recipes" / name)
+        path = next(
+            (d / name for d in (REPO / "recipes", REPO / "bench" / "recipes") if (d / name).is_file()),
+            REPO / "recipes" / name,
+        )
     else:
         path = default_recipe_path(target)
     rec = load_recipe(path)
 
     def vision_bytes(depth: int) -> float:
         preset = dataclasses.replace(PRESETS["9b-shape"], layers=1, vision_depth=depth)
-        spec = parse_config(make_config(preset), Path("config.json"), {"eos_token_id": [151329], "pad_token_id": 151329})
+        spec = parse_config(
+            make_config(preset), Path("config.json"), {"eos_token_id": [151329], "pad_token_id": 151329}
+        )
         return plan_quantization_for_spec(rec, spec, Shapes.from_recipe(rec), str(path))["vision_encoder"].weight_bytes
 
     return vision_bytes(2) - vision_bytes(1)
@@ -133,16 +155,22 @@ def svg_plot(rows: list[dict]) -> str:
     xmax = max(r["layers"] for r in ok)
     ymax = max((r["tree_peak_bytes"] or r["max_process_rss_bytes"]) for r in ok) / 2**30 * 1.15
     colors = {"xnnpack": "#1f77b4", "onnx": "#2ca02c", "qnn": "#d62728", "onnx-qnn": "#9467bd", "coreml": "#ff7f0e"}
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-             f'<line x1="{P}" y1="{H - P}" x2="{W - 10}" y2="{H - P}" stroke="black"/>',
-             f'<line x1="{P}" y1="10" x2="{P}" y2="{H - P}" stroke="black"/>',
-             f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">decoder layers (9B widths)</text>',
-             f'<text x="12" y="{H / 2}" transform="rotate(-90 12 {H / 2})" text-anchor="middle">peak GiB (process tree)</text>']  # fmt: skip
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+        f'<line x1="{P}" y1="{H - P}" x2="{W - 10}" y2="{H - P}" stroke="black"/>',
+        f'<line x1="{P}" y1="10" x2="{P}" y2="{H - P}" stroke="black"/>',
+        f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">decoder layers (9B widths)</text>',
+        f'<text x="12" y="{H / 2}" transform="rotate(-90 12 {H / 2})" text-anchor="middle">peak GiB (process tree)</text>',
+    ]
     for g in range(0, int(ymax) + 1, max(1, int(ymax) // 5 or 1)):
         y = H - P - g / ymax * (H - P - 10)
         parts.append(f'<text x="{P - 4}" y="{y + 4:.1f}" text-anchor="end">{g}</text>')
     for i, target in enumerate(sorted({r["target"] for r in ok})):
-        pts = sorted((r["layers"], (r["tree_peak_bytes"] or r["max_process_rss_bytes"]) / 2**30) for r in ok if r["target"] == target)
+        pts = sorted(
+            (r["layers"], (r["tree_peak_bytes"] or r["max_process_rss_bytes"]) / 2**30)
+            for r in ok
+            if r["target"] == target
+        )
         xy = " ".join(f"{P + n / xmax * (W - P - 20):.1f},{H - P - m / ymax * (H - P - 10):.1f}" for n, m in pts)
         c = colors.get(target, "#333")
         parts.append(f'<polyline points="{xy}" fill="none" stroke="{c}" stroke-width="2"/>')
@@ -155,30 +183,44 @@ def svg_plot(rows: list[dict]) -> str:
 
 def write_doc(result: dict, name: str) -> None:
     rows, summary = result["runs"], result["summary"]
-    lines = ["<!-- scale-bench -->", f"Written by `bench/scale.py` ({result['machine']}); exports "
-             f"{'with' if result['verify'] else 'without'} the parity stage, vision depth {result['vision_depth']}.", "",
-             "| target | layers | status | wall s | peak tree GiB | max process GiB | bundle GB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "<!-- scale-bench -->",
+        f"Written by `bench/scale.py` ({result['machine']}); exports "
+        f"{'with' if result['verify'] else 'without'} the parity stage, vision depth {result['vision_depth']}.",
+        "",
+        "| target | layers | status | wall s | peak tree GiB | max process GiB | bundle GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     first = {t: i for i, t in enumerate(dict.fromkeys(r["target"] for r in rows))}  # targets as first measured
     for r in sorted(rows, key=lambda r: (first[r["target"]], r["layers"])):
         if r.get("status") == "ok":
             tree = f"{r['tree_peak_bytes'] / 2**30:.2f}" if r["tree_peak_bytes"] else "n/a"
-            lines.append(f"| {r['target']} | {r['layers']} | ok | {r['wall_s']:.0f} | {tree} | {r['max_process_rss_bytes'] / 2**30:.2f} | "
-                         f"{r['bundle_bytes'] / 1e9:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {r['target']} | {r['layers']} | ok | {r['wall_s']:.0f} | {tree} | {r['max_process_rss_bytes'] / 2**30:.2f} | "
+                f"{r['bundle_bytes'] / 1e9:.2f} |"
+            )
         elif "wall_s" in r:  # failed or stopped: what it used until then
             status = "killed (SIGKILL: out of memory)" if r.get("rc") == -9 else r["status"]
             tree = f"{r['tree_peak_bytes'] / 2**30:.2f}" if r.get("tree_peak_bytes") else "n/a"
-            lines.append(f"| {r['target']} | {r['layers']} | {status} | {r['wall_s']:.0f} | {tree} | "
-                         f"{r['max_process_rss_bytes'] / 2**30:.2f} | |")  # fmt: skip
+            lines.append(
+                f"| {r['target']} | {r['layers']} | {status} | {r['wall_s']:.0f} | {tree} | "
+                f"{r['max_process_rss_bytes'] / 2**30:.2f} | |"
+            )
         else:
             lines.append(f"| {r['target']} | {r.get('layers', '')} | {r['status']} | | | | |")
     if summary:
-        lines += ["", "| target | time at 40 layers s (fit) | s per layer | bundle at 40 layers + 24 blocks GB | vs Q4_K_M GGUF (7.40 GB) | peak tree slope MiB/layer | max process slope MiB/layer |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "| target | time at 40 layers s (fit) | s per layer | bundle at 40 layers + 24 blocks GB | vs Q4_K_M GGUF (7.40 GB) | peak tree slope MiB/layer | max process slope MiB/layer |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for t, s in summary.items():
-            lines.append(f"| {t} | {s['time_s']['at_40_layers']} | {s['time_s']['per_layer']} | "
-                         f"{s['bundle_bytes']['at_40_layers_24_blocks'] / 1e9:.2f} | {s['vs_gguf_q4_k_m']} | "
-                         f"{s['peak_bytes']['per_layer_slope'] / 2**20:.0f} | "
-                         f"{s['peak_bytes'].get('process_rss_per_layer_slope', 0) / 2**20:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {t} | {s['time_s']['at_40_layers']} | {s['time_s']['per_layer']} | "
+                f"{s['bundle_bytes']['at_40_layers_24_blocks'] / 1e9:.2f} | {s['vs_gguf_q4_k_m']} | "
+                f"{s['peak_bytes']['per_layer_slope'] / 2**20:.0f} | "
+                f"{s['peak_bytes'].get('process_rss_per_layer_slope', 0) / 2**20:.0f} |"
+            )
     svg = svg_plot(rows)
     if svg:
         (REPO / "docs" / f"{name}.svg").write_text(svg)
@@ -208,8 +250,12 @@ def main() -> None:
     ap.add_argument("--name", default="scale")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--verify", action="store_true")
-    ap.add_argument("--timeout", type=float, default=None, help="seconds before an export is stopped and recorded as such")
-    ap.add_argument("--summarize", action="store_true", help="only recompute the summary and docs from results/NAME.json")
+    ap.add_argument(
+        "--timeout", type=float, default=None, help="seconds before an export is stopped and recorded as such"
+    )
+    ap.add_argument(
+        "--summarize", action="store_true", help="only recompute the summary and docs from results/NAME.json"
+    )
     args = ap.parse_args()
     if args.summarize:
         result = json.loads((RESULTS / f"{args.name}.json").read_text())
@@ -224,19 +270,42 @@ def main() -> None:
     rows = _earlier_rows(RESULTS / f"{args.name}.json", args.vision_depth, args.verify)
     for n in [int(x) for x in args.layers.split(",")]:
         ckpt = work / f"ckpt-{n}"
-        subprocess.run([sys.executable, "-m", "autoglm_export.cli", "tiny-checkpoint", str(ckpt), "--preset", "9b-shape",
-                        "--layers", str(n), "--vision-depth", str(args.vision_depth), "--force", "-q"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "autoglm_export.cli",
+                "tiny-checkpoint",
+                str(ckpt),
+                "--preset",
+                "9b-shape",
+                "--layers",
+                str(n),
+                "--vision-depth",
+                str(args.vision_depth),
+                "--force",
+                "-q",
+            ],
+            check=True,
+        )
         for spec in args.targets.split(","):
             target, _, recipe = spec.partition(":")  # "xnnpack:recipes/xnnpack-compact.yaml": another recipe
             label, tag = (f"{target} ({Path(recipe).stem})", Path(recipe).stem) if recipe else (target, target)
             print(f"N={n} {label} ...", flush=True)
-            r = run_one(ckpt, target, work / f"bundle-{tag}-{n}", recipe, args.verify, work / f"{tag}-{n}.log", args.timeout)
+            r = run_one(
+                ckpt, target, work / f"bundle-{tag}-{n}", recipe, args.verify, work / f"{tag}-{n}.log", args.timeout
+            )
             r["target"], r["layers"] = label, n
             rows = [x for x in rows if (x["target"], x["layers"]) != (label, n)] + [r]
             print(json.dumps({k: v for k, v in r.items() if k not in ("components", "log_tail")}), flush=True)
             shutil.rmtree(work / f"bundle-{tag}-{n}", ignore_errors=True)
-            result = {"machine": f"{platform.machine()}, {platform.system()}, {_cores()} cores", "verify": args.verify,
-                      "vision_depth": args.vision_depth, "runs": rows, "summary": summarize(rows, args.vision_depth)}  # fmt: skip
+            result = {
+                "machine": f"{platform.machine()}, {platform.system()}, {_cores()} cores",
+                "verify": args.verify,
+                "vision_depth": args.vision_depth,
+                "runs": rows,
+                "summary": summarize(rows, args.vision_depth),
+            }
             (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
         shutil.rmtree(ckpt, ignore_errors=True)
     write_doc(result, args.name)

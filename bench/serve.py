@@ -46,7 +46,9 @@ def _library_messages(engine, messages):
     from autoglm_export.serve.app import request_messages
     from autoglm_export.serve.schema import ChatRequest
 
-    return request_messages(ChatRequest.model_validate({"model": "autoglm-phone-9b", "messages": messages}), engine, None)
+    return request_messages(
+        ChatRequest.model_validate({"model": "autoglm-phone-9b", "messages": messages}), engine, None
+    )
 
 
 def start_server(bundle: Path, allow_failed: bool) -> tuple[subprocess.Popen, str]:
@@ -55,9 +57,13 @@ def start_server(bundle: Path, allow_failed: bool) -> tuple[subprocess.Popen, st
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "autoglm_export.cli", "serve", str(bundle), "--port", str(port)]
-                            + (["--allow-failed"] if allow_failed else []),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoglm_export.cli", "serve", str(bundle), "--port", str(port)]
+        + (["--allow-failed"] if allow_failed else []),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
     base = f"http://127.0.0.1:{port}"
     while True:
         try:
@@ -77,7 +83,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--allow-failed", action="store_true", help="a bundle whose parity gates failed (random 9B-shape weights)")
+    ap.add_argument(
+        "--allow-failed", action="store_true", help="a bundle whose parity gates failed (random 9B-shape weights)"
+    )
     args = ap.parse_args()
 
     from openai import OpenAI
@@ -100,30 +108,48 @@ def main() -> None:
             lib.append(time.perf_counter() - t0)
             lib_tok.append(res.decode_s / max(len(res.tokens) - 1, 1))
             t0 = time.perf_counter()
-            out = client.chat.completions.create(model="autoglm-phone-9b", max_tokens=args.tokens,
-                                                 messages=[{"role": "user", "content": words}])  # fmt: skip
+            out = client.chat.completions.create(
+                model="autoglm-phone-9b", max_tokens=args.tokens, messages=[{"role": "user", "content": words}]
+            )
             srv.append(time.perf_counter() - t0)
             assert out.usage.completion_tokens == len(res.tokens), (out.usage, len(res.tokens))
-            print(f"rep {r}: library {lib[-1]:.3f} s, server {srv[-1]:.3f} s for {len(res.tokens)} tokens "
-                  f"(library decode {lib_tok[-1] * 1e3:.2f} ms/token)", flush=True)  # fmt: skip
+            print(
+                f"rep {r}: library {lib[-1]:.3f} s, server {srv[-1]:.3f} s for {len(res.tokens)} tokens "
+                f"(library decode {lib_tok[-1] * 1e3:.2f} ms/token)",
+                flush=True,
+            )
         n = len(res.tokens)
         extra_per_token = (statistics.median(srv) - statistics.median(lib)) / n
         overhead = extra_per_token / statistics.median(lib_tok)
 
         # 2. prefix reuse on an agent conversation, alternating server (reusing) and library (fresh)
-        history = [{"role": "system", "content": "You are a phone agent. Answer with do(action=...) or finish(message=...)."}]
+        history = [
+            {"role": "system", "content": "You are a phone agent. Answer with do(action=...) or finish(message=...)."}
+        ]
         turns = []
         for t in range(args.turns):
             for m in history:
                 if m["role"] == "user" and isinstance(m["content"], list):
                     m["content"] = [p for p in m["content"] if p["type"] == "text"]
-            history.append({"role": "user", "content": [{"type": "text", "text": f"Step {t}: the screen is attached."},
-                                                        {"type": "image_url", "image_url": {"url": _png(90, 200, t)}}]})  # fmt: skip
+            history.append(
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": f"Step {t}: the screen is attached."},
+                        {"type": "image_url", "image_url": {"url": _png(90, 200, t)}},
+                    ],
+                }
+            )
             t0 = time.perf_counter()
             first = None
             answer, usage = "", None
-            for chunk in client.chat.completions.create(model="autoglm-phone-9b", messages=history, max_tokens=8, stream=True,
-                                                        stream_options={"include_usage": True}):  # fmt: skip
+            for chunk in client.chat.completions.create(
+                model="autoglm-phone-9b",
+                messages=history,
+                max_tokens=8,
+                stream=True,
+                stream_options={"include_usage": True},
+            ):
                 if chunk.usage is not None:
                     usage = chunk.usage
                 if chunk.choices and chunk.choices[0].delta.content:
@@ -132,18 +158,33 @@ def main() -> None:
             ttft = (first or time.perf_counter()) - t0
             engine._cached = []  # forget the cache: the library prefills everything
             fresh = engine.chat(_library_messages(engine, history), max_tokens=8)
-            turns.append({"turn": t, "prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.prompt_tokens_details.cached_tokens,
-                          "server_ttft_s": round(ttft, 4), "fresh_prefill_s": round(fresh.prefill_s, 4), "same_answer": fresh.text == answer})  # fmt: skip
+            turns.append(
+                {
+                    "turn": t,
+                    "prompt_tokens": usage.prompt_tokens,
+                    "cached_tokens": usage.prompt_tokens_details.cached_tokens,
+                    "server_ttft_s": round(ttft, 4),
+                    "fresh_prefill_s": round(fresh.prefill_s, 4),
+                    "same_answer": fresh.text == answer,
+                }
+            )
             print(turns[-1], flush=True)
             history.append({"role": "assistant", "content": answer})
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    result = {"bundle": str(args.bundle), "target": engine.manifest["target"], "max_context": engine.max_context,
-              "tokens": n, "library_request_s": [round(x, 4) for x in lib], "server_request_s": [round(x, 4) for x in srv],
-              "library_decode_ms_per_token": [round(x * 1e3, 3) for x in lib_tok],
-              "server_extra_ms_per_token": round(extra_per_token * 1e3, 4), "server_overhead_per_token": round(overhead, 4),
-              "agent_turns": turns}  # fmt: skip
+    result = {
+        "bundle": str(args.bundle),
+        "target": engine.manifest["target"],
+        "max_context": engine.max_context,
+        "tokens": n,
+        "library_request_s": [round(x, 4) for x in lib],
+        "server_request_s": [round(x, 4) for x in srv],
+        "library_decode_ms_per_token": [round(x * 1e3, 3) for x in lib_tok],
+        "server_extra_ms_per_token": round(extra_per_token * 1e3, 4),
+        "server_overhead_per_token": round(overhead, 4),
+        "agent_turns": turns,
+    }
     print(json.dumps({k: v for k, v in result.items() if k != "agent_turns"}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

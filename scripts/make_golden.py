@@ -1,10 +1,10 @@
 """Write golden vectors for the app ports.
 
-    python scripts/make_golden.py --bundle BUNDLE OUT_DIR [--max-new-tokens N]
-        host vectors + tokenizer cases + a recorded greedy trace from a bundle's runtime,
-        with a copy of the bundle itself (what the Kotlin/Swift tests read)
-    python scripts/make_golden.py CHECKPOINT OUT.json [--image-size S] [--audio-seconds A]
-        host vectors only (prompt ids, pixels, positions, log-mel), from a checkpoint
+python scripts/make_golden.py --bundle BUNDLE OUT_DIR [--max-new-tokens N]
+    host vectors + tokenizer cases + a recorded greedy trace from a bundle's runtime,
+    with a copy of the bundle itself (what the Kotlin/Swift tests read)
+python scripts/make_golden.py CHECKPOINT OUT.json [--image-size S] [--audio-seconds A]
+    host vectors only (prompt ids, pixels, positions, log-mel), from a checkpoint
 """
 
 from __future__ import annotations

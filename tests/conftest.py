@@ -25,8 +25,14 @@ DATA = REPO / "tests" / "data"
 
 # Files that take longest go first so that the two workers finish together (loadfile hands out
 # files in collection order).
-SLOW_FIRST = ["test_qnn_bundle.py", "test_app_ports.py", "test_audio.py", "test_xnnpack_bundle.py",
-              "test_memory_guard.py", "test_coreml_bundle.py"]  # fmt: skip
+SLOW_FIRST = [
+    "test_qnn_bundle.py",
+    "test_app_ports.py",
+    "test_audio.py",
+    "test_xnnpack_bundle.py",
+    "test_memory_guard.py",
+    "test_coreml_bundle.py",
+]
 
 
 def pytest_collection_modifyitems(items):
@@ -72,15 +78,31 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def xnnpack_bundle(tiny_ckpt, tmp_path_factory):
     """The tiny checkpoint exported with the xnnpack-tiny recipe: (bundle dir, completed process)."""
-    return _cli_bundle(tmp_path_factory, "xnnpack", "--target", "xnnpack", "--checkpoint", tiny_ckpt,
-                       "--recipe", REPO / "recipes" / "xnnpack-tiny.yaml")  # fmt: skip
+    return _cli_bundle(
+        tmp_path_factory,
+        "xnnpack",
+        "--target",
+        "xnnpack",
+        "--checkpoint",
+        tiny_ckpt,
+        "--recipe",
+        REPO / "recipes" / "xnnpack-tiny.yaml",
+    )
 
 
 @pytest.fixture(scope="session")
 def qnn_bundle(tiny_ckpt, tmp_path_factory):
     """The tiny checkpoint exported with the qnn-tiny recipe: (bundle dir, completed process)."""
-    return _cli_bundle(tmp_path_factory, "qnn", "--target", "qnn", "--checkpoint", tiny_ckpt,
-                       "--recipe", REPO / "recipes" / "qnn-tiny.yaml")  # fmt: skip
+    return _cli_bundle(
+        tmp_path_factory,
+        "qnn",
+        "--target",
+        "qnn",
+        "--checkpoint",
+        tiny_ckpt,
+        "--recipe",
+        REPO / "recipes" / "qnn-tiny.yaml",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -95,10 +117,15 @@ def _write_shared_weights_recipe(path: Path) -> None:
     the decoder in two, its layers' one weight copy and the head; the audio encoder in four, its last
     unit taking 49,664 B)."""
     path.mkdir()
-    text = (REPO / "recipes" / "qnn-tiny.yaml").read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
-    for old, new in (("name: qnn-tiny", "name: qnn-tiny-shared"), ("weight_sharing: false", "weight_sharing: true"),
-                     ("decoder_layers_per_program: 1", "decoder_layers_per_program: null"),
-                     ("max_context_bytes: 80000", "max_context_bytes: 50000")):  # fmt: skip
+    text = (
+        (REPO / "recipes" / "qnn-tiny.yaml").read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
+    )
+    for old, new in (
+        ("name: qnn-tiny", "name: qnn-tiny-shared"),
+        ("weight_sharing: false", "weight_sharing: true"),
+        ("decoder_layers_per_program: 1", "decoder_layers_per_program: null"),
+        ("max_context_bytes: 80000", "max_context_bytes: 50000"),
+    ):
         assert old in text, old
         text = text.replace(old, new)
     (path / "qnn-tiny-shared.yaml").write_text(text)
@@ -110,20 +137,25 @@ def qnn_shared_audio_bundle(audio_ckpt, tmp_path_factory):
     which the emulator can load): the weight-sharing test and the qnn audio test read it, so the
     suite lowers the audio checkpoint for qnn once. (bundle dir, completed process)"""
     recipe = _shared(tmp_path_factory, "qnn-shared-recipe", _write_shared_weights_recipe) / "qnn-tiny-shared.yaml"
-    return _cli_bundle(tmp_path_factory, "qnn-shared-audio", "--target", "qnn", "--checkpoint", audio_ckpt,
-                       "--recipe", recipe)  # fmt: skip
+    return _cli_bundle(
+        tmp_path_factory, "qnn-shared-audio", "--target", "qnn", "--checkpoint", audio_ckpt, "--recipe", recipe
+    )
 
 
 def _write_parts_recipe(path: Path) -> None:
     path.mkdir()
-    text = (REPO / "recipes" / "xnnpack-tiny.yaml").read_text().replace("name: xnnpack-tiny", "name: xnnpack-tiny-parts")
+    text = (
+        (REPO / "recipes" / "xnnpack-tiny.yaml").read_text().replace("name: xnnpack-tiny", "name: xnnpack-tiny-parts")
+    )
     (path / "xnnpack-tiny-parts.yaml").write_text(text + "lowering:\n  decoder_layers_per_program: 1\n")
 
 
 def _write_external_weights_recipe(path: Path) -> None:
     path.mkdir()
     text = (REPO / "recipes" / "xnnpack-tiny.yaml").read_text().replace("name: xnnpack-tiny", "name: xnnpack-tiny-ptd")
-    (path / "xnnpack-tiny-ptd.yaml").write_text(text + "lowering:\n  decoder_layers_per_program: 1\n  external_weights: true\n")
+    (path / "xnnpack-tiny-ptd.yaml").write_text(
+        text + "lowering:\n  decoder_layers_per_program: 1\n  external_weights: true\n"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -135,8 +167,16 @@ def xnnpack_ptd_recipe(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def xnnpack_ptd_bundle(tiny_ckpt, xnnpack_ptd_recipe, tmp_path_factory) -> Path:
     """The tiny checkpoint exported with ``xnnpack_ptd_recipe`` (verified)."""
-    return _cli_bundle(tmp_path_factory, "xnnpack-ptd", "--target", "xnnpack", "--checkpoint", tiny_ckpt,
-                       "--recipe", xnnpack_ptd_recipe)[0]  # fmt: skip
+    return _cli_bundle(
+        tmp_path_factory,
+        "xnnpack-ptd",
+        "--target",
+        "xnnpack",
+        "--checkpoint",
+        tiny_ckpt,
+        "--recipe",
+        xnnpack_ptd_recipe,
+    )[0]
 
 
 @pytest.fixture(scope="session")
@@ -145,15 +185,24 @@ def audio_xnnpack_bundle(audio_ckpt, tmp_path_factory) -> Path:
     decoder lowered in parts of one layer (recipe ``lowering``): the golden vectors, the apps'
     manifest contract and the audio tests all run through the chained parts."""
     recipe = _shared(tmp_path_factory, "parts-recipe", _write_parts_recipe) / "xnnpack-tiny-parts.yaml"
-    return _cli_bundle(tmp_path_factory, "audio-xnnpack", "-q", "--target", "xnnpack", "--checkpoint", audio_ckpt,
-                       "--recipe", recipe)[0]  # fmt: skip
+    return _cli_bundle(
+        tmp_path_factory, "audio-xnnpack", "-q", "--target", "xnnpack", "--checkpoint", audio_ckpt, "--recipe", recipe
+    )[0]
 
 
 @pytest.fixture(scope="session")
 def coreml_bundle(audio_ckpt, tmp_path_factory) -> Path:
     """The tiny audio checkpoint exported with the coreml-tiny recipe (verified by the MIL interpreter)."""
-    return _cli_bundle(tmp_path_factory, "coreml", "--target", "coreml", "--checkpoint", audio_ckpt,
-                       "--recipe", REPO / "recipes" / "coreml-tiny.yaml")[0]  # fmt: skip
+    return _cli_bundle(
+        tmp_path_factory,
+        "coreml",
+        "--target",
+        "coreml",
+        "--checkpoint",
+        audio_ckpt,
+        "--recipe",
+        REPO / "recipes" / "coreml-tiny.yaml",
+    )[0]
 
 
 def write_transformers_checkpoint(out: Path) -> Path:
@@ -170,15 +219,30 @@ def write_transformers_checkpoint(out: Path) -> Path:
     base = special_base(vocab, False)
     cfg = Glm4vConfig(
         text_config=dict(
-            hidden_size=72, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, intermediate_size=200,
-            vocab_size=vocab, rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                             "mrope_section": [2, 2, 2]},
+            hidden_size=72,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            intermediate_size=200,
+            vocab_size=vocab,
+            rms_norm_eps=1e-5,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "mrope_section": [2, 2, 2],
+            },
         ),
-        vision_config=dict(depth=1, hidden_size=48, num_heads=3, image_size=84, out_hidden_size=72, intermediate_size=80),
-        image_token_id=base + 14, image_start_token_id=base + 10, image_end_token_id=base + 11,
-        video_token_id=base + 15, video_start_token_id=base + 12, video_end_token_id=base + 13,
-    )  # fmt: skip
+        vision_config=dict(
+            depth=1, hidden_size=48, num_heads=3, image_size=84, out_hidden_size=72, intermediate_size=80
+        ),
+        image_token_id=base + 14,
+        image_start_token_id=base + 10,
+        image_end_token_id=base + 11,
+        video_token_id=base + 15,
+        video_start_token_id=base + 12,
+        video_end_token_id=base + 13,
+    )
     torch.manual_seed(0)
     model = Glm4vForConditionalGeneration(cfg).eval()
     scale_random_init(model)

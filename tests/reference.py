@@ -50,7 +50,10 @@ def scale_random_init(model: torch.nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
-                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.05 * torch.randn(p.shape, generator=g))
+                p.copy_(
+                    (1.0 if "norm" in name and name.endswith("weight") else 0.0)
+                    + 0.05 * torch.randn(p.shape, generator=g)
+                )
             elif "embed" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
             else:
@@ -77,7 +80,9 @@ def check_parity(ours_dir: Path, hf_dir: Path, image_size=112, tol: float = 1e-4
     ref_px, grid = hf_pixels(img, size)
     f = spec.vision.patch_size
     assert grid.tolist() == [[1, size[0] // f, size[1] // f]], grid
-    figures["pixels"] = (ref_px.view(px.shape[0], 3, 2, -1)[:, :, 0].reshape(px.shape[0], -1) - torch.from_numpy(px)).abs().max().item()
+    figures["pixels"] = (
+        (ref_px.view(px.shape[0], 3, 2, -1)[:, :, 0].reshape(px.shape[0], -1) - torch.from_numpy(px)).abs().max().item()
+    )
     with torch.no_grad():
         ref = hf.model.get_image_features(ref_px, grid).pooler_output[0]
         ours = mods["vision_encoder"](torch.from_numpy(px))
@@ -104,13 +109,24 @@ def check_parity(ours_dir: Path, hf_dir: Path, image_size=112, tol: float = 1e-4
     # greedy generation from image + text
     tok = ckpt.chat_tokenizer()
     prompt = build_chat_prompt(tok, "What is on the screen?", pre.num_tokens)
-    trace = generate(EagerRuntime(mods, shapes.max_context, shapes.prefill_chunk), prompt, images=[px],
-                     image_grids=[pre.merged_grid], max_new_tokens=new_tokens)  # fmt: skip
+    trace = generate(
+        EagerRuntime(mods, shapes.max_context, shapes.prefill_chunk),
+        prompt,
+        images=[px],
+        image_grids=[pre.merged_grid],
+        max_new_tokens=new_tokens,
+    )
     input_ids = torch.tensor([prompt.ids])
     hf_out = hf.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=ref_px, image_grid_thw=grid,
-        mm_token_type_ids=torch.tensor([prompt.types]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-    )  # fmt: skip
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=ref_px,
+        image_grid_thw=grid,
+        mm_token_type_ids=torch.tensor([prompt.types]),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+    )
     figures["ours_tokens"] = trace.tokens
     figures["hf_tokens"] = hf_out[0, len(prompt) :].tolist()
     assert figures["pixels"] <= 1e-5, figures

@@ -23,8 +23,12 @@ JARS = [Path("/usr/share/java") / j for j in ("gson.jar", "junit4.jar", "hamcres
 @pytest.fixture(scope="module")
 def golden_dir(audio_xnnpack_bundle, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("golden") / "golden"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_golden.py"), "--bundle", str(audio_xnnpack_bundle),
-                           str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_golden.py"), "--bundle", str(audio_xnnpack_bundle), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
@@ -40,8 +44,18 @@ def test_golden_trace_is_the_bundle_runtime(golden_dir, audio_xnnpack_bundle):
     assert len(decoder) == chunks + len(g["trace"]["tokens"]) - 1
     argmax = [c["output"]["data"].index(max(c["output"]["data"])) for c in decoder[chunks - 1 :]]
     assert argmax == g["trace"]["tokens"]
-    again = subprocess.run([sys.executable, str(REPO / "scripts" / "make_golden.py"), "--bundle", str(audio_xnnpack_bundle),
-                            str(golden_dir.parent / "again")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "make_golden.py"),
+            "--bundle",
+            str(audio_xnnpack_bundle),
+            str(golden_dir.parent / "again"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0
     assert (golden_dir.parent / "again" / "golden.json").read_bytes() == (golden_dir / "golden.json").read_bytes()
 
@@ -49,8 +63,12 @@ def test_golden_trace_is_the_bundle_runtime(golden_dir, audio_xnnpack_bundle):
 @pytest.fixture(scope="module")
 def golden_static_dir(qnn_bundle, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("golden-qnn") / "golden"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_golden.py"), "--bundle", str(qnn_bundle[0]),
-                           str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_golden.py"), "--bundle", str(qnn_bundle[0]), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
@@ -67,13 +85,26 @@ def test_kotlin_core_against_golden_vectors(golden_dir, golden_static_dir, tmp_p
     classes = tmp_path / "classes"
     cp = ":".join(str(j) for j in JARS)
     sources = [str(p) for p in sorted(KOTLIN_CORE.rglob("*.kt"))]
-    build = subprocess.run([kotlinc, "-nowarn", "-cp", cp, "-d", str(classes), *sources], capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
+    build = subprocess.run(
+        [kotlinc, "-nowarn", "-cp", cp, "-d", str(classes), *sources], capture_output=True, text=True, timeout=600
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     tests = sorted(p.stem for p in (KOTLIN_CORE / "test").rglob("*Test.kt"))
     assert len(tests) >= 2
-    run = subprocess.run(["java", f"-Dgolden.dir={golden_dir}", f"-Dgolden.static.dir={golden_static_dir}", "-cp", f"{classes}:{cp}", "org.junit.runner.JUnitCore",
-                          *[f"ai.autoglm.demo.core.{t}" for t in tests]], capture_output=True, text=True, timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [
+            "java",
+            f"-Dgolden.dir={golden_dir}",
+            f"-Dgolden.static.dir={golden_static_dir}",
+            "-cp",
+            f"{classes}:{cp}",
+            "org.junit.runner.JUnitCore",
+            *[f"ai.autoglm.demo.core.{t}" for t in tests],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-4000:]
     m = re.search(r"OK \((\d+) tests\)", run.stdout)
     assert m and int(m.group(1)) >= 14, run.stdout[-2000:]
@@ -101,7 +132,9 @@ def test_every_app_source_parses(lang, tmp_path):
     assert parser.parse(broken).root_node.has_error
 
 
-ACCESSORS = r"\b(req|opt|reqObj|optObj|reqInt|reqLong|reqDouble|reqString|reqInts|reqDoubles|reqArray)\(\"([A-Za-z0-9_]+)\"\)"
+ACCESSORS = (
+    r"\b(req|opt|reqObj|optObj|reqInt|reqLong|reqDouble|reqString|reqInts|reqDoubles|reqArray)\(\"([A-Za-z0-9_]+)\"\)"
+)
 
 
 TOKENIZER_SOURCES = {"ByteLevelBpe.kt"}  # reads tokenizer.json, not the manifest
@@ -141,11 +174,13 @@ def _all_keys(obj) -> set[str]:
 def manifests(xnnpack_bundle, audio_xnnpack_bundle, xnnpack_ptd_bundle, qnn_bundle, coreml_bundle) -> dict[str, dict]:
     """The apps' manifests: xnnpack without and with audio and with .ptd data files (which the
     Android app refuses, so it reads their key), qnn (Android), coreml with audio (iOS)."""
-    return {"xnnpack": json.loads((xnnpack_bundle[0] / "manifest.json").read_text()),
-            "xnnpack+audio": json.loads((audio_xnnpack_bundle / "manifest.json").read_text()),
-            "xnnpack+ptd": json.loads((xnnpack_ptd_bundle / "manifest.json").read_text()),
-            "qnn": json.loads((qnn_bundle[0] / "manifest.json").read_text()),
-            "coreml+audio": json.loads((coreml_bundle / "manifest.json").read_text())}  # fmt: skip
+    return {
+        "xnnpack": json.loads((xnnpack_bundle[0] / "manifest.json").read_text()),
+        "xnnpack+audio": json.loads((audio_xnnpack_bundle / "manifest.json").read_text()),
+        "xnnpack+ptd": json.loads((xnnpack_ptd_bundle / "manifest.json").read_text()),
+        "qnn": json.loads((qnn_bundle[0] / "manifest.json").read_text()),
+        "coreml+audio": json.loads((coreml_bundle / "manifest.json").read_text()),
+    }
 
 
 @pytest.mark.parametrize("app,ext", [("android", "kt"), ("ios", "swift")])
@@ -161,11 +196,17 @@ def test_manifest_contract(app, ext, manifests):
         missing = sorted((required - optional_only) - core[name])
         assert not missing, f"{app} reads keys that the {name} manifest lacks: {missing}"
     union = set().union(*(_all_keys(m) for m in manifests.values()))
-    assert not sorted((required | optional) - union), f"{app} reads keys no manifest has: {sorted((required | optional) - union)}"
+    assert not sorted((required | optional) - union), (
+        f"{app} reads keys no manifest has: {sorted((required | optional) - union)}"
+    )
     assert special <= set(manifests["xnnpack+audio"]["prompt"]["special_ids"])
     # component names the sources use are components the exporter writes
-    used = set(re.findall(r"\"((?:vision|audio)_encoder|token_embedding|text_decoder)\"", "".join(
-        f.read_text() for f in root.rglob(f"*.{ext}"))))  # fmt: skip
+    used = set(
+        re.findall(
+            r"\"((?:vision|audio)_encoder|token_embedding|text_decoder)\"",
+            "".join(f.read_text() for f in root.rglob(f"*.{ext}")),
+        )
+    )
     # ... all but the further image buckets' vision methods: the apps encode with the first (`vision_encoder`)
     buckets = [b["method"] for b in manifests["xnnpack+audio"]["preprocessing"]["buckets"]]
     assert buckets[0] == "vision_encoder" and len(buckets) == 2

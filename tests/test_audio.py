@@ -20,10 +20,15 @@ def test_log_mel_matches_whisper_feature_extractor(signal):
 
     cfg = AudioPreprocessing(frames=320)
     t = np.arange(int(2.5 * 16000)) / 16000
-    wave = 0.5 * np.sin(2 * np.pi * 440 * t) if signal == "tone" else 0.1 * np.random.default_rng(0).standard_normal(t.size)
+    wave = (
+        0.5 * np.sin(2 * np.pi * 440 * t)
+        if signal == "tone"
+        else 0.1 * np.random.default_rng(0).standard_normal(t.size)
+    )
     wave = wave.astype(np.float32)
-    ref = WhisperFeatureExtractor(feature_size=128)(wave, sampling_rate=16000, padding="max_length",
-                                                    max_length=cfg.samples, return_tensors="np")["input_features"][0]  # fmt: skip
+    ref = WhisperFeatureExtractor(feature_size=128)(
+        wave, sampling_rate=16000, padding="max_length", max_length=cfg.samples, return_tensors="np"
+    )["input_features"][0]
     ours = log_mel(wave, cfg)
     assert ours.shape == ref.shape == (128, 320)
     assert np.abs(ours - ref).max() <= 1e-3
@@ -40,11 +45,25 @@ def test_audio_encoder_matches_glmasr(audio_ckpt):
     cfg = json.loads((audio_ckpt / "config.json").read_text())["audio_config"]
     enc_cfg = GlmAsrEncoderConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
     enc = GlmAsrEncoder(enc_cfg).eval()
-    enc.load_state_dict({k.removeprefix("model.audio_tower."): ckpt.tensor(k, torch.float32)
-                         for k in ckpt.tensors if k.startswith("model.audio_tower.")}, strict=True)  # fmt: skip
-    proj = GlmAsrMultiModalProjector(GlmAsrConfig(audio_config=enc_cfg.to_dict(), text_config={"hidden_size": 64})).eval()
-    proj.load_state_dict({k.removeprefix("model.multi_modal_projector."): ckpt.tensor(k, torch.float32)
-                          for k in ckpt.tensors if k.startswith("model.multi_modal_projector.")}, strict=True)  # fmt: skip
+    enc.load_state_dict(
+        {
+            k.removeprefix("model.audio_tower."): ckpt.tensor(k, torch.float32)
+            for k in ckpt.tensors
+            if k.startswith("model.audio_tower.")
+        },
+        strict=True,
+    )
+    proj = GlmAsrMultiModalProjector(
+        GlmAsrConfig(audio_config=enc_cfg.to_dict(), text_config={"hidden_size": 64})
+    ).eval()
+    proj.load_state_dict(
+        {
+            k.removeprefix("model.multi_modal_projector."): ckpt.tensor(k, torch.float32)
+            for k in ckpt.tensors
+            if k.startswith("model.multi_modal_projector.")
+        },
+        strict=True,
+    )
     from autoglm_export.host.golden import golden_audio
 
     feats = torch.from_numpy(log_mel(golden_audio(), AudioPreprocessing(frames=320))[None])
@@ -101,8 +120,12 @@ def test_load_audio_resamples_and_refuses_bad_input(tmp_path):
     sf.write(tmp_path / "silent.wav", np.zeros(1600, np.float32), 16000)
     sf.write(tmp_path / "long.wav", np.ones(16000 * 4, np.float32) * 0.1, 16000)
     (tmp_path / "junk.wav").write_bytes(b"not audio")
-    for name, needle in (("silent.wav", "empty or silent"), ("long.wav", "longer than"), ("junk.wav", "cannot read"),
-                         ("missing.wav", "not found")):  # fmt: skip
+    for name, needle in (
+        ("silent.wav", "empty or silent"),
+        ("long.wav", "longer than"),
+        ("junk.wav", "cannot read"),
+        ("missing.wav", "not found"),
+    ):
         with pytest.raises(ExportError, match=needle):
             load_audio(tmp_path / name, cfg)
 
@@ -112,8 +135,11 @@ def test_golden_vectors_carry_log_mel(audio_ckpt, tmp_path):
     import sys
 
     out = tmp_path / "g.json"
-    subprocess.run([sys.executable, str(REPO / "scripts/make_golden.py"), str(audio_ckpt), str(out)], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts/make_golden.py"), str(audio_ckpt), str(out)],
+        check=True,
+        capture_output=True,
+    )
     g = json.loads(out.read_text())
     assert g["audio"]["log_mel"]["shape"] == [128, 320]
     assert g["token_types"].count(AUDIO) == 40
@@ -157,8 +183,20 @@ def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path, request):
     if target == "qnn":  # the emulator cannot load its shared-weight contexts: `run` on qnn is tested on the fixture
         return
     sf.write(tmp_path / "clip.wav", golden_audio(), 16000)
-    proc = run_cli("run", out, "--prompt", "What is said?", "--audio", tmp_path / "clip.wav", "--image",
-                   REPO / "tests/data/screen.png", "--order", "audio,text,image", "--max-new-tokens", "4")  # fmt: skip
+    proc = run_cli(
+        "run",
+        out,
+        "--prompt",
+        "What is said?",
+        "--audio",
+        tmp_path / "clip.wav",
+        "--image",
+        REPO / "tests/data/screen.png",
+        "--order",
+        "audio,text,image",
+        "--max-new-tokens",
+        "4",
+    )
     # a random model may answer with EOS straight away: the text can be empty, the run must succeed
     assert proc.returncode == 0 and proc.stdout.endswith("\n") and "error:" not in proc.stderr, proc.stderr[-2000:]
     if target == "xnnpack":

@@ -110,9 +110,21 @@ def _bundle_before_buckets(b: Path, m: dict) -> str:
     return "preprocessing.image_size"
 
 
-CASES = [_escape_part, _absolute_part, _unhashed_program, _unhashed_tokenizer, _symlinked_out, _files_a_list,
-         _entry_without_bytes, _no_text_decoder, _huge_context, _consistent_bigger_context, _truncated_rehashed,
-         _bucket_method_elsewhere, _bundle_before_buckets]  # fmt: skip
+CASES = [
+    _escape_part,
+    _absolute_part,
+    _unhashed_program,
+    _unhashed_tokenizer,
+    _symlinked_out,
+    _files_a_list,
+    _entry_without_bytes,
+    _no_text_decoder,
+    _huge_context,
+    _consistent_bigger_context,
+    _truncated_rehashed,
+    _bucket_method_elsewhere,
+    _bundle_before_buckets,
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__.strip("_"))
@@ -129,8 +141,11 @@ def test_a_bundle_that_failed_its_gates_needs_allow_failed(bundle):
     m = _manifest(bundle)
     m["verification"] = {"passed": False, "failed": ["text_decoder/lowered_vs_reference"], "report": "report.json"}
     _write(bundle, m)
-    assert_one_line_error(run_cli("run", bundle, "--prompt", "hi", "--max-new-tokens", "2"), "--allow-failed",
-                          "text_decoder/lowered_vs_reference")  # fmt: skip
+    assert_one_line_error(
+        run_cli("run", bundle, "--prompt", "hi", "--max-new-tokens", "2"),
+        "--allow-failed",
+        "text_decoder/lowered_vs_reference",
+    )
     proc = run_cli("run", bundle, "--prompt", "hi", "--max-new-tokens", "2", "--allow-failed")
     assert proc.returncode == 0, proc.stderr
     assert "warning: running a bundle that failed its parity gates" in proc.stderr

@@ -51,8 +51,14 @@ def _break(kind: str, d: Path) -> str:
     raise AssertionError(kind)
 
 
-KINDS = ["missing_config", "unknown_architecture", "missing_shard", "truncated_shard", "wrong_shape",
-         "escaping_shard_name"]  # fmt: skip
+KINDS = [
+    "missing_config",
+    "unknown_architecture",
+    "missing_shard",
+    "truncated_shard",
+    "wrong_shape",
+    "escaping_shard_name",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)

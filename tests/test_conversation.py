@@ -24,18 +24,27 @@ def _hf_messages(messages):
         if m.role != "user":
             out.append({"role": m.role, "content": "".join(p.text for p in m.parts)})
         else:
-            out.append({"role": "user", "content": [{"type": "image"} if p.kind == "image" else {"type": "text", "text": p.text} for p in m.parts]})
+            out.append(
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"} if p.kind == "image" else {"type": "text", "text": p.text} for p in m.parts
+                    ],
+                }
+            )
     return out
 
 
 def _conversation():
     shot = Part("image", data=np.zeros(1), digest="a")
-    return [Message.text("system", "You are a phone agent.\nAnswer with do(...)."),
-            Message("user", (shot, Part.of_text("Open settings"))),
-            Message.text("assistant", '<think>the gear icon</think><answer>do(action="Tap", element=[5,9])</answer>'),
-            Message("user", (Part.of_text("  next screen \n"), Part("image", data=np.ones(1), digest="b"))),
-            Message.text("assistant", "finish(message=\"done\")"),
-            Message.text("user", "thanks")]  # fmt: skip
+    return [
+        Message.text("system", "You are a phone agent.\nAnswer with do(...)."),
+        Message("user", (shot, Part.of_text("Open settings"))),
+        Message.text("assistant", '<think>the gear icon</think><answer>do(action="Tap", element=[5,9])</answer>'),
+        Message("user", (Part.of_text("  next screen \n"), Part("image", data=np.ones(1), digest="b"))),
+        Message.text("assistant", 'finish(message="done")'),
+        Message.text("user", "thanks"),
+    ]
 
 
 def test_chat_template_tokens_equal_transformers_apply_chat_template(tiny_ckpt):
@@ -76,7 +85,9 @@ def test_a_template_in_tokenizer_config_is_found_and_carried_into_the_bundle(tin
     (ckpt / "chat_template.jinja").unlink()
     cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
     assert find_chat_template(ckpt) is None
-    (ckpt / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": [{"name": "default", "template": source}]}))
+    (ckpt / "tokenizer_config.json").write_text(
+        json.dumps({**cfg, "chat_template": [{"name": "default", "template": source}]})
+    )
     assert find_chat_template(ckpt) == source
     (ckpt / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": 5}))
     with pytest.raises(Exception, match="chat_template"):

@@ -15,7 +15,11 @@ TINY_RECIPE = REPO / "recipes" / "coreml-tiny.yaml"
 
 
 def _digests(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_gates_packages_and_manifest(coreml_bundle):
@@ -46,8 +50,14 @@ def test_gates_packages_and_manifest(coreml_bundle):
     assert sorted(pre["states"]) == ["k_cache_0", "k_cache_1", "v_cache_0", "v_cache_1"]
     assert pre["states"]["k_cache_0"] == {"dtype": "fp16", "shape": [1, 2, 128, 16], "state": True}
     q = pkg["quantized_weights"]
-    assert len(q) == 13 and {v["scheme"] for v in q.values()} == {"int4"} and {v["granularity"] for v in q.values()} == {"per_channel"}
-    assert dec["quantization"]["params_by_scheme"]["int4-channel"] == 106496  # 12 linears + lm_head, as the onnx target counts them
+    assert (
+        len(q) == 13
+        and {v["scheme"] for v in q.values()} == {"int4"}
+        and {v["granularity"] for v in q.values()} == {"per_channel"}
+    )
+    assert (
+        dec["quantization"]["params_by_scheme"]["int4-channel"] == 106496
+    )  # 12 linears + lm_head, as the onnx target counts them
     emb = m["components"]["token_embedding"]["package"]
     assert list(emb["quantized_weights"].values())[0]["weight"] == "token_embedding.embed_tokens.weight"
     vis = m["components"]["vision_encoder"]
@@ -76,9 +86,21 @@ def test_deterministic_export_verify_and_run(coreml_bundle, audio_ckpt, tmp_path
     assert proc.returncode == 0 and "overall: PASS" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     import soundfile as sf
 
-    sf.write(tmp_path / "clip.wav", (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32), 16000)
-    proc = run_cli("run", again, "--prompt", "What is on the screen?", "--image", REPO / "tests" / "data" / "screen.png",
-                   "--audio", tmp_path / "clip.wav", "--max-new-tokens", "4")  # fmt: skip
+    sf.write(
+        tmp_path / "clip.wav", (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32), 16000
+    )
+    proc = run_cli(
+        "run",
+        again,
+        "--prompt",
+        "What is on the screen?",
+        "--image",
+        REPO / "tests" / "data" / "screen.png",
+        "--audio",
+        tmp_path / "clip.wav",
+        "--max-new-tokens",
+        "4",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -101,7 +123,9 @@ def test_tampered_weights_fail_the_bit_exact_check(coreml_bundle, audio_ckpt, tm
     assert all(c["passed"] for c in weight_checks(ckpt, shapes, plans, bundle, manifest))
 
     spec = MilProgram(bundle / "text_decoder.mlpackage").spec.mlProgram.functions["decode"]
-    first = next(o for o in spec.block_specializations[spec.opset].operations if o.type == "constexpr_blockwise_shift_scale")
+    first = next(
+        o for o in spec.block_specializations[spec.opset].operations if o.type == "constexpr_blockwise_shift_scale"
+    )
     offset = first.inputs["data"].arguments[0].value.blobFileValue.offset
     path = bundle / "text_decoder.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
     assert WeightFile(path).blob(offset)[0] == "int4"
@@ -137,7 +161,6 @@ def test_nan_mask_constant_is_caught_and_interpreter_matches_torch(tmp_path):
 
     from autoglm_export.targets.coreml.target import _convert
 
-
     from autoglm_export.targets.coreml.toolchain import import_coremltools as _import_ct
     from autoglm_export.targets.coreml.checks import structure_checks
     from autoglm_export.targets.coreml.mil import MilInterpreter, MilProgram
@@ -162,10 +185,19 @@ def test_nan_mask_constant_is_caught_and_interpreter_matches_torch(tmp_path):
         path = tmp_path / f"m{fill}.mlpackage"
         ml.save(str(path))
         prog = MilProgram(path)
-        io = {"inputs": {"x": {"dtype": "fp32", "shape": [1, 8, 16]}}, "states": {},
-              "outputs": {"y": {"dtype": "fp32", "shape": [1, 8, 16]}}}  # fmt: skip
-        record = {"file": "m.mlpackage", "package": {"functions": {"main": io}, "default_function": None, "quantized_weights": {}}}
-        results[fill] = {c["name"].rsplit("/", 1)[1]: c["passed"] for c in structure_checks({"m": prog}, {"components": {"m": record}})}
+        io = {
+            "inputs": {"x": {"dtype": "fp32", "shape": [1, 8, 16]}},
+            "states": {},
+            "outputs": {"y": {"dtype": "fp32", "shape": [1, 8, 16]}},
+        }
+        record = {
+            "file": "m.mlpackage",
+            "package": {"functions": {"main": io}, "default_function": None, "quantized_weights": {}},
+        }
+        results[fill] = {
+            c["name"].rsplit("/", 1)[1]: c["passed"]
+            for c in structure_checks({"m": prog}, {"components": {"m": record}})
+        }
         if fill == -1e4:
             got = MilInterpreter(prog).run("main", {"x": x.numpy()})["y"]
             ref = m(x).detach().numpy()
@@ -190,9 +222,13 @@ def test_independent_quantizer_matches_coremltools_per_block(tmp_path):
     torch.nn.init.normal_(lin.weight, generator=torch.Generator().manual_seed(3))
     ml = _convert(ct, torch.export.export(lin.eval(), (torch.zeros(1, 64),)), [("x", (1, 64), np.float32)], ["y"])
     w16 = lin.weight.detach().half().numpy()
-    for scheme, group, kw in (("int4", 32, {"granularity": "per_block", "block_size": 32}),
-                              ("int8", None, {"granularity": "per_channel"})):  # fmt: skip
-        cfg = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype=scheme, weight_threshold=0, **kw))
+    for scheme, group, kw in (
+        ("int4", 32, {"granularity": "per_block", "block_size": 32}),
+        ("int8", None, {"granularity": "per_channel"}),
+    ):
+        cfg = OptimizationConfig(
+            global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype=scheme, weight_threshold=0, **kw)
+        )
         path = tmp_path / f"{scheme}.mlpackage"
         linear_quantize_weights(ml, cfg).save(str(path))
         op = next(o for o in MilProgram(path).functions["main"].ops if o.type == "constexpr_blockwise_shift_scale")
@@ -227,7 +263,9 @@ def test_refuses_a_component_that_cannot_be_converted_in_memory():
     BACKEND = get_target("coreml")
 
     params = int(memory_budget_bytes() / 2)  # a quarter of the RAM in parameters, 8 bytes each needed
-    plan = ComponentPlan("text_decoder", "fp16", {"w": WeightPlan("text_decoder.w", "fp16", None, 0, params, (params,))})
+    plan = ComponentPlan(
+        "text_decoder", "fp16", {"w": WeightPlan("text_decoder.w", "fp16", None, 0, params, (params,))}
+    )
     try:
         BACKEND.check_plans({"text_decoder": plan}, "r.yaml")
     except BackendUnavailable as e:
@@ -289,11 +327,19 @@ def test_golden_vectors_from_a_coreml_bundle(coreml_bundle, tmp_path):
         x = c["inputs"]
         start, t = x["cache_start"]["data"][0], x["inputs_embeds"]["shape"][1]
         slots = np.arange(start, start + t)
-        pos = np.stack([np.where(slots < prompt.shape[1], prompt[a, np.minimum(slots, prompt.shape[1] - 1)], slots + delta)
-                        for a in range(3)])  # fmt: skip
+        pos = np.stack(
+            [
+                np.where(slots < prompt.shape[1], prompt[a, np.minimum(slots, prompt.shape[1] - 1)], slots + delta)
+                for a in range(3)
+            ]
+        )
         cos, sin = rotary_cos_sin(rope, pos)
-        assert np.allclose(cos.ravel(), x["cos"]["data"], atol=1e-6) and np.allclose(sin.ravel(), x["sin"]["data"], atol=1e-6)
-        assert np.array_equal(additive_mask(start, t, m["shapes"]["max_context"]).ravel(), np.array(x["mask"]["data"], np.float32))
+        assert np.allclose(cos.ravel(), x["cos"]["data"], atol=1e-6) and np.allclose(
+            sin.ravel(), x["sin"]["data"], atol=1e-6
+        )
+        assert np.array_equal(
+            additive_mask(start, t, m["shapes"]["max_context"]).ravel(), np.array(x["mask"]["data"], np.float32)
+        )
 
 
 def test_decoder_in_parts_matches_the_whole_decoder(coreml_bundle, audio_ckpt, tmp_path, monkeypatch):
@@ -308,7 +354,9 @@ def test_decoder_in_parts_matches_the_whole_decoder(coreml_bundle, audio_ckpt, t
     from autoglm_export.pipeline import export
 
     recipe = tmp_path / "coreml-parts.yaml"
-    recipe.write_text(one_bucket((REPO / "recipes" / "coreml-tiny.yaml").read_text()) + "lowering:\n  decoder_layers_per_program: 1\n")
+    recipe.write_text(
+        one_bucket((REPO / "recipes" / "coreml-tiny.yaml").read_text()) + "lowering:\n  decoder_layers_per_program: 1\n"
+    )
     out = tmp_path / "parts"
     proc = run_cli("-q", "--target", "coreml", "--checkpoint", audio_ckpt, "--out", out, "--recipe", recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -317,13 +365,17 @@ def test_decoder_in_parts_matches_the_whole_decoder(coreml_bundle, audio_ckpt, t
     dec = m["components"]["text_decoder"]
     parts = dec["programs"]
     assert [p["file"] for p in parts] == ["text_decoder.00-00.mlpackage", "text_decoder.01-01.mlpackage"]
-    assert dec["rope"] == json.loads((coreml_bundle / "manifest.json").read_text())["components"]["text_decoder"]["rope"]
+    assert (
+        dec["rope"] == json.loads((coreml_bundle / "manifest.json").read_text())["components"]["text_decoder"]["rope"]
+    )
     assert not (out / "text_decoder.mlpackage").exists()
     for i, p in enumerate(parts):
         fns = p["package"]["functions"]
         assert sorted(fns["prefill"]["states"]) == [f"k_cache_{i}", f"v_cache_{i}"]
         assert list(fns["decode"]["outputs"]) == (["logits"] if i == 1 else ["hidden_states"])
-        assert len(p["package"]["quantized_weights"]) == (7 if i == 1 else 6)  # 6 linears per layer, lm_head in the last
+        assert len(p["package"]["quantized_weights"]) == (
+            7 if i == 1 else 6
+        )  # 6 linears per layer, lm_head in the last
     checks = {c["name"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
     assert "13/13" in checks["coreml/text_decoder/int_weights_bit_exact"]["detail"]
     assert all(checks[f"coreml/text_decoder.0{i}-0{i}/structure"]["passed"] for i in (0, 1))
@@ -337,7 +389,9 @@ def test_decoder_in_parts_matches_the_whole_decoder(coreml_bundle, audio_ckpt, t
         x = torch.randn(1, length, 64, generator=g)
         pos = torch.arange(start, start + length)
         p3 = pos.unsqueeze(0).expand(3, length).contiguous()
-        np.testing.assert_allclose(chained.text_decoder(x, p3, pos).numpy(), whole.text_decoder(x, p3, pos).numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            chained.text_decoder(x, p3, pos).numpy(), whole.text_decoder(x, p3, pos).numpy(), rtol=0, atol=1e-5
+        )
 
     again = tmp_path / "again"
     scratch = tmp_path / "scratch"
@@ -347,7 +401,11 @@ def test_decoder_in_parts_matches_the_whole_decoder(coreml_bundle, audio_ckpt, t
     # coremltools' temporary packages (one per conversion and quantization) are gone before the
     # process exits: left to its atexit cleanup they filled the disk during a 9B export in parts
     assert not list(scratch.rglob("*.mlpackage")), sorted(scratch.rglob("*.mlpackage"))[:3]
-    files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and f.name not in ("manifest.json", "report.json"))
+    files = sorted(
+        str(f.relative_to(out))
+        for f in out.rglob("*")
+        if f.is_file() and f.name not in ("manifest.json", "report.json")
+    )
     assert "text_decoder.01-01.mlpackage/Data/com.apple.CoreML/weights/weight.bin" in files
     for name in files:
         assert (out / name).read_bytes() == (again / name).read_bytes(), name
@@ -363,7 +421,6 @@ def test_multifunction_merge_equals_coremltools_save_multifunction(tmp_path):
 
     from autoglm_export.targets.coreml.target import _convert
 
-
     from autoglm_export.targets.coreml.toolchain import import_coremltools as _import_ct
     from autoglm_export.targets.coreml.mil import MilProgram
     from autoglm_export.targets.coreml.multifunction import merge_functions
@@ -374,9 +431,17 @@ def test_multifunction_merge_equals_coremltools_save_multifunction(tmp_path):
     for fn, T in (("prefill", 8), ("decode", 1)):
         ep = torch.export.export(lin, (torch.zeros(1, T, 64, dtype=torch.float16),))
         ml = _convert(ct, ep, [("x", (1, T, 64), np.float16)], ["y"])
-        names = [op.name for op in ml._mil_program.functions["main"].operations
-                 if op.op_type == "const" and isinstance(op.val.val, np.ndarray) and op.val.val.size >= 64 * 32]  # fmt: skip
-        cfg = {n: OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", weight_threshold=0, granularity="per_channel") for n in names}
+        names = [
+            op.name
+            for op in ml._mil_program.functions["main"].operations
+            if op.op_type == "const" and isinstance(op.val.val, np.ndarray) and op.val.val.size >= 64 * 32
+        ]
+        cfg = {
+            n: OpLinearQuantizerConfig(
+                mode="linear_symmetric", dtype="int4", weight_threshold=0, granularity="per_channel"
+            )
+            for n in names
+        }
         ml = linear_quantize_weights(ml, OptimizationConfig(op_name_configs=cfg))
         parts[fn] = tmp_path / f"{fn}.mlpackage"
         ml.save(str(parts[fn]))
@@ -391,17 +456,34 @@ def test_multifunction_merge_equals_coremltools_save_multifunction(tmp_path):
     assert ours.spec.specificationVersion == theirs.spec.specificationVersion
 
     def signature(f):  # ops by type and dataflow, with every constant decoded
-        return [(op.type, [o for o, _ in op.outputs],
-                 {k: [(kind, v.tolist() if isinstance(v, np.ndarray) else v) for kind, v in b] for k, b in sorted(op.inputs.items())},
-                 {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in sorted(op.attributes.items()) if k != "name"})
-                for op in f.ops]  # fmt: skip
+        return [
+            (
+                op.type,
+                [o for o, _ in op.outputs],
+                {
+                    k: [(kind, v.tolist() if isinstance(v, np.ndarray) else v) for kind, v in b]
+                    for k, b in sorted(op.inputs.items())
+                },
+                {
+                    k: v.tolist() if isinstance(v, np.ndarray) else v
+                    for k, v in sorted(op.attributes.items())
+                    if k != "name"
+                },
+            )
+            for op in f.ops
+        ]
 
     for fn in ("prefill", "decode"):
         assert signature(ours.functions[fn]) == signature(theirs.functions[fn]), fn
         assert ours.functions[fn].inputs == theirs.functions[fn].inputs
     weights = (tmp_path / "ours.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes()
     count = struct.unpack_from("<I", weights, 0)[0]
-    single = [struct.unpack_from("<I", (p / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes(), 0)[0] for p in parts.values()]
-    assert count == single[0] == single[1] >= 4  # int4 data and scales (and biases) of both linears, stored once for both functions
+    single = [
+        struct.unpack_from("<I", (p / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes(), 0)[0]
+        for p in parts.values()
+    ]
+    assert (
+        count == single[0] == single[1] >= 4
+    )  # int4 data and scales (and biases) of both linears, stored once for both functions
     ref = (tmp_path / "theirs.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes()
     assert len(weights) == len(ref) and struct.unpack_from("<I", ref, 0)[0] == count

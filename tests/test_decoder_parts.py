@@ -60,7 +60,9 @@ def test_targets_that_cannot_lower_in_parts_say_so(target, tmp_path):
     path.write_text(f"name: r\ntarget: {target}\nlowering: {{decoder_layers_per_program: 4}}\n")
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
-    assert "lowering.decoder_layers_per_program" in str(e.value) and "supported: xnnpack, qnn, coreml, onnx" in str(e.value)
+    assert "lowering.decoder_layers_per_program" in str(e.value) and "supported: xnnpack, qnn, coreml, onnx" in str(
+        e.value
+    )
 
 
 def test_parts_need_at_least_one_layer(tmp_path):
@@ -98,7 +100,9 @@ def test_each_parts_weights_are_freed_before_it_is_lowered(tiny_ckpt, tmp_path, 
     monkeypatch.setattr(type(tgt), "export", spy_export)
     monkeypatch.setattr(type(tgt), "lower_part", spy_lower_part)
     recipe = tmp_path / "onnx-parts.yaml"
-    recipe.write_text(one_bucket((REPO / "recipes" / "onnx-tiny.yaml").read_text()) + "lowering:\n  decoder_layers_per_program: 1\n")
+    recipe.write_text(
+        one_bucket((REPO / "recipes" / "onnx-tiny.yaml").read_text()) + "lowering:\n  decoder_layers_per_program: 1\n"
+    )
     export(checkpoint=tiny_ckpt, target="onnx", out=tmp_path / "b", recipe=recipe, verify=False)
     gc.collect()
     assert len(alive_at_lowering) == 2 and len(weights) > 10
@@ -141,9 +145,13 @@ def test_static_parts_are_calibrated_and_run_as_the_whole_decoder(tiny_ckpt):
 
     files = ["text_decoder.00-00.pte", "text_decoder.01-01.pte"]
     graphs = {f"{f}:{g}": part[g] for f, part in zip(files, parts) for g in part}
-    manifest = {"shapes": {"max_context": ctx, "prefill_chunk": chunk},
-                "components": {"text_decoder": {"rope": state["rope"], "programs": [{"file": f} for f in files]}}}  # fmt: skip
-    runtime = Chained(manifest, {k: [(n, list(a.shape)) for n, a in zip(g.input_names, g.args)] for k, g in graphs.items()})
+    manifest = {
+        "shapes": {"max_context": ctx, "prefill_chunk": chunk},
+        "components": {"text_decoder": {"rope": state["rope"], "programs": [{"file": f} for f in files]}},
+    }
+    runtime = Chained(
+        manifest, {k: [(n, list(a.shape)) for n, a in zip(g.input_names, g.args)] for k, g in graphs.items()}
+    )
     eager = EagerRuntime({"text_decoder": build(None)}, ctx, chunk)
     g = torch.Generator().manual_seed(5)
     for start, length in ((0, chunk), (chunk, 3)):  # a prefill chunk, then three tokens through the decode graphs

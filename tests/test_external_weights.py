@@ -28,8 +28,11 @@ def test_bundle_keeps_its_weights_in_data_files_and_passes_the_gates(xnnpack_ptd
     assert m["verification"]["passed"] is True and not m["verification"]["failed"]
     pairs = {(p["file"], p.get("data_file")) for p in _programs(b)}
     # model.pte (vision, token embedding) and the two one-layer decoder parts, each with its own .ptd
-    assert pairs == {("model.pte", "model.ptd"), ("text_decoder.00-00.pte", "text_decoder.00-00.ptd"),
-                     ("text_decoder.01-01.pte", "text_decoder.01-01.ptd")}  # fmt: skip
+    assert pairs == {
+        ("model.pte", "model.ptd"),
+        ("text_decoder.00-00.pte", "text_decoder.00-00.ptd"),
+        ("text_decoder.01-01.pte", "text_decoder.01-01.ptd"),
+    }
     for pte, ptd in pairs:
         assert ptd in m["files"] and (b / ptd).read_bytes()[4:8] == b"FT01"  # FlatTensor, hashed like every file
     # the weights left the program: model.pte keeps the graphs, model.ptd the weight bytes the plan counts
@@ -39,8 +42,16 @@ def test_bundle_keeps_its_weights_in_data_files_and_passes_the_gates(xnnpack_ptd
 
 
 def test_run_loads_the_pairs_and_a_changed_data_file_is_refused(xnnpack_ptd_bundle, tmp_path):
-    proc = run_cli("run", xnnpack_ptd_bundle, "--prompt", "What is on the screen?", "--image", REPO / "tests/data/screen.png",
-                   "--max-new-tokens", "4")  # fmt: skip
+    proc = run_cli(
+        "run",
+        xnnpack_ptd_bundle,
+        "--prompt",
+        "What is on the screen?",
+        "--image",
+        REPO / "tests/data/screen.png",
+        "--max-new-tokens",
+        "4",
+    )
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
     bad = tmp_path / "bad"
     shutil.copytree(xnnpack_ptd_bundle, bad)

@@ -12,7 +12,11 @@ def test_grouped_attention_equals_repeated_kv_heads(T):
     from autoglm_export.models.glm4v.blocks import attention, group_mask, grouped_attention, repeat_kv
 
     g = torch.Generator().manual_seed(T)
-    q, k, v = torch.randn(1, 8, T, 16, generator=g), torch.randn(1, 2, 32, 16, generator=g), torch.randn(1, 2, 32, 16, generator=g)
+    q, k, v = (
+        torch.randn(1, 8, T, 16, generator=g),
+        torch.randn(1, 2, 32, 16, generator=g),
+        torch.randn(1, 2, 32, 16, generator=g),
+    )
     mask = torch.where(torch.rand(1, 1, T, 32, generator=g) > 0.3, 0.0, -1e9)
     want = attention(q, repeat_kv(k, 4), repeat_kv(v, 4), mask, 0.25)
     got = grouped_attention(q, k, v, group_mask(mask, 4), 0.25)

@@ -27,7 +27,10 @@ def test_prompt_follows_the_glm_chat_template(tiny_ckpt):
     _, tok = _tok(tiny_ckpt)
     p = build_chat_prompt(tok, "Open settings", image_tokens=3)
     text = tok.tok.decode(p.ids, skip_special_tokens=False)
-    assert text == "[gMASK]<sop><|user|>\n<|begin_of_image|>" + "<|image|>" * 3 + "<|end_of_image|>Open settings<|assistant|>\n"
+    assert (
+        text
+        == "[gMASK]<sop><|user|>\n<|begin_of_image|>" + "<|image|>" * 3 + "<|end_of_image|>Open settings<|assistant|>\n"
+    )
     assert p.types.count(IMAGE) == 3 and len(p.types) == len(p.ids)
     assert tok.decode(tok.encode("Tap the blue button")) == "Tap the blue button"
 
@@ -55,9 +58,10 @@ def test_positions_match_get_rope_index(tiny_ckpt):
     pos, delta = mrope_positions(types, grids)
     ids = torch.tensor([[1 if t == TEXT else hf.config.image_token_id for t in types]])
     ref, ref_delta = hf.model.get_rope_index(
-        ids, mm_token_type_ids=torch.tensor([types]),
+        ids,
+        mm_token_type_ids=torch.tensor([types]),
         image_grid_thw=torch.tensor([[1, gh * merge, gw * merge] for gh, gw in grids]),
-    )  # fmt: skip
+    )
     assert np.array_equal(pos, ref[:, 0].numpy())
     assert delta == int(ref_delta.item())
     assert delta < 0  # images take fewer positions than tokens
@@ -68,8 +72,11 @@ def test_golden_vectors_script_is_deterministic(tiny_ckpt, tmp_path):
     outs = []
     for i in range(2):
         out = tmp_path / f"golden{i}.json"
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_golden.py"), str(tiny_ckpt), str(out)], check=True,
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "make_golden.py"), str(tiny_ckpt), str(out)],
+            check=True,
+            capture_output=True,
+        )
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
     g = json.loads(outs[0])
@@ -89,7 +96,17 @@ def test_an_image_goes_to_the_bucket_closest_in_aspect_ratio():
     assert pre.choose(1080, 2400) == 1 and pre.choose(2400, 1080) == 2 and pre.choose(640, 480) == 0
     assert pre.choose(100, 141) == 0 and pre.choose(100, 142) == 1  # sqrt(2): halfway between 1:1 and 1:2
     x = pre.prepare(Image.new("RGB", (1080, 2400), (200, 10, 10)))
-    assert (x.method, x.size, x.grid, x.tokens, x.pixels.shape) == ("vision_encoder_224x112", (224, 112), (8, 4), 32, (128, 588))
+    assert (x.method, x.size, x.grid, x.tokens, x.pixels.shape) == (
+        "vision_encoder_224x112",
+        (224, 112),
+        (8, 4),
+        32,
+        (128, 588),
+    )
     assert np.allclose(x.pixels.reshape(128, 3, -1)[:, 0], (200 / 255 - 0.48145466) / 0.26862954, atol=1e-5)
     assert ImagePreprocessing.from_json(pre.to_json()) == pre
-    assert [b["method"] for b in pre.to_json()["buckets"]] == ["vision_encoder", "vision_encoder_224x112", "vision_encoder_112x224"]
+    assert [b["method"] for b in pre.to_json()["buckets"]] == [
+        "vision_encoder",
+        "vision_encoder_224x112",
+        "vision_encoder_112x224",
+    ]

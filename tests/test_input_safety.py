@@ -37,7 +37,10 @@ def _tensors(header: dict) -> list[str]:
 
 def _overlap(h):
     a, b = _tensors(h)[:2]
-    h[b]["data_offsets"] = [h[a]["data_offsets"][0], h[a]["data_offsets"][0] + (h[b]["data_offsets"][1] - h[b]["data_offsets"][0])]
+    h[b]["data_offsets"] = [
+        h[a]["data_offsets"][0],
+        h[a]["data_offsets"][0] + (h[b]["data_offsets"][1] - h[b]["data_offsets"][0]),
+    ]
 
 
 def _float_offsets(h):
@@ -50,8 +53,10 @@ def _float_shape(h):
     h[k]["shape"] = [float(x) for x in h[k]["shape"]]
 
 
-@pytest.mark.parametrize("edit, needle", [(_overlap, "overlapping"), (_float_offsets, "non-negative integer"),
-                                          (_float_shape, "non-negative integer")])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit, needle",
+    [(_overlap, "overlapping"), (_float_offsets, "non-negative integer"), (_float_shape, "non-negative integer")],
+)
 def test_crafted_safetensors_headers_are_one_line(edit, needle, ckpt_copy):
     _edit_header(_first_shard(ckpt_copy), edit)
     assert_one_line_error(run_cli("inspect", ckpt_copy), needle, ".safetensors")
@@ -73,14 +78,24 @@ def _poison(d: Path, key: str, value: float) -> None:
 def test_non_finite_weights_are_named_while_loading(value, ckpt_copy, tmp_path):
     key = "model.language_model.layers.1.mlp.down_proj.weight"
     _poison(ckpt_copy, key, value)
-    proc = run_cli("--target", "onnx", "--checkpoint", ckpt_copy, "--out", tmp_path / "b", "-q",
-                   "--recipe", one_bucket_recipe(REPO / "recipes" / "onnx-tiny.yaml", tmp_path / "r.yaml"))  # fmt: skip
+    proc = run_cli(
+        "--target",
+        "onnx",
+        "--checkpoint",
+        ckpt_copy,
+        "--out",
+        tmp_path / "b",
+        "-q",
+        "--recipe",
+        one_bucket_recipe(REPO / "recipes" / "onnx-tiny.yaml", tmp_path / "r.yaml"),
+    )
     assert_one_line_error(proc, "non-finite", key)
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("field, value", [("image_mean", "abc"), ("patch_size", 0), ("image_std", [1, 0, 1]),
-                                          ("rescale_factor", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value", [("image_mean", "abc"), ("patch_size", 0), ("image_std", [1, 0, 1]), ("rescale_factor", None)]
+)
 def test_bad_preprocessor_config_is_one_line(field, value, ckpt_copy, tmp_path):
     pc_file = ckpt_copy / "preprocessor_config.json"
     pc = json.loads(pc_file.read_text())
@@ -106,8 +121,9 @@ def test_hugging_face_cache_snapshot_is_accepted(tiny_ckpt, tmp_path):
     assert info["weights_present"] and info["total_params"] > 0
 
 
-@pytest.mark.parametrize("name", ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "config.json",
-                                  "tokenizer.json"])
+@pytest.mark.parametrize(
+    "name", ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json"]
+)
 def test_a_symlink_out_of_the_checkpoint_is_refused(name, ckpt_copy, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -154,9 +170,11 @@ def test_long_values_are_quoted_in_bounded_excerpts(tmp_path):
 
 def test_gates_that_cannot_fail_and_infinite_shapes_are_refused_together(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: x\ntarget: onnx\nshapes: {audio_seconds: .inf}\n"
-                      "parity: {quantized_sqnr_db: -.inf, float_sqnr_db: .nan, fp16_sqnr_db: -3}\n"
-                      "lowering: {external_weights: true}\n")  # fmt: skip
+    recipe.write_text(
+        "name: x\ntarget: onnx\nshapes: {audio_seconds: .inf}\n"
+        "parity: {quantized_sqnr_db: -.inf, float_sqnr_db: .nan, fp16_sqnr_db: -3}\n"
+        "lowering: {external_weights: true}\n"
+    )
     err = assert_one_line_error(run_cli("recipes", "validate", recipe), "5 problem(s)")
     for needle in ("audio_seconds", "quantized_sqnr_db", "float_sqnr_db", "fp16_sqnr_db", "external_weights"):
         assert needle in err
@@ -164,14 +182,20 @@ def test_gates_that_cannot_fail_and_infinite_shapes_are_refused_together(tmp_pat
 
 def test_catastrophic_pattern_does_not_hang_the_planner(tiny_ckpt, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text((REPO / "recipes" / "xnnpack-tiny.yaml").read_text().replace(
-        "quantization:\n", "quantization:\n  - {match: '(.*)*X', scheme: int8}\n", 1))  # fmt: skip
-    code = ("import sys; from autoglm_export.checkpoint import open_checkpoint; from autoglm_export.components import Shapes;"
-            "from autoglm_export.recipe import load_recipe; from autoglm_export.planning import plan_quantization;"
-            "r = load_recipe(sys.argv[2]); plan_quantization(r, open_checkpoint(sys.argv[1]), Shapes.from_recipe(r), sys.argv[2]);"
-            "print('planned')")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt), str(recipe)], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)  # fmt: skip
+    recipe.write_text(
+        (REPO / "recipes" / "xnnpack-tiny.yaml")
+        .read_text()
+        .replace("quantization:\n", "quantization:\n  - {match: '(.*)*X', scheme: int8}\n", 1)
+    )
+    code = (
+        "import sys; from autoglm_export.checkpoint import open_checkpoint; from autoglm_export.components import Shapes;"
+        "from autoglm_export.recipe import load_recipe; from autoglm_export.planning import plan_quantization;"
+        "r = load_recipe(sys.argv[2]); plan_quantization(r, open_checkpoint(sys.argv[1]), Shapes.from_recipe(r), sys.argv[2]);"
+        "print('planned')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_ckpt), str(recipe)], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert proc.returncode == 0 and "planned" in proc.stdout, proc.stderr[-2000:]
 
 
@@ -182,9 +206,15 @@ def test_a_rule_that_matches_nothing_is_said(tiny_ckpt):
     from autoglm_export.recipe import parse_recipe
     from autoglm_export.planning import plan_quantization
 
-    rec = parse_recipe({"name": "typo", "target": "xnnpack", "shapes": {"image_size": 112, "max_context": 128, "prefill_chunk": 16},
-                        "quantization": [{"match": r"text_decodr\..*_proj\.weight", "scheme": "int4", "group_size": 32}]},
-                       "typo.yaml")  # fmt: skip
+    rec = parse_recipe(
+        {
+            "name": "typo",
+            "target": "xnnpack",
+            "shapes": {"image_size": 112, "max_context": 128, "prefill_chunk": 16},
+            "quantization": [{"match": r"text_decodr\..*_proj\.weight", "scheme": "int4", "group_size": 32}],
+        },
+        "typo.yaml",
+    )
     said = []
     plans = plan_quantization(rec, open_checkpoint(tiny_ckpt), Shapes.from_recipe(rec), "typo.yaml")
     report_plan_notes(rec, plans, said.append)
@@ -193,13 +223,17 @@ def test_a_rule_that_matches_nothing_is_said(tiny_ckpt):
 
 def test_every_rule_problem_is_reported_at_once(tiny_ckpt, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: x\ntarget: xnnpack\nshapes: {image_size: 112, max_context: 128, prefill_chunk: 16}\n"
-                      "quantization:\n  - {match: 'vision_encoder\\.blocks\\.0\\..*', scheme: fp16}\n"
-                      "  - {match: 'vision_encoder\\..*', scheme: fp32}\n"
-                      "  - {match: 'text_decoder\\.layers\\.0\\..*norm.*', scheme: fp16}\n"
-                      "  - {match: 'text_decoder\\.norm\\..*', scheme: fp32}\n")  # fmt: skip
-    err = assert_one_line_error(run_cli("--target", "xnnpack", "--checkpoint", tiny_ckpt, "--recipe", recipe,
-                                        "--out", tmp_path / "b", "-q"), "2 problem(s)")  # fmt: skip
+    recipe.write_text(
+        "name: x\ntarget: xnnpack\nshapes: {image_size: 112, max_context: 128, prefill_chunk: 16}\n"
+        "quantization:\n  - {match: 'vision_encoder\\.blocks\\.0\\..*', scheme: fp16}\n"
+        "  - {match: 'vision_encoder\\..*', scheme: fp32}\n"
+        "  - {match: 'text_decoder\\.layers\\.0\\..*norm.*', scheme: fp16}\n"
+        "  - {match: 'text_decoder\\.norm\\..*', scheme: fp32}\n"
+    )
+    err = assert_one_line_error(
+        run_cli("--target", "xnnpack", "--checkpoint", tiny_ckpt, "--recipe", recipe, "--out", tmp_path / "b", "-q"),
+        "2 problem(s)",
+    )
     assert "component vision_encoder" in err and "component text_decoder" in err
 
 
@@ -253,7 +287,9 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("side", [20000, 8000])
@@ -285,10 +321,13 @@ def test_prompt_from_standard_input_and_file(xnnpack_bundle, tmp_path):
     bundle = xnnpack_bundle[0]
     base = [sys.executable, "-m", "autoglm_export.cli", "run", str(bundle), "--max-new-tokens", "3"]
     via_arg = subprocess.run(base + ["--prompt", "What is on the screen?"], capture_output=True, text=True, cwd=REPO)
-    via_stdin = subprocess.run(base + ["--prompt-file", "-"], input="What is on the screen?", capture_output=True,
-                               text=True, cwd=REPO)  # fmt: skip
+    via_stdin = subprocess.run(
+        base + ["--prompt-file", "-"], input="What is on the screen?", capture_output=True, text=True, cwd=REPO
+    )
     (tmp_path / "p.txt").write_text("What is on the screen?")
-    via_file = subprocess.run(base + ["--prompt-file", str(tmp_path / "p.txt")], capture_output=True, text=True, cwd=REPO)
+    via_file = subprocess.run(
+        base + ["--prompt-file", str(tmp_path / "p.txt")], capture_output=True, text=True, cwd=REPO
+    )
     assert via_arg.returncode == via_stdin.returncode == via_file.returncode == 0, via_stdin.stderr
     assert via_arg.stdout == via_stdin.stdout == via_file.stdout
     # over the argv limit (128 KiB) and over the bundle's context: a clear error, not E2BIG

@@ -13,10 +13,14 @@ from conftest import REPO, one_bucket_recipe, run_cli
 sys.path.insert(0, str(REPO / "bench"))
 from measure import measure  # noqa: E402
 
-IMPORTS = ("import autoglm_export.pipeline, executorch.exir, executorch.runtime, torchao.quantization, "
-           "executorch.backends.xnnpack.partition.xnnpack_partitioner")  # fmt: skip
-EXPORT = ("import sys; from autoglm_export.pipeline import export; "
-          "export(checkpoint=sys.argv[1], target='xnnpack', out=sys.argv[2], recipe=sys.argv[3], verify=False)")  # fmt: skip
+IMPORTS = (
+    "import autoglm_export.pipeline, executorch.exir, executorch.runtime, torchao.quantization, "
+    "executorch.backends.xnnpack.partition.xnnpack_partitioner"
+)
+EXPORT = (
+    "import sys; from autoglm_export.pipeline import export; "
+    "export(checkpoint=sys.argv[1], target='xnnpack', out=sys.argv[2], recipe=sys.argv[3], verify=False)"
+)
 # Measured: the export holds 10.8-11.8x the largest tensor's fp32 bytes above its imports (quantized
 # decoder, the edge program's copies). Before each weight's freed quantization temporaries were
 # trimmed and each shard read through its own short-lived map, the figure wandered between 12.6x
@@ -37,13 +41,23 @@ def test_export_peak_memory_stays_under_a_ceiling_from_the_largest_tensor(tmp_pa
     total = sum(i.numel for i in tensors.values())
     assert 95e6 < total < 115e6 and len(set(index["weight_map"].values())) > 1  # ~100 M, sharded
     base = measure([sys.executable, "-c", IMPORTS])
-    run = measure([sys.executable, "-c", EXPORT, str(ckpt), str(tmp_path / "bundle"),
-                   str(one_bucket_recipe(REPO / "recipes" / "xnnpack-tiny.yaml", tmp_path / "r.yaml"))])
+    run = measure(
+        [
+            sys.executable,
+            "-c",
+            EXPORT,
+            str(ckpt),
+            str(tmp_path / "bundle"),
+            str(one_bucket_recipe(REPO / "recipes" / "xnnpack-tiny.yaml", tmp_path / "r.yaml")),
+        ]
+    )
     assert base["rc"] == 0 and run["rc"] == 0
     ceiling = base["max_process_rss_bytes"] + FACTOR * largest
     peak = run["max_process_rss_bytes"]
-    print(f"peak {peak / 2**20:.0f} MiB, imports {base['max_process_rss_bytes'] / 2**20:.0f} MiB, "
-          f"largest tensor fp32 {largest / 2**20:.0f} MiB, ceiling {ceiling / 2**20:.0f} MiB")
+    print(
+        f"peak {peak / 2**20:.0f} MiB, imports {base['max_process_rss_bytes'] / 2**20:.0f} MiB, "
+        f"largest tensor fp32 {largest / 2**20:.0f} MiB, ceiling {ceiling / 2**20:.0f} MiB"
+    )
     assert peak < ceiling, f"export peak RSS {peak / 2**20:.0f} MiB over the ceiling {ceiling / 2**20:.0f} MiB"
     # tight enough to catch the regression it guards against: every weight held at once, even in bf16
     assert peak + 2 * total > ceiling
@@ -67,11 +81,16 @@ def test_qnn_memory_refusal_is_a_lower_bound_of_what_it_measured(monkeypatch):
         return ComponentPlan(name, "fp16", {"w": WeightPlan(f"{name}.w", "fp16", None, 0, n, (n,))})
 
     def nine_b(layers):
-        decoder = {f"layers.{i}.w": WeightPlan(f"layers.{i}.w", "int4", 32, 0, 203_973_120, (203_973_120,)) for i in range(layers)}
+        decoder = {
+            f"layers.{i}.w": WeightPlan(f"layers.{i}.w", "int4", 32, 0, 203_973_120, (203_973_120,))
+            for i in range(layers)
+        }
         decoder["lm_head.weight"] = WeightPlan("lm_head.weight", "int8", None, 0, 620_756_992, (620_756_992,))
-        return {"vision_encoder": comp("vision_encoder", 239_474_176),
-                "token_embedding": comp("token_embedding", 620_756_992),
-                "text_decoder": ComponentPlan("text_decoder", "fp16", decoder)}  # fmt: skip
+        return {
+            "vision_encoder": comp("vision_encoder", 239_474_176),
+            "token_embedding": comp("token_embedding", 620_756_992),
+            "text_decoder": ComponentPlan("text_decoder", "fp16", decoder),
+        }
 
     monkeypatch.setattr(memory_fit, "physical_memory_bytes", lambda: 24 * 2**30)
     held, per = qnn.HELD_BYTES_PER_PARAM, qnn.LOWER_BYTES_PER_PARAM
@@ -79,7 +98,9 @@ def test_qnn_memory_refusal_is_a_lower_bound_of_what_it_measured(monkeypatch):
     # the bound at each measured point is at most what was measured
     assert per * (620_756_992 + 203_973_120) <= 12_126_670_848  # the last part alone, N = 1 in parts
     assert held * params(nine_b(2)) + per * (620_756_992 + 2 * 203_973_120) <= 17_585_856_512  # N = 2 whole
-    memory_fit.refuse_if_over_memory("qnn", {"text_decoder": comp("text_decoder", 200_000)}, held=held, per_component=per, how="lowers")
+    memory_fit.refuse_if_over_memory(
+        "qnn", {"text_decoder": comp("text_decoder", 200_000)}, held=held, per_component=per, how="lowers"
+    )
     for layers in (1, 2):
         memory_fit.refuse_if_over_memory("qnn", nine_b(layers), held=held, per_component=per, how="lowers")
     try:
@@ -88,8 +109,12 @@ def test_qnn_memory_refusal_is_a_lower_bound_of_what_it_measured(monkeypatch):
         msg = str(e)
         assert msg.startswith("qnn") and "text_decoder" in msg and "24 GiB" in msg and "\n" not in msg
     else:
-        raise AssertionError("qnn: eight 9B layers lowered whole need more than 24 GiB by the bound and are not refused")
-    memory_fit.refuse_if_over_memory("qnn", nine_b(40), held=held, per_component=per, how="lowers", parts=decoder_parts(40, 1))
+        raise AssertionError(
+            "qnn: eight 9B layers lowered whole need more than 24 GiB by the bound and are not refused"
+        )
+    memory_fit.refuse_if_over_memory(
+        "qnn", nine_b(40), held=held, per_component=per, how="lowers", parts=decoder_parts(40, 1)
+    )
 
 
 def test_an_exported_and_lowered_modules_weights_are_freed_after_release_export_caches():
@@ -154,7 +179,9 @@ def test_a_pt2e_quantized_modules_weights_are_freed_after_release_export_caches(
     gc.collect()
     release_export_caches()
     gc.collect()
-    assert weight() is None, "a PT2E-quantized module's weights outlive it: re-check release_export_caches against this torchao"
+    assert weight() is None, (
+        "a PT2E-quantized module's weights outlive it: re-check release_export_caches against this torchao"
+    )
 
 
 def test_large_weights_quantize_in_row_blocks_to_the_same_tensors(monkeypatch):
@@ -172,16 +199,27 @@ def test_large_weights_quantize_in_row_blocks_to_the_same_tensors(monkeypatch):
 
     monkeypatch.setattr(quantize, "BLOCK_ELEMENTS", 256 * 700)  # 700 rows per block, a shorter last one
     g = torch.Generator().manual_seed(0)
-    for kind, scheme, group in (("embedding", "int4", 64), ("linear", "int4", 128), ("linear", "int8", None), ("embedding", "int8", None)):
+    for kind, scheme, group in (
+        ("embedding", "int4", 64),
+        ("linear", "int4", 128),
+        ("linear", "int8", None),
+        ("embedding", "int8", None),
+    ):
         w = torch.randn(3000, 256, generator=g)
-        whole, blocks = [nn.Embedding(3000, 256) if kind == "embedding" else nn.Linear(256, 3000, bias=False) for _ in range(2)]
+        whole, blocks = [
+            nn.Embedding(3000, 256) if kind == "embedding" else nn.Linear(256, 3000, bias=False) for _ in range(2)
+        ]
         for m in (whole, blocks):
             m.weight = nn.Parameter(w.clone(), requires_grad=False)
         quantize_(whole, BACKEND.torchao_config(scheme, group, whole), filter_fn=lambda m, fqn: True)
-        plan = quantize.ComponentPlan("c", "fp32", {"weight": quantize.WeightPlan("c.weight", scheme, group, 0, w.numel(), tuple(w.shape))})
+        plan = quantize.ComponentPlan(
+            "c", "fp32", {"weight": quantize.WeightPlan("c.weight", scheme, group, 0, w.numel(), tuple(w.shape))}
+        )
         quantize.quantize_hook(plan, BACKEND.torchao_config)("", blocks)
         a, b = whole.weight, blocks.weight
-        assert type(a) is type(b) and [getattr(a, n) for n in a.tensor_attribute_names] == [getattr(b, n) for n in b.tensor_attribute_names]
+        assert type(a) is type(b) and [getattr(a, n) for n in a.tensor_attribute_names] == [
+            getattr(b, n) for n in b.tensor_attribute_names
+        ]
         for n in a.tensor_data_names:
             assert torch.equal(getattr(a, n), getattr(b, n)), (kind, scheme, n)
     assert w.numel() > quantize.BLOCK_ELEMENTS  # the hook took the row-block path

@@ -23,8 +23,16 @@ def onnx_bundle(tiny_ckpt, tmp_path_factory):
 
 def test_gates_and_layout(onnx_bundle):
     names = sorted(p.name for p in onnx_bundle.iterdir())
-    assert names == ["chat_template.jinja", "manifest.json", "report.json", "text_decoder.onnx", "token_embedding.onnx", "tokenizer.json",
-                     "vision_encoder.onnx", "vision_encoder_224x112.onnx"]  # fmt: skip
+    assert names == [
+        "chat_template.jinja",
+        "manifest.json",
+        "report.json",
+        "text_decoder.onnx",
+        "token_embedding.onnx",
+        "tokenizer.json",
+        "vision_encoder.onnx",
+        "vision_encoder_224x112.onnx",
+    ]
     report = json.loads((onnx_bundle / "report.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
     assert report["passed"]
@@ -80,11 +88,12 @@ def test_dequantization_matches_onnxruntime():
     w = rng.standard_normal((96, 48)).astype(np.float32)  # [K, N] as MatMul's B
     x = rng.standard_normal((2, 96)).astype(np.float32)
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 96])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 48])],
         [onnx.numpy_helper.from_array(w, "w")],
-    )  # fmt: skip
+    )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
     q = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True)
     q.process()
@@ -108,8 +117,16 @@ def test_export_is_byte_identical(onnx_bundle, tiny_ckpt, tmp_path):
 def test_verify_and_run(onnx_bundle):
     proc = run_cli("verify", onnx_bundle)
     assert proc.returncode == 0 and "overall: PASS" in proc.stdout, proc.stderr[-2000:]
-    proc = run_cli("run", onnx_bundle, "--prompt", "Describe the screen", "--image", REPO / "tests/data/screen.png",
-                   "--max-new-tokens", "6")  # fmt: skip
+    proc = run_cli(
+        "run",
+        onnx_bundle,
+        "--prompt",
+        "Describe the screen",
+        "--image",
+        REPO / "tests/data/screen.png",
+        "--max-new-tokens",
+        "6",
+    )
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
 
 
@@ -140,7 +157,9 @@ def test_large_weights_go_to_external_data(tiny_ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnxrt.OnnxTarget, "lower", spy)
     out = tmp_path / "ext"
-    report = export(checkpoint=tiny_ckpt, target="onnx", out=out, recipe=one_bucket_recipe(TINY_RECIPE, tmp_path / "r.yaml"))
+    report = export(
+        checkpoint=tiny_ckpt, target="onnx", out=out, recipe=one_bucket_recipe(TINY_RECIPE, tmp_path / "r.yaml")
+    )
     assert report["passed"]
     assert sorted(waiting) == ["text_decoder", "token_embedding", "vision_encoder"]
     assert all(raw <= 1024 for raw, _ in waiting.values())  # weights spilled, not held in memory
@@ -174,8 +193,8 @@ def test_initializer_sizes_come_from_shapes():
 def test_verify_against_onnxruntime_on_an_onnx_bundle(onnx_bundle):
     proc = run_cli("verify", onnx_bundle, "--against", "onnxruntime")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("onnxruntime/")]
-    assert len(lines) == 9 and all(l.rstrip().endswith("PASS") for l in lines)  # 4 methods x 2 + greedy
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("onnxruntime/")]
+    assert len(lines) == 9 and all(line.rstrip().endswith("PASS") for line in lines)  # 4 methods x 2 + greedy
     proc = run_cli("verify", onnx_bundle, "--against", "tflite")
     assert proc.returncode == 2 and "onnxruntime" in proc.stderr
 
@@ -206,8 +225,9 @@ def test_decoder_in_parts_matches_the_whole_decoder(onnx_bundle, tiny_ckpt, tmp_
         x = torch.randn(1, length, 64, generator=g)
         pos = torch.arange(start, start + length)
         p3 = pos.unsqueeze(0).expand(3, length).contiguous()
-        np.testing.assert_allclose(chained.text_decoder(x, p3, pos).numpy(), whole.text_decoder(x, p3, pos).numpy(),
-                                   rtol=0, atol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(
+            chained.text_decoder(x, p3, pos).numpy(), whole.text_decoder(x, p3, pos).numpy(), rtol=0, atol=1e-5
+        )
     # byte-identical again: every model file of a second export (without the parity runs)
     from autoglm_export.pipeline import export
 
@@ -215,6 +235,7 @@ def test_decoder_in_parts_matches_the_whole_decoder(onnx_bundle, tiny_ckpt, tmp_
     export(checkpoint=tiny_ckpt, target="onnx", out=again, recipe=recipe, verify=False)
     models = sorted(p.name for p in out.iterdir() if p.name not in ("manifest.json", "report.json"))
     assert "text_decoder.01-01.onnx" in models and models == sorted(
-        p.name for p in again.iterdir() if p.name not in ("manifest.json", "report.json"))
+        p.name for p in again.iterdir() if p.name not in ("manifest.json", "report.json")
+    )
     for name in models:
         assert (out / name).read_bytes() == (again / name).read_bytes(), name

@@ -32,10 +32,19 @@ def test_gates_graphs_and_manifest(bundle):
     assert m["qnn"]["qnn_sdk"].startswith("2.51") and "emulator" in m["qnn"]["emulator_note"]
     c = _checks(out)
     graphs = {g: spec for comp in m["components"].values() for g, spec in comp["graphs"].items()}
-    assert set(graphs) == {"vision_encoder", "vision_encoder_224x112", "token_embedding_prefill", "token_embedding_decode",
-                           "text_decoder_prefill", "text_decoder_decode"}  # fmt: skip
+    assert set(graphs) == {
+        "vision_encoder",
+        "vision_encoder_224x112",
+        "token_embedding_prefill",
+        "token_embedding_decode",
+        "text_decoder_prefill",
+        "text_decoder_decode",
+    }
     assert graphs["text_decoder_prefill"]["tokens"] == 16 and graphs["text_decoder_decode"]["tokens"] == 1
-    assert graphs["text_decoder_decode"]["precision"] == "16a4w/16a8w" and len(graphs["text_decoder_decode"]["int4_weights"]) == 12
+    assert (
+        graphs["text_decoder_decode"]["precision"] == "16a4w/16a8w"
+        and len(graphs["text_decoder_decode"]["int4_weights"]) == 12
+    )
     for g, spec in graphs.items():
         nodes = c[f"qnn/{g}/all_nodes_on_htp"]
         assert nodes["passed"] and nodes["nodes_on_qnn"] > 0 and nodes["nodes_elsewhere"] == {}
@@ -58,8 +67,16 @@ def test_deterministic_and_run(bundle, tiny_ckpt, tmp_path):
     assert proc.returncode == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert first == {p.name: p.read_bytes() for p in again.iterdir()}  # QDQ graphs: byte-identical binaries too
-    proc = run_cli("run", out, "--prompt", "What is on the screen?", "--image", REPO / "tests/data/screen.png",
-                   "--max-new-tokens", "4")  # fmt: skip
+    proc = run_cli(
+        "run",
+        out,
+        "--prompt",
+        "What is on the screen?",
+        "--image",
+        REPO / "tests/data/screen.png",
+        "--max-new-tokens",
+        "4",
+    )
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
 
 

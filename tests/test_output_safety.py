@@ -133,8 +133,14 @@ def test_full_file_system_is_one_line_and_leaves_nothing(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    proc = subprocess.run([sys.executable, "-m", "autoglm_export.cli", "tiny-checkpoint", str(out), "-q"],
-                          capture_output=True, text=True, cwd=REPO, preexec_fn=limit, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "autoglm_export.cli", "tiny-checkpoint", str(out), "-q"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        preexec_fn=limit,
+        timeout=300,
+    )
     assert_one_line_error(proc, "cannot write the output", "--out")
     assert list(tmp_path.iterdir()) == []
 

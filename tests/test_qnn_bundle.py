@@ -26,7 +26,9 @@ PARTS = ["text_decoder.00-00.pte", "text_decoder.01-01.pte"]  # qnn-tiny: the de
 
 def test_gates_graphs_and_manifest(bundle):
     out, proc = bundle
-    assert sorted(p.name for p in out.iterdir()) == sorted(["chat_template.jinja", "manifest.json", "model.pte", "report.json", "tokenizer.json", *PARTS])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["chat_template.jinja", "manifest.json", "model.pte", "report.json", "tokenizer.json", *PARTS]
+    )
     m = json.loads((out / "manifest.json").read_text())
     q = m["qnn"]
     assert (q["soc"], q["soc_model"], q["htp_arch"]) == ("SM8650", 57, 75) and q["pte_soc_type"] == "soc_type=SM8650"
@@ -34,7 +36,12 @@ def test_gates_graphs_and_manifest(bundle):
     for f in ("model.pte", *PARTS):
         assert b"soc_type=SM8650" in (out / f).read_bytes()
     graphs = {g: spec for comp in m["components"].values() if "graphs" in comp for g, spec in comp["graphs"].items()}
-    assert set(graphs) == {"vision_encoder", "vision_encoder_224x112", "token_embedding_prefill", "token_embedding_decode"}
+    assert set(graphs) == {
+        "vision_encoder",
+        "vision_encoder_224x112",
+        "token_embedding_prefill",
+        "token_embedding_decode",
+    }
     assert graphs["vision_encoder_224x112"]["inputs"][0]["shape"] == [128, 588]  # the portrait bucket: 16 x 8 patches
     programs = m["components"]["text_decoder"]["programs"]
     assert [(p["file"], p["layers"]) for p in programs] == [(PARTS[0], [0, 1]), (PARTS[1], [1, 2])]
@@ -42,7 +49,9 @@ def test_gates_graphs_and_manifest(bundle):
         graphs |= {f"{p['file']}:{g}": spec for g, spec in p["graphs"].items()}
     first, last = (p["graphs"]["text_decoder_decode"] for p in programs)
     # each part takes its own layer's caches; hidden states pass from the first to the last, which has the head
-    assert [i["name"] for i in first["inputs"]][4:] == ["k_cache_0", "v_cache_0"] and first["outputs"][0] == "hidden_states"
+    assert [i["name"] for i in first["inputs"]][4:] == ["k_cache_0", "v_cache_0"] and first["outputs"][
+        0
+    ] == "hidden_states"
     assert [i["name"] for i in last["inputs"]][4:] == ["k_cache_1", "v_cache_1"] and last["outputs"][0] == "logits"
     assert programs[0]["graphs"]["text_decoder_prefill"]["tokens"] == 16 and first["precision"] == "16a4w/16a8w"
     assert "per output channel" in first["int4_granularity"] and "int4_granularity" not in graphs["vision_encoder"]
@@ -50,7 +59,9 @@ def test_gates_graphs_and_manifest(bundle):
     assert set(m["components"]["text_decoder"]["quantization"]["params_by_scheme"]) == {"int4-channel", "int8", "fp32"}
     checks = {c["name"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
     for g, spec in graphs.items():
-        assert spec["ops_outside_delegate"] == [] and spec["contexts"] >= 1 and all(b > 0 for b in spec["context_bytes"])
+        assert (
+            spec["ops_outside_delegate"] == [] and spec["contexts"] >= 1 and all(b > 0 for b in spec["context_bytes"])
+        )
         assert checks[f"qnn/{g}/all_ops_delegated"]["passed"]
     assert checks["runtime/metadata_methods"]["passed"]
     for name in ("vision_encoder", "token_embedding", "text_decoder"):
@@ -67,10 +78,17 @@ def test_deterministic_and_verify(bundle, tiny_ckpt, tmp_path):
     The second export skips the parity stage (library `verify=False`): it only reads what was written."""
     out, _ = bundle
     again = tmp_path / "again"
-    code = ("import sys; from autoglm_export.pipeline import export; "
-            "export(checkpoint=sys.argv[1], target='qnn', out=sys.argv[2], recipe=sys.argv[3], verify=False)")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt), str(again), str(RECIPE)], capture_output=True,
-                          text=True, cwd=REPO, timeout=600)  # fmt: skip
+    code = (
+        "import sys; from autoglm_export.pipeline import export; "
+        "export(checkpoint=sys.argv[1], target='qnn', out=sys.argv[2], recipe=sys.argv[3], verify=False)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_ckpt), str(again), str(RECIPE)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for f in ("model.pte", *PARTS):
         assert (out / f).read_bytes() == (again / f).read_bytes(), f
@@ -86,7 +104,9 @@ def test_htp_targets_refuse_fp32_components_in_one_line(target, tiny_ckpt, tmp_p
     recipe = REPO / "recipes" / f"{target}-tiny.yaml"
     bad = tmp_path / "bad.yaml"  # calibration paths made absolute: they resolve against the recipe's directory
     text = recipe.read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
-    bad.write_text(text.replace("'vision_encoder\\..*\\.weight'\n    scheme: int8", "'vision_encoder\\..*'\n    scheme: fp32"))
+    bad.write_text(
+        text.replace("'vision_encoder\\..*\\.weight'\n    scheme: int8", "'vision_encoder\\..*'\n    scheme: fp32")
+    )
     assert bad.read_text() != recipe.read_text()
     out = tmp_path / "out"
     proc = run_cli("-q", "--target", target, "--checkpoint", tiny_ckpt, "--out", out, "--recipe", bad)
@@ -99,8 +119,12 @@ def test_qnn_refuses_a_4_bit_token_embedding_in_one_line(tiny_ckpt, tmp_path):
     1.17 bytes per weight of the lowered context), so an int4 rule on the table is refused."""
     bad = tmp_path / "bad.yaml"
     text = RECIPE.read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
-    bad.write_text(text.replace("'token_embedding\\.embed_tokens\\.weight'\n    scheme: int8",
-                                "'token_embedding\\.embed_tokens\\.weight'\n    scheme: int4\n    group_size: 32"))
+    bad.write_text(
+        text.replace(
+            "'token_embedding\\.embed_tokens\\.weight'\n    scheme: int8",
+            "'token_embedding\\.embed_tokens\\.weight'\n    scheme: int4\n    group_size: 32",
+        )
+    )
     assert "scheme: int4\n    group_size: 32\n  - match: 'vision" in bad.read_text()
     out = tmp_path / "out"
     proc = run_cli("-q", "--target", "qnn", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", bad)
@@ -169,8 +193,13 @@ def test_token_embedding_is_int8_per_row_in_its_htp_context(tiny_ckpt):
     per-channel embedding), about one byte per parameter in the HTP context. Quantized per tensor,
     QNN kept the table at 4 bytes per parameter (at 9B widths: 2.5 GB of a qnn bundle) and lowering
     it took ~28 bytes of host memory per parameter (docs/benchmarks.md)."""
-    proc = subprocess.run([sys.executable, "-c", _EMBEDDING_CONTEXT, str(tiny_ckpt), str(RECIPE)], capture_output=True,
-                          text=True, cwd=REPO, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _EMBEDDING_CONTEXT, str(tiny_ckpt), str(RECIPE)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["dequant"] == "quantized_decomposed.dequantize_per_channel.default"
@@ -228,8 +257,13 @@ def test_compact_recipe_puts_the_vision_merger_in_4_bits(tiny_ckpt):
     linears take 4-bit codes (16a4w), the ViT blocks keep 8-bit, and the HTP context shrinks by about
     half a byte per merger weight against qnn.yaml's all-8-bit encoder."""
     compact, default = REPO / "recipes" / "qnn-compact.yaml", REPO / "recipes" / "qnn.yaml"
-    proc = subprocess.run([sys.executable, "-c", _VISION_CONTEXT, str(tiny_ckpt), str(compact), str(default)],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _VISION_CONTEXT, str(tiny_ckpt), str(compact), str(default)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     small, full = r[str(compact)], r[str(default)]
@@ -265,11 +299,16 @@ def test_decoder_split_into_contexts_and_calibration_recorded(bundle):
     for g in ("text_decoder_prefill", "text_decoder_decode"):
         assert dec["graphs"][g]["contexts"] == 2 and dec["graphs"][g]["ops_outside_delegate"] == []
     # partition i of prefill and decode compile into context i: the same binaries
-    assert dec["graphs"]["text_decoder_prefill"]["context_bytes"] == dec["graphs"]["text_decoder_decode"]["context_bytes"]
+    assert (
+        dec["graphs"]["text_decoder_prefill"]["context_bytes"] == dec["graphs"]["text_decoder_decode"]["context_bytes"]
+    )
     assert m["components"]["vision_encoder"]["graphs"]["vision_encoder"]["contexts"] == 1
     cal = m["calibration"]
-    assert cal["images"] == 2 and cal["prompts"] == 6 and set(cal["files"]) == {
-        "calibration/settings.png", "calibration/chat.png", "calibration/prompts.txt"}  # fmt: skip
+    assert (
+        cal["images"] == 2
+        and cal["prompts"] == 6
+        and set(cal["files"]) == {"calibration/settings.png", "calibration/chat.png", "calibration/prompts.txt"}
+    )
     report = {c["name"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
     assert report[f"qnn/{PARTS[1]}:text_decoder_decode/all_ops_delegated"]["detail"].startswith("2 QNN context(s)")
 
@@ -292,9 +331,15 @@ def test_weight_sharing_bundle_is_verified_on_an_unshared_twin(bundle, qnn_share
     # the encoders are cut too: fp16 audio into four contexts (one per unit), the 8-bit vision into two
     assert [m["components"][c]["contexts"]["contexts"] for c in ("audio_encoder", "vision_encoder")] == [4, 2]
     assert sum(dec["graphs"]["text_decoder_decode"]["context_bytes"]) < sum(
-        sum(p["graphs"]["text_decoder_decode"]["context_bytes"]) for p in unshared)
+        sum(p["graphs"]["text_decoder_decode"]["context_bytes"]) for p in unshared
+    )
     assert "twin" in m["qnn"]["emulator_note"] and sorted(p.name for p in shared.iterdir()) == [
-        "chat_template.jinja", "manifest.json", "model.pte", "report.json", "tokenizer.json"]  # fmt: skip
+        "chat_template.jinja",
+        "manifest.json",
+        "model.pte",
+        "report.json",
+        "tokenizer.json",
+    ]
     # the same bundle as an export with verification off leaves it: no twin, no report.json
     unverified = tmp_path / "unverified"
     shutil.copytree(shared, unverified, ignore=shutil.ignore_patterns("report.json"))
@@ -304,7 +349,9 @@ def test_weight_sharing_bundle_is_verified_on_an_unshared_twin(bundle, qnn_share
         (("run", unverified, "--prompt", "hi"), "exported without verification (no report.json)"),
     ):
         proc = run_cli(*args)
-        assert proc.returncode == 2 and "weight_sharing: false" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "weight_sharing: false" in proc.stderr and "Traceback" not in proc.stderr, (
+            proc.stderr
+        )
         assert len(proc.stderr.strip().splitlines()) == 1 and said in proc.stderr, proc.stderr
 
 
@@ -312,7 +359,15 @@ def test_run_on_the_emulator(bundle):
     """`run` on a qnn bundle: the chained decoder parts on the x86 HTP emulator. (The audio encoder on
     the emulator: the verification of test_audio's qnn bundle.)"""
     out, _ = bundle
-    proc = run_cli("run", out, "--prompt", "What is on the screen?", "--image", REPO / "tests/data/screen.png",
-                   "--max-new-tokens", "4")  # fmt: skip
+    proc = run_cli(
+        "run",
+        out,
+        "--prompt",
+        "What is on the screen?",
+        "--image",
+        REPO / "tests/data/screen.png",
+        "--max-new-tokens",
+        "4",
+    )
     # a random model may answer with EOS straight away: the text can be empty, the run must succeed
     assert proc.returncode == 0 and proc.stdout.endswith("\n") and "error:" not in proc.stderr, proc.stderr[-2000:]

@@ -44,7 +44,9 @@ def test_executorch_lowers_for_sm8650_and_runs_on_the_emulator(tmp_path):
     env, note = qnn_libs.qnn_environment()
     assert note["compat_layer"] and note["qnn_version"].startswith("2.51")
     pte = tmp_path / "small.pte"
-    proc = subprocess.run([sys.executable, "-c", LOWER_AND_RUN, str(pte)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOWER_AND_RUN, str(pte)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("SQNR")][-1].split()
     assert float(line[1]) >= 40 and line[3] == "True"  # fp16 on the HTP vs fp32 PyTorch; compiled for SM8650
@@ -66,5 +68,7 @@ def test_the_layout_conversion_is_needed():
     """Pointed straight at the 2.51 library, the same lowering fails: the layer is not decoration."""
     env, _ = qnn_libs.qnn_environment()
     env["LD_LIBRARY_PATH"] = env["LD_LIBRARY_PATH"].split(":", 1)[1]  # drop the compatibility layer
-    proc = subprocess.run([sys.executable, "-c", LOWER_AND_RUN, os.devnull], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOWER_AND_RUN, os.devnull], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode != 0 and "unknown custom config socModel 0" in proc.stderr

@@ -58,8 +58,15 @@ def test_every_problem_is_reported_at_once(tmp_path):
     problems = e.value.problems
     assert len(problems) == 7, problems
     text = " | ".join(problems)
-    for needle in ("target = 'tpu'", "shapes.image_size = 300", "quantization.0.match", "quantization.1.scheme = 'int3'",
-                   "group_size", "parity.greedy_agreement = 2", "bogus = 1"):  # fmt: skip
+    for needle in (
+        "target = 'tpu'",
+        "shapes.image_size = 300",
+        "quantization.0.match",
+        "quantization.1.scheme = 'int3'",
+        "group_size",
+        "parity.greedy_agreement = 2",
+        "bogus = 1",
+    ):
         assert needle in text, needle
     proc = run_cli("recipes", "validate", bad)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
@@ -70,8 +77,13 @@ def test_every_problem_is_reported_at_once(tmp_path):
     [
         (("[[112, 112], [224, 112]]", "[[112, 112], [224, 100]]"), "images[1] width must be a multiple of 28"),
         (("prefill_chunk: 16", "prefill_chunk: 256"), "prefill_chunk 256 is larger than max_context 128"),
-        (("scheme: fp32", "scheme: fp16\n  - match: 'vision_encoder\\.blocks\\.0\\.norm1\\.weight'\n    scheme: fp32"),
-         None),
+        (
+            (
+                "scheme: fp32",
+                "scheme: fp16\n  - match: 'vision_encoder\\.blocks\\.0\\.norm1\\.weight'\n    scheme: fp32",
+            ),
+            None,
+        ),
         (("target: xnnpack", "target: coreml"), "not --target xnnpack"),
     ],
     ids=["image_size", "prefill_gt_context", "mixed_float", "target_mismatch"],
@@ -80,9 +92,11 @@ def test_recipe_that_breaks_the_checkpoint_stops_before_work(edit, needle, tiny_
     text = (REPO / "recipes" / "xnnpack-tiny.yaml").read_text()
     assert edit[0] in text
     if needle is None:  # a rule order that leaves one component half fp16, half fp32
-        text = text.replace("  - match: 'vision_encoder\\..*'\n    scheme: fp32",
-                            "  - match: 'vision_encoder\\.blocks\\.0\\.norm1\\.weight'\n    scheme: fp32\n"
-                            "  - match: 'vision_encoder\\..*'\n    scheme: fp16")  # fmt: skip
+        text = text.replace(
+            "  - match: 'vision_encoder\\..*'\n    scheme: fp32",
+            "  - match: 'vision_encoder\\.blocks\\.0\\.norm1\\.weight'\n    scheme: fp32\n"
+            "  - match: 'vision_encoder\\..*'\n    scheme: fp16",
+        )
         needle = "cannot mix fp16 and fp32"
     else:
         text = text.replace(*edit)
@@ -115,8 +129,14 @@ def test_a_group_that_does_not_divide_falls_back_instead_of_stopping(tiny_ckpt):
     rec = parse_recipe(data, "r.yaml")
     plans = plan_quantization(rec, open_checkpoint(tiny_ckpt), Shapes.from_recipe(rec), "r.yaml")
     fallbacks = plans["token_embedding"].summary()["int4_group_fallbacks"]
-    assert fallbacks == {"token_embedding.embed_tokens.weight": {"rule_group_size": 256, "scheme": "int4", "group_size": 64,
-                                                                 "in_features": 64}}  # fmt: skip
+    assert fallbacks == {
+        "token_embedding.embed_tokens.weight": {
+            "rule_group_size": 256,
+            "scheme": "int4",
+            "group_size": 64,
+            "in_features": 64,
+        }
+    }
 
 
 def test_unknown_target(tiny_ckpt, tmp_path):
@@ -125,12 +145,15 @@ def test_unknown_target(tiny_ckpt, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("extra, needle", [
-    ("qnn: {weight_sharing: false}\n", "qnn section applies to target qnn only"),
-    ("calibration: {prompts: calibration/prompts.txt}\n", "calibration applies to qnn, onnx-qnn only"),
-    ("qnn: {max_context_bytes: 5000000000}\n", "qnn.max_context_bytes"),
-    ("lowering: {external_weights: true}\n", "lowering.external_weights: only xnnpack writes ExecuTorch .ptd"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        ("qnn: {weight_sharing: false}\n", "qnn section applies to target qnn only"),
+        ("calibration: {prompts: calibration/prompts.txt}\n", "calibration applies to qnn, onnx-qnn only"),
+        ("qnn: {max_context_bytes: 5000000000}\n", "qnn.max_context_bytes"),
+        ("lowering: {external_weights: true}\n", "lowering.external_weights: only xnnpack writes ExecuTorch .ptd"),
+    ],
+)
 def test_target_sections_only_where_they_apply(extra, needle, tmp_path):
     target = "qnn" if "max_context" in extra or "external" in extra else "xnnpack"
     path = tmp_path / "r.yaml"
@@ -145,7 +168,9 @@ def test_missing_calibration_file_is_one_line_before_work(tiny_ckpt, tmp_path):
     recipe.write_text((REPO / "recipes" / "qnn-tiny.yaml").read_text())
     out = tmp_path / "out"
     proc = run_cli("-q", "--target", "qnn", "--checkpoint", tiny_ckpt, "--out", out, "--recipe", recipe)
-    assert proc.returncode == 2 and "calibration file not found" in proc.stderr and "calibration.images[0]" in proc.stderr
+    assert (
+        proc.returncode == 2 and "calibration file not found" in proc.stderr and "calibration.images[0]" in proc.stderr
+    )
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr and tree_snapshot(out) == {}
 
 
@@ -178,7 +203,9 @@ def test_compact_recipes_plan_the_real_9b_under_the_size_goal():
         rec = load_recipe(RECIPES_DIR / recipe_name)
         plans = plan_quantization_for_spec(rec, spec, Shapes.from_recipe(rec), recipe_name)
         shared = rec.target == "xnnpack"
-        return sum(p.weight_bytes for n, p in plans.items() if not (shared and is_vision_method(n) and n != "vision_encoder"))
+        return sum(
+            p.weight_bytes for n, p in plans.items() if not (shared and is_vision_method(n) and n != "vision_encoder")
+        )
 
     assert planned_bytes("xnnpack.yaml") > 8.0e9  # ViT 2.7 GB in fp32
     assert 5.5e9 < planned_bytes("xnnpack-compact.yaml") <= 6.0e9
@@ -196,9 +223,13 @@ def test_compact_xnnpack_recipe_passes_the_parity_gates(tiny_ckpt, tmp_path):
     import json
 
     text = (RECIPES_DIR / "xnnpack-compact.yaml").read_text()
-    for real, tiny in (("images: [[336, 336], [728, 336]]", "image_size: 112"), ("max_context: 2048", "max_context: 128"),
-                       ("prefill_chunk: 128", "prefill_chunk: 16"), ("name: xnnpack-compact", "name: xnnpack-compact-tiny"),
-                       ("group_size: 128", "group_size: 64")):  # fmt: skip
+    for real, tiny in (
+        ("images: [[336, 336], [728, 336]]", "image_size: 112"),
+        ("max_context: 2048", "max_context: 128"),
+        ("prefill_chunk: 128", "prefill_chunk: 16"),
+        ("name: xnnpack-compact", "name: xnnpack-compact-tiny"),
+        ("group_size: 128", "group_size: 64"),
+    ):
         assert real in text
         text = text.replace(real, tiny)
     recipe = tmp_path / "xnnpack-compact-tiny.yaml"
@@ -235,7 +266,10 @@ def test_image_buckets_default_to_square_and_portrait_and_image_size_is_one_squa
     from autoglm_export.components import Shapes
 
     default = parse_recipe({"name": "x", "target": "xnnpack"}, "r.yaml")
-    assert Shapes.from_recipe(default).bucket_methods() == {"vision_encoder": (336, 336), "vision_encoder_728x336": (728, 336)}
+    assert Shapes.from_recipe(default).bucket_methods() == {
+        "vision_encoder": (336, 336),
+        "vision_encoder_728x336": (728, 336),
+    }
     square = parse_recipe({"name": "x", "target": "xnnpack", "shapes": {"image_size": 112}}, "r.yaml")
     assert Shapes.from_recipe(square).buckets == ((112, 112),)
     assert parse_recipe(square.to_json(), "m.json") == square and parse_recipe(default.to_json(), "m.json") == default

@@ -55,8 +55,24 @@ def server(xnnpack_bundle, allowed, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "autoglm_export.cli", "serve", str(bundle), "--port", str(port),
-                                 "--allow-files", str(allowed), "--max-queue", "4"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "autoglm_export.cli",
+                "serve",
+                str(bundle),
+                "--port",
+                str(port),
+                "--allow-files",
+                str(allowed),
+                "--max-queue",
+                "4",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -85,7 +101,9 @@ def _library_messages(engine, messages):
     from autoglm_export.serve.app import request_messages
     from autoglm_export.serve.schema import ChatRequest
 
-    return request_messages(ChatRequest.model_validate({"model": "autoglm-phone-9b", "messages": messages}), engine, None)
+    return request_messages(
+        ChatRequest.model_validate({"model": "autoglm-phone-9b", "messages": messages}), engine, None
+    )
 
 
 def test_agent_replay_equals_the_library_turn_by_turn_and_prefills_only_the_new_turn(server, engine):
@@ -103,9 +121,22 @@ def test_agent_replay_equals_the_library_turn_by_turn_and_prefills_only_the_new_
         for m in history:  # earlier screens are dropped, their text kept
             if m["role"] == "user" and isinstance(m["content"], list):
                 m["content"] = [p for p in m["content"] if p["type"] == "text"]
-        history.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": shot}}, {"type": "text", "text": f"s{step}"}]})
-        stream = client.chat.completions.create(model=MODEL, messages=history, temperature=0, top_p=0.85, frequency_penalty=0.2,
-                                                max_tokens=3, stream=True, stream_options={"include_usage": True})  # fmt: skip
+        history.append(
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": shot}}, {"type": "text", "text": f"s{step}"}],
+            }
+        )
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=history,
+            temperature=0,
+            top_p=0.85,
+            frequency_penalty=0.2,
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         text, usage, finish = "", None, None
         for chunk in stream:
             if chunk.usage is not None:
@@ -115,8 +146,11 @@ def test_agent_replay_equals_the_library_turn_by_turn_and_prefills_only_the_new_
                 finish = c.finish_reason or finish
         from autoglm_export.host.sampling import SamplingParams
 
-        ours = engine.chat(_library_messages(engine, history), max_tokens=3,
-                           sampling=SamplingParams(temperature=0, top_p=0.85, frequency_penalty=0.2))  # fmt: skip
+        ours = engine.chat(
+            _library_messages(engine, history),
+            max_tokens=3,
+            sampling=SamplingParams(temperature=0, top_p=0.85, frequency_penalty=0.2),
+        )
         assert text == ours.text and finish == ours.finish_reason, step
         assert usage.prompt_tokens == ours.prompt_tokens and usage.completion_tokens == len(ours.tokens)
         assert usage.prompt_tokens_details.cached_tokens == ours.reused_tokens
@@ -125,7 +159,9 @@ def test_agent_replay_equals_the_library_turn_by_turn_and_prefills_only_the_new_
             # screenshot was (dropped now), and only that turn's text, the answer and the new turn run
             assert ours.reused_tokens == dropped_at and ours.reused_tokens >= 12, (ours.reused_tokens, dropped_at)
         rendered = engine.render(_library_messages(engine, history))
-        assert rendered.prompt.types.count(IMAGE) == 32  # the 90 x 200 screen in the 224 x 112 portrait bucket: 8 x 4 tokens
+        assert (
+            rendered.prompt.types.count(IMAGE) == 32
+        )  # the 90 x 200 screen in the 224 x 112 portrait bucket: 8 x 4 tokens
         dropped_at = rendered.prompt.ids.index(engine.tokenizer.special["begin_of_image"])
         history.append({"role": "assistant", "content": text})
 
@@ -159,14 +195,30 @@ def test_openai_client_stream_and_non_stream_are_identical(server):
 
     client = OpenAI(base_url=server + "/v1", api_key="EMPTY")
     assert [m.id for m in client.models.list()] == [MODEL]
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Open settings"}, {"type": "image_url", "image_url": {"url": _data_url(_png(90, 200, 1))}}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Open settings"},
+                {"type": "image_url", "image_url": {"url": _data_url(_png(90, 200, 1))}},
+            ],
+        }
+    ]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6)
-    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, stream=True) if c.choices]
+    parts = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, stream=True)
+        if c.choices
+    ]
     assert whole.choices[0].message.content == "".join(parts)
     assert whole.choices[0].finish_reason in ("stop", "length") and whole.usage.completion_tokens >= 1
     # sampling with a seed is reproducible; different seeds may differ
-    a, b = (client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=1.0, top_p=0.9, seed=5).choices[0].message.content
-            for _ in range(2))  # fmt: skip
+    a, b = (
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=1.0, top_p=0.9, seed=5)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    )
     assert a == b
 
 
@@ -174,11 +226,23 @@ def test_langchain_chat_openai_as_autoglm_users_call_it(server, allowed):
     from langchain_core.messages import HumanMessage, SystemMessage
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model=MODEL, base_url=server + "/v1", api_key="EMPTY", streaming=True, max_tokens=8,
-                     extra_body={"enable_thinking": True, "return_reasoning": True})  # fmt: skip
-    msgs = [SystemMessage(content="Agent."),
-            HumanMessage(content=[{"type": "text", "text": "Tap home"},
-                                  {"type": "image_url", "image_url": {"url": (allowed / "screen.png").as_uri()}}])]  # fmt: skip
+    llm = ChatOpenAI(
+        model=MODEL,
+        base_url=server + "/v1",
+        api_key="EMPTY",
+        streaming=True,
+        max_tokens=8,
+        extra_body={"enable_thinking": True, "return_reasoning": True},
+    )
+    msgs = [
+        SystemMessage(content="Agent."),
+        HumanMessage(
+            content=[
+                {"type": "text", "text": "Tap home"},
+                {"type": "image_url", "image_url": {"url": (allowed / "screen.png").as_uri()}},
+            ]
+        ),
+    ]
     streamed = "".join(c.content for c in llm.stream(msgs))
     whole = llm.invoke(msgs)
     assert streamed == whole.content
@@ -188,8 +252,10 @@ def test_langchain_chat_openai_as_autoglm_users_call_it(server, allowed):
 def test_reasoning_is_returned_apart_when_asked():
     from autoglm_export.host.conversation import split_reasoning
 
-    assert split_reasoning("<think>look at the screen</think><answer>do(action=\"Tap\")</answer>") == (
-        "look at the screen", '<answer>do(action="Tap")</answer>')
+    assert split_reasoning('<think>look at the screen</think><answer>do(action="Tap")</answer>') == (
+        "look at the screen",
+        '<answer>do(action="Tap")</answer>',
+    )
     assert split_reasoning("no think block") == ("", "no think block")
     # streaming: a tag still being written is held back, never shown as answer text
     assert split_reasoning("<thi", final=False) == ("", "")
@@ -203,8 +269,10 @@ def test_bounded_load_four_clients_ten_requests_each_nothing_lost(server):
     def client(k: int) -> None:
         with httpx.Client(base_url=server, timeout=120) as c:
             for i in range(10):
-                r = c.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2,
-                                                         "messages": [{"role": "user", "content": f"c{k} r{i}"}]})  # fmt: skip
+                r = c.post(
+                    "/v1/chat/completions",
+                    json={"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": f"c{k} r{i}"}]},
+                )
                 (results if r.status_code == 200 else errors).append((k, i, r.status_code, r.text[:200]))
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
@@ -220,8 +288,11 @@ def test_a_full_queue_answers_429_and_admitted_requests_all_complete(server):
     codes = []
 
     def one(i: int) -> None:
-        r = httpx.post(server + "/v1/chat/completions", timeout=120,
-                       json={"model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": f"q{i}"}]})  # fmt: skip
+        r = httpx.post(
+            server + "/v1/chat/completions",
+            timeout=120,
+            json={"model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": f"q{i}"}]},
+        )
         codes.append(r.status_code)
         if r.status_code == 429:
             assert r.json()["error"]["code"] == "queue_full"
@@ -238,33 +309,38 @@ def test_a_full_queue_answers_429_and_admitted_requests_all_complete(server):
 
 def _post(server, body=None, *, raw: bytes | None = None, headers=None):
     h = {"content-type": "application/json", **(headers or {})}
-    return httpx.post(server + "/v1/chat/completions", content=raw if raw is not None else json.dumps(body), headers=h, timeout=120)
+    return httpx.post(
+        server + "/v1/chat/completions", content=raw if raw is not None else json.dumps(body), headers=h, timeout=120
+    )
 
 
 def _user(content):
     return {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
 
 
-@pytest.mark.parametrize("case, status, needle", [
-    ("malformed", 400, "not valid JSON"),
-    ("content_type", 400, "Content-Type"),
-    ("unknown_field", 400, "Unrecognized request argument supplied: max_token"),
-    ("bad_part_type", 400, "messages"),
-    ("n2", 400, "less than or equal to 1"),
-    ("model", 404, "not served here"),
-    ("http_url", 400, "nothing is fetched"),
-    ("file_outside", 400, "outside the allowed directory"),
-    ("bad_base64", 400, "invalid base64"),
-    ("not_an_image", 422, "cannot read image"),
-    ("huge_pixels", 422, "image too large"),
-    ("huge_image", 413, "too large"),
-    ("huge_body", 413, "over the limit"),
-    ("context", 400, "does not fit the bundle's context"),
-    ("quality_header", 400, "X-Output-Quality"),
-    ("budget_header", 400, "X-Compute-Budget-MS"),
-    ("memory_limit", 422, "needs"),
-    ("audio_without_tower", 422, "no audio encoder"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "case, status, needle",
+    [
+        ("malformed", 400, "not valid JSON"),
+        ("content_type", 400, "Content-Type"),
+        ("unknown_field", 400, "Unrecognized request argument supplied: max_token"),
+        ("bad_part_type", 400, "messages"),
+        ("n2", 400, "less than or equal to 1"),
+        ("model", 404, "not served here"),
+        ("http_url", 400, "nothing is fetched"),
+        ("file_outside", 400, "outside the allowed directory"),
+        ("bad_base64", 400, "invalid base64"),
+        ("not_an_image", 422, "cannot read image"),
+        ("huge_pixels", 422, "image too large"),
+        ("huge_image", 413, "too large"),
+        ("huge_body", 413, "over the limit"),
+        ("context", 400, "does not fit the bundle's context"),
+        ("quality_header", 400, "X-Output-Quality"),
+        ("budget_header", 400, "X-Compute-Budget-MS"),
+        ("memory_limit", 422, "needs"),
+        ("audio_without_tower", 422, "no audio encoder"),
+    ],
+)
 def test_bad_requests_get_openai_error_bodies(server, case, status, needle, tmp_path):
     ok = {"type": "text", "text": "hi"}
     outside = tmp_path / "outside.png"
@@ -280,14 +356,24 @@ def test_bad_requests_get_openai_error_bodies(server, case, status, needle, tmp_
         "http_url": _user([ok, {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}}]),
         "file_outside": _user([{"type": "image_url", "image_url": {"url": outside.as_uri()}}]),
         "bad_base64": _user([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@@"}}]),
-        "not_an_image": _user([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"hello").decode()}}]),
+        "not_an_image": _user(
+            [
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"hello").decode()},
+                }
+            ]
+        ),
         "huge_pixels": _user([{"type": "image_url", "image_url": {"url": _data_url(buf.getvalue())}}]),
         "huge_image": _user([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * (28 << 20)}}]),
         "context": _user("word " * 300),
         "audio_without_tower": _user([{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]),
     }
-    headers = {"quality_header": {"X-Output-Quality": "ultra"}, "budget_header": {"X-Compute-Budget-MS": "soon"},
-               "memory_limit": {"X-Memory-Limit-MB": "1"}}  # fmt: skip
+    headers = {
+        "quality_header": {"X-Output-Quality": "ultra"},
+        "budget_header": {"X-Compute-Budget-MS": "soon"},
+        "memory_limit": {"X-Memory-Limit-MB": "1"},
+    }
     if case == "malformed":
         r = _post(server, raw=b'{"model": "autoglm-phone-9b", "messages": [')
     elif case == "content_type":
@@ -305,7 +391,12 @@ def test_bad_requests_get_openai_error_bodies(server, case, status, needle, tmp_
 def test_refused_streaming_requests_give_their_queue_slot_back(server):
     """A streamed request refused before its stream starts (here: an undecodable image) must free
     its admission slot: more of them than --max-queue, then a normal request is still admitted."""
-    bad = {**_user([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"junk").decode()}}]), "stream": True}
+    bad = {
+        **_user(
+            [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"junk").decode()}}]
+        ),
+        "stream": True,
+    }
     for _ in range(6):
         assert _post(server, bad).status_code == 422
     assert httpx.get(server + "/health").json()["queued"] == 0

@@ -74,7 +74,11 @@ def _imports() -> dict[str, set[str]]:
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                base = ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).strip(".") if node.level else node.module
+                base = (
+                    ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).strip(".")
+                    if node.level
+                    else node.module
+                )
                 found = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             elif isinstance(node, ast.Import):
                 found = [a.name for a in node.names]
@@ -108,15 +112,25 @@ def test_no_import_cycles_and_targets_import_nothing_above_them():
                 stack.pop()
                 path.pop()
             elif state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt) :] + [nxt]))
             elif not state.get(nxt):
                 state[nxt] = 1
                 stack.append((nxt, iter(sorted(graph[nxt]))))
                 path.append(nxt)
     # targets depend on shared pieces below them, never on the stages that drive them, and a
     # target's package never on another target's
-    above = {"cli", "pipeline", "verify", "runner", "chat_engine", "opened_bundle", "golden_bundle", "optimum_command",
-             "inspection", "serve"}  # fmt: skip
+    above = {
+        "cli",
+        "pipeline",
+        "verify",
+        "runner",
+        "chat_engine",
+        "opened_bundle",
+        "golden_bundle",
+        "optimum_command",
+        "inspection",
+        "serve",
+    }
     packages = {n.replace("-", "_") for n in TARGETS}
     for name, deps in graph.items():
         if not name.startswith("autoglm_export.targets."):
@@ -138,19 +152,21 @@ def test_a_toy_target_needs_only_its_folder_and_a_table_row(tiny_ckpt, tmp_path,
     from autoglm_export.pipeline import export
     from autoglm_export.recipe import load_recipe
 
-    row = dataclasses.replace(TARGETS["onnx"], name="toy", entry="toy_target.target:ToyTarget",
-                              summary="the onnx lowering under another name")  # fmt: skip
+    row = dataclasses.replace(
+        TARGETS["onnx"], name="toy", entry="toy_target.target:ToyTarget", summary="the onnx lowering under another name"
+    )
     monkeypatch.setitem(TARGETS, "toy", row)
     recipe = tmp_path / "toy.yaml"
     text = one_bucket((REPO / "recipes" / "onnx-tiny.yaml").read_text())
     recipe.write_text(text.replace("target: onnx", "target: toy", 1))
     assert load_recipe(recipe).target == "toy"
     report = export(checkpoint=tiny_ckpt, target="toy", out=tmp_path / "bundle", recipe=recipe)
-    assert report["passed"] and {c["name"] for c in report["checks"]} >= {"text_decoder/lowered_vs_reference",
-                                                                          "end_to_end/greedy_lowered_vs_reference"}
+    assert report["passed"] and {c["name"] for c in report["checks"]} >= {
+        "text_decoder/lowered_vs_reference",
+        "end_to_end/greedy_lowered_vs_reference",
+    }
     manifest, runtime, tokenizer, _ = open_bundle(tmp_path / "bundle")
     assert manifest["target"] == "toy" and manifest["runtime"] == "toy: onnxruntime (CPUExecutionProvider)"
     assert manifest["versions"]["toy"] == "1"
     ids = torch.tensor([tokenizer.encode("hello")])
     assert runtime.token_embedding(ids).shape[:2] == ids.shape
-

@@ -93,7 +93,9 @@ def test_single_file_checkpoint_reads_the_same_tensors(tiny_ckpt, tmp_path):
     single.mkdir()
     for f in ("config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json"):
         shutil.copy(tiny_ckpt / f, single / f)
-    save_file({k: sharded.tensor(k) for k in sharded.tensors}, str(single / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: sharded.tensor(k) for k in sharded.tensors}, str(single / "model.safetensors"), metadata={"format": "pt"}
+    )
     ckpt = open_checkpoint(single)
     assert {i.file.name for i in ckpt.tensors.values()} == {"model.safetensors"}
     for key in sharded.tensors:

@@ -13,8 +13,13 @@ from conftest import REPO, run_cli
 
 # default recipes where they run in CI time; qnn's default (2048-slot cache, 336-px image) takes
 # ~2 minutes on the HTP emulator, so qnn runs its CI recipe (the same rules, small shapes)
-RECIPES = {"xnnpack": "xnnpack.yaml", "onnx": "onnx.yaml", "coreml": "coreml.yaml", "onnx-qnn": "onnx-qnn.yaml",
-           "qnn": "qnn-tiny.yaml"}  # fmt: skip
+RECIPES = {
+    "xnnpack": "xnnpack.yaml",
+    "onnx": "onnx.yaml",
+    "coreml": "coreml.yaml",
+    "onnx-qnn": "onnx-qnn.yaml",
+    "qnn": "qnn-tiny.yaml",
+}
 # the recipes as shipped but with their first (square) image bucket only, for CI time: each
 # target's own bundle fixture exports and gates two buckets, except coreml's, so coreml keeps both
 # here; qnn-tiny's are small already and its calibration files resolve against its own directory

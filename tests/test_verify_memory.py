@@ -15,14 +15,25 @@ def test_reference_forms_compute_what_torchao_computes(scheme, group):
     from torchao.quantization import quantize_
 
     from autoglm_export.targets import get_target
-    from autoglm_export.quantize import REFERENCE_BLOCK_ELEMENTS, RowBlockLinear, RowLookupEmbedding, dequantize_per_call
+    from autoglm_export.quantize import (
+        REFERENCE_BLOCK_ELEMENTS,
+        RowBlockLinear,
+        RowLookupEmbedding,
+        dequantize_per_call,
+    )
 
     BACKEND = get_target("xnnpack")
 
     torch.manual_seed(0)
     rows = REFERENCE_BLOCK_ELEMENTS // 256 * 3 + 17  # several blocks and a short last one
-    m = nn.ModuleDict({"emb": nn.Embedding(1000, 256), "head": nn.Linear(256, rows, bias=False),
-                       "proj": nn.Linear(256, rows, bias=True), "small": nn.Linear(256, 64)})  # fmt: skip
+    m = nn.ModuleDict(
+        {
+            "emb": nn.Embedding(1000, 256),
+            "head": nn.Linear(256, rows, bias=False),
+            "proj": nn.Linear(256, rows, bias=True),
+            "small": nn.Linear(256, 64),
+        }
+    )
     for mod in m.values():
         quantize_(mod, BACKEND.torchao_config(scheme, group, mod), filter_fn=lambda *a: True)
     ids = torch.randint(0, 1000, (1, 17))
@@ -56,7 +67,8 @@ def test_decoder_reference_by_layer_when_the_model_does_not_fit(xnnpack_bundle, 
     report = verify.verify_bundle(out, checkpoint=tiny_ckpt, progress=said.append)
     layers = open_checkpoint(tiny_ckpt).spec.text.num_layers
     assert [s for s in said if s.startswith("fp32 reference for text_decoder")] == [
-        f"fp32 reference for text_decoder: layer {i + 1}/{layers}" for i in range(layers)]  # fmt: skip
+        f"fp32 reference for text_decoder: layer {i + 1}/{layers}" for i in range(layers)
+    ]
     now = {c["name"]: c for c in report["checks"]}
     assert report["passed"] is True
     for name, check in at_export.items():

@@ -29,7 +29,13 @@ def _checks(report):
 
 def test_bundle_layout_and_gates(bundle):
     out, proc = bundle
-    assert sorted(p.name for p in out.iterdir()) == ["chat_template.jinja", "manifest.json", "model.pte", "report.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chat_template.jinja",
+        "manifest.json",
+        "model.pte",
+        "report.json",
+        "tokenizer.json",
+    ]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True and report["failed"] == []
     c = _checks(report)
@@ -64,7 +70,8 @@ def test_manifest_contract(bundle):
     assert m["components"]["vision_encoder_224x112"]["outputs"][0]["shape"] == [32, 64]
     assert m["preprocessing"]["buckets"] == [
         {"height": 112, "width": 112, "method": "vision_encoder", "tokens": 16, "grid": [4, 4]},
-        {"height": 224, "width": 112, "method": "vision_encoder_224x112", "tokens": 32, "grid": [8, 4]}]
+        {"height": 224, "width": 112, "method": "vision_encoder_224x112", "tokens": 32, "grid": [8, 4]},
+    ]
     assert m["shapes"]["images"] == [[112, 112], [224, 112]]
     assert m["versions"]["executorch"] == "1.5.1" and m["versions"]["torch"].startswith("2.13.0")
     assert len(m["source"]["sha256"]) == 64
@@ -117,8 +124,16 @@ def test_verify_and_run(bundle):
     proc = run_cli("verify", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "overall: PASS" in proc.stdout
-    proc = run_cli("run", out, "--prompt", "What is on the screen?", "--image", REPO / "tests/data/screen.png",
-                   "--max-new-tokens", "8")  # fmt: skip
+    proc = run_cli(
+        "run",
+        out,
+        "--prompt",
+        "What is on the screen?",
+        "--image",
+        REPO / "tests/data/screen.png",
+        "--max-new-tokens",
+        "8",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip()  # a random model says random things, but it says them
 
@@ -151,10 +166,26 @@ def test_force_replaces_and_ctrl_c_leaves_nothing(bundle, tiny_ckpt, tmp_path):
     (out / "manifest.json").write_text('{"format": "autoglm-export bundle"}')  # --force replaces bundles only
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "autoglm_export.cli", "--target", "xnnpack", "--checkpoint", str(tiny_ckpt),
-         "--out", str(out), "--recipe", str(TINY_RECIPE), "--force"],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "autoglm_export.cli",
+            "--target",
+            "xnnpack",
+            "--checkpoint",
+            str(tiny_ckpt),
+            "--out",
+            str(out),
+            "--recipe",
+            str(TINY_RECIPE),
+            "--force",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     seen = ""
     deadline = time.time() + 300
     while "lower/xnnpack" not in seen and time.time() < deadline:
@@ -175,8 +206,8 @@ def test_verify_against_onnxruntime(bundle):
     out, _ = bundle
     proc = run_cli("verify", out, "--against", "onnxruntime")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = {l.split()[0]: l for l in proc.stdout.splitlines() if l.startswith("onnxruntime/")}
-    assert len(lines) == 9 and all(l.rstrip().endswith("PASS") for l in lines.values())  # 4 methods x 2 + greedy
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("onnxruntime/")}
+    assert len(lines) == 9 and all(line.rstrip().endswith("PASS") for line in lines.values())  # 4 methods x 2 + greedy
     assert "100.0% of 32 tokens agree" in lines["onnxruntime/greedy_vs_bundle"]
 
 
@@ -200,7 +231,9 @@ def test_onnxruntime_gate_fails_on_a_wrong_bundle_output(bundle, tiny_ckpt):
     plans = plan_quantization(recipe, ckpt, Shapes.from_recipe(recipe), "manifest")
     rt = tgt.open_runtime(out, manifest)
     real = rt.vision_encoder
-    rt.vision_encoder = lambda px, method="vision_encoder": real(px, method) * (1.01 if method == "vision_encoder" else 1)
+    rt.vision_encoder = lambda px, method="vision_encoder": (
+        real(px, method) * (1.01 if method == "vision_encoder" else 1)
+    )
     pre = ImagePreprocessing.from_json(manifest["preprocessing"])
     report = against_onnxruntime(rt, ckpt, recipe, tgt, plans, pre, bundle=out, manifest=manifest)
     assert not report["passed"]

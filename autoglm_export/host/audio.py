@@ -103,12 +103,21 @@ def decode_audio(source, cfg: AudioPreprocessing, *, file=None, field: str | Non
     try:
         data, rate = sf.read(source, dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError, TypeError) as e:
-        raise ExportError(f"cannot read audio ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})", file=p,
-                          field=field, fix="pass a WAV, FLAC or OGG file") from None  # fmt: skip
+        raise ExportError(
+            f"cannot read audio ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})",
+            file=p,
+            field=field,
+            fix="pass a WAV, FLAC or OGG file",
+        ) from None
     if not np.isfinite(data).all():  # float WAVs can carry NaN/inf; the encoder would turn them into garbage
-        raise ExportError("audio holds non-finite samples", file=p, field=field, expected="finite samples",
-                          got=f"{int((~np.isfinite(data)).sum()):,} NaN or infinite of {data.size:,}",
-                          fix="re-encode the recording (e.g. as 16-bit PCM WAV)")  # fmt: skip
+        raise ExportError(
+            "audio holds non-finite samples",
+            file=p,
+            field=field,
+            expected="finite samples",
+            got=f"{int((~np.isfinite(data)).sum()):,} NaN or infinite of {data.size:,}",
+            fix="re-encode the recording (e.g. as 16-bit PCM WAV)",
+        )
     wave = data.mean(axis=1)
     if wave.size == 0 or not np.any(wave):
         raise ExportError("audio is empty or silent", file=p, field=field, fix="pass a recording with sound in it")
@@ -121,8 +130,11 @@ def decode_audio(source, cfg: AudioPreprocessing, *, file=None, field: str | Non
         wave = resample_poly(wave, cfg.sample_rate // g, rate // g).astype(np.float32)
     if len(wave) > cfg.samples:
         raise ExportError(
-            "audio is longer than the bundle's audio window", file=p, field=field,
-            expected=f"at most {cfg.seconds:.2f} s", got=f"{len(wave) / cfg.sample_rate:.2f} s",
+            "audio is longer than the bundle's audio window",
+            file=p,
+            field=field,
+            expected=f"at most {cfg.seconds:.2f} s",
+            got=f"{len(wave) / cfg.sample_rate:.2f} s",
             fix="trim the recording, or export with a larger shapes.audio_seconds in the recipe",
-        )  # fmt: skip
+        )
     return wave

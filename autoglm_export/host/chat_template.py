@@ -41,28 +41,43 @@ def find_chat_template(root: Path) -> str | None:
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError("tokenizer_config.json is not JSON", file=config, got=excerpt(str(e)),
-                              fix="copy tokenizer_config.json from the original checkpoint") from None  # fmt: skip
+        raise CheckpointError(
+            "tokenizer_config.json is not JSON",
+            file=config,
+            got=excerpt(str(e)),
+            fix="copy tokenizer_config.json from the original checkpoint",
+        ) from None
     t = data.get("chat_template") if isinstance(data, dict) else None
     if isinstance(t, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
     if t is None:
         return None
     if not isinstance(t, str) or len(t.encode()) > MAX_TEMPLATE_BYTES:
-        raise CheckpointError("chat_template is not a template", file=config, field="chat_template",
-                              expected=f"a string of at most {MAX_TEMPLATE_BYTES:,} bytes", got=excerpt(repr(t)[:200]),
-                              fix="copy tokenizer_config.json from the original checkpoint")  # fmt: skip
+        raise CheckpointError(
+            "chat_template is not a template",
+            file=config,
+            field="chat_template",
+            expected=f"a string of at most {MAX_TEMPLATE_BYTES:,} bytes",
+            got=excerpt(repr(t)[:200]),
+            fix="copy tokenizer_config.json from the original checkpoint",
+        )
     return t
 
 
 def _read(path: Path) -> str:
     if path.stat().st_size > MAX_TEMPLATE_BYTES:
-        raise CheckpointError("chat template too large", file=path, expected=f"at most {MAX_TEMPLATE_BYTES:,} bytes",
-                              fix="use the template that ships with the checkpoint")  # fmt: skip
+        raise CheckpointError(
+            "chat template too large",
+            file=path,
+            expected=f"at most {MAX_TEMPLATE_BYTES:,} bytes",
+            fix="use the template that ships with the checkpoint",
+        )
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise CheckpointError("chat template is not UTF-8", file=path, fix="use the template that ships with the checkpoint") from None
+        raise CheckpointError(
+            "chat template is not UTF-8", file=path, fix="use the template that ships with the checkpoint"
+        ) from None
 
 
 def _marker(i: int) -> str:
@@ -80,15 +95,22 @@ class ChatTemplate:
         def raise_exception(message):
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # fmt: skip
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
         env.globals["raise_exception"] = raise_exception
         try:
             self.template = env.from_string(source)
         except TemplateError as e:
-            raise ExportError("chat template does not compile", file=file, got=excerpt(str(e)),
-                              fix="use the template that ships with the checkpoint") from None  # fmt: skip
+            raise ExportError(
+                "chat template does not compile",
+                file=file,
+                got=excerpt(str(e)),
+                fix="use the template that ships with the checkpoint",
+            ) from None
         self.file = file
         self.tokenizer = tokenizer
         specials = sorted(_special_texts(tokenizer), key=len, reverse=True)  # longest first in the alternation
@@ -129,8 +151,12 @@ class ChatTemplate:
         try:
             text = self.template.render(messages=hf, add_generation_prompt=True, **kwargs)
         except TemplateError as e:
-            raise ExportError("chat template failed on this conversation", file=self.file, got=excerpt(str(e)),
-                              fix="check the messages' roles and order") from None  # fmt: skip
+            raise ExportError(
+                "chat template failed on this conversation",
+                file=self.file,
+                got=excerpt(str(e)),
+                fix="check the messages' roles and order",
+            ) from None
         sp = self.tokenizer.special
         placeholder = {sp["image"]: ("image", IMAGE, image_tokens)}
         if "audio" in sp and audio_tokens:
@@ -146,8 +172,11 @@ class ChatTemplate:
             elif tid in placeholder:
                 kind, modality, n = placeholder[tid]
                 if not queue or queue[0].kind != kind:
-                    raise ExportError(f"chat template wrote an {kind} placeholder the messages do not fill", file=self.file,
-                                      fix="use the template that ships with the checkpoint")  # fmt: skip
+                    raise ExportError(
+                        f"chat template wrote an {kind} placeholder the messages do not fill",
+                        file=self.file,
+                        fix="use the template that ships with the checkpoint",
+                    )
                 part = queue.pop(0)
                 n = part.tokens(n)
                 p.add([tid] * n, modality)
@@ -157,8 +186,11 @@ class ChatTemplate:
                 p.add([tid])
                 out.keys.append((tid, ""))
         if queue:
-            raise ExportError(f"chat template has no place for {len(queue)} image(s)/clip(s) of the messages", file=self.file,
-                              fix="use a template that renders image and audio parts")  # fmt: skip
+            raise ExportError(
+                f"chat template has no place for {len(queue)} image(s)/clip(s) of the messages",
+                file=self.file,
+                fix="use a template that renders image and audio parts",
+            )
         return out
 
     def _split(self, text: str):

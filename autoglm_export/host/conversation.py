@@ -21,8 +21,9 @@ from .prompt import AUDIO, IMAGE, Prompt
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def render(tokenizer, messages: list[Message], image_tokens: int, audio_tokens: int | None,
-           enable_thinking: bool | None = None) -> Rendered:  # fmt: skip
+def render(
+    tokenizer, messages: list[Message], image_tokens: int, audio_tokens: int | None, enable_thinking: bool | None = None
+) -> Rendered:
     """The conversation as prompt tokens ending in the assistant's turn (see the module docstring)."""
     sp = tokenizer.special
     check_conversation(messages)
@@ -49,8 +50,11 @@ def render(tokenizer, messages: list[Message], image_tokens: int, audio_tokens: 
                 out.add_media(part)
             elif part.kind == "audio":
                 if audio_tokens is None or "audio" not in sp:
-                    raise ExportError("this bundle has no audio encoder", field=f"messages[{i}].content",
-                                      fix="export a checkpoint with an audio tower, or send no audio")  # fmt: skip
+                    raise ExportError(
+                        "this bundle has no audio encoder",
+                        field=f"messages[{i}].content",
+                        fix="export a checkpoint with an audio tower, or send no audio",
+                    )
                 add([sp["begin_of_audio"]])
                 add([sp["audio"]] * audio_tokens, AUDIO, part.digest)
                 add([sp["end_of_audio"]])
@@ -64,17 +68,31 @@ def render(tokenizer, messages: list[Message], image_tokens: int, audio_tokens: 
 
 def check_conversation(messages: list[Message]) -> None:
     if not messages:
-        raise ExportError("empty conversation", field="messages", expected="at least one message", fix="send a user message")
+        raise ExportError(
+            "empty conversation", field="messages", expected="at least one message", fix="send a user message"
+        )
     if messages[-1].role == "assistant":
-        raise ExportError("the last message is the assistant's", field="messages[-1].role", expected="system or user",
-                          fix="end the conversation with the user's turn")  # fmt: skip
+        raise ExportError(
+            "the last message is the assistant's",
+            field="messages[-1].role",
+            expected="system or user",
+            fix="end the conversation with the user's turn",
+        )
     for i, m in enumerate(messages):
         if m.role not in ROLES:
-            raise ExportError("unknown role", field=f"messages[{i}].role", expected=" | ".join(ROLES), got=m.role,
-                              fix="use system, user or assistant")  # fmt: skip
+            raise ExportError(
+                "unknown role",
+                field=f"messages[{i}].role",
+                expected=" | ".join(ROLES),
+                got=m.role,
+                fix="use system, user or assistant",
+            )
         if m.role != "user" and any(part.kind != "text" for part in m.parts):
-            raise ExportError("only user turns carry images or audio", field=f"messages[{i}].content",
-                              fix="move the image or audio into a user message")  # fmt: skip
+            raise ExportError(
+                "only user turns carry images or audio",
+                field=f"messages[{i}].content",
+                fix="move the image or audio into a user message",
+            )
 
 
 def split_reasoning(text: str, final: bool = True) -> tuple[str, str]:

@@ -25,7 +25,9 @@ class Runtime(Protocol):
     def token_embedding(self, input_ids: torch.Tensor) -> torch.Tensor: ...
     def vision_encoder(self, pixel_values: torch.Tensor, method: str = "vision_encoder") -> torch.Tensor: ...
     def audio_encoder(self, input_features: torch.Tensor) -> torch.Tensor: ...
-    def text_decoder(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor: ...
+    def text_decoder(
+        self, embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor
+    ) -> torch.Tensor: ...
     def reset(self) -> None: ...
     def close(self) -> None: ...  # ends helper processes (the qnn emulator's); nothing for most runtimes
 
@@ -54,8 +56,9 @@ def call_component(runtime: Runtime, name: str, x: torch.Tensor) -> torch.Tensor
     return getattr(runtime, name)(x)
 
 
-def _scatter(embeds, prompt: Prompt, kind: int, encoders, inputs, record: list, reuse: int = 0,
-             lengths: list[int] | None = None) -> None:  # fmt: skip
+def _scatter(
+    embeds, prompt: Prompt, kind: int, encoders, inputs, record: list, reuse: int = 0, lengths: list[int] | None = None
+) -> None:
     """Encode each image / audio clip (``encoders[j]`` encodes input j) and write the results over its
     placeholder tokens, ``lengths[j]`` of them (equal shares if None); ``embeds`` holds the prompt's
     tokens from ``reuse`` on: an input wholly before it is not encoded again."""
@@ -83,23 +86,37 @@ def _scatter(embeds, prompt: Prompt, kind: int, encoders, inputs, record: list, 
         embeds[0, [own[k] - reuse for k in keep]] = f[keep].to(embeds.dtype)
 
 
-def prefill(runtime: Runtime, prompt: Prompt, images: list[np.ndarray], image_grids: list[tuple[int, int]], trace: Trace,
-            audios: list[np.ndarray] = (), reuse: int = 0, image_methods: list[str] = ()):  # fmt: skip
+def prefill(
+    runtime: Runtime,
+    prompt: Prompt,
+    images: list[np.ndarray],
+    image_grids: list[tuple[int, int]],
+    trace: Trace,
+    audios: list[np.ndarray] = (),
+    reuse: int = 0,
+    image_methods: list[str] = (),
+):
     """Run the prompt's tokens from ``reuse`` on through the decoder (those before it are already in
     the cache, written by an earlier call with the same tokens, images and clips); logits of the last.
     ``image_methods``: each image's vision method (its bucket); ``vision_encoder`` for all if empty."""
     n = len(prompt)
     ids = torch.tensor(prompt.ids, dtype=torch.long).unsqueeze(0)
-    embeds = torch.cat([runtime.token_embedding(ids[:, a:b]) for a, b in _chunks(n, runtime.prefill_chunk, reuse)], dim=1)
+    embeds = torch.cat(
+        [runtime.token_embedding(ids[:, a:b]) for a, b in _chunks(n, runtime.prefill_chunk, reuse)], dim=1
+    )
     methods = list(image_methods) or [VISION_METHOD] * len(images)
     encoders = [lambda x, m=m: runtime.vision_encoder(x, m) for m in methods]
-    _scatter(embeds, prompt, IMAGE, encoders, images, trace.image_embeddings, reuse, [gh * gw for gh, gw in image_grids])
+    _scatter(
+        embeds, prompt, IMAGE, encoders, images, trace.image_embeddings, reuse, [gh * gw for gh, gw in image_grids]
+    )
     if audios:
         _scatter(embeds, prompt, AUDIO, [runtime.audio_encoder] * len(audios), audios, trace.audio_embeddings, reuse)
     pos = torch.from_numpy(trace.positions)
     logits = None
     for a, b in _chunks(n, runtime.prefill_chunk, reuse):
-        logits = runtime.text_decoder(embeds[:, a - reuse : b - reuse], pos[:, a:b].contiguous(), torch.arange(a, b, dtype=torch.long))
+        logits = runtime.text_decoder(
+            embeds[:, a - reuse : b - reuse], pos[:, a:b].contiguous(), torch.arange(a, b, dtype=torch.long)
+        )
     return logits
 
 

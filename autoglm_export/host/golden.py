@@ -33,8 +33,14 @@ def golden_screen_image(pre: ImagePreprocessing, width: int = 45, height: int = 
     an app picks the same bucket and feeds the same pixels to the same method."""
     img = golden_image(width, height)
     x = pre.prepare(img)
-    return {"width": width, "height": height, "rgb": np.asarray(img).reshape(-1).tolist(), "method": x.method,
-            "grid": list(x.grid), "pixel_values": {"shape": list(x.pixels.shape), "data": [float(v) for v in x.pixels.reshape(-1)]}}
+    return {
+        "width": width,
+        "height": height,
+        "rgb": np.asarray(img).reshape(-1).tolist(),
+        "method": x.method,
+        "grid": list(x.grid),
+        "pixel_values": {"shape": list(x.pixels.shape), "data": [float(v) for v in x.pixels.reshape(-1)]},
+    }
 
 
 def golden_transparent_image(width: int = 16, height: int = 8) -> dict:
@@ -75,9 +81,12 @@ def golden_vectors(tokenizer, pre: ImagePreprocessing, decode_steps: int = 4, au
 
         wave = golden_audio(rate=audio_pre.sample_rate)
         mel = log_mel(wave, audio_pre)
-        out["audio"] = {"sample_rate": audio_pre.sample_rate, "waveform": [float(v) for v in wave],
-                        "preprocessing": audio_pre.to_json(),
-                        "log_mel": {"shape": list(mel.shape), "data": [float(v) for v in mel.reshape(-1)]}}  # fmt: skip
+        out["audio"] = {
+            "sample_rate": audio_pre.sample_rate,
+            "waveform": [float(v) for v in wave],
+            "preprocessing": audio_pre.to_json(),
+            "log_mel": {"shape": list(mel.shape), "data": [float(v) for v in mel.reshape(-1)]},
+        }
     return out | {
         "prompt_text": GOLDEN_PROMPT,
         "prompt_ids": prompt.ids,

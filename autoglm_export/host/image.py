@@ -62,14 +62,26 @@ class ImagePreprocessing:
         object.__setattr__(self, "sizes", _sizes(self.sizes))
 
     @classmethod
-    def from_checkpoint(cls, preprocessor_config: dict, sizes, patch_size: int, merge_size: int,
-                        file: str | Path = "preprocessor_config.json"):  # fmt: skip
+    def from_checkpoint(
+        cls,
+        preprocessor_config: dict,
+        sizes,
+        patch_size: int,
+        merge_size: int,
+        file: str | Path = "preprocessor_config.json",
+    ):
         """``sizes``: the recipe's image buckets (or one square side)."""
         pc = preprocessor_config if isinstance(preprocessor_config, dict) else {}
 
         def bad(field: str, expected: str) -> ExportError:
-            return ExportError("invalid image preprocessing setting", file=file, field=field, expected=expected,
-                               got=excerpt(repr(pc.get(field))), fix="copy preprocessor_config.json from the original checkpoint")  # fmt: skip
+            return ExportError(
+                "invalid image preprocessing setting",
+                file=file,
+                field=field,
+                expected=expected,
+                got=excerpt(repr(pc.get(field))),
+                fix="copy preprocessor_config.json from the original checkpoint",
+            )
 
         def integer(field: str, model_value: int) -> int:
             v = pc.get(field, model_value)
@@ -79,8 +91,12 @@ class ImagePreprocessing:
 
         def triple(field: str, default, positive: bool) -> tuple[float, float, float]:
             v = pc.get(field, default)
-            if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_finite_number(x) for x in v)
-                    and (not positive or all(x > 0 for x in v))):
+            if not (
+                isinstance(v, (list, tuple))
+                and len(v) == 3
+                and all(_finite_number(x) for x in v)
+                and (not positive or all(x > 0 for x in v))
+            ):
                 raise bad(field, f"three finite {'positive ' if positive else ''}numbers (one per RGB channel)")
             return tuple(float(x) for x in v)
 
@@ -107,8 +123,16 @@ class ImagePreprocessing:
     def to_json(self) -> dict:
         out = asdict(self)
         del out["sizes"]
-        out["buckets"] = [{"height": h, "width": w, "method": self.method(i), "tokens": self.num_tokens_of(i),
-                           "grid": list(self.merged_grid_of(i))} for i, (h, w) in enumerate(self.sizes)]  # fmt: skip
+        out["buckets"] = [
+            {
+                "height": h,
+                "width": w,
+                "method": self.method(i),
+                "tokens": self.num_tokens_of(i),
+                "grid": list(self.merged_grid_of(i)),
+            }
+            for i, (h, w) in enumerate(self.sizes)
+        ]
         return out
 
     # -- buckets ----------------------------------------------------------------------------
@@ -133,7 +157,9 @@ class ImagePreprocessing:
     def prepare(self, image) -> ImageInput:
         """A PIL image as the input of its bucket's method."""
         i = self.choose(*image.size)
-        return ImageInput(preprocess_image(image, self, self.sizes[i]), self.method(i), self.sizes[i], self.merged_grid_of(i))
+        return ImageInput(
+            preprocess_image(image, self, self.sizes[i]), self.method(i), self.sizes[i], self.merged_grid_of(i)
+        )
 
     # the first bucket (``vision_encoder``): what single-image callers without a choice use
     @property
@@ -183,12 +209,20 @@ def decode_image(source, *, file=None, field: str | None = None):
         with Image.open(source) as img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
-                raise ExportError("image too large", file=file, field=field, expected=f"at most {MAX_IMAGE_PIXELS:,} pixels",
-                                  got=f"{w} x {h}", fix="downscale the image (a phone screenshot is ~3 M pixels)")  # fmt: skip
+                raise ExportError(
+                    "image too large",
+                    file=file,
+                    field=field,
+                    expected=f"at most {MAX_IMAGE_PIXELS:,} pixels",
+                    got=f"{w} x {h}",
+                    fix="downscale the image (a phone screenshot is ~3 M pixels)",
+                )
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
-        raise ExportError(f"cannot read image ({e.__class__.__name__})", file=file, field=field, fix="pass a valid PNG or JPEG file") from None
+        raise ExportError(
+            f"cannot read image ({e.__class__.__name__})", file=file, field=field, fix="pass a valid PNG or JPEG file"
+        ) from None
 
 
 def patchify(chw: np.ndarray, patch: int, merge: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from .prompt import Prompt
 
 ROLES = ("system", "user", "assistant")
 
+
 @dataclass(frozen=True)
 class Part:
     kind: str  # "text" | "image" | "audio"
@@ -54,8 +55,11 @@ class Rendered:
 
     def image_inputs(self, default_grid: tuple[int, int]) -> dict:
         """``generate``'s image arguments: each image's grid and vision method."""
-        return {"images": self.images, "image_grids": [p.grid or default_grid for p in self.image_parts],
-                "image_methods": [p.method for p in self.image_parts]}
+        return {
+            "images": self.images,
+            "image_grids": [p.grid or default_grid for p in self.image_parts],
+            "image_methods": [p.method for p in self.image_parts],
+        }
 
 
 def digest(array: np.ndarray) -> str:

@@ -26,8 +26,13 @@ class Prompt:
         return len(self.ids)
 
 
-def build_chat_prompt(tokenizer, text: str, image_tokens: int | None = None, audio_tokens: int | None = None,
-                      order: tuple[str, ...] = DEFAULT_ORDER) -> Prompt:  # fmt: skip
+def build_chat_prompt(
+    tokenizer,
+    text: str,
+    image_tokens: int | None = None,
+    audio_tokens: int | None = None,
+    order: tuple[str, ...] = DEFAULT_ORDER,
+) -> Prompt:
     """One user turn with an optional image and audio clip, ready for the assistant's answer."""
     sp = tokenizer.special
     p = Prompt()

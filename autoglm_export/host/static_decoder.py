@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def rope_table(inv_freq, axis_selector) -> dict:
     """Manifest form of the decoder's rotary table: per frequency its value and position axis."""
     sel = np.asarray(axis_selector, dtype=np.float32).reshape(3, -1)
-    return {"inv_freq": [float(v) for v in np.asarray(inv_freq, dtype=np.float32)],
-            "axis": [int(a) for a in sel.argmax(axis=0)]}  # fmt: skip
+    return {
+        "inv_freq": [float(v) for v in np.asarray(inv_freq, dtype=np.float32)],
+        "axis": [int(a) for a in sel.argmax(axis=0)],
+    }
 
 
 def rotary_cos_sin(rope: dict, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,9 @@ class ChatTokenizer:
         from tokenizers import Tokenizer
 
         if not Path(path).is_file():
-            raise CheckpointError("missing tokenizer", file=path, fix="copy tokenizer.json from the original checkpoint")
+            raise CheckpointError(
+                "missing tokenizer", file=path, fix="copy tokenizer.json from the original checkpoint"
+            )
         try:
             self.tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exceptions for bad JSON
@@ -58,11 +60,19 @@ class ChatTokenizer:
                 )
 
         if audio is not None:
-            for name, cfg_id in (("audio", audio.audio_token_id), ("begin_of_audio", audio.audio_start_token_id),
-                                 ("end_of_audio", audio.audio_end_token_id)):  # fmt: skip
+            for name, cfg_id in (
+                ("audio", audio.audio_token_id),
+                ("begin_of_audio", audio.audio_start_token_id),
+                ("end_of_audio", audio.audio_end_token_id),
+            ):
                 if self.tok.id_to_token(cfg_id) is None:
-                    raise CheckpointError("audio token id from config.json is not in the tokenizer", file=path,
-                                          field=name, got=str(cfg_id), fix="use the tokenizer that ships with the checkpoint")  # fmt: skip
+                    raise CheckpointError(
+                        "audio token id from config.json is not in the tokenizer",
+                        file=path,
+                        field=name,
+                        got=str(cfg_id),
+                        fix="use the tokenizer that ships with the checkpoint",
+                    )
                 self.special[name] = cfg_id
 
     def encode(self, text: str) -> list[int]:

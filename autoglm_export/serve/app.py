@@ -41,8 +41,15 @@ QUALITY_PRESETS = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -75,8 +82,10 @@ class Service:
 
 def request_messages(req: ChatRequest, engine: ChatEngine, allow_files: Path | None) -> list[Message]:
     """A request's messages as the conversation runtime's, images and clips decoded and preprocessed."""
-    return [Message("system" if m.role == "developer" else m.role, tuple(_parts(m, i, engine, allow_files)))
-            for i, m in enumerate(req.messages)]  # fmt: skip
+    return [
+        Message("system" if m.role == "developer" else m.role, tuple(_parts(m, i, engine, allow_files)))
+        for i, m in enumerate(req.messages)
+    ]
 
 
 def _parts(m: ChatMessage, i: int, engine: ChatEngine, allow_files: Path | None):
@@ -95,7 +104,11 @@ def _parts(m: ChatMessage, i: int, engine: ChatEngine, allow_files: Path | None)
             yield engine.image_part(decode_image(data, field=f"{field}.image_url"))
         else:
             if engine.audio_pre is None:
-                raise ExportError("this bundle has no audio encoder", field=field, fix="send no audio, or serve a bundle with an audio tower")
+                raise ExportError(
+                    "this bundle has no audio encoder",
+                    field=field,
+                    fix="send no audio, or serve a bundle with an audio tower",
+                )
             if part.type == "audio_url":
                 data = media_bytes(part.audio_url.url, f"{field}.audio_url.url", allow_files)
             else:
@@ -111,8 +124,12 @@ def _settings(req: ChatRequest, headers) -> tuple[dict, float | None]:
     if quality is not None:
         preset = QUALITY_PRESETS.get(quality.strip().lower())
         if preset is None:
-            raise ApiError(400, f"X-Output-Quality must be one of {', '.join(QUALITY_PRESETS)}; got {excerpt(quality, 40)}",
-                           param="X-Output-Quality", code="invalid_header")  # fmt: skip
+            raise ApiError(
+                400,
+                f"X-Output-Quality must be one of {', '.join(QUALITY_PRESETS)}; got {excerpt(quality, 40)}",
+                param="X-Output-Quality",
+                code="invalid_header",
+            )
     budget = headers.get("x-compute-budget-ms")
     deadline = None
     if budget is not None:
@@ -121,8 +138,12 @@ def _settings(req: ChatRequest, headers) -> tuple[dict, float | None]:
             if not 0 < ms < 1e9:
                 raise ValueError
         except ValueError:
-            raise ApiError(400, f"X-Compute-Budget-MS must be a positive number of milliseconds; got {excerpt(budget, 40)}",
-                           param="X-Compute-Budget-MS", code="invalid_header") from None  # fmt: skip
+            raise ApiError(
+                400,
+                f"X-Compute-Budget-MS must be a positive number of milliseconds; got {excerpt(budget, 40)}",
+                param="X-Compute-Budget-MS",
+                code="invalid_header",
+            ) from None
         deadline = start + ms / 1000
     thinking = req.enable_thinking
     if thinking is None and req.chat_template_kwargs is not None:
@@ -130,25 +151,43 @@ def _settings(req: ChatRequest, headers) -> tuple[dict, float | None]:
     if thinking is None:
         thinking = preset.get("enable_thinking")
     temperature = req.temperature if req.temperature is not None else preset.get("temperature", 0.0)
-    sampling = SamplingParams(temperature=temperature, top_p=req.top_p if req.top_p is not None else 1.0,
-                              top_k=req.top_k or 0, frequency_penalty=req.frequency_penalty or 0.0,
-                              presence_penalty=req.presence_penalty or 0.0, seed=req.seed)  # fmt: skip
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_p=req.top_p if req.top_p is not None else 1.0,
+        top_k=req.top_k or 0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        seed=req.seed,
+    )
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4 or any(len(s) > 200 for s in stop):
         raise ApiError(400, "stop takes at most 4 strings of at most 200 characters", param="stop")
     if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
+        raise ApiError(400, 'only response_format {"type": "text"} is supported', param="response_format")
     max_tokens = req.max_completion_tokens or req.max_tokens
-    return {"sampling": sampling, "stop": stop, "enable_thinking": thinking,
-            "max_tokens": max_tokens or 1 << 30}, deadline  # fmt: skip
+    return {
+        "sampling": sampling,
+        "stop": stop,
+        "enable_thinking": thinking,
+        "max_tokens": max_tokens or 1 << 30,
+    }, deadline
 
 
-def create_app(engine: ChatEngine, *, model_name: str = "autoglm-phone-9b", allow_files: Path | None = None,
-               max_queue: int = 8, max_body_bytes: int = MAX_BODY_BYTES):  # fmt: skip
+def create_app(
+    engine: ChatEngine,
+    *,
+    model_name: str = "autoglm-phone-9b",
+    allow_files: Path | None = None,
+    max_queue: int = 8,
+    max_body_bytes: int = MAX_BODY_BYTES,
+):
     svc = Service(engine, model_name=model_name, allow_files=allow_files, max_queue=max_queue)
-    app = FastAPI(title="autoglm-export serve", version="1",
-                  description=f"OpenAI-compatible chat completions on the bundle {engine.bundle.name} "
-                              f"({engine.manifest['target']}, max_context {engine.max_context}).")  # fmt: skip
+    app = FastAPI(
+        title="autoglm-export serve",
+        version="1",
+        description=f"OpenAI-compatible chat completions on the bundle {engine.bundle.name} "
+        f"({engine.manifest['target']}, max_context {engine.max_context}).",
+    )
     app.state.service = svc
 
     @app.exception_handler(ApiError)
@@ -160,41 +199,74 @@ def create_app(engine: ChatEngine, *, model_name: str = "autoglm-phone-9b", allo
         import logging
 
         logging.getLogger("autoglm_export.serve").exception("request failed")
-        return JSONResponse(ApiError(500, f"internal error ({type(e).__name__})", kind="server_error").body(), status_code=500)
+        return JSONResponse(
+            ApiError(500, f"internal error ({type(e).__name__})", kind="server_error").body(), status_code=500
+        )
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": svc.model_name, "target": engine.manifest["target"],
-                "max_context": engine.max_context, "queued": svc.pending}  # fmt: skip
+        return {
+            "status": "ok",
+            "model": svc.model_name,
+            "target": engine.manifest["target"],
+            "max_context": engine.max_context,
+            "queued": svc.pending,
+        }
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": svc.model_name, "object": "model", "created": svc.created, "owned_by": "autoglm-export"}]}
+        return {
+            "object": "list",
+            "data": [{"id": svc.model_name, "object": "model", "created": svc.created, "owned_by": "autoglm-export"}],
+        }
 
     _document_request_body(app)
 
-    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}}}})  # fmt: skip
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}},
+            }
+        },
+    )
     async def chat_completions(request: Request):
         req = await _read_request(request, max_body_bytes)
         if req.model != svc.model_name:
-            raise ApiError(404, f"model {excerpt(req.model, 60)!r} is not served here; this server has {svc.model_name!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise ApiError(
+                404,
+                f"model {excerpt(req.model, 60)!r} is not served here; this server has {svc.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         limit = request.headers.get("x-memory-limit-mb")
         if limit is not None:
             try:
                 limit_mb = float(limit)
             except ValueError:
-                raise ApiError(400, f"X-Memory-Limit-MB must be a number; got {excerpt(limit, 40)}", param="X-Memory-Limit-MB",
-                               code="invalid_header") from None  # fmt: skip
+                raise ApiError(
+                    400,
+                    f"X-Memory-Limit-MB must be a number; got {excerpt(limit, 40)}",
+                    param="X-Memory-Limit-MB",
+                    code="invalid_header",
+                ) from None
             if limit_mb < svc.memory_need_mb:
-                raise ApiError(422, f"this bundle needs {svc.memory_need_mb:,.0f} MB (its files or the server's resident memory, "
-                               f"whichever is larger); X-Memory-Limit-MB allows {limit_mb:,.0f}",
-                               param="X-Memory-Limit-MB", code="memory_limit_exceeded")  # fmt: skip
+                raise ApiError(
+                    422,
+                    f"this bundle needs {svc.memory_need_mb:,.0f} MB (its files or the server's resident memory, "
+                    f"whichever is larger); X-Memory-Limit-MB allows {limit_mb:,.0f}",
+                    param="X-Memory-Limit-MB",
+                    code="memory_limit_exceeded",
+                )
         settings, deadline = _settings(req, request.headers)
         if svc.pending >= svc.max_queue:
-            raise ApiError(429, f"{svc.pending} requests are already waiting for the model; retry later",
-                           code="queue_full", kind="rate_limit_error")  # fmt: skip
+            raise ApiError(
+                429,
+                f"{svc.pending} requests are already waiting for the model; retry later",
+                code="queue_full",
+                kind="rate_limit_error",
+            )
         svc.pending += 1
         streaming = False  # once the stream runs, it frees the slot when generation ends
 
@@ -258,10 +330,16 @@ async def _read_request(request, limit: int) -> ChatRequest:
 
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
-        raise ApiError(400, f"Content-Type must be application/json; got {excerpt(kind or 'none', 60)}", code="invalid_content_type")
+        raise ApiError(
+            400,
+            f"Content-Type must be application/json; got {excerpt(kind or 'none', 60)}",
+            code="invalid_content_type",
+        )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body of {int(declared):,} bytes is over the limit of {limit:,}", code="body_too_large")
+        raise ApiError(
+            413, f"request body of {int(declared):,} bytes is over the limit of {limit:,}", code="body_too_large"
+        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -280,16 +358,25 @@ async def _read_request(request, limit: int) -> ChatRequest:
         if first["type"] == "extra_forbidden":
             msg = f"Unrecognized request argument supplied: {excerpt(param, 60)}"
         more = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
-        raise ApiError(400, f"{excerpt(param or 'body', 80)}: {excerpt(msg, 200)}{more}", param=param, code="invalid_request") from None
+        raise ApiError(
+            400, f"{excerpt(param or 'body', 80)}: {excerpt(msg, 200)}{more}", param=param, code="invalid_request"
+        ) from None
 
 
 def _job(svc: Service, messages, settings, deadline, cancel: threading.Event, on_text):
     def run() -> ChatResult:
         if cancel.is_set():  # the client left while the request waited in the queue
             raise _Cancelled
-        return svc.engine.chat(messages, max_tokens=settings["max_tokens"], sampling=settings["sampling"], stop=settings["stop"],
-                               enable_thinking=settings["enable_thinking"], on_text=on_text, cancelled=cancel.is_set,
-                               deadline=deadline)  # fmt: skip
+        return svc.engine.chat(
+            messages,
+            max_tokens=settings["max_tokens"],
+            sampling=settings["sampling"],
+            stop=settings["stop"],
+            enable_thinking=settings["enable_thinking"],
+            on_text=on_text,
+            cancelled=cancel.is_set,
+            deadline=deadline,
+        )
 
     return run
 
@@ -299,8 +386,12 @@ class _Cancelled(Exception):
 
 
 def _usage(r: ChatResult) -> dict:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.tokens), "total_tokens": r.prompt_tokens + len(r.tokens),
-            "prompt_tokens_details": {"cached_tokens": r.reused_tokens}}  # fmt: skip
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": len(r.tokens),
+        "total_tokens": r.prompt_tokens + len(r.tokens),
+        "prompt_tokens_details": {"cached_tokens": r.reused_tokens},
+    }
 
 
 def _completion(svc: Service, cid: str, r: ChatResult, return_reasoning: bool) -> dict:
@@ -308,8 +399,14 @@ def _completion(svc: Service, cid: str, r: ChatResult, return_reasoning: bool) -
     if return_reasoning:
         reasoning, answer = split_reasoning(r.text)
         message = {"role": "assistant", "content": answer, "reasoning_content": reasoning}
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": svc.model_name,
-            "choices": [{"index": 0, "message": message, "finish_reason": r.finish_reason}], "usage": _usage(r)}  # fmt: skip
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": svc.model_name,
+        "choices": [{"index": 0, "message": message, "finish_reason": r.finish_reason}],
+        "usage": _usage(r),
+    }
 
 
 async def _stream(svc: Service, messages, settings, deadline, cid, return_reasoning, include_usage, release):
@@ -319,8 +416,13 @@ async def _stream(svc: Service, messages, settings, deadline, cid, return_reason
     created = int(time.time())
 
     def chunk(delta: dict, finish=None, usage=None) -> str:
-        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name,
-                "choices": [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        body = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": svc.model_name,
+            "choices": [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
         if usage is not None:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -380,9 +482,18 @@ async def _stream(svc: Service, messages, settings, deadline, cid, return_reason
         release()
 
 
-def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "autoglm-phone-9b",
-          allow_files: str | Path | None = None, max_queue: int = 8, allow_failed: bool = False,
-          say=print, warn=print) -> None:  # fmt: skip
+def serve(
+    bundle: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str = "autoglm-phone-9b",
+    allow_files: str | Path | None = None,
+    max_queue: int = 8,
+    allow_failed: bool = False,
+    say=print,
+    warn=print,
+) -> None:
     """Load the bundle and serve it until interrupted."""
     import uvicorn
 
@@ -393,6 +504,8 @@ def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, mode
             raise ExportError("not a directory", file=root, field="--allow-files", fix="pass an existing directory")
     engine = ChatEngine(bundle, allow_failed=allow_failed, warn=warn)
     app = create_app(engine, model_name=model_name, allow_files=root, max_queue=max_queue)
-    say(f"serving {engine.bundle} ({engine.manifest['target']}, max_context {engine.max_context}) as {model_name!r} "
-        f"on http://{host}:{port}/v1 (OpenAPI docs: /docs)")  # fmt: skip
+    say(
+        f"serving {engine.bundle} ({engine.manifest['target']}, max_context {engine.max_context}) as {model_name!r} "
+        f"on http://{host}:{port}/v1 (OpenAPI docs: /docs)"
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

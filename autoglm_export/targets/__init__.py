@@ -19,9 +19,12 @@ def capabilities(name: str) -> Capabilities:
     if name in TARGETS:
         return TARGETS[name]
     raise ExportError(
-        "unknown target", field="--target", expected=" | ".join(TARGETS), got=excerpt(repr(name), 60),
+        "unknown target",
+        field="--target",
+        expected=" | ".join(TARGETS),
+        got=excerpt(repr(name), 60),
         fix="pick one of the listed targets",
-    )  # fmt: skip
+    )
 
 
 def get_target(name: str, *, progress=silent, verifying: bool = True) -> Target:
@@ -39,5 +42,8 @@ def open_bundle_runtime(target: Target, bundle, manifest: dict):
         raise
     except Exception as e:  # the runtimes raise RuntimeError, ValueError, their own types
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise BundleError(f"the runtime cannot load this bundle ({e.__class__.__name__}: {excerpt(first, 160)})",
-                          file=bundle, fix="re-export the bundle with autoglm-export") from None  # fmt: skip
+        raise BundleError(
+            f"the runtime cannot load this bundle ({e.__class__.__name__}: {excerpt(first, 160)})",
+            file=bundle,
+            fix="re-export the bundle with autoglm-export",
+        ) from None

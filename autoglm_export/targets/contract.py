@@ -46,8 +46,9 @@ class Target(ABC):
     runtime_name: ClassVar[str]  # the runtime verification uses on this host
     calibration_set: Any = None  # what ``configure`` loaded from the recipe's calibration files
 
-    def __init__(self, capabilities: Capabilities, *, progress: Callable[[str], None] = silent,
-                 verifying: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, capabilities: Capabilities, *, progress: Callable[[str], None] = silent, verifying: bool = True
+    ) -> None:
         self.capabilities = capabilities
         self.progress = progress
         self.verifying = verifying
@@ -110,7 +111,9 @@ class Target(ABC):
         """Gated checks of the runtime's own contract (kind ``contract``)."""
         return []
 
-    def checkpoint_checks(self, ckpt, shapes, plans: dict, *, bundle: Path, manifest: dict, progress=silent) -> list[dict]:
+    def checkpoint_checks(
+        self, ckpt, shapes, plans: dict, *, bundle: Path, manifest: dict, progress=silent
+    ) -> list[dict]:
         """Gated checks of the bundle's weights against the checkpoint."""
         return []
 

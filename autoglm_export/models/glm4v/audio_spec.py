@@ -48,15 +48,27 @@ def parse_audio_config(config: dict, file: Path, text) -> AudioSpec | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise CheckpointError("invalid config section", file=file, field="audio_config", expected="an object",
-                              got=type(raw).__name__, fix="use the GlmAsrEncoderConfig fields")  # fmt: skip
+        raise CheckpointError(
+            "invalid config section",
+            file=file,
+            field="audio_config",
+            expected="an object",
+            got=type(raw).__name__,
+            fix="use the GlmAsrEncoderConfig fields",
+        )
     a = ConfigFields(raw, file, "audio_config.")
     top = ConfigFields(config, file, "")
     for key, want in (("hidden_act", "gelu"), ("projector_hidden_act", "gelu")):
         src = raw if key == "hidden_act" else config
         if src.get(key, want) != want:
-            raise CheckpointError("unsupported audio activation", file=file, field=key, expected=repr(want),
-                                  got=repr(src.get(key)), fix="only GELU audio towers are supported")  # fmt: skip
+            raise CheckpointError(
+                "unsupported audio activation",
+                file=file,
+                field=key,
+                expected=repr(want),
+                got=repr(src.get(key)),
+                fix="only GELU audio towers are supported",
+            )
     rope = raw.get("rope_parameters") or {}
     heads = a.int("num_attention_heads")
     spec = AudioSpec(
@@ -74,10 +86,15 @@ def parse_audio_config(config: dict, file: Path, text) -> AudioSpec | None:
         audio_end_token_id=top.int("audio_end_token_id", minimum=0),
     )
     if spec.intermediate_size != MERGE * spec.hidden_size:
-        raise a._err("intermediate_size", f"{MERGE} x hidden_size = {MERGE * spec.hidden_size} (4-frame merge)",
-                     spec.intermediate_size)  # fmt: skip
+        raise a._err(
+            "intermediate_size",
+            f"{MERGE} x hidden_size = {MERGE * spec.hidden_size} (4-frame merge)",
+            spec.intermediate_size,
+        )
     if spec.hidden_size % heads or heads % spec.num_kv_heads or spec.rotary_dim % 2:
-        raise a._err("num_attention_heads", "hidden_size divisible by heads, heads by KV heads, even rotary width", heads)
+        raise a._err(
+            "num_attention_heads", "hidden_size divisible by heads, heads by KV heads, even rotary width", heads
+        )
     for name in ("audio_token_id", "audio_start_token_id", "audio_end_token_id"):
         if getattr(spec, name) >= text.vocab_size:
             raise top._err(name, f"an id below vocab_size {text.vocab_size}", getattr(spec, name))

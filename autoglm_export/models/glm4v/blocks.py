@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 FP16_TINY = 2.0**-14  # the smallest normal fp16 number
 
 
@@ -89,7 +88,9 @@ def rotation_matrix(dim: int, rotary: int, interleaved: bool) -> torch.Tensor:
     return r
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v, spelled out: SDPA's decomposition adds NaN guards
     (any / where / logical_not) that no delegate takes."""
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
@@ -98,7 +99,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """``attention`` for grouped-query heads (q [b, H, T, d], k/v [b, kv, C, d], H = kv * g) without
     expanding the keys and values to H heads: the g query heads of each KV head are stacked along
     the query axis, so each matmul reads the cache once. Expanded, the 9B's cache (2 -> 32 heads,

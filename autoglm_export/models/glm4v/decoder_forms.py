@@ -101,7 +101,9 @@ class TextDecoderStatic(nn.Module):
             w_past = torch.exp(s_past - top) * mask[..., :C]
             w_new = torch.exp(s_new - top) * mask[..., C:]
             total = w_past.sum(dim=-1, keepdim=True) + w_new.sum(dim=-1, keepdim=True)
-            att = ((torch.matmul(w_past, caches[2 * i + 1]) + torch.matmul(w_new, v)) / total).reshape(b, a.num_heads, T, -1)
+            att = ((torch.matmul(w_past, caches[2 * i + 1]) + torch.matmul(w_new, v)) / total).reshape(
+                b, a.num_heads, T, -1
+            )
             x = layer.after_attention(x, a.o_proj(att.transpose(1, 2).reshape(b, T, -1)))
             new += [k, v]
         if not d.has_head:  # a part before the last

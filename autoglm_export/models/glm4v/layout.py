@@ -28,9 +28,7 @@ VISION_PREFIX = "model.visual."
 TEXT_PREFIX = "model.language_model."
 
 # Older GLM-4.1V exports (transformers < 4.53) stored the text model one level up.
-LEGACY_KEY_ALIASES = (
-    (re.compile(r"^model\.(layers\.|embed_tokens\.|norm\.)"), r"model.language_model.\1"),
-)
+LEGACY_KEY_ALIASES = ((re.compile(r"^model\.(layers\.|embed_tokens\.|norm\.)"), r"model.language_model.\1"),)
 
 
 def canonical_key(key: str) -> str:

@@ -153,7 +153,9 @@ def parse_config(config: dict, file: Path, generation_config: dict | None = None
     heads = t.int("num_attention_heads")
     kv_heads = t.int("num_key_value_heads", heads)
     if hidden % heads or heads % kv_heads:
-        raise t._err("num_attention_heads", "hidden_size divisible by heads, heads by KV heads", (hidden, heads, kv_heads))
+        raise t._err(
+            "num_attention_heads", "hidden_size divisible by heads, heads by KV heads", (hidden, heads, kv_heads)
+        )
     if t.str("hidden_act", "silu") != "silu":
         raise t._err("hidden_act", "'silu'", text_raw.get("hidden_act"))
     if "partial_rotary_factor" not in rope or "mrope_section" not in rope:

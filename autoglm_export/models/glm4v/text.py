@@ -76,9 +76,14 @@ class TextAttention(nn.Module):
             self.v_cache.index_copy_(2, cache_position, v.to(self.v_cache.dtype))
             keys, values = self.k_cache.to(q.dtype), self.v_cache.to(q.dtype)
         else:
-            kv = (kv[0].index_copy(2, cache_position, k.to(kv[0].dtype)), kv[1].index_copy(2, cache_position, v.to(kv[1].dtype)))
+            kv = (
+                kv[0].index_copy(2, cache_position, k.to(kv[0].dtype)),
+                kv[1].index_copy(2, cache_position, v.to(kv[1].dtype)),
+            )
             keys, values = kv[0].to(q.dtype), kv[1].to(q.dtype)
-        out = self.o_proj(grouped_attention(q, keys, values, mask, self.head_dim**-0.5).transpose(1, 2).reshape(b, T, -1))
+        out = self.o_proj(
+            grouped_attention(q, keys, values, mask, self.head_dim**-0.5).transpose(1, 2).reshape(b, T, -1)
+        )
         return out if kv is None else (out, kv)
 
 
@@ -202,7 +207,9 @@ class TextDecoder(nn.Module):
         sin = torch.stack([freqs.sin(), freqs.sin()], dim=-1).flatten(-2)
         return cos.to(dtype), sin.to(dtype)
 
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor
+    ) -> torch.Tensor:
         return self.run(inputs_embeds, position_ids, cache_position)
 
     def run(self, inputs_embeds, position_ids, cache_position, caches: list[torch.Tensor] | None = None):

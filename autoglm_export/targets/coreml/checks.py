@@ -17,13 +17,51 @@ import numpy as np
 # Ops of our packages that the A17 Pro Neural Engine executes in fp16 (Apple's ANE guidance and
 # ExecuTorch's examples/apple/coreml/llama); state reads/writes and constants are not compute.
 # MLComputePlan on macOS is what proves placement; this list keeps unknown ops out.
-ANE_OPS = frozenset({
-    "const", "constexpr_blockwise_shift_scale", "read_state", "write_state",
-    "cast", "linear", "matmul", "conv", "add", "sub", "mul", "real_div", "maximum", "minimum", "abs", "square", "sqrt",
-    "rsqrt", "exp", "silu", "sigmoid", "gelu", "tanh", "relu", "softmax", "layer_norm", "reduce_max", "reduce_mean",
-    "reduce_sum", "reshape", "transpose", "expand_dims", "squeeze", "tile", "concat", "split", "slice_by_index",
-    "slice_by_size", "slice_update", "gather", "shape",  # shape: of a static tensor, folded by the compiler
-})  # fmt: skip
+ANE_OPS = frozenset(
+    {
+        "const",
+        "constexpr_blockwise_shift_scale",
+        "read_state",
+        "write_state",
+        "cast",
+        "linear",
+        "matmul",
+        "conv",
+        "add",
+        "sub",
+        "mul",
+        "real_div",
+        "maximum",
+        "minimum",
+        "abs",
+        "square",
+        "sqrt",
+        "rsqrt",
+        "exp",
+        "silu",
+        "sigmoid",
+        "gelu",
+        "tanh",
+        "relu",
+        "softmax",
+        "layer_norm",
+        "reduce_max",
+        "reduce_mean",
+        "reduce_sum",
+        "reshape",
+        "transpose",
+        "expand_dims",
+        "squeeze",
+        "tile",
+        "concat",
+        "split",
+        "slice_by_index",
+        "slice_by_size",
+        "slice_update",
+        "gather",
+        "shape",  # shape: of a static tensor, folded by the compiler
+    }
+)
 QUANT_OPS = ("constexpr_blockwise_shift_scale",)
 # which op may take a quantized constant, and as which input
 QUANT_CONSUMERS = {("linear", "weight"), ("gather", "x")}
@@ -78,7 +116,10 @@ def structure_checks(programs: dict, manifest: dict) -> list[dict]:
             want = record["functions"].get(fname, {})
             got_inputs = {n: t.to_json() for n, t in f.inputs.items() if not t.state}
             got_states = {n: t.to_json() for n, t in f.inputs.items() if t.state}
-            for what, got, exp in (("inputs", got_inputs, want.get("inputs")), ("states", got_states, want.get("states"))):
+            for what, got, exp in (
+                ("inputs", got_inputs, want.get("inputs")),
+                ("states", got_states, want.get("states")),
+            ):
                 if got != exp:
                     problems.append(f"{fname} {what} {got} != manifest {exp}")
             for n, t in f.inputs.items():
@@ -107,20 +148,50 @@ def structure_checks(programs: dict, manifest: dict) -> list[dict]:
                     values.append(("val", [("value", op.attributes["val"])]))
                 for key, bindings in values:
                     for kind, v in bindings:
-                        if kind == "value" and isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all():
+                        if (
+                            kind == "value"
+                            and isinstance(v, np.ndarray)
+                            and v.dtype.kind == "f"
+                            and not np.isfinite(v).all()
+                        ):
                             nonfinite.append(f"{op.name}.{key}")
-        checks.append(_entry(f"coreml/{name}/structure", not problems,
-                             "functions, inputs, outputs, states, shapes, dtypes as the manifest; no symbolic dims"
-                             if not problems else "; ".join(problems)[:300]))  # fmt: skip
-        checks.append(_entry(f"coreml/{name}/ane_ops", not bad_ops, f"{sum(len(f.ops) for f in program.functions.values())} ops "
-                             "in the Neural Engine allow-list (integer index arithmetic aside)" if not bad_ops else f"ops outside the allow-list: {sorted(bad_ops)}"))  # fmt: skip
+        checks.append(
+            _entry(
+                f"coreml/{name}/structure",
+                not problems,
+                "functions, inputs, outputs, states, shapes, dtypes as the manifest; no symbolic dims"
+                if not problems
+                else "; ".join(problems)[:300],
+            )
+        )
+        checks.append(
+            _entry(
+                f"coreml/{name}/ane_ops",
+                not bad_ops,
+                f"{sum(len(f.ops) for f in program.functions.values())} ops "
+                "in the Neural Engine allow-list (integer index arithmetic aside)"
+                if not bad_ops
+                else f"ops outside the allow-list: {sorted(bad_ops)}",
+            )
+        )
         ok_quant = not bad_quant and all(q == expected_quant for q in quant_sets)
-        checks.append(_entry(f"coreml/{name}/quantized_constants", ok_quant,
-                             f"{len(expected_quant)} quantized constant(s) per function, each feeding only linear weights "
-                             "or the embedding gather" if ok_quant else
-                             f"per function {[len(q) for q in quant_sets]}, manifest {len(expected_quant)}; misused: {bad_quant[:3]}"))  # fmt: skip
-        checks.append(_entry(f"coreml/{name}/finite_constants", not nonfinite,
-                             "no NaN or infinity in any constant" if not nonfinite else f"non-finite: {nonfinite[:3]}"))  # fmt: skip
+        checks.append(
+            _entry(
+                f"coreml/{name}/quantized_constants",
+                ok_quant,
+                f"{len(expected_quant)} quantized constant(s) per function, each feeding only linear weights "
+                "or the embedding gather"
+                if ok_quant
+                else f"per function {[len(q) for q in quant_sets]}, manifest {len(expected_quant)}; misused: {bad_quant[:3]}",
+            )
+        )
+        checks.append(
+            _entry(
+                f"coreml/{name}/finite_constants",
+                not nonfinite,
+                "no NaN or infinity in any constant" if not nonfinite else f"non-finite: {nonfinite[:3]}",
+            )
+        )
     return checks
 
 
@@ -157,19 +228,32 @@ def weight_checks(ckpt, shapes, plans: dict, bundle: Path, manifest: dict) -> li
         for op_name, info in wanted.items():
             weight = info["weight"].split(".", 1)[1]
             wp = plans[name].weights[weight]
-            codes, scale = coreml_quant.quantize(params[weight].detach().to(torch.float16).numpy(), wp.scheme, wp.group_size)
+            codes, scale = coreml_quant.quantize(
+                params[weight].detach().to(torch.float16).numpy(), wp.scheme, wp.group_size
+            )
             if op_name not in packed:
                 bad.append(f"{op_name}: not in the package")
                 continue
             data, s, offset = packed[op_name]
-            same = (offset is None and data.shape == codes.shape and s.shape == scale.shape and s.dtype == np.float16
-                    and np.array_equal(data.astype(np.int8), codes) and np.array_equal(s.view(np.uint16), scale.view(np.uint16)))  # fmt: skip
+            same = (
+                offset is None
+                and data.shape == codes.shape
+                and s.shape == scale.shape
+                and s.dtype == np.float16
+                and np.array_equal(data.astype(np.int8), codes)
+                and np.array_equal(s.view(np.uint16), scale.view(np.uint16))
+            )
             total += 1
             exact += int(same)
             if not same:
                 bad.append(op_name)
         del module, params
-        checks.append(_entry(f"coreml/{name}/int_weights_bit_exact", total == len(wanted) and exact == total,
-                             f"{exact}/{len(wanted)} weights: codes and fp16 scales identical to the project's quantizer"
-                             + (f"; differ: {bad[:3]}" if bad else "")))  # fmt: skip
+        checks.append(
+            _entry(
+                f"coreml/{name}/int_weights_bit_exact",
+                total == len(wanted) and exact == total,
+                f"{exact}/{len(wanted)} weights: codes and fp16 scales identical to the project's quantizer"
+                + (f"; differ: {bad[:3]}" if bad else ""),
+            )
+        )
     return checks

@@ -27,13 +27,34 @@ import numpy as np
 BLOB_SENTINEL = 0xDEADBEEF
 # MILBlob storage types (weight.bin metadata), the ones our packages hold
 BLOB_DTYPES = {1: "fp16", 2: "fp32", 3: "uint8", 4: "int8", 8: "int4", 11: "uint4", 14: "int32"}
-NP_TYPES = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int8": np.int8, "uint8": np.uint8,
-            "int16": np.int16, "int32": np.int32, "int64": np.int64, "int4": np.int8, "uint4": np.uint8,
-            "bool": np.bool_}  # fmt: skip
+NP_TYPES = {
+    "fp16": np.float16,
+    "fp32": np.float32,
+    "fp64": np.float64,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "int16": np.int16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "int4": np.int8,
+    "uint4": np.uint8,
+    "bool": np.bool_,
+}
 # MIL proto DataType names -> ours
-PROTO_TYPES = {"FLOAT16": "fp16", "FLOAT32": "fp32", "FLOAT64": "fp64", "INT8": "int8", "UINT8": "uint8",
-               "INT16": "int16", "INT32": "int32", "INT64": "int64", "INT4": "int4", "UINT4": "uint4",
-               "BOOL": "bool", "STRING": "string"}  # fmt: skip
+PROTO_TYPES = {
+    "FLOAT16": "fp16",
+    "FLOAT32": "fp32",
+    "FLOAT64": "fp64",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "INT4": "int4",
+    "UINT4": "uint4",
+    "BOOL": "bool",
+    "STRING": "string",
+}
 
 
 class PackageError(RuntimeError):
@@ -189,8 +210,10 @@ class MilProgram:
     def _op(self, o) -> Op:
         inputs = {}
         for key, arg in o.inputs.items():
-            inputs[key] = [("var", b.name) if b.WhichOneof("binding") == "name" else ("value", self._value(b.value))
-                           for b in arg.arguments]  # fmt: skip
+            inputs[key] = [
+                ("var", b.name) if b.WhichOneof("binding") == "name" else ("value", self._value(b.value))
+                for b in arg.arguments
+            ]
         attrs = {k: self._value(v) for k, v in o.attributes.items() if k != "name"}
         name = str(self._value(o.attributes["name"])) if "name" in o.attributes else o.outputs[0].name
         return Op(o.type, name, inputs, [(x.name, _tensor_type(x.type)) for x in o.outputs], attrs)
@@ -262,14 +285,25 @@ def _conv(x, w, bias, strides, pad, dilations, groups):
     s = [int(v) for v in strides]
     span = [d[i] * (k[i] - 1) + 1 for i in range(nd)]
     win = sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))  # [N, C, *out_full, *span]
-    sl = (slice(None), slice(None), *[slice(None, None, s[i]) for i in range(nd)], *[slice(None, None, d[i]) for i in range(nd)])
+    sl = (
+        slice(None),
+        slice(None),
+        *[slice(None, None, s[i]) for i in range(nd)],
+        *[slice(None, None, d[i]) for i in range(nd)],
+    )
     win = win[sl]  # [N, C, *out, *K]
     g = int(groups)
     cin, cout = w.shape[1], w.shape[0] // g
-    spatial = "".join("hw"[: nd])
-    kern = "".join("ij"[: nd])
-    outs = [np.einsum(f"nc{spatial}{kern},oc{kern}->no{spatial}", win[:, gi * cin : (gi + 1) * cin], w[gi * cout : (gi + 1) * cout])
-            for gi in range(g)]  # fmt: skip
+    spatial = "".join("hw"[:nd])
+    kern = "".join("ij"[:nd])
+    outs = [
+        np.einsum(
+            f"nc{spatial}{kern},oc{kern}->no{spatial}",
+            win[:, gi * cin : (gi + 1) * cin],
+            w[gi * cout : (gi + 1) * cout],
+        )
+        for gi in range(g)
+    ]
     y = np.concatenate(outs, axis=1)
     return y if bias is None else y + bias.reshape(1, -1, *[1] * nd)
 
@@ -298,42 +332,69 @@ def _layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-5):
 
 
 OPS = {
-    "abs": lambda x: np.abs(x), "square": lambda x: x * x, "sqrt": lambda x: np.sqrt(x),
+    "abs": lambda x: np.abs(x),
+    "square": lambda x: x * x,
+    "sqrt": lambda x: np.sqrt(x),
     "rsqrt": lambda x, epsilon=1e-12: 1.0 / np.sqrt(x + float(epsilon)),
-    "exp": lambda x: np.exp(x), "tanh": lambda x: np.tanh(x), "sin": lambda x: np.sin(x), "cos": lambda x: np.cos(x),
-    "sigmoid": lambda x: 1 / (1 + np.exp(-x)), "silu": lambda x: x / (1 + np.exp(-x)), "relu": lambda x: np.maximum(x, 0),
+    "exp": lambda x: np.exp(x),
+    "tanh": lambda x: np.tanh(x),
+    "sin": lambda x: np.sin(x),
+    "cos": lambda x: np.cos(x),
+    "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
+    "silu": lambda x: x / (1 + np.exp(-x)),
+    "relu": lambda x: np.maximum(x, 0),
     "erf": lambda x: np.vectorize(__import__("math").erf, otypes=[np.float32])(x),
     "inverse": lambda x, epsilon=1e-4: 1.0 / (x + float(epsilon)),
     "gelu": lambda x, mode="EXACT": _gelu(x, mode),
-    "add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y, "real_div": lambda x, y: x / y,
-    "maximum": lambda x, y: np.maximum(x, y), "minimum": lambda x, y: np.minimum(x, y), "pow": lambda x, y: np.power(x, y),
-    "floor_div": lambda x, y: np.floor_divide(x, y), "equal": lambda x, y: x == y, "not_equal": lambda x, y: x != y,
-    "less": lambda x, y: x < y, "less_equal": lambda x, y: x <= y, "greater": lambda x, y: x > y,
-    "greater_equal": lambda x, y: x >= y, "logical_and": lambda x, y: np.logical_and(x, y),
-    "logical_not": lambda x: np.logical_not(x), "select": lambda cond, a, b: np.where(cond, a, b),
+    "add": lambda x, y: x + y,
+    "sub": lambda x, y: x - y,
+    "mul": lambda x, y: x * y,
+    "real_div": lambda x, y: x / y,
+    "maximum": lambda x, y: np.maximum(x, y),
+    "minimum": lambda x, y: np.minimum(x, y),
+    "pow": lambda x, y: np.power(x, y),
+    "floor_div": lambda x, y: np.floor_divide(x, y),
+    "equal": lambda x, y: x == y,
+    "not_equal": lambda x, y: x != y,
+    "less": lambda x, y: x < y,
+    "less_equal": lambda x, y: x <= y,
+    "greater": lambda x, y: x > y,
+    "greater_equal": lambda x, y: x >= y,
+    "logical_and": lambda x, y: np.logical_and(x, y),
+    "logical_not": lambda x: np.logical_not(x),
+    "select": lambda cond, a, b: np.where(cond, a, b),
     "reduce_max": lambda x, axes=None, keep_dims=False: x.max(axis=_axes(axes, x.ndim), keepdims=bool(keep_dims)),
     "reduce_min": lambda x, axes=None, keep_dims=False: x.min(axis=_axes(axes, x.ndim), keepdims=bool(keep_dims)),
     "reduce_mean": lambda x, axes=None, keep_dims=False: x.mean(axis=_axes(axes, x.ndim), keepdims=bool(keep_dims)),
     "reduce_sum": lambda x, axes=None, keep_dims=False: x.sum(axis=_axes(axes, x.ndim), keepdims=bool(keep_dims)),
     "linear": lambda x, weight, bias=None: x @ weight.T + (0 if bias is None else bias),
     "matmul": lambda x, y, transpose_x=False, transpose_y=False: np.matmul(
-        np.swapaxes(x, -1, -2) if transpose_x else x, np.swapaxes(y, -1, -2) if transpose_y else y),
+        np.swapaxes(x, -1, -2) if transpose_x else x, np.swapaxes(y, -1, -2) if transpose_y else y
+    ),
     "reshape": lambda x, shape: x.reshape([int(s) for s in shape]),
     "shape": lambda x: np.array(x.shape, np.int32),
     "transpose": lambda x, perm: np.transpose(x, [int(p) for p in perm]),
-    "expand_dims": lambda x, axes: np.expand_dims(x, tuple(int(a) % (x.ndim + len(np.atleast_1d(axes))) for a in np.atleast_1d(axes))),
+    "expand_dims": lambda x, axes: np.expand_dims(
+        x, tuple(int(a) % (x.ndim + len(np.atleast_1d(axes))) for a in np.atleast_1d(axes))
+    ),
     "squeeze": lambda x, axes=None: np.squeeze(x, None if axes is None else _axes(axes, x.ndim)),
     "tile": lambda x, reps: np.tile(x, [int(r) for r in reps]),
     "softmax": lambda x, axis=-1: _softmax(x, int(axis)),
     "layer_norm": _layer_norm,
-    "gather": lambda x, indices, axis=0, batch_dims=0, validate_indices=False: np.take(x, indices.astype(np.int64), axis=int(axis)),
+    "gather": lambda x, indices, axis=0, batch_dims=0, validate_indices=False: np.take(
+        x, indices.astype(np.int64), axis=int(axis)
+    ),
     "conv": lambda x, weight, bias=None, strides=(1,), pad_type="valid", pad=(0, 0), dilations=(1,), groups=1: _conv(
-        x, weight, bias, strides, pad, dilations, groups),
+        x, weight, bias, strides, pad, dilations, groups
+    ),
     "slice_by_index": lambda x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None: x[
-        _slice_by_index(x, begin, end, stride, begin_mask, end_mask, squeeze_mask)],
-    "slice_by_size": lambda x, begin, size: x[tuple(slice(int(b), None if int(s) == -1 else int(b) + int(s)) for b, s in zip(begin, size))],
+        _slice_by_index(x, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    ],
+    "slice_by_size": lambda x, begin, size: x[
+        tuple(slice(int(b), None if int(s) == -1 else int(b) + int(s)) for b, s in zip(begin, size))
+    ],
     "constexpr_blockwise_shift_scale": _blockwise,
-}  # fmt: skip
+}
 CONSTEXPR = ("constexpr_blockwise_shift_scale",)
 
 
@@ -396,7 +457,9 @@ class MilInterpreter:
                 raise PackageError(f"{self.program.package.name}:{function}: input {name!r} not given")
             x = np.asarray(feeds[name])
             if tuple(x.shape) != tuple(t.shape):
-                raise PackageError(f"{self.program.package.name}:{function}: input {name} shape {x.shape}, expected {t.shape}")
+                raise PackageError(
+                    f"{self.program.package.name}:{function}: input {name} shape {x.shape}, expected {t.shape}"
+                )
             env[name] = x.astype(NP_TYPES[t.dtype])
         for op in f.ops:
             if op.type == "const" or op.type in CONSTEXPR:
@@ -419,21 +482,39 @@ class MilInterpreter:
                 res = _split(_f(args.pop("x")), **args)
             elif op.type == "slice_update":
                 x = np.array(args["x"], copy=True)
-                idx = _slice_by_index(x, args["begin"], args["end"], args.get("stride"), args.get("begin_mask"),
-                                      args.get("end_mask"), args.get("squeeze_mask"))  # fmt: skip
+                idx = _slice_by_index(
+                    x,
+                    args["begin"],
+                    args["end"],
+                    args.get("stride"),
+                    args.get("begin_mask"),
+                    args.get("end_mask"),
+                    args.get("squeeze_mask"),
+                )
                 x[idx] = args["update"]
                 res = [x]
             elif op.type in OPS:
-                res = [OPS[op.type](**{k: (_f(v) if isinstance(v, np.ndarray) and v.dtype != object else v) for k, v in args.items()})]
+                res = [
+                    OPS[op.type](
+                        **{
+                            k: (_f(v) if isinstance(v, np.ndarray) and v.dtype != object else v)
+                            for k, v in args.items()
+                        }
+                    )
+                ]
             else:
-                raise PackageError(f"{self.program.package.name}:{function}: op {op.type!r} ({op.name}) is not in the "
-                                   "interpreter's subset; add its semantics to lower/coreml_mil.py")  # fmt: skip
+                raise PackageError(
+                    f"{self.program.package.name}:{function}: op {op.type!r} ({op.name}) is not in the "
+                    "interpreter's subset; add its semantics to lower/coreml_mil.py"
+                )
             for (oname, t), val in zip(outs, res):
                 val = np.asarray(val)
                 if t.dtype in NP_TYPES:
                     val = val.astype(NP_TYPES[t.dtype])
                 if t.shape and None not in t.shape and tuple(val.shape) != tuple(t.shape):
-                    raise PackageError(f"{self.program.package.name}:{function}: {op.type} {op.name} gave shape "
-                                       f"{val.shape}, the program declares {t.shape}")  # fmt: skip
+                    raise PackageError(
+                        f"{self.program.package.name}:{function}: {op.type} {op.name} gave shape "
+                        f"{val.shape}, the program declares {t.shape}"
+                    )
                 env[oname] = val
         return {name: env[name] for name in f.outputs}

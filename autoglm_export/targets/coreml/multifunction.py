@@ -99,9 +99,14 @@ def merge_functions(parts: dict[str, Path], dest: Path, default_function: str) -
         out.specificationVersion = max(out.specificationVersion, spec.specificationVersion)
         out.mlProgram.functions[fn].CopyFrom(main)
         d = spec.description
-        out.description.functions.add(name=fn, input=d.input, output=d.output, state=d.state,
-                                       predictedFeatureName=d.predictedFeatureName,
-                                       predictedProbabilitiesName=d.predictedProbabilitiesName)  # fmt: skip
+        out.description.functions.add(
+            name=fn,
+            input=d.input,
+            output=d.output,
+            state=d.state,
+            predictedFeatureName=d.predictedFeatureName,
+            predictedProbabilitiesName=d.predictedProbabilitiesName,
+        )
     out.description.defaultFunctionName = default_function
     first = Path(next(iter(parts.values())))
     shutil.copytree(first, dest, ignore=shutil.ignore_patterns("weight.bin", "*.mlmodel"))

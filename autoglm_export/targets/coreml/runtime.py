@@ -50,7 +50,9 @@ class _PackageRuntime:
         return torch.from_numpy(self._out(method, "main", {"pixel_values": pixel_values.numpy().astype(np.float32)}))
 
     def audio_encoder(self, input_features):
-        return torch.from_numpy(self._out("audio_encoder", "main", {"input_features": input_features.numpy().astype(np.float32)}))
+        return torch.from_numpy(
+            self._out("audio_encoder", "main", {"input_features": input_features.numpy().astype(np.float32)})
+        )
 
     def text_decoder(self, embeds, position_ids, cache_position):
         x, pos, slots = embeds.numpy().astype(np.float32), position_ids.numpy(), cache_position.numpy()
@@ -66,8 +68,12 @@ class _PackageRuntime:
         from ...host.static_decoder import additive_mask, rotary_cos_sin
 
         cos, sin = rotary_cos_sin(self.rope, pos)
-        feeds = {"cos": cos, "sin": sin, "mask": additive_mask(start, x.shape[1], self.max_context),
-                 "cache_start": np.array([start], np.int32)}  # fmt: skip
+        feeds = {
+            "cos": cos,
+            "sin": sin,
+            "mask": additive_mask(start, x.shape[1], self.max_context),
+            "cache_start": np.array([start], np.int32),
+        }
         for label in self.decoder_labels:
             x = self._out(label, fn, {"inputs_embeds": x, **feeds})
         return x
@@ -112,7 +118,9 @@ class CoreMLPredictRuntime(_PackageRuntime):  # pragma: no cover - needs macOS
         for label, _, entry in self.records:
             for fn in entry["package"]["functions"]:
                 kw = {} if fn == "main" else {"function_name": fn}
-                self.models[(label, fn)] = ct.models.MLModel(str(bundle / entry["file"]), compute_units=ct.ComputeUnit.CPU_AND_NE, **kw)
+                self.models[(label, fn)] = ct.models.MLModel(
+                    str(bundle / entry["file"]), compute_units=ct.ComputeUnit.CPU_AND_NE, **kw
+                )
         self.reset()
 
     def reset(self) -> None:

@@ -79,29 +79,45 @@ class _IntEmbedding(torch.nn.Module):
 
 
 class CoreMLTarget(Target):
-    runtime_name = ("Core ML predict (macOS)" if platform.system() == "Darwin"
-                    else "MIL reference interpreter (numpy; program semantics, not Core ML kernels)")  # fmt: skip
+    runtime_name = (
+        "Core ML predict (macOS)"
+        if platform.system() == "Darwin"
+        else "MIL reference interpreter (numpy; program semantics, not Core ML kernels)"
+    )
+
     def check_plans(self, plans: dict, recipe_file: str, parts: list | None = None) -> None:
         from ..shared.memory_fit import refuse_if_over_memory
 
-        refuse_if_over_memory("coreml", plans, held=HELD_BYTES_PER_PARAM, per_component=CONVERT_BYTES_PER_PARAM,
-                              how="converts each component (or decoder part) whole", parts=parts,
-                              fix="or lower the decoder in parts: recipe lowering.decoder_layers_per_program")  # fmt: skip
+        refuse_if_over_memory(
+            "coreml",
+            plans,
+            held=HELD_BYTES_PER_PARAM,
+            per_component=CONVERT_BYTES_PER_PARAM,
+            how="converts each component (or decoder part) whole",
+            parts=parts,
+            fix="or lower the decoder in parts: recipe lowering.decoder_layers_per_program",
+        )
         for plan in plans.values():
             fp32 = [w.weight for w in plan.weights.values() if w.scheme == "fp32"]
             if fp32:
                 raise ExportError(
-                    "the coreml target computes in fp16 (the Neural Engine has no fp32)", file=recipe_file,
-                    field=f"quantization (component {plan.component})", expected="fp16 for every float weight",
-                    got=f"fp32 for {fp32[0]}", fix="add a final rule `- match: '.*'  scheme: fp16`",
-                )  # fmt: skip
+                    "the coreml target computes in fp16 (the Neural Engine has no fp32)",
+                    file=recipe_file,
+                    field=f"quantization (component {plan.component})",
+                    expected="fp16 for every float weight",
+                    got=f"fp32 for {fp32[0]}",
+                    fix="add a final rule `- match: '.*'  scheme: fp16`",
+                )
             for w in plan.weights.values():
                 if w.scheme in ("int4", "int8") and len(w.shape) != 2:
                     raise ExportError(
-                        "coreml quantizes 2-D linear and embedding weights only", file=recipe_file,
-                        field=f"quantization[{w.rule}]", expected="a linear or embedding weight", got=w.weight,
+                        "coreml quantizes 2-D linear and embedding weights only",
+                        file=recipe_file,
+                        field=f"quantization[{w.rule}]",
+                        expected="a linear or embedding weight",
+                        got=w.weight,
                         fix="exclude this weight with an earlier fp16 rule",
-                    )  # fmt: skip
+                    )
 
     # -- export: static torch.export graphs per Core ML function ---------------------------------
 
@@ -129,24 +145,40 @@ class CoreMLTarget(Target):
         with torch.no_grad():
             if is_vision_method(name) or name == "audio_encoder":
                 (x,) = module.example_inputs()
-                key, out = (("pixel_values", "image_embeddings") if is_vision_method(name)
-                            else ("input_features", "audio_embeddings"))  # fmt: skip
+                key, out = (
+                    ("pixel_values", "image_embeddings")
+                    if is_vision_method(name)
+                    else ("input_features", "audio_embeddings")
+                )
                 graphs["main"] = (torch.export.export(module, (x,)), [(key, tuple(x.shape), np.float32)], [out])
                 wrapped, prefix = module, ""
             elif name == "token_embedding":
                 wrapped, prefix = _IntEmbedding(module), "inner."
                 for fn, T in zip(function_names(name), (prefill_chunk, 1)):
                     ids = torch.zeros(1, T, dtype=torch.int32)
-                    graphs[fn] = (torch.export.export(wrapped, (ids,)), [("input_ids", (1, T), np.int32)], ["embeddings"])
+                    graphs[fn] = (
+                        torch.export.export(wrapped, (ids,)),
+                        [("input_ids", (1, T), np.int32)],
+                        ["embeddings"],
+                    )
             elif name == "text_decoder":
                 wrapped, prefix = TextDecoderStateful(module).eval(), "decoder."
                 t, C = module.t, module.max_context
                 for fn, T in zip(function_names(name), (prefill_chunk, 1)):
-                    args = (torch.zeros(1, T, t.hidden_size), torch.ones(1, 1, T, t.head_dim), torch.zeros(1, 1, T, t.head_dim),
-                            torch.zeros(1, 1, T, C), torch.zeros(1, dtype=torch.int32))  # fmt: skip
-                    spec = [("inputs_embeds", (1, T, t.hidden_size), np.float32), ("cos", (1, 1, T, t.head_dim), np.float32),
-                            ("sin", (1, 1, T, t.head_dim), np.float32), ("mask", (1, 1, T, C), np.float32),
-                            ("cache_start", (1,), np.int32)]  # fmt: skip
+                    args = (
+                        torch.zeros(1, T, t.hidden_size),
+                        torch.ones(1, 1, T, t.head_dim),
+                        torch.zeros(1, 1, T, t.head_dim),
+                        torch.zeros(1, 1, T, C),
+                        torch.zeros(1, dtype=torch.int32),
+                    )
+                    spec = [
+                        ("inputs_embeds", (1, T, t.hidden_size), np.float32),
+                        ("cos", (1, 1, T, t.head_dim), np.float32),
+                        ("sin", (1, 1, T, t.head_dim), np.float32),
+                        ("mask", (1, 1, T, C), np.float32),
+                        ("cache_start", (1,), np.int32),
+                    ]
                     out = "logits" if module.has_head else "hidden_states"  # a part before the last
                     graphs[fn] = (torch.export.export(wrapped, args), spec, [out])
             else:
@@ -163,14 +195,23 @@ class CoreMLTarget(Target):
         for name, prog in programs.items():
             written, methods[name] = self._package(prog, plans[name], out_dir, package_name(name), progress, name)
             files += written
-        return {"files": files, "methods": methods, "manifest": {"coreml": {
-            "deployment_target": DEPLOYMENT, "compute_precision": "float16",
-            "token_embedding": "its own multifunction package (prefill / decode)",
-            "verified_here": ("structure, op allow-list, quantized-constant consumers, finite constants, INT4/INT8 codes and "
-                              "scales bit-exact vs the project's quantizer, numerics by the numpy MIL interpreter "
-                              "(program semantics, not Core ML kernels)"),
-            "needs_macos": "Core ML predict with states, compilation to .mlmodelc, MLComputePlan (which ops run on the ANE), speed",
-        }}}  # fmt: skip
+        return {
+            "files": files,
+            "methods": methods,
+            "manifest": {
+                "coreml": {
+                    "deployment_target": DEPLOYMENT,
+                    "compute_precision": "float16",
+                    "token_embedding": "its own multifunction package (prefill / decode)",
+                    "verified_here": (
+                        "structure, op allow-list, quantized-constant consumers, finite constants, INT4/INT8 codes and "
+                        "scales bit-exact vs the project's quantizer, numerics by the numpy MIL interpreter "
+                        "(program semantics, not Core ML kernels)"
+                    ),
+                    "needs_macos": "Core ML predict with states, compilation to .mlmodelc, MLComputePlan (which ops run on the ANE), speed",
+                }
+            },
+        }
 
     def lower_part(self, name: str, program, layers: tuple[int, int], out_dir: Path, progress, plan) -> dict:
         """One part of the decoder (``recipe.lowering``) as its own package (prefill / decode over
@@ -180,8 +221,16 @@ class CoreMLTarget(Target):
         mine = set(program["consts"].values())
         part_plan = ComponentPlan(plan.component, plan.dtype, {n: w for n, w in plan.weights.items() if n in mine})
         file = part_file(name, layers, "mlpackage")
-        files, entry = self._package(program, part_plan, out_dir, file, progress, f"{name} layers {layers[0]}..{layers[1] - 1}")
-        return {"files": files, "method": name, "layers": list(layers), **entry, "component": {"rope": entry.pop("rope")}}
+        files, entry = self._package(
+            program, part_plan, out_dir, file, progress, f"{name} layers {layers[0]}..{layers[1] - 1}"
+        )
+        return {
+            "files": files,
+            "method": name,
+            "layers": list(layers),
+            **entry,
+            "component": {"rope": entry.pop("rope")},
+        }
 
     def _package(self, prog: dict, plan, out_dir: Path, file: str, progress, label: str) -> tuple[list[str], dict]:
         """Convert, quantize and save one component's (or part's) functions as ``file``; returns
@@ -215,7 +264,11 @@ class CoreMLTarget(Target):
         progress(f"{label}: reading {file} back for the manifest")
         program = MilProgram(pkg, weights=False)  # ops and types only: the weights are gigabytes at 9B
         files = [str(p.relative_to(out_dir)) for p in sorted(pkg.rglob("*")) if p.is_file()]
-        entry = {"file": file, "package": describe(program, prog["consts"], plan), **({"rope": prog["rope"]} if "rope" in prog else {})}
+        entry = {
+            "file": file,
+            "package": describe(program, prog["consts"], plan),
+            **({"rope": prog["rope"]} if "rope" in prog else {}),
+        }
         return files, entry
 
     # -- verification hooks --------------------------------------------------------------------
@@ -300,15 +353,19 @@ def _quant_configs(ct, ml, consts: dict, plan) -> dict:
             continue
         per_channel = wp.scheme == "int8" or wp.group_size in (None, "channel")
         configs[op.name] = OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype=wp.scheme, weight_threshold=0,
+            mode="linear_symmetric",
+            dtype=wp.scheme,
+            weight_threshold=0,
             granularity="per_channel" if per_channel else "per_block",
             **({} if per_channel else {"block_size": int(wp.group_size)}),
-        )  # fmt: skip
+        )
     planned = {n for n, w in plan.weights.items() if w.scheme in coreml_quant.BITS}
     found = {_const_weight(n, consts) for n in configs}
     if planned - found:
-        raise RuntimeError(f"{plan.component}: planned quantized weights with no constant in the converted program: "
-                           f"{sorted(planned - found)[:5]}")  # fmt: skip
+        raise RuntimeError(
+            f"{plan.component}: planned quantized weights with no constant in the converted program: "
+            f"{sorted(planned - found)[:5]}"
+        )
     return configs
 
 
@@ -322,8 +379,10 @@ def _make_deterministic(pkg: Path) -> None:
     (pkg / "executorch_debug_handle_mapping.json").unlink(missing_ok=True)
     path = pkg / "Manifest.json"
     data = json.loads(path.read_text())
-    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "autoglm-export/" + e["path"])).upper()
-               for old, e in data["itemInfoEntries"].items()}  # fmt: skip
+    renamed = {
+        old: str(uuid.uuid5(uuid.NAMESPACE_URL, "autoglm-export/" + e["path"])).upper()
+        for old, e in data["itemInfoEntries"].items()
+    }
     data["itemInfoEntries"] = {renamed[k]: v for k, v in data["itemInfoEntries"].items()}
     data["rootModelIdentifier"] = renamed[data["rootModelIdentifier"]]
     path.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n")
@@ -345,10 +404,17 @@ def describe(program, consts: dict, plan) -> dict:
             if op.type == "constexpr_blockwise_shift_scale":
                 weight = _const_weight(op.name.removesuffix("_quantized"), consts)
                 wp = plan.weights[weight]
-                quantized[op.name] = {"weight": wp.weight, "scheme": wp.scheme,
-                                      "granularity": "per_channel" if wp.scheme == "int8" or wp.group_size in (None, "channel") else "per_block",
-                                      "block_size": None if wp.group_size in (None, "channel") or wp.scheme == "int8" else int(wp.group_size),
-                                      "bits_per_weight": round(coreml_quant.effective_bits(wp.scheme, wp.shape, wp.group_size), 4)}  # fmt: skip
+                quantized[op.name] = {
+                    "weight": wp.weight,
+                    "scheme": wp.scheme,
+                    "granularity": "per_channel"
+                    if wp.scheme == "int8" or wp.group_size in (None, "channel")
+                    else "per_block",
+                    "block_size": None
+                    if wp.group_size in (None, "channel") or wp.scheme == "int8"
+                    else int(wp.group_size),
+                    "bits_per_weight": round(coreml_quant.effective_bits(wp.scheme, wp.shape, wp.group_size), 4),
+                }
         inputs = {n: t.to_json() for n, t in f.inputs.items() if not t.state}
         states = {n: t.to_json() for n, t in f.inputs.items() if t.state}
         outputs = {}
@@ -357,6 +423,8 @@ def describe(program, consts: dict, plan) -> dict:
                 if oname in f.outputs:
                     outputs[oname] = t.to_json()
         functions[fname] = {"inputs": inputs, "outputs": outputs, "states": states, "ops": dict(sorted(ops.items()))}
-    return {"functions": functions, "quantized_weights": dict(sorted(quantized.items())),
-            "default_function": program.description()["default_function"]}  # fmt: skip
-
+    return {
+        "functions": functions,
+        "quantized_weights": dict(sorted(quantized.items())),
+        "default_function": program.description()["default_function"],
+    }

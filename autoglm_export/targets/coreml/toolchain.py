@@ -24,5 +24,7 @@ def import_coremltools():
     try:
         import coremltools as ct
     except ImportError as e:  # pragma: no cover - pinned in pyproject
-        raise BackendUnavailable(f"coremltools is not installed ({e}); run `make setup` (pins coremltools==9.0)") from None
+        raise BackendUnavailable(
+            f"coremltools is not installed ({e}); run `make setup` (pins coremltools==9.0)"
+        ) from None
     return ct

@@ -69,27 +69,37 @@ def dequantize_matmul_nbits(node, inits: dict) -> np.ndarray:
 
 class OnnxTarget(Target):
     runtime_name = "onnxruntime (CPUExecutionProvider)"
+
     def check_plans(self, plans: dict, recipe_file: str, parts: list | None = None) -> None:
         for plan in plans.values():
             if plan.dtype == "fp16" and plan.quantized:
                 raise ExportError(
-                    "the onnx target cannot mix int4 and fp16 in one component", file=recipe_file,
-                    field=f"quantization (component {plan.component})", expected="fp32 with int4 rules, or all fp16",
-                    got=plan.dtype, fix="use fp32 for this component's float weights",
-                )  # fmt: skip
+                    "the onnx target cannot mix int4 and fp16 in one component",
+                    file=recipe_file,
+                    field=f"quantization (component {plan.component})",
+                    expected="fp32 with int4 rules, or all fp16",
+                    got=plan.dtype,
+                    fix="use fp32 for this component's float weights",
+                )
             for w in plan.weights.values():
                 if w.scheme == "int8":
                     raise ExportError(
-                        "int8 rules are not supported by the onnx target", file=recipe_file,
-                        field=f"quantization[{w.rule}]", expected="int4 (MatMulNBits) or fp32", got=f"int8 for {w.weight}",
+                        "int8 rules are not supported by the onnx target",
+                        file=recipe_file,
+                        field=f"quantization[{w.rule}]",
+                        expected="int4 (MatMulNBits) or fp32",
+                        got=f"int8 for {w.weight}",
                         fix="use int4 with a group size, or fp32",
-                    )  # fmt: skip
+                    )
                 if w.scheme == "int4" and w.weight.startswith("token_embedding."):
                     raise ExportError(
-                        "int4 embeddings are not supported by the onnx target", file=recipe_file,
-                        field=f"quantization[{w.rule}]", expected="fp32 for token_embedding", got=w.weight,
+                        "int4 embeddings are not supported by the onnx target",
+                        file=recipe_file,
+                        field=f"quantization[{w.rule}]",
+                        expected="fp32 for token_embedding",
+                        got=w.weight,
                         fix="keep the token embedding fp32 for this target",
-                    )  # fmt: skip
+                    )
 
     def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
         from torch.export import Dim
@@ -120,8 +130,16 @@ class OnnxTarget(Target):
             logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*dynamic axes will not be renamed")
-                program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=outs,
-                                            dynamic_shapes=dyn, optimize=True, verbose=False)  # fmt: skip
+                program = torch.onnx.export(
+                    module,
+                    args,
+                    dynamo=True,
+                    input_names=names,
+                    output_names=outs,
+                    dynamic_shapes=dyn,
+                    optimize=True,
+                    verbose=False,
+                )
             # straight to a scratch file: building program.model_proto would copy every weight
             # into one protobuf message (and fail past 2 GiB)
             import onnx
@@ -134,8 +152,11 @@ class OnnxTarget(Target):
             # (transposed), for mapping MatMul initializers back to recipe rules in lower();
             # torchao-quantized weights (the --against gate exports those as they are) are skipped
             prefix = "decoder." if name == "text_decoder" else ""
-            digests = {weight_digest(p.detach().float().numpy().T): n.removeprefix(prefix) for n, p in module.named_parameters()
-                       if type(p) in (torch.Tensor, torch.nn.Parameter) and p.dim() == 2}  # fmt: skip
+            digests = {
+                weight_digest(p.detach().float().numpy().T): n.removeprefix(prefix)
+                for n, p in module.named_parameters()
+                if type(p) in (torch.Tensor, torch.nn.Parameter) and p.dim() == 2
+            }
         release_export_caches()
         return {"model": model, "scratch": scratch, "digests": digests}
 
@@ -186,13 +207,17 @@ class OnnxTarget(Target):
                 node_weights[node.output[0]] = param  # the quantizer renames nodes, not outputs
         planned = {n for n, w in plan.weights.items() if w.scheme == "int4"}
         if planned - set(node_weights.values()):
-            raise RuntimeError(f"{name}: int4 weights without a MatMul in the ONNX graph: {sorted(planned - set(node_weights.values()))}")
+            raise RuntimeError(
+                f"{name}: int4 weights without a MatMul in the ONNX graph: {sorted(planned - set(node_weights.values()))}"
+            )
         for group, nodes in sorted(groups.items()):
             progress(f"{name}: MatMulNBits int4 (block {group}) on {len(nodes)} MatMul node(s)")
             # the quantizer takes every MatMul with a constant weight unless told otherwise
             # (rotary matrices, other rules' weights): exclude all but this rule's nodes
             others = [n for n in constant_matmuls if n not in nodes]
-            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=group, is_symmetric=True, nodes_to_exclude=others)
+            quantizer = MatMulNBitsQuantizer(
+                model, bits=4, block_size=group, is_symmetric=True, nodes_to_exclude=others
+            )
             quantizer.process()
             model = quantizer.model.model
         n_quant = sum(1 for node in model.graph.node if node.op_type == "MatMulNBits")
@@ -203,8 +228,14 @@ class OnnxTarget(Target):
             del node.metadata_props[:]
             node.doc_string = ""
         big = sum(_nbytes(t) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-        onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=EXTERNAL_DATA_THRESHOLD)  # fmt: skip
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=big,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=EXTERNAL_DATA_THRESHOLD,
+        )
         files.append(path.name)
         if big and (path.parent / (path.name + ".data")).exists():
             (path.parent / (path.name + ".data")).chmod(0o644)  # onnx writes it 0600
@@ -212,8 +243,11 @@ class OnnxTarget(Target):
         ops: dict[str, int] = {}
         for node in model.graph.node:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
-        info = {"file": path.name, "onnx_ops": dict(sorted(ops.items())),
-                "quantized_outputs": dict(sorted(node_weights.items()))}  # fmt: skip
+        info = {
+            "file": path.name,
+            "onnx_ops": dict(sorted(ops.items())),
+            "quantized_outputs": dict(sorted(node_weights.items())),
+        }
         del model
         return files, info
 
@@ -234,7 +268,9 @@ class OnnxTarget(Target):
                         param.copy_(torch.from_numpy(dequantize_matmul_nbits(node, inits)).to(param.dtype))
                         found += 1
             if found != len(wanted):
-                raise RuntimeError(f"{prog['file']}: {len(wanted)} quantized weights in the manifest, {found} MatMulNBits in the model")
+                raise RuntimeError(
+                    f"{prog['file']}: {len(wanted)} quantized weights in the manifest, {found} MatMulNBits in the model"
+                )
             del model, inits
 
     def open_runtime(self, bundle: Path, manifest: dict):
@@ -259,17 +295,28 @@ class OnnxRuntime:
     """ONNX models of the components in ONNX Runtime (CPU); the host keeps the decoder's KV cache.
     A decoder in parts (``decoder_parts``) runs them in order, each with its own layers' caches."""
 
-    def __init__(self, files: dict[str, Path], cache_shape: list[int], max_context: int, prefill_chunk: int,
-                 decoder_parts: list[Path] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        files: dict[str, Path],
+        cache_shape: list[int],
+        max_context: int,
+        prefill_chunk: int,
+        decoder_parts: list[Path] | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if decoder_parts:
             files = {n: f for n, f in files.items() if n != "text_decoder"}
-        self.sessions = {name: ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"]) for name, f in files.items()}
-        self.decoder = ([ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"]) for f in decoder_parts]
-                        if decoder_parts else [self.sessions["text_decoder"]])  # fmt: skip
+        self.sessions = {
+            name: ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"]) for name, f in files.items()
+        }
+        self.decoder = (
+            [ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"]) for f in decoder_parts]
+            if decoder_parts
+            else [self.sessions["text_decoder"]]
+        )
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self.cache_names = [[i.name for i in s.get_inputs()][3:] for s in self.decoder]
@@ -279,9 +326,13 @@ class OnnxRuntime:
             # the manifest is not hashed: the models' own cache inputs bound the positions used
             from ...errors import BundleError
 
-            raise BundleError("manifest disagrees with the decoder's KV cache inputs", field="shapes.max_context",
-                              expected=f"cache shape {sorted(built)}", got=f"{cache_shape}, max_context {max_context}",
-                              fix="re-export the bundle with autoglm-export")  # fmt: skip
+            raise BundleError(
+                "manifest disagrees with the decoder's KV cache inputs",
+                field="shapes.max_context",
+                expected=f"cache shape {sorted(built)}",
+                got=f"{cache_shape}, max_context {max_context}",
+                fix="re-export the bundle with autoglm-export",
+            )
         self.reset()
 
     @classmethod
@@ -306,8 +357,12 @@ class OnnxRuntime:
     def text_decoder(self, embeds, position_ids, cache_position):
         x = embeds.numpy()
         for i, session in enumerate(self.decoder):
-            feeds = {"inputs_embeds": x, "position_ids": position_ids.numpy(), "cache_position": cache_position.numpy(),
-                     **dict(zip(self.cache_names[i], self.caches[i]))}  # fmt: skip
+            feeds = {
+                "inputs_embeds": x,
+                "position_ids": position_ids.numpy(),
+                "cache_position": cache_position.numpy(),
+                **dict(zip(self.cache_names[i], self.caches[i])),
+            }
             x, *self.caches[i] = session.run(None, feeds)
         return torch.from_numpy(x)
 

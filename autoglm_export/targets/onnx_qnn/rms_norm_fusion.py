@@ -50,9 +50,15 @@ def fuse_rms_norm(model) -> int:
         if eps is None or weight not in inits:
             continue
         drop |= {id(n) for n in (p, rm, add, sqrt, rec, mul)}
-        replace[id(mulw)] = helper.make_node("SimplifiedLayerNormalization", [x, weight], [mulw.output[0]],
-                                             name=(mulw.name or "rms") + "_fused", axis=-1,
-                                             epsilon=float(eps.ravel()[0]), stash_type=1)  # fmt: skip
+        replace[id(mulw)] = helper.make_node(
+            "SimplifiedLayerNormalization",
+            [x, weight],
+            [mulw.output[0]],
+            name=(mulw.name or "rms") + "_fused",
+            axis=-1,
+            epsilon=float(eps.ravel()[0]),
+            stash_type=1,
+        )
     nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(nodes)

@@ -64,8 +64,12 @@ def qnn_session_options(*, fp16: bool, context_file: Path | None = None, record:
         raise BackendUnavailable("onnxruntime-qnn registered no QNN device", fix="reinstall onnxruntime-qnn==2.7.0")
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    opts = {"backend_path": qnn.get_qnn_htp_path(), "soc_model": SOC_MODEL, "htp_arch": HTP_ARCH,
-            "enable_htp_fp16_precision": "1" if fp16 else "0"}  # fmt: skip
+    opts = {
+        "backend_path": qnn.get_qnn_htp_path(),
+        "soc_model": SOC_MODEL,
+        "htp_arch": HTP_ARCH,
+        "enable_htp_fp16_precision": "1" if fp16 else "0",
+    }
     so.add_provider_for_devices(devices, opts)
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     if record:
@@ -87,7 +91,9 @@ class OnnxQnnTarget(Target):
     def configure(self, recipe, recipe_file: str, *, tokenizer, pre, base=None) -> None:
         from ...calibration import load_calibration
 
-        self.calibration_set = load_calibration(recipe.calibration, Path(base or Path(recipe_file).parent), recipe_file, tokenizer, pre)
+        self.calibration_set = load_calibration(
+            recipe.calibration, Path(base or Path(recipe_file).parent), recipe_file, tokenizer, pre
+        )
         self._calibration = {"calibration": self.calibration_set}
 
     def check_plans(self, plans: dict, recipe_file: str, parts: list | None = None) -> None:
@@ -109,8 +115,9 @@ class OnnxQnnTarget(Target):
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=outs,
-                                      optimize=True, verbose=False).model_proto  # fmt: skip
+            model = torch.onnx.export(
+                module, args, dynamo=True, input_names=names, output_names=outs, optimize=True, verbose=False
+            ).model_proto
         fuse_rms_norm(model)
         for o in model.opset_import:
             if o.domain in ("", "ai.onnx"):
@@ -151,7 +158,9 @@ class OnnxQnnTarget(Target):
                                     int4[node.input[1]] = param
                         planned = {n for n, w in plan.weights.items() if w.scheme == "int4"}
                         if planned - set(int4.values()):
-                            raise RuntimeError(f"{graph}: int4 weights without a MatMul: {sorted(planned - set(int4.values()))}")
+                            raise RuntimeError(
+                                f"{graph}: int4 weights without a MatMul: {sorted(planned - set(int4.values()))}"
+                            )
                         pre = work / f"{graph}.pre.onnx"
                         if not qnn_preprocess_model(str(fp32), str(pre)):
                             shutil.copyfile(fp32, pre)
@@ -162,11 +171,18 @@ class OnnxQnnTarget(Target):
                                 return next(feeds, None)
 
                         overrides = {w: [{"quant_type": QuantType.QInt4, "symmetric": True, "axis": 1}] for w in int4}
-                        cfg = get_qnn_qdq_config(str(pre), Reader(), activation_type=QuantType.QUInt16,
-                                                 weight_type=QuantType.QUInt8, init_overrides=overrides or None)  # fmt: skip
+                        cfg = get_qnn_qdq_config(
+                            str(pre),
+                            Reader(),
+                            activation_type=QuantType.QUInt16,
+                            weight_type=QuantType.QUInt8,
+                            init_overrides=overrides or None,
+                        )
                         portable = out_dir / f"{graph}.qdq.onnx"
-                        progress(f"{graph}: QDQ 16-bit activations, 8-bit weights"
-                                 + (f", 4-bit on {len(int4)} MatMul weight(s)" if int4 else ""))  # fmt: skip
+                        progress(
+                            f"{graph}: QDQ 16-bit activations, 8-bit weights"
+                            + (f", 4-bit on {len(int4)} MatMul weight(s)" if int4 else "")
+                        )
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
                             logging.getLogger().setLevel(logging.ERROR)
@@ -185,9 +201,12 @@ class OnnxQnnTarget(Target):
                         # when it has one, which would make the binary differ from export to export
                         session = ort.InferenceSession(portable.read_bytes(), so)
                     except Exception as e:
-                        raise ExportError(f"QNN could not compile {graph} ({str(e).splitlines()[0][:160]})",
-                                          field=f"component {name}", fix="a node the HTP rejects: see the QNN op support list; "
-                                          "change the recipe rule for this component") from None  # fmt: skip
+                        raise ExportError(
+                            f"QNN could not compile {graph} ({str(e).splitlines()[0][:160]})",
+                            field=f"component {name}",
+                            fix="a node the HTP rejects: see the QNN op support list; "
+                            "change the recipe rule for this component",
+                        ) from None
                     info = session.get_provider_graph_assignment_info()
                     assigned = sum(len(s.get_nodes()) for s in info if s.ep_name == "QNNExecutionProvider")
                     if any(s.ep_name != "QNNExecutionProvider" for s in info):
@@ -199,26 +218,48 @@ class OnnxQnnTarget(Target):
                         raise RuntimeError(f"{graph}: onnxruntime-qnn wrote no EPContext model / context binary")
                     _check_context_paths(ctx)
                     files += [portable.name, ctx.name, *binaries]
-                    graphs[graph] = {"model": portable.name, "context": ctx.name, "binaries": binaries,
-                                     "context_bytes": sum((out_dir / b).stat().st_size for b in binaries),
-                                     "precision": precision, "onnx_nodes": total, "session_nodes_on_qnn": assigned,
-                                     "int4_weights": sorted(int4.values()),
-                                     "int4_granularity": "symmetric, per output channel (QNN); a rule's group_size does not apply",
-                                     "tokens": _tokens(model, graph)}  # fmt: skip
+                    graphs[graph] = {
+                        "model": portable.name,
+                        "context": ctx.name,
+                        "binaries": binaries,
+                        "context_bytes": sum((out_dir / b).stat().st_size for b in binaries),
+                        "precision": precision,
+                        "onnx_nodes": total,
+                        "session_nodes_on_qnn": assigned,
+                        "int4_weights": sorted(int4.values()),
+                        "int4_granularity": "symmetric, per output channel (QNN); a rule's group_size does not apply",
+                        "tokens": _tokens(model, graph),
+                    }
                 methods[name] = {"file": graphs[_graphs(name)[0]]["context"], "graphs": graphs}
                 if name == "text_decoder":
                     methods[name]["rope"] = self._calibration["rope"]
-                    methods[name]["state"] = {"kv_cache": {"held_by": "host", "note": "graphs return the new keys/values; "
-                                                           "the host writes them at cache_position"}}  # fmt: skip
+                    methods[name]["state"] = {
+                        "kv_cache": {
+                            "held_by": "host",
+                            "note": "graphs return the new keys/values; the host writes them at cache_position",
+                        }
+                    }
         finally:
             shutil.rmtree(work, ignore_errors=True)
             self._calibration = {"calibration": self.calibration_set}
         cal = self.calibration_set.to_json() if self.calibration_set else None
-        return {"files": files, "methods": methods, "manifest": {"calibration": cal, "qnn": {"soc_model": int(SOC_MODEL), "soc": SOC_NAME, "htp_arch": int(HTP_ARCH),
-                        "qnn_sdk": qnn.build_and_package_info.qnn_version, "onnxruntime_qnn": qnn.__version__,
-                        "library": "libQnnHtp.so from the onnxruntime-qnn wheel (x86_64 HTP emulator)",
-                        "emulator_note": "every check of this bundle ran on the x86 HTP emulator; device numerics, "
-                                         "speed and loading by the phone's QNN runtime are not proven here"}}}  # fmt: skip
+        return {
+            "files": files,
+            "methods": methods,
+            "manifest": {
+                "calibration": cal,
+                "qnn": {
+                    "soc_model": int(SOC_MODEL),
+                    "soc": SOC_NAME,
+                    "htp_arch": int(HTP_ARCH),
+                    "qnn_sdk": qnn.build_and_package_info.qnn_version,
+                    "onnxruntime_qnn": qnn.__version__,
+                    "library": "libQnnHtp.so from the onnxruntime-qnn wheel (x86_64 HTP emulator)",
+                    "emulator_note": "every check of this bundle ran on the x86 HTP emulator; device numerics, "
+                    "speed and loading by the phone's QNN runtime are not proven here",
+                },
+            },
+        }
 
     # ---------------------------------------------------------------- verification hooks
 
@@ -226,7 +267,7 @@ class OnnxQnnTarget(Target):
         return OnnxQnnRuntime(bundle, manifest, device="qnn")
 
     def reference_component(self, name: str, plan, bundle: Path, manifest: dict, load=None):
-        """"PyTorch with the same weights" is, for a QDQ component, the same QDQ model on ORT's CPU
+        """ "PyTorch with the same weights" is, for a QDQ component, the same QDQ model on ORT's CPU
         provider; fp16 components fall back to PyTorch in fp16 (None)."""
         if not plan.quantized:
             return None
@@ -237,8 +278,12 @@ class OnnxQnnTarget(Target):
         """The bundle already runs in ONNX Runtime (QNN EP on the emulator) and its own checks compare
         it with the same QDQ models on the CPU EP, all nodes on QNN, SM8650 binaries and a reload."""
         note = "onnx-qnn: the bundle's own checks above are the ONNX Runtime gate (QNN EP vs CPU EP)"
-        return {"passed": True, "failed": [], "against": "onnxruntime",
-                "checks": [{"name": "onnxruntime/gate", "kind": "note", "gated": False, "passed": None, "note": note}]}  # fmt: skip
+        return {
+            "passed": True,
+            "failed": [],
+            "against": "onnxruntime",
+            "checks": [{"name": "onnxruntime/gate", "kind": "note", "gated": False, "passed": None, "note": note}],
+        }
 
     def contract_checks(self, runtime: "OnnxQnnRuntime", manifest: dict) -> list[dict]:
         """Gated: every node of every graph on QNN (no CPU fallback), the binaries compiled for
@@ -248,24 +293,45 @@ class OnnxQnnTarget(Target):
         bundle = runtime.bundle
         for comp in manifest["components"].values():
             for graph, g in comp["graphs"].items():
-                session = _ort_qnn()[0].InferenceSession(str(bundle / g["model"]),
-                                                        qnn_session_options(fp16=g["precision"] == "fp16", record=True))  # fmt: skip
+                session = _ort_qnn()[0].InferenceSession(
+                    str(bundle / g["model"]), qnn_session_options(fp16=g["precision"] == "fp16", record=True)
+                )
                 # counted on the session's own (optimised) graph: every subgraph must belong to QNN
                 info = session.get_provider_graph_assignment_info()
                 on_qnn = sum(len(s.get_nodes()) for s in info if s.ep_name == "QNNExecutionProvider")
                 elsewhere = {s.ep_name: len(s.get_nodes()) for s in info if s.ep_name != "QNNExecutionProvider"}
                 blob = b"".join((bundle / b).read_bytes() for b in g["binaries"])
                 soc = f"soc_type={SOC_NAME};arch={HTP_ARCH}".encode() in blob
-                detail = f"{on_qnn} nodes on QNN, {sum(elsewhere.values())} elsewhere; binary " + ("SM8650/v75" if soc else "NOT SM8650/v75")
-                checks.append({"name": f"qnn/{graph}/all_nodes_on_htp", "kind": "contract", "gated": True,
-                               "passed": on_qnn > 0 and not elsewhere and soc, "detail": detail,
-                               "nodes_on_qnn": on_qnn, "nodes_elsewhere": elsewhere, "soc_type_sm8650_arch75": soc})  # fmt: skip
+                detail = f"{on_qnn} nodes on QNN, {sum(elsewhere.values())} elsewhere; binary " + (
+                    "SM8650/v75" if soc else "NOT SM8650/v75"
+                )
+                checks.append(
+                    {
+                        "name": f"qnn/{graph}/all_nodes_on_htp",
+                        "kind": "contract",
+                        "gated": True,
+                        "passed": on_qnn > 0 and not elsewhere and soc,
+                        "detail": detail,
+                        "nodes_on_qnn": on_qnn,
+                        "nodes_elsewhere": elsewhere,
+                        "soc_type_sm8650_arch75": soc,
+                    }
+                )
                 probe = runtime.probe_feeds(graph)
                 fresh = session.run(None, probe)
                 loaded = runtime.sessions[graph].run(None, probe)
                 same = all(np.array_equal(a, b) for a, b in zip(fresh, loaded))
-                checks.append({"name": f"qnn/{graph}/context_reload", "kind": "contract", "gated": True, "passed": same,
-                               "detail": "EPContext model == fresh compile, bit for bit" if same else "EPContext model differs from a fresh compile"})  # fmt: skip
+                checks.append(
+                    {
+                        "name": f"qnn/{graph}/context_reload",
+                        "kind": "contract",
+                        "gated": True,
+                        "passed": same,
+                        "detail": "EPContext model == fresh compile, bit for bit"
+                        if same
+                        else "EPContext model differs from a fresh compile",
+                    }
+                )
         return checks
 
     def versions(self) -> dict:
@@ -322,7 +388,9 @@ class OnnxQnnRuntime(StaticGraphRuntime):
                 continue
             for graph, g in comp["graphs"].items():
                 if device == "qnn":
-                    s = ort.InferenceSession(str(self.bundle / g["context"]), qnn_session_options(fp16=g["precision"] == "fp16"))
+                    s = ort.InferenceSession(
+                        str(self.bundle / g["context"]), qnn_session_options(fp16=g["precision"] == "fp16")
+                    )
                 else:
                     so = ort.SessionOptions()
                     so.log_severity_level = 3
@@ -333,4 +401,3 @@ class OnnxQnnRuntime(StaticGraphRuntime):
 
     def _run(self, graph: str, feeds: dict) -> list[np.ndarray]:
         return self.sessions[graph].run(None, feeds)
-

@@ -55,12 +55,20 @@ class ContextPlan:
         raise KeyError(block)
 
     def to_json(self) -> dict:
-        return {"contexts": len(self.groups), "max_context_bytes": self.max_bytes, "weight_sharing": self.weight_sharing,
-                "groups": [{"units": [str(u) for u in units], "estimated_weight_bytes": b}
-                           for units, b in zip(self.groups, self.estimated_bytes)]}  # fmt: skip
+        return {
+            "contexts": len(self.groups),
+            "max_context_bytes": self.max_bytes,
+            "weight_sharing": self.weight_sharing,
+            "groups": [
+                {"units": [str(u) for u in units], "estimated_weight_bytes": b}
+                for units, b in zip(self.groups, self.estimated_bytes)
+            ],
+        }
 
 
-def plan_contexts(plan: ComponentPlan, graphs: int, max_bytes: int, weight_sharing: bool, recipe_file: str) -> ContextPlan:
+def plan_contexts(
+    plan: ComponentPlan, graphs: int, max_bytes: int, weight_sharing: bool, recipe_file: str
+) -> ContextPlan:
     """Pack the component's units, in order, into as few contexts under ``max_bytes`` as greedy
     packing gives. Without weight sharing each of the ``graphs`` graphs of a context holds its own
     copy of the weights."""
@@ -71,14 +79,23 @@ def plan_contexts(plan: ComponentPlan, graphs: int, max_bytes: int, weight_shari
         u = unit_of(name, seen_block)
         seen_block = seen_block or isinstance(u, int)
         sizes[u] = sizes.get(u, 0.0) + copies * htp_weight_bytes(w, plan.quantized)
-    order = (["pre"] if "pre" in sizes else []) + sorted(u for u in sizes if isinstance(u, int)) + (["post"] if "post" in sizes else [])
+    order = (
+        (["pre"] if "pre" in sizes else [])
+        + sorted(u for u in sizes if isinstance(u, int))
+        + (["post"] if "post" in sizes else [])
+    )
     groups: list[list] = []
     totals: list[float] = []
     for u in order:
         if sizes[u] > max_bytes:
-            raise ExportError(f"{plan.component}: unit {u!r} alone needs ~{int(sizes[u]):,} bytes in an HTP context", file=recipe_file,
-                              field="qnn.max_context_bytes", expected=f">= {int(sizes[u])}", got=max_bytes,
-                              fix="raise qnn.max_context_bytes (the HTP limit is 4 GiB), enable qnn.weight_sharing, or quantize that block harder")  # fmt: skip
+            raise ExportError(
+                f"{plan.component}: unit {u!r} alone needs ~{int(sizes[u]):,} bytes in an HTP context",
+                file=recipe_file,
+                field="qnn.max_context_bytes",
+                expected=f">= {int(sizes[u])}",
+                got=max_bytes,
+                fix="raise qnn.max_context_bytes (the HTP limit is 4 GiB), enable qnn.weight_sharing, or quantize that block harder",
+            )
         if groups and totals[-1] + sizes[u] <= max_bytes:
             groups[-1].append(u)
             totals[-1] += sizes[u]

@@ -24,8 +24,10 @@ from ...errors import BackendUnavailable
 
 SHIM_SOURCE = Path(__file__).resolve().parent / "qnn_htp_compat.c"
 REAL_LIBRARY_ENV = "AUTOGLM_QNN_HTP_LIBRARY"
-FIX = ("either set QNN_SDK_ROOT to a QNN 2.37 SDK (Qualcomm AI Engine Direct), or `pip install onnxruntime-qnn==2.7.0` "
-       "and run `make setup`, which builds the compatibility layer for its QNN 2.51 libraries")  # fmt: skip
+FIX = (
+    "either set QNN_SDK_ROOT to a QNN 2.37 SDK (Qualcomm AI Engine Direct), or `pip install onnxruntime-qnn==2.7.0` "
+    "and run `make setup`, which builds the compatibility layer for its QNN 2.51 libraries"
+)
 
 
 def shim_path() -> Path:
@@ -36,14 +38,30 @@ def build_shim(dest: Path | None = None) -> Path:
     dest = dest or shim_path()
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
-        raise BackendUnavailable("no C compiler to build the QNN compatibility layer", fix="install gcc, then run make setup")
+        raise BackendUnavailable(
+            "no C compiler to build the QNN compatibility layer", fix="install gcc, then run make setup"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".so.tmp")
-    cmd = [gcc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-Wl,-soname,libQnnHtp.so", "-Wl,-z,nodelete",
-           "-o", str(tmp), str(SHIM_SOURCE), "-ldl"]  # fmt: skip
+    cmd = [
+        gcc,
+        "-shared",
+        "-fPIC",
+        "-O2",
+        "-Wall",
+        "-Werror",
+        "-Wl,-soname,libQnnHtp.so",
+        "-Wl,-z,nodelete",
+        "-o",
+        str(tmp),
+        str(SHIM_SOURCE),
+        "-ldl",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        raise BackendUnavailable(f"building {SHIM_SOURCE.name} failed: {proc.stderr.strip()[:200]}", fix="install gcc, then run make setup")
+        raise BackendUnavailable(
+            f"building {SHIM_SOURCE.name} failed: {proc.stderr.strip()[:200]}", fix="install gcc, then run make setup"
+        )
     os.replace(tmp, dest)
     return dest
 
@@ -63,8 +81,9 @@ def qnn_environment() -> tuple[dict[str, str], dict]:
     if root:
         libs = Path(root) / "lib" / "x86_64-linux-clang"
         if not (libs / "libQnnHtp.so").is_file():
-            raise BackendUnavailable("QNN_SDK_ROOT has no lib/x86_64-linux-clang/libQnnHtp.so", field="QNN_SDK_ROOT",
-                                     got=root, fix=FIX)  # fmt: skip
+            raise BackendUnavailable(
+                "QNN_SDK_ROOT has no lib/x86_64-linux-clang/libQnnHtp.so", field="QNN_SDK_ROOT", got=root, fix=FIX
+            )
         env["LD_LIBRARY_PATH"] = f"{libs}:{env.get('LD_LIBRARY_PATH', '')}"
         return env, {"source": "QNN SDK", "path": root, "compat_layer": False}
     wheel = wheel_library_dir()
@@ -78,8 +97,13 @@ def qnn_environment() -> tuple[dict[str, str], dict]:
     env[REAL_LIBRARY_ENV] = str(wheel / "libQnnHtp.so")
     from onnxruntime_qnn.build_and_package_info import qnn_version
 
-    return env, {"source": "onnxruntime-qnn wheel", "qnn_version": qnn_version, "path": str(wheel),
-                 "compat_layer": True, "compat_library": str(shim)}  # fmt: skip
+    return env, {
+        "source": "onnxruntime-qnn wheel",
+        "qnn_version": qnn_version,
+        "path": str(wheel),
+        "compat_layer": True,
+        "compat_library": str(shim),
+    }
 
 
 if __name__ == "__main__":

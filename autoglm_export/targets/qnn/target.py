@@ -34,7 +34,14 @@ from ...errors import BackendUnavailable, ExportError
 from ..contract import Target
 from ..shared.executorch import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_output
 from ..shared.export_caches import release_export_caches
-from ..shared.static_graphs import ComponentAdapter, StaticGraphRuntime, graph_entries, graph_key, graph_names, static_graphs
+from ..shared.static_graphs import (
+    ComponentAdapter,
+    StaticGraphRuntime,
+    graph_entries,
+    graph_key,
+    graph_names,
+    static_graphs,
+)
 from .contexts import HTP_CONTEXT_LIMIT, plan_contexts
 
 PTE = "model.pte"
@@ -99,9 +106,14 @@ def pin_context_signatures(buf: bytes) -> bytes:
 
 def _compiler_spec(fp16: bool, weight_sharing: bool = False, multi_contexts: bool = False):
     from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
-    from executorch.backends.qualcomm.utils.utils import generate_htp_compiler_spec, generate_qnn_executorch_compiler_spec
+    from executorch.backends.qualcomm.utils.utils import (
+        generate_htp_compiler_spec,
+        generate_qnn_executorch_compiler_spec,
+    )
 
-    htp = generate_htp_compiler_spec(use_fp16=fp16, use_weight_sharing=weight_sharing, use_multi_contexts=multi_contexts)
+    htp = generate_htp_compiler_spec(
+        use_fp16=fp16, use_weight_sharing=weight_sharing, use_multi_contexts=multi_contexts
+    )
     return generate_qnn_executorch_compiler_spec(soc_model=QcomChipset.SM8650, backend_options=htp)
 
 
@@ -120,8 +132,10 @@ def _lower_group(modules: dict, args: dict, fp16: bool, ctx, plan):
     # and only adds the context cuts. It also exports each graph again, with strict=True: dynamo's
     # capture clones every weight (see quantize_graph). Non-strict export keeps the module paths of a
     # PT2E-converted graph's nodes, which the context cuts read.
-    with mock.patch.object(qnn_utils, "QnnPartitioner", lambda specs, **kw: group_partitioner(specs, ctx, units)), \
-         mock.patch.object(torch.export, "export", _non_strict(torch.export.export)):
+    with (
+        mock.patch.object(qnn_utils, "QnnPartitioner", lambda specs, **kw: group_partitioner(specs, ctx, units)),
+        mock.patch.object(torch.export, "export", _non_strict(torch.export.export)),
+    ):
         with quiet_native_output(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return qnn_utils.to_edge_transform_and_lower_to_qnn(modules, args, spec)
@@ -171,17 +185,22 @@ def quantize_graph(spec, plan) -> torch.nn.Module:
     gm = torch.export.export(spec.module, spec.args, strict=False).module()
     prefix = "decoder." if isinstance(spec.module, TextDecoderStatic) else ""  # the wrapper's attribute name
     int4 = {n.rsplit(".", 1)[0] for n, w in plan.weights.items() if w.scheme == "int4"}
-    four_bit = {node.name: path.removeprefix(prefix) for node, path in _linear_module_paths(gm).items()
-                if path.removeprefix(prefix) in int4}  # fmt: skip
+    four_bit = {
+        node.name: path.removeprefix(prefix)
+        for node, path in _linear_module_paths(gm).items()
+        if path.removeprefix(prefix) in int4
+    }
     found = set(four_bit.values())
     if int4 - found:
         raise RuntimeError(f"int4 rules name linears the graph does not have: {sorted(int4 - found)}")
     q = QnnQuantizer(soc_model=QcomChipset.SM8650)
-    q.set_default_quant_config(QuantDtype.use_16a8w, is_linear_per_channel=True, is_conv_per_channel=True,
-                                is_embedding_per_channel=True)
+    q.set_default_quant_config(
+        QuantDtype.use_16a8w, is_linear_per_channel=True, is_conv_per_channel=True, is_embedding_per_channel=True
+    )
     if four_bit:
-        q.set_submodule_qconfig_list([(lambda node: node.name in four_bit,
-                                       QConfig(QuantDtype.use_16a4w, is_linear_per_channel=True))])  # fmt: skip
+        q.set_submodule_qconfig_list(
+            [(lambda node: node.name in four_bit, QConfig(QuantDtype.use_16a4w, is_linear_per_channel=True))]
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = prepare_pt2e(gm, q)
@@ -222,9 +241,11 @@ def _lean_weight_folding():
 
     folder = constant_fold.ConstantFolder
     original = folder._deduce_value
-    dequantize = {torch.ops.quantized_decomposed.dequantize_per_channel.default,
-                  torch.ops.quantized_decomposed.dequantize_per_tensor.default,
-                  torch.ops.quantized_decomposed.dequantize_per_tensor.tensor}  # fmt: skip
+    dequantize = {
+        torch.ops.quantized_decomposed.dequantize_per_channel.default,
+        torch.ops.quantized_decomposed.dequantize_per_tensor.default,
+        torch.ops.quantized_decomposed.dequantize_per_tensor.tensor,
+    }
     quantize = torch.ops.quantized_decomposed.quantize_per_channel.default
 
     def deduce(self, node):
@@ -291,9 +312,15 @@ class QnnTarget(Target):
 
         preload_qnn_libraries()  # a missing toolchain is reported before any tensor is read
         check_npu_plans(plans, recipe_file)
-        refuse_if_over_memory("qnn", plans, held=HELD_BYTES_PER_PARAM, per_component=LOWER_BYTES_PER_PARAM, parts=parts,
-                              how="quantizes (PT2E) and lowers each component (or decoder part) whole",
-                              fix="or lower the decoder in parts: recipe lowering.decoder_layers_per_program")  # fmt: skip
+        refuse_if_over_memory(
+            "qnn",
+            plans,
+            held=HELD_BYTES_PER_PARAM,
+            per_component=LOWER_BYTES_PER_PARAM,
+            parts=parts,
+            how="quantizes (PT2E) and lowers each component (or decoder part) whole",
+            fix="or lower the decoder in parts: recipe lowering.decoder_layers_per_program",
+        )
         opts = self._qnn
         self._plans = dict(plans)
         self._in_parts = bool(parts) and "text_decoder" in plans
@@ -301,16 +328,25 @@ class QnnTarget(Target):
             whole = self._plans.pop("text_decoder")
             for layers in parts:
                 self._plans[("text_decoder", layers)] = whole.decoder_part(layers, parts[-1][1])
-        self._contexts = {key: plan_contexts(plan, len(graph_names(plan.component)), opts.max_context_bytes,
-                                             opts.weight_sharing and len(graph_names(plan.component)) > 1, recipe_file)
-                          for key, plan in self._plans.items()}  # fmt: skip
+        self._contexts = {
+            key: plan_contexts(
+                plan,
+                len(graph_names(plan.component)),
+                opts.max_context_bytes,
+                opts.weight_sharing and len(graph_names(plan.component)) > 1,
+                recipe_file,
+            )
+            for key, plan in self._plans.items()
+        }
 
     def configure(self, recipe, recipe_file: str, *, tokenizer, pre, base=None) -> None:
         from ...calibration import load_calibration
 
         self.release()  # an earlier export's emulator twin, should it have failed before its own release
         self._qnn = recipe.qnn
-        self.calibration_set = load_calibration(recipe.calibration, Path(base or Path(recipe_file).parent), recipe_file, tokenizer, pre)
+        self.calibration_set = load_calibration(
+            recipe.calibration, Path(base or Path(recipe_file).parent), recipe_file, tokenizer, pre
+        )
         self._state = {"calibration": self.calibration_set}  # until release(): decoder parts come after lower()
         self._ref_states = {}
 
@@ -329,27 +365,42 @@ class QnnTarget(Target):
         for graph, spec in graphs.items():
             if plan.quantized:
                 int4 = any(w.scheme == "int4" for w in plan.weights.values())
-                progress(f"{graph}: PT2E QnnQuantizer, "
-                         f"{'16a4w on int4-rule linears (per output channel), 16a8w elsewhere' if int4 else '16a8w'}")
+                progress(
+                    f"{graph}: PT2E QnnQuantizer, "
+                    f"{'16a4w on int4-rule linears (per output channel), 16a8w elsewhere' if int4 else '16a8w'}"
+                )
                 modules[graph] = quantize_graph(spec, plan)
                 precision = "16a4w/16a8w" if int4 else "16a8w"
             else:
                 modules[graph] = spec.module
-            graph_info[graph] = {"component": name, "precision": precision, "tokens": spec.tokens,
-                                 "inputs": [{"name": n, "shape": list(a.shape)} for n, a in zip(spec.input_names, spec.args)],
-                                 "outputs": spec.output_names}  # fmt: skip
+            graph_info[graph] = {
+                "component": name,
+                "precision": precision,
+                "tokens": spec.tokens,
+                "inputs": [{"name": n, "shape": list(a.shape)} for n, a in zip(spec.input_names, spec.args)],
+                "outputs": spec.output_names,
+            }
             if precision == "16a4w/16a8w":  # a rule's group_size reads as if it applied (capabilities.per_channel_int4)
-                graph_info[graph]["int4_granularity"] = "symmetric, per output channel (QNN); a rule's group_size does not apply"
+                graph_info[graph]["int4_granularity"] = (
+                    "symmetric, per output channel (QNN); a rule's group_size does not apply"
+                )
         if plan.quantized:
             _free_float_weights([spec.module for spec in graphs.values()], modules.values())
         args = {g: spec.args for g, spec in graphs.items()}
-        progress(f"{name}: QNN HTP lowering of {len(modules)} graph(s) into {len(ctx.groups)} context(s) for {SOC_NAME} "
-                 f"(htp_arch {HTP_ARCH}){', weights shared' if ctx.weight_sharing else ''}")  # fmt: skip
-        lowered = {"graph_info": graph_info, "contexts": ctx,
-                   "shipped": _lower_group(modules, args, precision == "fp16", ctx, plan)}
+        progress(
+            f"{name}: QNN HTP lowering of {len(modules)} graph(s) into {len(ctx.groups)} context(s) for {SOC_NAME} "
+            f"(htp_arch {HTP_ARCH}){', weights shared' if ctx.weight_sharing else ''}"
+        )
+        lowered = {
+            "graph_info": graph_info,
+            "contexts": ctx,
+            "shipped": _lower_group(modules, args, precision == "fp16", ctx, plan),
+        }
         if ctx.weight_sharing and self.verifying:  # the x86 emulator cannot load shared-weight contexts
             progress(f"{name}: the same graphs without weight sharing, for the emulator")
-            lowered["emulated"] = _lower_group(modules, args, precision == "fp16", replace(ctx, weight_sharing=False), plan)
+            lowered["emulated"] = _lower_group(
+                modules, args, precision == "fp16", replace(ctx, weight_sharing=False), plan
+            )
         del modules
         release_export_caches()
         return lowered
@@ -360,8 +411,9 @@ class QnnTarget(Target):
         note = preload_qnn_libraries()
         opts = self._qnn
         contexts = {name: low["contexts"] for name, low in programs.items()}
-        graph_info, soc = self._write_program(list(programs.values()), metadata_methods(model_meta, dynamic_shape=False),
-                                              out_dir, PTE, progress)  # fmt: skip
+        graph_info, soc = self._write_program(
+            list(programs.values()), metadata_methods(model_meta, dynamic_shape=False), out_dir, PTE, progress
+        )
         methods = {}
         for name in programs:
             graphs = {g: graph_info[g] for g in graph_names(name)}
@@ -369,14 +421,25 @@ class QnnTarget(Target):
             if name == "text_decoder":
                 methods[name].update(self._decoder_entry())
         shared = opts.weight_sharing and any(n in plans for n in ("token_embedding", "text_decoder"))
-        qnn = {"soc": SOC_NAME, "soc_model": SOC_MODEL, "htp_arch": HTP_ARCH, "libraries": note,
-               "pte_soc_type": f"soc_type={SOC_NAME}" if soc else None,
-               "max_context_bytes": opts.max_context_bytes, "weight_sharing": opts.weight_sharing,
-               "emulator_note": "every check of this bundle ran on the x86 HTP emulator" + (
-                   " on twins of its .pte files compiled from the same quantized graphs without weight sharing (the "
-                   "emulator cannot load shared-weight contexts); the shipped files themselves are checked for delegation, "
-                   "SoC and methods" if shared else "") + "; device numerics, speed and loading by the phone's QNN runtime "
-                                                          "libraries are not proven here"}  # fmt: skip
+        qnn = {
+            "soc": SOC_NAME,
+            "soc_model": SOC_MODEL,
+            "htp_arch": HTP_ARCH,
+            "libraries": note,
+            "pte_soc_type": f"soc_type={SOC_NAME}" if soc else None,
+            "max_context_bytes": opts.max_context_bytes,
+            "weight_sharing": opts.weight_sharing,
+            "emulator_note": "every check of this bundle ran on the x86 HTP emulator"
+            + (
+                " on twins of its .pte files compiled from the same quantized graphs without weight sharing (the "
+                "emulator cannot load shared-weight contexts); the shipped files themselves are checked for delegation, "
+                "SoC and methods"
+                if shared
+                else ""
+            )
+            + "; device numerics, speed and loading by the phone's QNN runtime "
+            "libraries are not proven here",
+        }
         cal = self.calibration_set.to_json() if self.calibration_set else None
         return {"files": [PTE], "methods": methods, "manifest": {"qnn": qnn, "calibration": cal}}
 
@@ -388,13 +451,25 @@ class QnnTarget(Target):
         file = part_file(name, layers, "pte")
         ctx = program["contexts"]
         graph_info, _ = self._write_program([program], {}, out_dir, file, progress)
-        return {"file": file, "method": name, "layers": list(layers), "graphs": graph_info, "contexts": ctx.to_json(),
-                "component": self._decoder_entry()}  # fmt: skip
+        return {
+            "file": file,
+            "method": name,
+            "layers": list(layers),
+            "graphs": graph_info,
+            "contexts": ctx.to_json(),
+            "component": self._decoder_entry(),
+        }
 
     def _decoder_entry(self) -> dict:
-        return {"rope": self._state["rope"],
-                "state": {"kv_cache": {"held_by": "host", "note": "graphs return the new keys/values; the host writes "
-                                       "them at cache_position"}}}  # fmt: skip
+        return {
+            "rope": self._state["rope"],
+            "state": {
+                "kv_cache": {
+                    "held_by": "host",
+                    "note": "graphs return the new keys/values; the host writes them at cache_position",
+                }
+            },
+        }
 
     def _write_program(self, lowered: list[dict], meta: dict, out_dir: Path, file: str, progress) -> tuple[dict, bool]:
         """Emit the graphs of ``lowered`` (components or one decoder part) as the methods of
@@ -407,7 +482,11 @@ class QnnTarget(Target):
         for variant in ("shipped", "emulated"):
             if variant == "emulated" and not any("emulated" in low for low in lowered):
                 break
-            eps = {g: low.get(variant, low["shipped"]).exported_program(g) for low in lowered for g in low["shipped"].methods}
+            eps = {
+                g: low.get(variant, low["shipped"]).exported_program(g)
+                for low in lowered
+                for g in low["shipped"].methods
+            }
             progress(f"emitting {file}" + (" (emulator twin)" if variant == "emulated" else ""))
             buf = _emit(eps, meta)
             if variant == "shipped":
@@ -415,10 +494,19 @@ class QnnTarget(Target):
                 soc = f"soc_type={SOC_NAME}".encode() in buf
                 for g, ep in eps.items():
                     gm = ep.graph_module
-                    outside = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"
-                                      and "executorch_call_delegate" not in str(n.target) and "getitem" not in str(n.target)})  # fmt: skip
+                    outside = sorted(
+                        {
+                            str(n.target)
+                            for n in gm.graph.nodes
+                            if n.op == "call_function"
+                            and "executorch_call_delegate" not in str(n.target)
+                            and "getitem" not in str(n.target)
+                        }
+                    )
                     sizes = [len(low.processed_bytes) for _, low, _ in get_lowered_submodules(gm)]
-                    graph_info[g].update({"ops_outside_delegate": outside, "contexts": len(sizes), "context_bytes": sizes})
+                    graph_info[g].update(
+                        {"ops_outside_delegate": outside, "contexts": len(sizes), "context_bytes": sizes}
+                    )
             else:
                 if self._twin is None:
                     self._twin = tempfile.TemporaryDirectory(prefix="autoglm-qnn-twin-")
@@ -439,19 +527,27 @@ class QnnTarget(Target):
         self._state = {"calibration": self.calibration_set}
 
     def open_runtime(self, bundle: Path, manifest: dict) -> "QnnPteRuntime":
-        shared = any(p.get("contexts", {}).get("weight_sharing") for c in manifest["components"].values()
-                     for p in c.get("programs") or [c])  # fmt: skip
+        shared = any(
+            p.get("contexts", {}).get("weight_sharing")
+            for c in manifest["components"].values()
+            for p in c.get("programs") or [c]
+        )
         if not shared:
             return QnnPteRuntime(bundle, manifest)
         if self._twin is not None and self._twin_for == str(Path(bundle).resolve()):
             return QnnPteRuntime(bundle, manifest, emulated=Path(self._twin.name))
         # an export with verification off wrote no twin and no report: say which this bundle had
-        checked = ("it was verified at export on an unshared twin (report.json)" if (Path(bundle) / REPORT).is_file()
-                   else "it was exported without verification (no report.json)")
-        raise BackendUnavailable("this bundle's QNN contexts share weights between prefill and decode, which the x86 HTP "
-                                 f"emulator cannot load ('Shared weights buffer isn't supported on this platform'); {checked}",
-                                 fix="re-export with `qnn: {weight_sharing: false}` in the recipe to verify the shipped "
-                                     "file itself here, or run it on an SM8650 device")  # fmt: skip
+        checked = (
+            "it was verified at export on an unshared twin (report.json)"
+            if (Path(bundle) / REPORT).is_file()
+            else "it was exported without verification (no report.json)"
+        )
+        raise BackendUnavailable(
+            "this bundle's QNN contexts share weights between prefill and decode, which the x86 HTP "
+            f"emulator cannot load ('Shared weights buffer isn't supported on this platform'); {checked}",
+            fix="re-export with `qnn: {weight_sharing: false}` in the recipe to verify the shipped "
+            "file itself here, or run it on an SM8650 device",
+        )
 
     def reference_component(self, name: str, plan, bundle: Path, manifest: dict, load=None):
         """The PT2E-converted graphs of a quantized component (calibrated exactly as at export);
@@ -468,7 +564,9 @@ class QnnTarget(Target):
             if not plan.quantized:
                 return None
             sims = {g: quantize_graph(spec, plan) for g, spec in graphs.items()}
-            inputs = {g: [(n, list(a.shape)) for n, a in zip(spec.input_names, spec.args)] for g, spec in graphs.items()}
+            inputs = {
+                g: [(n, list(a.shape)) for n, a in zip(spec.input_names, spec.args)] for g, spec in graphs.items()
+            }
             return ComponentAdapter(_SimRuntime(manifest, sims, inputs), name)
         sims, inputs = {}, {}
         last = programs[-1]["layers"][1]
@@ -476,7 +574,9 @@ class QnnTarget(Target):
             layers = tuple(p["layers"])
             graphs = static_graphs(name, load(layers), chunk, state)
             for g, spec in graphs.items():
-                sims[graph_key(p["file"], g)] = quantize_graph(spec, plan.decoder_part(layers, last)) if plan.quantized else spec.module
+                sims[graph_key(p["file"], g)] = (
+                    quantize_graph(spec, plan.decoder_part(layers, last)) if plan.quantized else spec.module
+                )
                 inputs[graph_key(p["file"], g)] = [(n, list(a.shape)) for n, a in zip(spec.input_names, spec.args)]
         if not plan.quantized:
             return None
@@ -484,9 +584,13 @@ class QnnTarget(Target):
 
     def refuse_against(self, against: str, bundle: Path) -> None:
         """Called before verification starts: this target has no independent-runtime gate."""
-        raise ExportError("the qnn target has no ONNX Runtime gate: its reference is the PT2E simulation, which "
-                          "does not export to ONNX as is", field="--against", file=bundle,
-                          fix="export the same checkpoint with --target onnx-qnn, whose bundle runs in ONNX Runtime's QNN EP")  # fmt: skip
+        raise ExportError(
+            "the qnn target has no ONNX Runtime gate: its reference is the PT2E simulation, which "
+            "does not export to ONNX as is",
+            field="--against",
+            file=bundle,
+            fix="export the same checkpoint with --target onnx-qnn, whose bundle runs in ONNX Runtime's QNN EP",
+        )
 
     def contract_checks(self, runtime: "QnnPteRuntime", manifest: dict) -> list[dict]:
         checks = []
@@ -496,11 +600,21 @@ class QnnTarget(Target):
                 soc[file] = f"soc_type={SOC_NAME}".encode() in (runtime.bundle / file).read_bytes()
             fits = max(g["context_bytes"], default=0) <= HTP_CONTEXT_LIMIT
             ok = not g["ops_outside_delegate"] and g["contexts"] >= 1 and fits
-            detail = (f"{g['contexts']} QNN context(s), no op outside" if not g["ops_outside_delegate"]
-                      else f"outside the delegate: {g['ops_outside_delegate']}")  # fmt: skip
+            detail = (
+                f"{g['contexts']} QNN context(s), no op outside"
+                if not g["ops_outside_delegate"]
+                else f"outside the delegate: {g['ops_outside_delegate']}"
+            )
             detail += "" if fits else f"; a context over {HTP_CONTEXT_LIMIT} bytes"
-            checks.append({"name": f"qnn/{key}/all_ops_delegated", "kind": "contract", "gated": True,
-                           "passed": ok and soc[file], "detail": detail + ("; SM8650" if soc[file] else "; NOT compiled for SM8650")})  # fmt: skip
+            checks.append(
+                {
+                    "name": f"qnn/{key}/all_ops_delegated",
+                    "kind": "contract",
+                    "gated": True,
+                    "passed": ok and soc[file],
+                    "detail": detail + ("; SM8650" if soc[file] else "; NOT compiled for SM8650"),
+                }
+            )
         graphs = {graph for file, graph, _ in graph_entries(manifest).values() if file == PTE}
         checks.append(contract_check(runtime.pte, manifest, methods=graphs, dynamic_shape=False))
         return checks
@@ -568,7 +682,9 @@ class _EmulatorProcess:
 
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited QNN or ORT state
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_emulator_main, args=(child, {f: str(p) for f, p in files.items()}), daemon=True)
+        self._proc = ctx.Process(
+            target=_emulator_main, args=(child, {f: str(p) for f, p in files.items()}), daemon=True
+        )
         self._proc.start()
         child.close()
         self._expect(self._conn_recv(), "loading")
@@ -578,15 +694,19 @@ class _EmulatorProcess:
             return self._conn.recv()
         except (EOFError, ConnectionError):
             self._proc.join(5)
-            raise ExportError(f"the HTP emulator process died (exit code {self._proc.exitcode}) running the bundle's program",
-                              fix="run `autoglm-export verify` on the bundle to see the emulator's own log") from None  # fmt: skip
+            raise ExportError(
+                f"the HTP emulator process died (exit code {self._proc.exitcode}) running the bundle's program",
+                fix="run `autoglm-export verify` on the bundle to see the emulator's own log",
+            ) from None
 
     @staticmethod
     def _expect(msg, what: str):
         kind, payload = msg
         if kind == "error":
-            raise BackendUnavailable(f"the HTP emulator failed {what}: {payload}",
-                                     fix="see qnn.weight_sharing in the recipe docs; the emulator cannot load shared-weight contexts")  # fmt: skip
+            raise BackendUnavailable(
+                f"the HTP emulator failed {what}: {payload}",
+                fix="see qnn.weight_sharing in the recipe docs; the emulator cannot load shared-weight contexts",
+            )
         return payload
 
     def run(self, file: str, method: str, args: list[np.ndarray]) -> list[np.ndarray]:
@@ -635,4 +755,3 @@ def _emulator_main(conn, files: dict[str, str]) -> None:
             conn.send(("ok", [o.numpy() for o in out]))
         except Exception as e:  # noqa: BLE001
             conn.send(("error", f"{type(e).__name__}: {e}"))
-

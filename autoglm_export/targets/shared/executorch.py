@@ -35,7 +35,9 @@ def export_component(name: str, module: torch.nn.Module, prefill_chunk: int) -> 
             if name == "token_embedding":
                 return export(module, module.example_inputs(length), dynamic_shapes=({1: T},), strict=True)
             if name == "text_decoder":
-                return export(module, module.example_inputs(length), dynamic_shapes=({1: T}, {1: T}, {0: T}), strict=True)
+                return export(
+                    module, module.example_inputs(length), dynamic_shapes=({1: T}, {1: T}, {0: T}), strict=True
+                )
         finally:
             release_export_caches()
     raise KeyError(name)
@@ -64,8 +66,11 @@ def delegation_stats(edge_program: ExportedProgram) -> dict:
     gm = edge_program.graph_module
     for _, lowered, _ in get_lowered_submodules(gm):
         delegates += 1
-        inside += sum(1 for n in lowered.original_module.graph.nodes if n.op == "call_function"
-                      and getattr(n.target, "__name__", str(n.target)) not in _NON_COMPUTE)  # fmt: skip
+        inside += sum(
+            1
+            for n in lowered.original_module.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "__name__", str(n.target)) not in _NON_COMPUTE
+        )
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
@@ -101,19 +106,33 @@ def quiet_native_output():
             os.close(copy)
 
 
-def contract_check(runtime: "ExecuTorchRuntime", manifest: dict, methods: set[str] | None = None,
-                   dynamic_shape: bool = True) -> dict:  # fmt: skip
+def contract_check(
+    runtime: "ExecuTorchRuntime", manifest: dict, methods: set[str] | None = None, dynamic_shape: bool = True
+) -> dict:
     """Every runner-contract metadata method runs and returns what the manifest promises, and the
     program has the expected methods (the components, unless ``methods`` says otherwise)."""
-    want = metadata_methods({"max_context": manifest["shapes"]["max_context"], "eos_ids": manifest["prompt"]["eos_ids"],
-                             "bos_id": manifest["prompt"]["bos_id"], "vocab_size": manifest["model"]["text"]["vocab_size"]},
-                            dynamic_shape)  # fmt: skip
+    want = metadata_methods(
+        {
+            "max_context": manifest["shapes"]["max_context"],
+            "eos_ids": manifest["prompt"]["eos_ids"],
+            "bos_id": manifest["prompt"]["bos_id"],
+            "vocab_size": manifest["model"]["text"]["vocab_size"],
+        },
+        dynamic_shape,
+    )
     got = {name: runtime.metadata(name) for name in want}
     wrong = {name: got[name] for name in want if got[name] != want[name]}
     missing = sorted((methods or set(manifest["components"])) - runtime.method_names)
-    return {"name": "runtime/metadata_methods", "kind": "contract", "gated": True, "passed": not wrong and not missing,
-            "note": "ExecuTorch LLM runner contract: metadata values and component methods",
-            "values": got, "mismatched": wrong, "missing_methods": missing}  # fmt: skip
+    return {
+        "name": "runtime/metadata_methods",
+        "kind": "contract",
+        "gated": True,
+        "passed": not wrong and not missing,
+        "note": "ExecuTorch LLM runner contract: metadata values and component methods",
+        "values": got,
+        "mismatched": wrong,
+        "missing_methods": missing,
+    }
 
 
 class ExecuTorchRuntime:
@@ -125,8 +144,14 @@ class ExecuTorchRuntime:
     own slice of the KV cache) runs them in order, hidden states passed from one to the next.
     """
 
-    def __init__(self, pte: Path, max_context: int, prefill_chunk: int, decoder_parts: list[Path] | None = None,
-                 data_files: dict[Path, Path] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pte: Path,
+        max_context: int,
+        prefill_chunk: int,
+        decoder_parts: list[Path] | None = None,
+        data_files: dict[Path, Path] | None = None,
+    ) -> None:
         import executorch.kernels.quantized  # noqa: F401  registers embedding_4bit & co.
         from executorch.runtime import Runtime, Verification
 
@@ -134,8 +159,9 @@ class ExecuTorchRuntime:
 
         def load(path: Path):
             data = data_files.get(Path(path))
-            return Runtime.get().load_program(str(path), verification=Verification.Minimal,
-                                              data_path=str(data) if data else None)  # fmt: skip
+            return Runtime.get().load_program(
+                str(path), verification=Verification.Minimal, data_path=str(data) if data else None
+            )
 
         with quiet_native_output():
             self.program = load(pte)
@@ -155,15 +181,25 @@ class ExecuTorchRuntime:
             if built != max_context:
                 from ...errors import BundleError
 
-                raise BundleError("manifest disagrees with the program's KV cache length", file=pte,
-                                  field="shapes.max_context", expected=f"{built} (get_max_context_len of {pte.name})",
-                                  got=str(max_context), fix="re-export the bundle with autoglm-export")  # fmt: skip
+                raise BundleError(
+                    "manifest disagrees with the program's KV cache length",
+                    file=pte,
+                    field="shapes.max_context",
+                    expected=f"{built} (get_max_context_len of {pte.name})",
+                    got=str(max_context),
+                    fix="re-export the bundle with autoglm-export",
+                )
 
     @classmethod
     def from_bundle(cls, bundle: Path, manifest: dict, pte: str) -> "ExecuTorchRuntime":
         shapes = manifest["shapes"]
-        return cls(bundle / pte, shapes["max_context"], shapes["prefill_chunk"], decoder_part_paths(bundle, manifest),
-                   program_data_files(bundle, manifest))  # fmt: skip
+        return cls(
+            bundle / pte,
+            shapes["max_context"],
+            shapes["prefill_chunk"],
+            decoder_part_paths(bundle, manifest),
+            program_data_files(bundle, manifest),
+        )
 
     @property
     def method_names(self) -> set[str]:
@@ -174,7 +210,9 @@ class ExecuTorchRuntime:
 
     def method(self, name: str):
         if name not in self._methods:
-            program = self.decoder_program if name == "text_decoder" and self.decoder_program is not None else self.program
+            program = (
+                self.decoder_program if name == "text_decoder" and self.decoder_program is not None else self.program
+            )
             with quiet_native_output():
                 self._methods[name] = program.load_method(name)
         return self._methods[name]

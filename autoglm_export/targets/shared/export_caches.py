@@ -104,8 +104,10 @@ def _release_torchao() -> None:
     # functools caches keyed by the module (torchao's copy of torch.ao's helper, and torch.ao's own):
     # prepare_pt2e's and convert_pt2e's graph modules, with the fp32 weights and int8 codes of every
     # component (or decoder part) PT2E ever quantized
-    for name, attr in (("torchao.utils", "_assert_and_get_unique_device"),
-                       ("torch.ao.quantization.fx.utils", "assert_and_get_unique_device")):  # fmt: skip
+    for name, attr in (
+        ("torchao.utils", "_assert_and_get_unique_device"),
+        ("torch.ao.quantization.fx.utils", "assert_and_get_unique_device"),
+    ):
         fn = getattr(sys.modules.get(name), attr, None)
         if hasattr(fn, "cache_clear"):
             fn.cache_clear()

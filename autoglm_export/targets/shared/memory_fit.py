@@ -40,9 +40,16 @@ def part_params(plan, parts: list[tuple[int, int]]) -> list[int]:
     return sizes
 
 
-def refuse_if_over_memory(target: str, plans: dict, *, held: float, per_component: float, how: str,
-                          parts: list[tuple[int, int]] | None = None,
-                          fix: str = "per-layer-group lowering is not implemented yet: docs/benchmarks.md") -> None:  # fmt: skip
+def refuse_if_over_memory(
+    target: str,
+    plans: dict,
+    *,
+    held: float,
+    per_component: float,
+    how: str,
+    parts: list[tuple[int, int]] | None = None,
+    fix: str = "per-layer-group lowering is not implemented yet: docs/benchmarks.md",
+) -> None:
     """``parts``: the decoder's layer ranges when it is lowered in parts, first and alone, each part
     freed before the next; the other components are then held together until lowered."""
     units = []  # (what is lowered, its parameters, parameters held beside it)
@@ -59,4 +66,5 @@ def refuse_if_over_memory(target: str, plans: dict, *, held: float, per_componen
         if need > have:
             raise BackendUnavailable(
                 f"{target} {how}: {label} ({params:,} parameters; {beside:,} held as exported programs meanwhile) needs at least "
-                f"{need / 2**30:.0f} GiB, this machine has {have / 2**30:.0f} GiB; run on a larger machine ({fix})")  # fmt: skip
+                f"{need / 2**30:.0f} GiB, this machine has {have / 2**30:.0f} GiB; run on a larger machine ({fix})"
+            )

@@ -122,7 +122,11 @@ def _decoder_calibration(wrapper, chunk: int, state: dict) -> list[dict]:
     """Feeds of every recorded call of the decoder (or of one part of it). A part after the first
     is calibrated on what the part before it computed in fp32 for the same sequences
     (``state["decoder_sequences"]``), so chained parts see the activations the whole decoder sees."""
-    sequences = _decoder_sequences(wrapper, chunk, state) if wrapper.decoder.layer_ids[0] == 0 else state.pop("decoder_sequences")
+    sequences = (
+        _decoder_sequences(wrapper, chunk, state)
+        if wrapper.decoder.layer_ids[0] == 0
+        else state.pop("decoder_sequences")
+    )
     feeds: list[dict] = []
     hidden = []
     for x, pos in sequences:
@@ -180,12 +184,20 @@ def _run_sequence(wrapper, embeds, positions, chunk: int) -> tuple[list[dict], t
     first_decode = calls[-1][1] if calls else 0
     calls += [(a, a + 1) for a in range(first_decode, L)]
     decodes = L - first_decode
-    keep = {first_decode + round(i * (decodes - 1) / max(1, DECODE_SAMPLES - 1)) for i in range(min(DECODE_SAMPLES, decodes))}
+    keep = {
+        first_decode + round(i * (decodes - 1) / max(1, DECODE_SAMPLES - 1))
+        for i in range(min(DECODE_SAMPLES, decodes))
+    }
     feeds = []
     for a, b in calls:
         cos, sin, mask = wrapper.host_inputs(positions[:, a:b].contiguous(), torch.arange(a, b))
         if b - a == chunk or a in keep:
-            feed = {"inputs_embeds": embeds[:, a:b].numpy().copy(), "cos": cos.numpy(), "sin": sin.numpy(), "mask": mask.numpy()}
+            feed = {
+                "inputs_embeds": embeds[:, a:b].numpy().copy(),
+                "cos": cos.numpy(),
+                "sin": sin.numpy(),
+                "mask": mask.numpy(),
+            }
             feed |= {n: c.numpy().copy() for n, c in zip(wrapper.cache_names(), caches)}
             feeds.append(feed)
         out = wrapper(embeds[:, a:b], cos, sin, mask, *caches)
@@ -242,7 +254,9 @@ class StaticGraphRuntime:
         raise NotImplementedError
 
     def reset(self) -> None:
-        self.caches = [[np.zeros(shape, np.float32) for _, shape in self.graph_inputs[k["decode"]][4:]] for k in self.decoder_keys]
+        self.caches = [
+            [np.zeros(shape, np.float32) for _, shape in self.graph_inputs[k["decode"]][4:]] for k in self.decoder_keys
+        ]
 
     def token_embedding(self, input_ids):
         ids = input_ids.numpy()
@@ -253,7 +267,9 @@ class StaticGraphRuntime:
         return torch.from_numpy(np.concatenate(parts, axis=1))
 
     def vision_encoder(self, pixel_values, method: str = "vision_encoder"):
-        return torch.from_numpy(np.asarray(self._run(method, {"pixel_values": pixel_values.numpy().astype(np.float32)})[0]))
+        return torch.from_numpy(
+            np.asarray(self._run(method, {"pixel_values": pixel_values.numpy().astype(np.float32)})[0])
+        )
 
     def audio_encoder(self, input_features):
         x = input_features.numpy().astype(np.float32)

@@ -56,10 +56,14 @@ class XnnpackTarget(Target):
 
     def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
         progress(f"to_edge + XNNPACK partitioning of {len(programs)} method(s)")
-        stats, data = _lower_to_pte(programs, metadata_methods(model_meta), out_dir / PTE, progress, self.external_weights)
+        stats, data = _lower_to_pte(
+            programs, metadata_methods(model_meta), out_dir / PTE, progress, self.external_weights
+        )
         where = {"file": PTE, **({"data_file": data} if data else {})}
-        return {"files": [PTE, *([data] if data else [])],
-                "methods": {name: {**where, "delegation": stats[name]} for name in programs}}  # fmt: skip
+        return {
+            "files": [PTE, *([data] if data else [])],
+            "methods": {name: {**where, "delegation": stats[name]} for name in programs},
+        }
 
     def lower_part(self, name: str, program, layers: tuple[int, int], out_dir: Path, progress, plan) -> dict:
         """One part of the decoder (``recipe.lowering``) as its own ``.pte`` with one method ``name``."""
@@ -67,8 +71,14 @@ class XnnpackTarget(Target):
         file = part_file(name, layers, "pte")
         progress(f"to_edge + XNNPACK partitioning of {name} layers {a}..{b - 1} -> {file}")
         stats, data = _lower_to_pte({name: program}, {}, out_dir / file, progress, self.external_weights)
-        return {"file": file, **({"data_file": data} if data else {}), "files": [file, *([data] if data else [])],
-                "method": name, "layers": [a, b], "delegation": stats[name]}  # fmt: skip
+        return {
+            "file": file,
+            **({"data_file": data} if data else {}),
+            "files": [file, *([data] if data else [])],
+            "method": name,
+            "layers": [a, b],
+            "delegation": stats[name],
+        }
 
     def contract_checks(self, runtime: ExecuTorchRuntime, manifest: dict) -> list[dict]:
         return [contract_check(runtime, manifest)]
@@ -118,7 +128,9 @@ def _external_constant_tagger(tag: str):
     return tag_of
 
 
-def _lower_to_pte(programs: dict, constant_methods: dict, path: Path, progress, external: bool = False) -> tuple[dict, str | None]:
+def _lower_to_pte(
+    programs: dict, constant_methods: dict, path: Path, progress, external: bool = False
+) -> tuple[dict, str | None]:
     """to_edge + XNNPACK partitioning + emission of ``programs`` into one ``.pte`` at ``path`` (and,
     ``external``, their weights into ``path.stem + ".ptd"``); returns delegation statistics per
     method and the data file's name or None."""
@@ -161,4 +173,3 @@ def _lower_to_pte(programs: dict, constant_methods: dict, path: Path, progress, 
     del et
     release_export_caches()
     return stats, data
-

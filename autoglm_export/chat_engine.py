@@ -11,10 +11,15 @@ from typing import Callable
 
 import numpy as np
 
+from .bundle import load_bundle
 from .errors import ExportError
+from .host.audio import AudioPreprocessing, log_mel
+from .host.chat_template import ChatTemplate
 from .host.conversation import Detokenizer, check_conversation, hold_back, render
+from .host.generate import generate
 from .host.messages import Message, Part, Rendered, digest
 from .host.sampling import Sampler, SamplingParams
+from .opened_bundle import check_verified, open_bundle
 
 
 @dataclass
@@ -41,10 +46,6 @@ class ChatEngine:
         manifest: dict | None = None,
     ) -> None:
         """``manifest``: one the caller already loaded and checked (``load_bundle``, ``check_verified``)."""
-        from .bundle import load_bundle
-        from .host.audio import AudioPreprocessing
-        from .opened_bundle import check_verified, open_bundle
-
         self.bundle = Path(bundle)
         if manifest is None:
             manifest = load_bundle(self.bundle, trust_stamp=True)
@@ -58,8 +59,6 @@ class ChatEngine:
         self.template = None
         name = self.manifest["prompt"].get("chat_template")
         if name is not None:  # listed and hashed like every file a runtime opens (bundle.opened_files)
-            from .host.chat_template import ChatTemplate
-
             path = self.bundle / name
             self.template = ChatTemplate(path.read_text(encoding="utf-8"), path, self.tokenizer)
         self._cached: list[tuple[int, str]] = []
@@ -73,8 +72,6 @@ class ChatEngine:
         return Part("image", data=x.pixels, digest=digest(x.pixels), grid=x.grid, method=x.method)
 
     def audio_part(self, wave: np.ndarray) -> Part:
-        from .host.audio import log_mel
-
         if self.audio_pre is None:
             raise ExportError(
                 "this bundle has no audio encoder",
@@ -128,8 +125,6 @@ class ChatEngine:
             return self._generate(r, budget, sampling, stops, on_text, cancelled, deadline)
 
     def _generate(self, r: Rendered, budget, sampling, stops, on_text, cancelled, deadline) -> ChatResult:
-        from .host.generate import generate
-
         n = len(r.prompt)
         reuse = 0
         for a, b in zip(

@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from measure import write_9b_shape_checkpoint  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 
 
@@ -40,25 +43,7 @@ def rss_bytes(pid: int) -> int:
 def checkpoint(work: Path, layers: int) -> Path:
     ckpt = work / f"ckpt-9b-shape-{layers}l"
     if not (ckpt / "config.json").is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "autoglm_export.cli",
-                "tiny-checkpoint",
-                str(ckpt),
-                "--preset",
-                "9b-shape",
-                "--layers",
-                str(layers),
-                "--vision-depth",
-                "1",
-                "-q",
-                "--force",
-            ],
-            cwd=REPO,
-            check=True,
-        )
+        write_9b_shape_checkpoint(ckpt, layers, vision_depth=1, cwd=REPO)
     return ckpt
 
 

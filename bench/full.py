@@ -14,13 +14,13 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import write_9b_shape_checkpoint  # noqa: E402
 from scale import FULL_LAYERS, FULL_VISION_DEPTH, GGUF_Q4_K_M_BYTES, RESULTS, _cores, replace_doc_block, run_one  # noqa: E402
 
 _BEGIN, _END = "<!-- full-bench -->", "<!-- /full-bench -->"
@@ -68,23 +68,7 @@ def main() -> None:
     ckpt = work / "ckpt-full"
     t0 = time.monotonic()
     if not (ckpt / "model.safetensors.index.json").is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "autoglm_export.cli",
-                "tiny-checkpoint",
-                str(ckpt),
-                "--preset",
-                "9b-shape",
-                "--layers",
-                str(FULL_LAYERS),
-                "--vision-depth",
-                str(FULL_VISION_DEPTH),
-                "--force",
-            ],
-            check=True,
-        )
+        write_9b_shape_checkpoint(ckpt, FULL_LAYERS, FULL_VISION_DEPTH)
         result["checkpoint_s"] = round(time.monotonic() - t0, 1)
     from autoglm_export.checkpoint import open_checkpoint
     from autoglm_export.targets.shared.memory_fit import physical_memory_bytes

@@ -43,6 +43,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(REPO / "bench"))
+from measure import write_9b_shape_checkpoint  # noqa: E402
+
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 
 
@@ -141,24 +144,7 @@ def checkpoint(work: Path, layers: int) -> Path:
     ckpt = work / f"ckpt-9b-shape-{layers}l"
     if not (ckpt / "config.json").is_file():
         log(f"writing the synthetic 9B-shape checkpoint ({layers} layers, 1 ViT block)")
-        run(
-            [
-                sys.executable,
-                "-m",
-                "autoglm_export.cli",
-                "tiny-checkpoint",
-                ckpt,
-                "--preset",
-                "9b-shape",
-                "--layers",
-                layers,
-                "--vision-depth",
-                1,
-                "-q",
-                "--force",
-            ],
-            cwd=REPO,
-        )
+        write_9b_shape_checkpoint(ckpt, layers, vision_depth=1, cwd=REPO)
     return ckpt
 
 

@@ -98,3 +98,13 @@ def measure(cmd: list[str], *, env: dict | None = None, log: Path | None = None,
 
 if __name__ == "__main__":  # python bench/measure.py CMD...: prints the figures as JSON
     print(json.dumps(measure(sys.argv[1:]), indent=2))
+
+
+def write_9b_shape_checkpoint(ckpt: Path, layers: int, vision_depth: int, *, cwd: Path | None = None) -> Path:
+    """A synthetic checkpoint at GLM-4.1V-9B's widths (random weights, ``layers`` decoder layers,
+    ``vision_depth`` ViT blocks), written by the CLI in a process of its own so that its memory is
+    not the caller's."""
+    cmd = [sys.executable, "-m", "autoglm_export.cli", "tiny-checkpoint", str(ckpt), "--preset", "9b-shape"]
+    cmd += ["--layers", str(layers), "--vision-depth", str(vision_depth), "-q", "--force"]
+    subprocess.run(cmd, cwd=cwd, check=True)
+    return ckpt

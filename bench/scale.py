@@ -20,13 +20,12 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import measure  # noqa: E402
+from measure import measure, write_9b_shape_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -270,24 +269,7 @@ def main() -> None:
     rows = _earlier_rows(RESULTS / f"{args.name}.json", args.vision_depth, args.verify)
     for n in [int(x) for x in args.layers.split(",")]:
         ckpt = work / f"ckpt-{n}"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "autoglm_export.cli",
-                "tiny-checkpoint",
-                str(ckpt),
-                "--preset",
-                "9b-shape",
-                "--layers",
-                str(n),
-                "--vision-depth",
-                str(args.vision_depth),
-                "--force",
-                "-q",
-            ],
-            check=True,
-        )
+        write_9b_shape_checkpoint(ckpt, n, args.vision_depth)
         for spec in args.targets.split(","):
             target, _, recipe = spec.partition(":")  # "xnnpack:recipes/xnnpack-compact.yaml": another recipe
             label, tag = (f"{target} ({Path(recipe).stem})", Path(recipe).stem) if recipe else (target, target)

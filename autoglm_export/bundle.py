@@ -16,16 +16,12 @@ from pathlib import Path
 from . import __version__
 from .errors import BundleError, excerpt
 from .fsutil import sha256_file
-from .models.glm4v.layout import vision_method
+from .methods import vision_method
 from .recipe import MAX_IMAGE_BUCKETS, MAX_IMAGE_SIDE
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REPORT = "report.json"
-PROMPT_TEMPLATE = (
-    "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|>×N<|end_of_image|>"
-    "[<|begin_of_audio|><|audio|>×M<|end_of_audio|>]TEXT<|assistant|>\n"
-)
 
 
 def library_versions(extra: dict | None = None) -> dict:

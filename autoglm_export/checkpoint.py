@@ -17,12 +17,14 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .errors import CheckpointError, excerpt
-from .models.glm4v.layout import canonical_key, full_layout
-from .models.glm4v.spec import ModelSpec, load_json, parse_config
+from .fsutil import load_json
+from .models import family_for_config, family_of
+from .models.family import ModelFamily
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -61,10 +63,14 @@ class TensorInfo:
 @dataclass
 class Checkpoint:
     root: Path
-    spec: ModelSpec
+    spec: Any  # the family's spec (models/<family>/spec.py)
     config: dict
     tensors: dict[str, TensorInfo]  # canonical key -> where it is stored
     generation_config: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> ModelFamily:
+        return family_of(self.spec)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -309,14 +315,15 @@ def open_checkpoint(path: str | Path, *, require_tokenizer: bool = True) -> Chec
         if gen_file.is_file()
         else {}
     )
-    spec = parse_config(config, config_file, generation)
+    family = family_for_config(config, config_file)
+    spec = family.parse_config(config, config_file, generation)
 
     stored: dict[str, TensorInfo] = {}
     for shard in _shard_files(root):
         for key, info in read_safetensors_header(shard).items():
-            stored[canonical_key(key)] = info
+            stored[family.canonical_key(key)] = info
 
-    expected = full_layout(spec)
+    expected = family.full_layout(spec)
     missing = [k for k in expected if k not in stored]
     if missing:
         raise CheckpointError(

@@ -1,27 +1,22 @@
-"""Component registry: the per-modality subgraphs an export produces.
+"""Components: the per-modality subgraphs an export produces, and the static shapes they take.
 
 Each component names its runtime method (the apps' runner contract: docs/bundle-format.md), whether a given
 checkpoint has it, how to build its export-ready module on the meta device and which
-checkpoint tensors it reads. Optional towers (audio) register here without touching the
-others; an unknown name lists the valid ones. The vision tower is one component per image
-bucket of the recipe (``shapes.images``): the same weights, one static size each.
+checkpoint tensors it reads. Each model family fills one registry (``models/<family>/components.py``);
+optional towers (audio) register there without touching the others; an unknown name lists the
+valid ones. The vision tower is one component per image bucket of the recipe (``shapes.images``):
+the same weights, one static size each.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch.nn as nn
 
 from .errors import ExportError
-from .models.glm4v import layout
-from .models.glm4v.audio_layout import audio_layout
-from .models.glm4v.layout import VISION_METHOD, is_vision_method, vision_method
-from .models.glm4v.audio import AudioEncoder
-from .models.glm4v.text import TextDecoder, TokenEmbedding
-from .models.glm4v.vision import VisionEncoder
-from .models.glm4v.spec import ModelSpec
+from .methods import VISION_METHOD, is_vision_method, vision_method
 
 
 @dataclass(frozen=True)
@@ -58,9 +53,9 @@ class Shapes:
 class Component:
     name: str
     description: str
-    applies: Callable[[ModelSpec], bool]
-    build: Callable[[ModelSpec, Shapes], nn.Module]
-    keys: Callable[[ModelSpec], dict]  # checkpoint key -> shape
+    applies: Callable[[Any], bool]
+    build: Callable[[Any, Shapes], nn.Module]
+    keys: Callable[[Any], dict]  # checkpoint key -> shape
     tower: str = ""  # the name quantization rules match (``<tower>.<weight>``); the name itself if empty
 
     @property
@@ -86,7 +81,7 @@ class ComponentRegistry:
             )
         return self._items[name]
 
-    def for_spec(self, spec: ModelSpec, shapes: Shapes | None = None) -> list[Component]:
+    def for_spec(self, spec, shapes: Shapes | None = None) -> list[Component]:
         """The components of a model; with ``shapes``, one vision component per image bucket."""
         out = []
         for c in self._items.values():
@@ -104,46 +99,6 @@ def _bucket(vision: Component, name: str, size: tuple[int, int]) -> Component:
         vision,
         name=name,
         tower=VISION_METHOD,
-        build=lambda spec, shapes: VisionEncoder(spec, size),
+        build=lambda spec, shapes: vision.build(spec, replace(shapes, images=(size,))),
         description=f"{vision.description} ({size[0]}x{size[1]} pixels)",
     )
-
-
-registry = ComponentRegistry()
-
-registry.register(
-    Component(
-        name="vision_encoder",
-        description="ViT + 2x2 merger: block-major patches of one image -> image token embeddings",
-        applies=lambda spec: True,
-        build=lambda spec, shapes: VisionEncoder(spec, shapes.buckets[0]),
-        keys=layout.vision_layout,
-    )
-)
-registry.register(
-    Component(
-        name="token_embedding",
-        description="token ids -> text embeddings",
-        applies=lambda spec: True,
-        build=lambda spec, shapes: TokenEmbedding(spec),
-        keys=layout.embedding_layout,
-    )
-)
-registry.register(
-    Component(
-        name="text_decoder",
-        description="GLM-4 decoder with static KV cache and 3-axis M-RoPE -> next-token logits",
-        applies=lambda spec: True,
-        build=lambda spec, shapes: TextDecoder(spec, shapes.max_context),
-        keys=layout.decoder_layout,
-    )
-)
-registry.register(
-    Component(
-        name="audio_encoder",
-        description="GLM-ASR audio tower + projector: log-mel window -> audio token embeddings",
-        applies=lambda spec: spec.audio is not None,
-        build=lambda spec, shapes: AudioEncoder(spec, shapes.audio_frames),
-        keys=audio_layout,
-    )
-)

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from .errors import ExportError
+from .errors import CheckpointError, ExportError
 
 # errors of the destination's file system that a user fixes by choosing another --out
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
@@ -218,3 +218,16 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def load_json(path: Path, what: str, fix: str) -> dict:
+    """A JSON object from a checkpoint's file, or a one-line error naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"missing {what}", file=path, fix=fix)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{what} is not valid JSON ({e.__class__.__name__}: {e})", file=path, fix=fix) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} is not a JSON object", file=path, fix=fix)
+    return data

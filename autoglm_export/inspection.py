@@ -11,8 +11,8 @@ from pathlib import Path
 
 from .checkpoint import INDEX_FILE, SINGLE_FILE, open_checkpoint
 from .errors import CheckpointError
-from .components import registry
-from .models.glm4v.spec import load_json, parse_config
+from .fsutil import load_json
+from .models import family_for_config, family_of
 
 # INT4 group-wise with one fp16 scale per 32 weights: 4 + 16/32 bits per weight
 INT4_BITS = 4.5
@@ -53,10 +53,10 @@ def describe(path: str | Path) -> dict:
             if gen_file.is_file()
             else None
         )
-        spec, dtypes = parse_config(config, cfg_file, gen), {}
+        spec, dtypes = family_for_config(config, cfg_file).parse_config(config, cfg_file, gen), {}
     components = {}
     total = int4_total = fp16_total = 0
-    for comp in registry.for_spec(spec):
+    for comp in family_of(spec).components.for_spec(spec):
         shapes = comp.keys(spec)
         params = sum(math.prod(s) for s in shapes.values())
         int4, fp16 = _estimate(shapes)

@@ -12,19 +12,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import MANIFEST, PROMPT_TEMPLATE, REPORT, SCHEMA_VERSION, file_entries, library_versions, write_json
+from .bundle import MANIFEST, REPORT, SCHEMA_VERSION, file_entries, library_versions, write_json
 from .checkpoint import Checkpoint, open_checkpoint
-from .components import Shapes, registry
+from .components import Shapes
 from .errors import RecipeError, excerpt
-from .fsutil import atomic_output_dir, check_output, sha256_file
+from .fsutil import atomic_output_dir, check_output, load_json, sha256_file
 from .host.audio import AudioPreprocessing
 from .host.chat_template import TEMPLATE_FILE, find_chat_template
 from .host.image import ImagePreprocessing
 from .host.tokenizer import ChatTokenizer
 from .load import build_on_meta, load_component
-from .models.glm4v.layout import is_vision_method
-from .models.glm4v.text import TextDecoder
-from .models.glm4v.spec import load_json
 from .progress import Progress, silent
 from .quantize import FLOAT_DTYPES, quantize_hook, unused_rules
 from .recipe import Recipe, default_recipe_path, load_recipe
@@ -111,53 +108,9 @@ def model_metadata(ckpt: Checkpoint, tokenizer: ChatTokenizer, shapes: Shapes) -
     return {
         "max_context": shapes.max_context,
         "eos_ids": list(ckpt.spec.tokens.eos_token_ids),
-        "bos_id": tokenizer.special["gmask"],
+        "bos_id": tokenizer.special[ckpt.family.bos_token],
         "vocab_size": ckpt.spec.text.vocab_size,
     }
-
-
-def component_io(name: str, ckpt: Checkpoint, shapes: Shapes, pre: ImagePreprocessing) -> dict:
-    t, v = ckpt.spec.text, ckpt.spec.vision
-    f32, i64 = "float32", "int64"
-    if is_vision_method(name):
-        h, w = shapes.bucket_methods()[name]
-        n = (h // v.patch_size) * (w // v.patch_size)
-        return {
-            "image_size": [h, w],
-            "inputs": [{"name": "pixel_values", "shape": [n, v.in_channels * v.patch_size**2], "dtype": f32}],
-            "outputs": [
-                {"name": "image_embeddings", "shape": [n // v.spatial_merge_size**2, t.hidden_size], "dtype": f32}
-            ],
-        }
-    if name == "audio_encoder":
-        a = ckpt.spec.audio
-        return {
-            "inputs": [{"name": "input_features", "shape": [1, a.num_mel_bins, shapes.audio_frames], "dtype": f32}],
-            "outputs": [{"name": "audio_embeddings", "shape": [shapes.audio_frames // 8, t.hidden_size], "dtype": f32}],
-        }
-    if name == "token_embedding":
-        return {
-            "inputs": [{"name": "input_ids", "shape": [1, "T"], "dtype": i64}],
-            "outputs": [{"name": "embeddings", "shape": [1, "T", t.hidden_size], "dtype": f32}],
-        }
-    if name == "text_decoder":
-        return {
-            "inputs": [
-                {"name": "inputs_embeds", "shape": [1, "T", t.hidden_size], "dtype": f32},
-                {"name": "position_ids", "shape": [3, "T"], "dtype": i64},
-                {"name": "cache_position", "shape": ["T"], "dtype": i64},
-            ],
-            "outputs": [{"name": "logits", "shape": [1, t.vocab_size], "dtype": f32}],
-            "state": {
-                "kv_cache": {
-                    "layers": t.num_layers,
-                    "shape": [1, t.num_kv_heads, shapes.max_context, t.head_dim],
-                    "dtype": f32,
-                    "note": "held inside the method; positions >= cache_position are masked",
-                }
-            },
-        }
-    raise KeyError(name)
 
 
 @dataclass
@@ -269,7 +222,7 @@ def lower_components(job: ExportJob, tmp: Path) -> dict:
     lower_say = job.say(f"lower/{job.target}")
     programs = {}
     part_results = []
-    components = registry.for_spec(ckpt.spec, shapes)
+    components = ckpt.family.components.for_spec(ckpt.spec, shapes)
     # a decoder in parts goes first, part by part, so nothing else is held meanwhile; a target
     # that calibrates the decoder on the other components' outputs (qnn) writes those first
     decoder_last = bool(parts) and tgt.capabilities.decoder_parts_last
@@ -298,7 +251,7 @@ def lower_components(job: ExportJob, tmp: Path) -> dict:
                 program = _export_module(
                     job,
                     comp.name,
-                    lambda a=a, b=b: TextDecoder(ckpt.spec, shapes.max_context, (a, b)),
+                    lambda a=a, b=b: ckpt.family.decoder_layers(ckpt.spec, shapes.max_context, (a, b)),
                     plan,
                     hook,
                     f"text_decoder part {i + 1}/{len(parts)} (layers {a}..{b - 1})",
@@ -365,29 +318,24 @@ def build_manifest(job: ExportJob, lowered: dict, *, chat_template: bool) -> dic
             name: {
                 "method": name,
                 **lowered["methods"][name],
-                **component_io(name, ckpt, shapes, job.pre),
+                **ckpt.family.component_io(name, ckpt.spec, shapes),
                 "quantization": job.plans[name].summary(),
             }
             for name in job.plans
         },
         "prompt": {
-            "template": PROMPT_TEMPLATE,
+            "template": ckpt.family.prompt_template,
             "special_ids": dict(sorted(tokenizer.special.items())),
             "eos_ids": list(ckpt.spec.tokens.eos_token_ids),
             "pad_id": ckpt.spec.tokens.pad_token_id,
-            "bos_id": tokenizer.special["gmask"],
+            "bos_id": tokenizer.special[ckpt.family.bos_token],
             **({"chat_template": TEMPLATE_FILE} if chat_template else {}),
         },
         "preprocessing": job.pre.to_json(),
         "audio_preprocessing": None
         if ckpt.spec.audio is None
         else AudioPreprocessing(frames=shapes.audio_frames, mel_bins=ckpt.spec.audio.num_mel_bins).to_json(),
-        "positions": {
-            "scheme": "mrope-3axis",
-            "mrope_section": list(ckpt.spec.text.mrope_section),
-            "rule": "text and audio: same position on t/h/w; image at cur: t=cur, h=cur+row, "
-            "w=cur+col, then cur += max(gh, gw); decode position = cache_index + rope_delta",
-        },
+        "positions": ckpt.family.positions(ckpt.spec),
         "versions": library_versions(job.tgt.versions()),
         **lowered.get("manifest", {}),  # target-specific sections (e.g. qnn: SoC, SDK, emulator note)
     }

@@ -5,9 +5,10 @@ rule problem of every component reported in one error."""
 from __future__ import annotations
 
 from .checkpoint import Checkpoint
-from .components import Shapes, registry
+from .components import Shapes
 from .errors import RecipeError
 from .load import build_on_meta
+from .models import family_of
 from .quantize import ComponentPlan, plan_component
 from .recipe import Recipe
 
@@ -19,7 +20,7 @@ def plan_quantization(recipe: Recipe, ckpt: Checkpoint, shapes: Shapes, recipe_f
 def plan_quantization_for_spec(recipe: Recipe, spec, shapes: Shapes, recipe_file: str) -> dict[str, ComponentPlan]:
     """Every component's plan from a model spec alone (modules built on meta: no weights needed)."""
     plans, problems = {}, []
-    for comp in registry.for_spec(spec, shapes):
+    for comp in family_of(spec).components.for_spec(spec, shapes):
         meta = build_on_meta(lambda c=comp: c.build(spec, shapes))
         try:
             plans[comp.name] = plan_component(recipe, comp.rule_name, meta, recipe_file)

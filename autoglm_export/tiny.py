@@ -18,8 +18,7 @@ import torch
 
 from .errors import ExportError
 from .fsutil import atomic_output_dir
-from .models.glm4v.layout import full_layout
-from .models.glm4v.spec import parse_config
+from .models import get_family
 from .safetensors_io import write_safetensors
 
 REAL_SPECIAL_BASE = 151329
@@ -338,8 +337,9 @@ def write_tiny_checkpoint(
         "pad_token_id": base,
         "transformers_version": "5.23.0",
     }
-    spec = parse_config(config, Path(out) / "config.json", gen)
-    shapes = full_layout(spec)
+    family = get_family("glm4v")
+    spec = family.parse_config(config, Path(out) / "config.json", gen)
+    shapes = family.full_layout(spec)
 
     with atomic_output_dir(
         Path(out), force=force, replaceable=is_tiny_checkpoint, what="a checkpoint this command wrote"

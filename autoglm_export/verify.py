@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .components import Shapes, registry
+from .components import Shapes
 from .errors import BundleError, ExportError
 from .host.generate import EagerRuntime, Trace, call_component, generate
 from .host.golden import GOLDEN_PROMPT, golden_image
@@ -27,8 +27,7 @@ from .host.image import ImagePreprocessing, preprocess_image
 from .host.prompt import AUDIO, IMAGE, build_chat_prompt
 from .load import build_on_meta, load_component, load_shared
 from .metrics import compare, passes
-from .models.glm4v.layout import VISION_METHOD, is_vision_method
-from .models.glm4v.text import TextDecoder
+from .methods import VISION_METHOD, is_vision_method
 from .planning import plan_quantization
 from .progress import silent
 from .quantize import FLOAT_DTYPES, ComponentPlan, dequantize_per_call, quantize_hook
@@ -60,14 +59,18 @@ def load_reference(
 
     Targets that quantize in PyTorch get the same torchao configuration; targets that quantize
     the exported graph (onnx) get the weights read back from the bundle."""
-    comp = registry.get(name)
+    comp = ckpt.family.components.get(name)
     meta = build_on_meta(lambda: comp.build(ckpt.spec, shapes))
     if plan is None:
         return load_component(meta, ckpt, torch.float32)
     if tgt.capabilities.own_reference:  # targets whose reference is not a PyTorch module
 
         def load(layers=None):  # layers: one part of the decoder (targets that rebuild a decoder in parts)
-            part = meta if layers is None else build_on_meta(lambda: TextDecoder(ckpt.spec, shapes.max_context, layers))
+            part = (
+                meta
+                if layers is None
+                else build_on_meta(lambda: ckpt.family.decoder_layers(ckpt.spec, shapes.max_context, layers))
+            )
             return load_component(part, ckpt, torch.float32)
 
         ref = tgt.reference_component(name, plan, bundle, manifest, load=load)
@@ -167,7 +170,9 @@ def _decoder_calls_by_part(
     for a in range(layers):
         progress(f"fp32 reference for text_decoder: layer {a + 1}/{layers}")
         part = load_component(
-            build_on_meta(lambda a=a: TextDecoder(ckpt.spec, shapes.max_context, (a, a + 1))), ckpt, torch.float32
+            build_on_meta(lambda a=a: ckpt.family.decoder_layers(ckpt.spec, shapes.max_context, (a, a + 1))),
+            ckpt,
+            torch.float32,
         )
         part.reset_cache()
         xs = [part(x, p, c) for x, (_, p, c) in zip(xs, calls)]
@@ -268,7 +273,7 @@ def run_checks(
         )
         if share:  # weights from the checkpoint and the (same) plan alone: the buckets' are the same tensors
             q[name] = load_shared(
-                build_on_meta(lambda n=name: registry.get(n).build(ckpt.spec, shapes)),
+                build_on_meta(lambda n=name: ckpt.family.components.get(n).build(ckpt.spec, shapes)),
                 q[VISION_METHOD],
                 ckpt,
                 FLOAT_DTYPES[plans[name].dtype],
@@ -337,7 +342,7 @@ def run_checks(
     f = {}
     with torch.no_grad():
         for name in [*inputs, "text_decoder"]:
-            comp_bytes = 4 * sum(ckpt.tensors[k].numel for k in registry.get(name).keys(ckpt.spec))
+            comp_bytes = 4 * sum(ckpt.tensors[k].numel for k in ckpt.family.components.get(name).keys(ckpt.spec))
             fp16 = plans[name].dtype == "fp16" and not plans[name].quantized
             threshold = par.fp16_sqnr_db if fp16 else None
             if name == "text_decoder" and not keep_all:
@@ -355,7 +360,9 @@ def run_checks(
                 progress(f"fp32 reference for {name}")
                 if is_vision_method(name) and VISION_METHOD in f:  # kept for the greedy run: share its weights
                     mod = load_shared(
-                        build_on_meta(lambda n=name: registry.get(n).build(ckpt.spec, shapes)), f[VISION_METHOD], ckpt
+                        build_on_meta(lambda n=name: ckpt.family.components.get(n).build(ckpt.spec, shapes)),
+                        f[VISION_METHOD],
+                        ckpt,
                     )
                 else:
                     mod = load_reference(ckpt, name, shapes, None, tgt)

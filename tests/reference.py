@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from autoglm_export.checkpoint import open_checkpoint
-from autoglm_export.components import Shapes, registry
+from autoglm_export.components import Shapes
 from autoglm_export.host.generate import EagerRuntime, generate
 from autoglm_export.host.image import ImagePreprocessing, preprocess_image
 from autoglm_export.host.prompt import build_chat_prompt
@@ -20,7 +20,7 @@ def load_ours(ckpt_dir: Path, shapes: Shapes):
     ckpt = open_checkpoint(ckpt_dir)
     mods = {
         c.name: load_component(build_on_meta(lambda c=c: c.build(ckpt.spec, shapes)), ckpt)
-        for c in registry.for_spec(ckpt.spec)
+        for c in ckpt.family.components.for_spec(ckpt.spec)
     }
     return ckpt, mods
 

@@ -189,7 +189,7 @@ def test_compact_recipes_plan_the_real_9b_under_the_size_goal():
     import json
 
     from autoglm_export.components import Shapes
-    from autoglm_export.models.glm4v.layout import is_vision_method
+    from autoglm_export.methods import is_vision_method
     from autoglm_export.models.glm4v.spec import parse_config
     from autoglm_export.planning import plan_quantization_for_spec
 

@@ -7,9 +7,9 @@ import shutil
 
 import torch
 
-from autoglm_export.components import Shapes, registry
+from autoglm_export.components import Shapes
 from autoglm_export.load import build_on_meta
-from autoglm_export.models.glm4v.spec import parse_config
+from autoglm_export.models import family_for_config
 from autoglm_export.tiny import write_tiny_checkpoint
 from conftest import DATA, run_cli
 
@@ -45,10 +45,11 @@ def test_tokenizer_specials_sit_at_config_ids(tiny_ckpt):
 
 def test_real_9b_config_builds_on_meta():
     config = json.loads((DATA / "glm41v_9b_config.json").read_text())
-    spec = parse_config(config, DATA / "glm41v_9b_config.json")
+    family = family_for_config(config, DATA / "glm41v_9b_config.json")  # by model_type 'glm4v'
+    spec = family.parse_config(config, DATA / "glm41v_9b_config.json")
     assert spec.text.rotary_dim == 64 and spec.text.head_dim == 128
     total = 0
-    for comp in registry.for_spec(spec):
+    for comp in family.components.for_spec(spec):
         module = build_on_meta(lambda c=comp: c.build(spec, Shapes()))
         n = sum(p.numel() for p in module.parameters())
         assert all(p.device.type == "meta" for p in module.parameters())

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
-from ..models.glm4v.layout import VISION_METHOD, is_vision_method
+from ..methods import VISION_METHOD, is_vision_method
 from .positions import decode_positions, mrope_positions
 from .prompt import AUDIO, IMAGE, Prompt
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError, excerpt
-from ..models.glm4v.layout import vision_method
+from ..methods import vision_method
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import attention, inv_frequencies, repeat_kv, rotary_qkv, rotation_matrix
-from .spec import ModelSpec
+from .spec import FAMILY_NAME, ModelSpec
 
 
 class AudioAttention(nn.Module):
@@ -65,6 +65,8 @@ class AudioEncoder(nn.Module):
     """input_features [1, mel_bins, frames] (log-mel of a fixed window) -> audio embeddings [frames/8, D].
 
     Frames halve in the stride-2 conv, then every 4 encoder frames become one LM token."""
+
+    family = FAMILY_NAME  # read by models.family_of
 
     method_name = "audio_encoder"
 

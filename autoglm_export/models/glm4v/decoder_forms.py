@@ -8,12 +8,15 @@ import torch
 import torch.nn as nn
 
 from .blocks import group_mask, grouped_attention, rotary_qkv
+from .spec import FAMILY_NAME
 from .text import TextDecoder
 
 
 class TextDecoderExplicitCache(nn.Module):
     """The same decoder with the KV cache as inputs and outputs (ONNX Runtime has no module state):
     (inputs_embeds, position_ids, cache_position, k_0, v_0, ...) -> (logits, k_0', v_0', ...)."""
+
+    family = FAMILY_NAME  # read by models.family_of
 
     method_name = "text_decoder"
 
@@ -51,6 +54,8 @@ class TextDecoderStatic(nn.Module):
     over the visible slots (hidden ones get exactly 0), with a small quantized range everywhere,
     computed over the cached slots and the new tokens as two blocks (no concatenation).
     """
+
+    family = FAMILY_NAME  # read by models.family_of
 
     method_name = "text_decoder"
 
@@ -125,6 +130,8 @@ class TextDecoderStateful(nn.Module):
     A part of the decoder (``TextDecoder(layers=(a, b))``) holds the states of its own layers and,
     unless it ends at the last layer, returns hidden_states [1,T,D] for the next part.
     """
+
+    family = FAMILY_NAME  # read by models.family_of
 
     method_name = "text_decoder"
 

@@ -7,14 +7,14 @@ read every field ourselves and reject what we cannot honour.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ...errors import CheckpointError
 from .config_fields import ConfigFields
 
+FAMILY_NAME = "glm4v"  # the package under models/ (models.MODEL_TYPES)
 ARCHITECTURE = "Glm4vForConditionalGeneration"
 MODEL_TYPES = ("glm4v",)
 
@@ -95,6 +95,7 @@ class TokenSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    family: ClassVar[str] = FAMILY_NAME  # how models.family_of finds the family of this spec
     architecture: str
     model_type: str
     config_form: str  # "nested" or "flat"
@@ -129,19 +130,10 @@ def _rope_fields(text: dict, top: dict) -> dict:
 
 
 def parse_config(config: dict, file: Path, generation_config: dict | None = None) -> ModelSpec:
-    """Build a ``ModelSpec`` from a parsed config.json (nested or flat form)."""
+    """Build a ``ModelSpec`` from a parsed config.json (nested or flat form) that
+    ``models.family_for_config`` gave to this family."""
     top = ConfigFields(config, file, "")
-    archs = config.get("architectures") or []
     model_type = config.get("model_type")
-    if ARCHITECTURE not in archs and model_type not in MODEL_TYPES:
-        raise CheckpointError(
-            "unsupported architecture",
-            file=file,
-            field="architectures",
-            expected=f"[{ARCHITECTURE!r}] (model_type 'glm4v')",
-            got=f"{archs!r} (model_type {model_type!r})",
-            fix="point --checkpoint at a GLM-4.1V / AutoGLM-Phone checkpoint",
-        )
 
     nested = isinstance(config.get("text_config"), dict)
     text_raw = config["text_config"] if nested else config
@@ -269,15 +261,3 @@ def parse_config(config: dict, file: Path, generation_config: dict | None = None
         tokens=tokens,
         audio=audio,
     )
-
-
-def load_json(path: Path, what: str, fix: str) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"missing {what}", file=path, fix=fix)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{what} is not valid JSON ({e.__class__.__name__}: {e})", file=path, fix=fix) from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{what} is not a JSON object", file=path, fix=fix)
-    return data

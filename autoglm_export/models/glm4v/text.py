@@ -11,11 +11,13 @@ import torch.nn.functional as F
 
 from .blocks import RMSNorm, group_mask, grouped_attention, inv_frequencies, rotary_qkv, rotation_matrix
 from .layout import TEXT_PREFIX
-from .spec import ModelSpec, TextSpec
+from .spec import FAMILY_NAME, ModelSpec, TextSpec
 
 
 class TokenEmbedding(nn.Module):
     """input_ids [1, T] int64 -> embeddings [1, T, D]."""
+
+    family = FAMILY_NAME  # read by models.family_of
 
     method_name = "token_embedding"
 
@@ -132,6 +134,8 @@ class TextDecoder(nn.Module):
     (``layers.{i}.…``), the part maps hidden states [1,T,D] -> [1,T,D], and only the part that
     ends at the last layer holds the final norm and lm_head and returns logits.
     """
+
+    family = FAMILY_NAME  # read by models.family_of
 
     method_name = "text_decoder"
 

@@ -13,8 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import GatedMLP, RMSNorm, attention, inv_frequencies, rotation_matrix
-from .layout import VISION_METHOD, VISION_PREFIX
-from .spec import ModelSpec, VisionSpec
+from ...methods import VISION_METHOD
+from .layout import VISION_PREFIX
+from .spec import FAMILY_NAME, ModelSpec, VisionSpec
 
 
 def vision_patch_positions(grid_h: int, grid_w: int, merge: int) -> torch.Tensor:
@@ -96,6 +97,8 @@ class VisionEncoder(nn.Module):
     """pixel_values [N, C*P*P] (block-major patches of one frame) -> image embeddings [N/m^2, D].
 
     One static image size (height, width) per instance: each recipe bucket is its own method."""
+
+    family = FAMILY_NAME  # read by models.family_of
 
     method_name = VISION_METHOD
 

@@ -199,7 +199,6 @@ def weight_checks(ckpt, shapes, plans: dict, bundle: Path, manifest: dict) -> li
     """INT4/INT8 codes and scales in weight.bin vs the project's quantizer on the checkpoint."""
     import torch
 
-    from ...components import registry
     from ...load import build_on_meta, load_component
     from . import quant as coreml_quant
     from .mil import MilProgram
@@ -220,7 +219,7 @@ def weight_checks(ckpt, shapes, plans: dict, bundle: Path, manifest: dict) -> li
                         packed[op.name] = (op.inputs["data"][0][1], op.inputs["scale"][0][1], op.inputs.get("offset"))
         if not wanted:
             continue
-        c = registry.get(name)
+        c = ckpt.family.components.get(name)
         module = load_component(build_on_meta(lambda c=c: c.build(ckpt.spec, shapes)), ckpt, torch.float32)
         params = dict(module.named_parameters())
         total = exact = 0

@@ -31,7 +31,8 @@ import torch
 
 from ...bundle import part_file
 from ...errors import ExportError
-from ...models.glm4v.layout import is_vision_method
+from ...methods import is_vision_method
+from ...models import family_of
 from ...progress import silent
 from ..contract import Target
 from . import quant as coreml_quant
@@ -122,11 +123,6 @@ class CoreMLTarget(Target):
     # -- export: static torch.export graphs per Core ML function ---------------------------------
 
     def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
-        from ...models.glm4v.blocks import RMSNorm
-
-        # fp16 in PyTorch already: the program computes in fp16 either way (compute_precision), and
-        from ...models.glm4v.decoder_forms import TextDecoderStateful
-
         # fp16 in PyTorch already: the program computes in fp16 either way (compute_precision), and
         # converting an fp32 graph cost ~30 bytes of RAM per parameter against ~4 for an fp16 one
         # (a 151552 x 256 embedding: +1.17 vs +0.16 GiB), which decides whether 9B converts in 24 GiB
@@ -135,11 +131,11 @@ class CoreMLTarget(Target):
             from ...host.static_decoder import rope_table
 
             extra["rope"] = rope_table(module.inv_freq, module.axis_selector)
+        family = family_of(module)
         module = module.half().eval()
+        family.set_norm_mode(module, "scaled")  # overflow- and underflow-safe in fp16, epsilon included
         for m in module.modules():
-            if isinstance(m, RMSNorm):
-                m.scaled = True  # overflow- and underflow-safe in fp16, epsilon included
-            elif type(m) is torch.nn.LayerNorm:
+            if type(m) is torch.nn.LayerNorm:
                 m.__class__ = _Fp32LayerNorm
         graphs: dict[str, tuple] = {}
         with torch.no_grad():
@@ -162,7 +158,7 @@ class CoreMLTarget(Target):
                         ["embeddings"],
                     )
             elif name == "text_decoder":
-                wrapped, prefix = TextDecoderStateful(module).eval(), "decoder."
+                wrapped, prefix = family.decoder_form("state", module).eval(), "decoder."
                 t, C = module.t, module.max_context
                 for fn, T in zip(function_names(name), (prefill_chunk, 1)):
                     args = (

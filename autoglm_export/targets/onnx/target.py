@@ -28,7 +28,8 @@ import torch
 
 from ...bundle import decoder_part_paths, part_file
 from ...errors import ExportError
-from ...models.glm4v.layout import is_vision_method
+from ...methods import is_vision_method
+from ...models import family_of
 from ..contract import Target
 from ..shared.export_caches import release_export_caches
 from ..shared.onnx_weights import weight_digest
@@ -104,8 +105,6 @@ class OnnxTarget(Target):
     def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
         from torch.export import Dim
 
-        from ...models.glm4v.decoder_forms import TextDecoderExplicitCache
-
         T = Dim("T", min=1, max=prefill_chunk)
         length = min(4, prefill_chunk)
         with torch.no_grad():
@@ -116,7 +115,7 @@ class OnnxTarget(Target):
             elif name == "token_embedding":
                 args, names, outs, dyn = module.example_inputs(length), ["input_ids"], ["embeddings"], ({1: T},)
             elif name == "text_decoder":
-                wrapper = TextDecoderExplicitCache(module).eval()
+                wrapper = family_of(module).decoder_form("explicit_cache", module).eval()
                 caches = wrapper.empty_caches()
                 args = (*module.example_inputs(length), caches)
                 names = ["inputs_embeds", "position_ids", "cache_position", *wrapper.cache_names()]

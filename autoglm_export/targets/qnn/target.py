@@ -31,6 +31,7 @@ import torch
 
 from ...bundle import REPORT
 from ...errors import BackendUnavailable, ExportError
+from ...models import family_of
 from ..contract import Target
 from ..shared.executorch import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_output
 from ..shared.export_caches import release_export_caches
@@ -72,11 +73,9 @@ def preload_qnn_libraries() -> dict:
     return note
 
 
-# Up-front memory refusal (memory_fit.py): lower bounds fitted to the 9B shape (bench/scale,
-# 2026-11-23, after quantize_graph and the lowering stopped cloning and holding float weights).
-# In parts (recipes/qnn.yaml), one layer: largest process 11.29 GiB; the bound for the last part
-# (lm_head and one layer, 824.7 M parameters) is 12 x 0.82 B = 9.2 GiB. Two layers lowered whole
-# (bench/recipes/qnn-whole.yaml): 16.38 GiB; bound 2 x 1.89 B + 12 x 1.03 B = 15.0 GiB.
+# Up-front memory refusal (memory_fit.py): bytes per parameter of the exported programs held until
+# lowering and of lowering one component or decoder part, lower bounds fitted to bench/scale's runs at
+# the 9B shape, in parts and whole (the qnn rows and their notes in docs/benchmarks.md)
 HELD_BYTES_PER_PARAM = 2
 LOWER_BYTES_PER_PARAM = 12
 QNN_CONTEXT_MAGIC = bytes.fromhex("cdab7856")  # 0x5678abcd, little-endian: ExecuTorch's QNN context header
@@ -177,13 +176,12 @@ def quantize_graph(spec, plan) -> torch.nn.Module:
     from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from ...models.glm4v.decoder_forms import TextDecoderStatic
-
     # non-strict: strict export (dynamo) clones every weight it captures into a cache of real values
     # and holds up to three times the component's fp32 weights while tracing (+6.9 GiB for the 9B
     # token embedding's 2.3 GiB table, measured); these graphs hold no state that needs dynamo
     gm = torch.export.export(spec.module, spec.args, strict=False).module()
-    prefix = "decoder." if isinstance(spec.module, TextDecoderStatic) else ""  # the wrapper's attribute name
+    host_cache_form = family_of(spec.module).decoder_forms["host_cache"]
+    prefix = "decoder." if isinstance(spec.module, host_cache_form) else ""  # the wrapper's attribute name
     int4 = {n.rsplit(".", 1)[0] for n, w in plan.weights.items() if w.scheme == "int4"}
     four_bit = {
         node.name: path.removeprefix(prefix)

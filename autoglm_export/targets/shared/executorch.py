@@ -13,7 +13,7 @@ import torch
 from torch.export import Dim, ExportedProgram, export
 
 from ...bundle import decoder_part_paths, program_data_files
-from ...models.glm4v.layout import is_vision_method
+from ...methods import is_vision_method
 from .export_caches import release_export_caches
 
 # bookkeeping nodes that are not compute

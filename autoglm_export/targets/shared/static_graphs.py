@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...models.glm4v.layout import VISION_METHOD, is_vision_method
+from ...methods import VISION_METHOD, is_vision_method
+from ...models import family_of
 
 CALIBRATION_SEED = 1234
 
@@ -44,13 +45,9 @@ def graph_names(component: str) -> list[str]:
 
 @torch.no_grad()
 def static_graphs(name: str, module: torch.nn.Module, prefill_chunk: int, state: dict) -> dict[str, StaticGraph]:
-    from ...models.glm4v.blocks import RMSNorm
-    from ...models.glm4v.decoder_forms import TextDecoderStatic
-
+    family = family_of(module)
     module = module.float().eval()
-    for m in module.modules():
-        if isinstance(m, RMSNorm):
-            m.plain = True  # one fusable rms_norm pattern (see onnx_graph.fuse_rms_norm)
+    family.set_norm_mode(module, "plain")  # one fusable rms_norm pattern (onnx_qnn/rms_norm_fusion.py)
     out: dict[str, StaticGraph] = {}
     if is_vision_method(name) or name == "audio_encoder":
         (x,) = module.example_inputs()
@@ -71,7 +68,7 @@ def static_graphs(name: str, module: torch.nn.Module, prefill_chunk: int, state:
         state["embeds"] = module(torch.randint(0, vocab, (1, 4 * prefill_chunk + 6), generator=g))
         state["prompt_embeds"] = [module(torch.tensor([p.ids])) for p in _calibration_set(state).prompts]
     elif name == "text_decoder":
-        wrapper = TextDecoderStatic(module).eval()
+        wrapper = family.decoder_form("host_cache", module).eval()
         names = ["inputs_embeds", "cos", "sin", "mask", *wrapper.cache_names()]
         outs = wrapper.output_names()
         feeds = _decoder_calibration(wrapper, prefill_chunk, state)

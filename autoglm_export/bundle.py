@@ -87,7 +87,7 @@ def _inside(bundle: Path, name: str) -> bool:
 
 # keys under manifest.components whose values name a file (or a Core ML package) a runtime opens
 FILE_KEYS = ("file", "data_file", "model", "context")
-LIST_FILE_KEYS = ("binaries",)
+LIST_FILE_KEYS = ("binaries", "data_files")
 MAX_CONTEXT_LIMIT = 1 << 20
 
 

@@ -16,7 +16,7 @@ from autoglm_export.checkpoint import open_checkpoint
 from autoglm_export.golden_bundle import golden_bundle
 from autoglm_export.host.golden import golden_vectors, write_golden
 from autoglm_export.host.image import ImagePreprocessing
-from autoglm_export.models.glm4v.spec import load_json
+from autoglm_export.fsutil import load_json
 
 
 def main() -> None:

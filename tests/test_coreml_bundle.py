@@ -62,7 +62,19 @@ def test_gates_packages_and_manifest(coreml_bundle):
     assert list(emb["quantized_weights"].values())[0]["weight"] == "token_embedding.embed_tokens.weight"
     vis = m["components"]["vision_encoder"]
     assert vis["package"]["quantized_weights"] == {} and vis["quantization"]["float_dtype"] == "fp16"
-    assert list(vis["package"]["functions"]) == ["main"]
+    # the image buckets: functions of one package, the ViT's weights in it once
+    second = m["components"]["vision_encoder_224x112"]
+    assert vis["file"] == second["file"] == "vision_encoder.mlpackage" and vis["package"] == second["package"]
+    assert (vis["function"], second["function"]) == ("vision_encoder", "vision_encoder_224x112")
+    assert list(vis["package"]["functions"]) == ["vision_encoder", "vision_encoder_224x112"]
+    assert (
+        vis["package"]["default_function"] == "vision_encoder"
+        and not (coreml_bundle / "vision_encoder_224x112.mlpackage").exists()
+    )
+    assert vis["package"]["functions"]["vision_encoder_224x112"]["inputs"]["pixel_values"]["shape"] == [128, 588]
+    blob = (coreml_bundle / "vision_encoder.mlpackage/Data/com.apple.CoreML/weights/weight.bin").stat().st_size
+    params = vis["quantization"]["params"]
+    assert 2 * params < blob < 3 * params  # the fp16 weights once, with each grid's tables (twice: > 4 bytes each)
     # the rotary table the host (and the iOS app) computes cos/sin from: fp32 frequencies, although the
     # package's weights were converted from an fp16 module
     from autoglm_export.models.glm4v.blocks import inv_frequencies
@@ -147,7 +159,11 @@ def test_structure_check_catches_a_manifest_mismatch(coreml_bundle):
     from autoglm_export.targets.coreml.mil import MilProgram
 
     manifest = json.loads((coreml_bundle / "manifest.json").read_text())
-    programs = {n: MilProgram(coreml_bundle / c["file"]) for n, c in manifest["components"].items()}
+    # one program per package (the image buckets share one)
+    programs = {
+        c["file"].removesuffix(".mlpackage"): MilProgram(coreml_bundle / c["file"])
+        for c in manifest["components"].values()
+    }
     assert all(c["passed"] for c in structure_checks(programs, manifest))
     manifest["components"]["text_decoder"]["package"]["functions"]["decode"]["inputs"]["mask"]["shape"] = [1, 1, 1, 64]
     failed = [c["name"] for c in structure_checks(programs, manifest) if not c["passed"]]

@@ -175,6 +175,47 @@ def test_large_weights_go_to_external_data(tiny_ckpt, tmp_path, monkeypatch):
     assert proc.returncode == 2 and "text_decoder.onnx.data" in proc.stderr
 
 
+def test_image_buckets_share_the_vision_weights(tiny_ckpt, tmp_path, monkeypatch):
+    """The second bucket's model points at the first's external data for every weight they share
+    (all but its grid's position tables): one copy of the ViT on disk, both buckets gated on it. A
+    model that reads a file its manifest entry does not list is refused before ONNX Runtime opens it."""
+    import onnx
+
+    from autoglm_export.pipeline import export
+    from autoglm_export.targets.onnx import target as onnxrt
+
+    monkeypatch.setattr(onnxrt, "EXTERNAL_DATA_THRESHOLD", 1024)  # the tiny ViT's weights go external
+    out = tmp_path / "shared"
+    report = export(checkpoint=tiny_ckpt, target="onnx", out=out, recipe=TINY_RECIPE)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["passed"] and checks["vision_encoder_224x112/lowered_vs_reference"]["sqnr_db"] >= 60
+    m = json.loads((out / "manifest.json").read_text())
+    first, second = m["components"]["vision_encoder"], m["components"]["vision_encoder_224x112"]
+    assert first["data_files"] == ["vision_encoder.onnx.data"]
+    assert second["data_files"] == ["vision_encoder.onnx.data", "vision_encoder_224x112.onnx.data"]
+    model = onnx.load(str(out / second["file"]), load_external_data=False)
+    by_file: dict[str, int] = {}
+    for t in model.graph.initializer:
+        if onnxrt.external(t):
+            entry = onnxrt.external_data_entry(t)
+            by_file[entry["location"]] = by_file.get(entry["location"], 0) + entry["length"]
+    own = m["files"]["vision_encoder_224x112.onnx.data"]["bytes"]
+    assert by_file["vision_encoder_224x112.onnx.data"] == own  # its own file: only what it reads
+    assert by_file["vision_encoder.onnx.data"] > 4 * own  # the ViT, read from the first bucket's file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    bm = json.loads((bad / "manifest.json").read_text())
+    bm["components"]["vision_encoder_224x112"]["data_files"] = ["vision_encoder_224x112.onnx.data"]
+    (bad / "manifest.json").write_text(json.dumps(bm))
+    proc = run_cli("run", bad, "--prompt", "hi")
+    assert proc.returncode == 2 and "does not list" in proc.stderr and "vision_encoder.onnx.data" in proc.stderr
+    bm["components"]["vision_encoder_224x112"]["data_files"] = ["../vision_encoder.onnx.data"]
+    (bad / "manifest.json").write_text(json.dumps(bm))
+    proc = run_cli("run", bad, "--prompt", "hi")
+    assert proc.returncode == 2 and "outside the bundle" in proc.stderr
+
+
 def test_initializer_sizes_come_from_shapes():
     """Protobuf cannot serialise past 2 GiB (the real fp32 token embedding is 2.5 GB), so sizes
     must not come from ByteSize()."""

@@ -118,9 +118,15 @@ def test_ctrl_c_between_the_renames_leaves_a_bundle(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(fsutil.os, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        with fsutil.atomic_output_dir(out, force=True) as tmp:
-            (tmp / "manifest.json").write_text(json.dumps({"format": "autoglm-export bundle", "v": "new"}))
+    # Ctrl-C raises KeyboardInterrupt as in the CLI (main() installs it): an xdist worker may hold
+    # another handler, depending on which tests ran in it before
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with fsutil.atomic_output_dir(out, force=True) as tmp:
+                (tmp / "manifest.json").write_text(json.dumps({"format": "autoglm-export bundle", "v": "new"}))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert json.loads((out / "manifest.json").read_text())["v"] == "new"
     assert fsutil.completed[-1] == out
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]

@@ -15,6 +15,7 @@ final class CoreMLRuntime: ModelRuntime {
     let dir: URL
     var models: [String: MLModel] = [:]
     var states: [String: MLState] = [:]
+    var compiledURLs: [String: URL] = [:]
 
     var maxContext: Int { manifest.maxContext }
     var prefillChunk: Int { manifest.prefillChunk }
@@ -28,7 +29,8 @@ final class CoreMLRuntime: ModelRuntime {
         let path = try file ?? manifest.component(component).file
         let key = path + "#" + (function ?? "")
         if let m = models[key] { return m }
-        let compiled = try MLModel.compileModel(at: dir.appendingPathComponent(path))
+        let compiled = try compiledURLs[path] ?? MLModel.compileModel(at: dir.appendingPathComponent(path))
+        compiledURLs[path] = compiled  // one compilation per package, whichever functions are loaded
         let config = MLModelConfiguration()
         config.computeUnits = .cpuAndNeuralEngine
         if let function { config.functionName = function }
@@ -89,7 +91,9 @@ final class CoreMLRuntime: ModelRuntime {
     }
 
     func visionEncoder(_ pixelValues: FloatTensor, method: String) throws -> FloatTensor {
-        try run(method, [try inputName(method, 0): try array(pixelValues.data, pixelValues.shape)])
+        // the image buckets are functions of one package: the manifest names this bucket's
+        try run(method, [try inputName(method, 0): try array(pixelValues.data, pixelValues.shape)],
+                function: try manifest.component(method).function)
     }
 
     func audioEncoder(_ inputFeatures: FloatTensor) throws -> FloatTensor {

@@ -32,6 +32,9 @@ class _PackageRuntime:
         self.rope = manifest["components"]["text_decoder"]["rope"]
         self.bundle = bundle
         self.records = package_records(manifest)
+        # component -> (package label, function): the image buckets are functions of one package
+        self.functions = {name: (label, entry.get("function", "main")) for label, name, entry in self.records}
+        self.packages = {label: entry for label, _, entry in self.records}  # each package once
         # the decoder's packages in layer order: one, or one per part (hidden states passed along)
         self.decoder_labels = [label for label, name, _ in self.records if name == "text_decoder"]
 
@@ -47,7 +50,8 @@ class _PackageRuntime:
         return torch.from_numpy(np.concatenate(parts, axis=1))
 
     def vision_encoder(self, pixel_values, method: str = "vision_encoder"):
-        return torch.from_numpy(self._out(method, "main", {"pixel_values": pixel_values.numpy().astype(np.float32)}))
+        label, fn = self.functions[method]
+        return torch.from_numpy(self._out(label, fn, {"pixel_values": pixel_values.numpy().astype(np.float32)}))
 
     def audio_encoder(self, input_features):
         return torch.from_numpy(
@@ -93,7 +97,7 @@ class MilRuntime(_PackageRuntime):
         from .mil import MilInterpreter, MilProgram
 
         super().__init__(bundle, manifest)
-        self.programs = {label: MilProgram(bundle / entry["file"]) for label, _, entry in self.records}
+        self.programs = {label: MilProgram(bundle / entry["file"]) for label, entry in self.packages.items()}
         self.interpreters = {label: MilInterpreter(p) for label, p in self.programs.items()}
 
     def reset(self) -> None:
@@ -113,9 +117,9 @@ class CoreMLPredictRuntime(_PackageRuntime):  # pragma: no cover - needs macOS
 
         ct = import_coremltools()
         super().__init__(bundle, manifest)
-        self.programs = {label: MilProgram(bundle / entry["file"]) for label, _, entry in self.records}
+        self.programs = {label: MilProgram(bundle / entry["file"]) for label, entry in self.packages.items()}
         self.models = {}
-        for label, _, entry in self.records:
+        for label, entry in self.packages.items():
             for fn in entry["package"]["functions"]:
                 kw = {} if fn == "main" else {"function_name": fn}
                 self.models[(label, fn)] = ct.models.MLModel(

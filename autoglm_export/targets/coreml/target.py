@@ -31,7 +31,7 @@ import torch
 
 from ...bundle import part_file
 from ...errors import ExportError
-from ...methods import is_vision_method
+from ...methods import VISION_METHOD, is_vision_method
 from ...models import family_of
 from ...progress import silent
 from ..contract import Target
@@ -188,9 +188,24 @@ class CoreMLTarget(Target):
 
     def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
         files, methods = [], {}
-        for name, prog in programs.items():
-            written, methods[name] = self._package(prog, plans[name], out_dir, package_name(name), progress, name)
+        buckets = [n for n in programs if is_vision_method(n)]
+        if len(buckets) > 1:
+            # one package with a function per image bucket, so the ViT's weights are written once
+            # (a package per bucket held one more 1.8 GB copy at 9B per bucket)
+            merged = {
+                "graphs": {n: programs[n]["graphs"]["main"] for n in buckets},
+                "consts": {k: v for n in buckets for k, v in programs[n]["consts"].items()},
+            }
+            label = f"{VISION_METHOD} ({len(buckets)} image buckets)"
+            written, entry = self._package(
+                merged, plans[buckets[0]], out_dir, package_name(VISION_METHOD), progress, label, buckets[0]
+            )
             files += written
+            methods.update({n: {**entry, "function": n} for n in buckets})
+        for name, prog in programs.items():
+            if name not in methods:
+                written, methods[name] = self._package(prog, plans[name], out_dir, package_name(name), progress, name)
+                files += written
         return {
             "files": files,
             "methods": methods,
@@ -199,6 +214,7 @@ class CoreMLTarget(Target):
                     "deployment_target": DEPLOYMENT,
                     "compute_precision": "float16",
                     "token_embedding": "its own multifunction package (prefill / decode)",
+                    "image_buckets": "one package, a function per bucket method (components.<method>.function)",
                     "verified_here": (
                         "structure, op allow-list, quantized-constant consumers, finite constants, INT4/INT8 codes and "
                         "scales bit-exact vs the project's quantizer, numerics by the numpy MIL interpreter "
@@ -228,9 +244,11 @@ class CoreMLTarget(Target):
             "component": {"rope": entry.pop("rope")},
         }
 
-    def _package(self, prog: dict, plan, out_dir: Path, file: str, progress, label: str) -> tuple[list[str], dict]:
-        """Convert, quantize and save one component's (or part's) functions as ``file``; returns
-        the files written and the manifest entry."""
+    def _package(
+        self, prog: dict, plan, out_dir: Path, file: str, progress, label: str, default_function: str = DEFAULT_FUNCTION
+    ) -> tuple[list[str], dict]:
+        """Convert, quantize and save one component's (or part's, or the image buckets') functions as
+        ``file``; returns the files written and the manifest entry."""
         from .mil import MilProgram
 
         ct = import_coremltools()
@@ -253,7 +271,7 @@ class CoreMLTarget(Target):
                 from .multifunction import merge_functions
 
                 progress(f"{label}: one multifunction package of {', '.join(parts)} (weights shared)")
-                merge_functions(parts, pkg, DEFAULT_FUNCTION)
+                merge_functions(parts, pkg, default_function)
             else:
                 shutil.copytree(parts["main"], pkg)
         _make_deterministic(pkg)

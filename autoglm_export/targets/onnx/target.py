@@ -4,7 +4,9 @@ Exported with the maintained torch exporter (``torch.onnx.export(dynamo=True)``,
 INT4 recipe rules become ``MatMulNBits`` through ONNX Runtime's own block-wise quantizer
 (symmetric, the rule's group size); everything else stays fp32. The text decoder takes and
 returns its KV cache explicitly (ONNX Runtime has no module state). Weights over 1 MiB go to
-external data files beside each model.
+external data files beside each model; a weight an earlier model of the bundle already wrote (the
+vision tower of every image bucket after the first) points at those bytes instead of a second copy,
+and each method's ``data_files`` in the manifest lists the files its model reads.
 
 Memory: each component is saved by the exporter straight to a scratch file with external data, so
 the programs waiting for ``lower`` hold graphs, not weights; ``lower`` reads one component's weights back at a
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from ...bundle import decoder_part_paths, part_file
-from ...errors import ExportError
+from ...errors import BundleError, ExportError, excerpt
 from ...methods import is_vision_method
 from ...models import family_of
 from ..contract import Target
@@ -161,9 +163,12 @@ class OnnxTarget(Target):
 
     def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
         files, methods = [], {}
+        written_tensors: dict[tuple, dict] = {}  # content -> where an earlier model wrote it
         for name in list(programs):
             prog = programs.pop(name)  # one component's weights in memory at a time
-            written, methods[name] = self._lower_one(name, prog, plans[name], out_dir / _file(name), progress)
+            written, methods[name] = self._lower_one(
+                name, prog, plans[name], out_dir / _file(name), progress, written_tensors
+            )
             files += written
             del prog
         return {"files": files, "methods": methods}
@@ -181,7 +186,9 @@ class OnnxTarget(Target):
         files, info = self._lower_one(name, program, part_plan, path, progress)
         return {"files": files, "method": name, "layers": [a, b], **info}  # info names the file
 
-    def _lower_one(self, name: str, prog: dict, plan, path: Path, progress) -> tuple[list[str], dict]:
+    def _lower_one(
+        self, name: str, prog: dict, plan, path: Path, progress, written_tensors: dict | None = None
+    ) -> tuple[list[str], dict]:
         import onnx
         from onnx.external_data_helper import load_external_data_for_model
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -227,6 +234,9 @@ class OnnxTarget(Target):
             del node.metadata_props[:]
             node.doc_string = ""
         big = sum(_nbytes(t) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+        shared, new = point_at_written_tensors(model, written_tensors or {})
+        if shared:
+            progress(f"{name}: {shared:,} bytes of weights shared with an earlier model of the bundle")
         onnx.save_model(
             model,
             str(path),
@@ -239,11 +249,16 @@ class OnnxTarget(Target):
         if big and (path.parent / (path.name + ".data")).exists():
             (path.parent / (path.name + ".data")).chmod(0o644)  # onnx writes it 0600
             files.append(path.name + ".data")
+        if written_tensors is not None:
+            written_tensors.update(
+                {new[t.name]: external_data_entry(t) for t in model.graph.initializer if t.name in new and external(t)}
+            )
         ops: dict[str, int] = {}
         for node in model.graph.node:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
         info = {
             "file": path.name,
+            "data_files": external_data_files(model),
             "onnx_ops": dict(sorted(ops.items())),
             "quantized_outputs": dict(sorted(node_weights.items())),
         }
@@ -253,19 +268,30 @@ class OnnxTarget(Target):
     def apply_bundle_weights(self, name: str, module: torch.nn.Module, bundle: Path, manifest: dict) -> None:
         """Replace the planned weights by what the bundle really holds (dequantized MatMulNBits)."""
         import onnx
+        from onnx.external_data_helper import load_external_data_for_tensor
 
         comp = manifest["components"][name]
         for prog in comp.get("programs") or [comp]:  # a decoder in parts: each part's own model
-            model = onnx.load(str(bundle / prog["file"]), load_external_data=True)
-            inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
             wanted = prog["quantized_outputs"]
-            found = 0
+            if not wanted:  # nothing quantized: the module's fp32 weights are the model's
+                continue
+            check_external_data(bundle, prog)
+            # the graph, then only the quantized weights' codes and scales: the rest of the external
+            # data (3.6 GB of fp32 ViT at 9B) is not read
+            model = onnx.load(str(bundle / prog["file"]), load_external_data=False)
+            nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] in wanted]
+            needed = {i for n in nodes for i in n.input[1:3]}
+            inits = {}
+            for t in model.graph.initializer:
+                if t.name in needed:
+                    if external(t):
+                        load_external_data_for_tensor(t, str(bundle))
+                    inits[t.name] = onnx.numpy_helper.to_array(t)
             with torch.no_grad():
-                for node in model.graph.node:
-                    if node.op_type == "MatMulNBits" and node.output[0] in wanted:
-                        param = module.get_parameter(wanted[node.output[0]])
-                        param.copy_(torch.from_numpy(dequantize_matmul_nbits(node, inits)).to(param.dtype))
-                        found += 1
+                for node in nodes:
+                    param = module.get_parameter(wanted[node.output[0]])
+                    param.copy_(torch.from_numpy(dequantize_matmul_nbits(node, inits)).to(param.dtype))
+            found = len(nodes)
             if found != len(wanted):
                 raise RuntimeError(
                     f"{prog['file']}: {len(wanted)} quantized weights in the manifest, {found} MatMulNBits in the model"
@@ -279,6 +305,70 @@ class OnnxTarget(Target):
         from importlib.metadata import version
 
         return {p: version(p) for p in ("onnx", "onnxruntime", "onnxscript", "torch")}
+
+
+def external(tensor) -> bool:
+    import onnx
+
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def external_data_entry(tensor) -> dict:
+    info = {e.key: e.value for e in tensor.external_data}
+    return {"location": info["location"], "offset": int(info["offset"]), "length": int(info["length"])}
+
+
+def external_data_files(model) -> list[str]:
+    """The files a model's external tensors name (every tensor, node attributes included; a crafted
+    model's entry without a location names "")."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    locations = (
+        {e.key: e.value for e in t.external_data}.get("location", "") for t in _get_all_tensors(model) if external(t)
+    )
+    return sorted(set(locations))
+
+
+def check_external_data(bundle: Path, entry: dict) -> None:
+    """A model reads external data only from the files its manifest entry lists (``load_bundle``
+    has checked that those stay inside the bundle and match their hashes): ONNX Runtime would
+    otherwise open whatever path a crafted model names."""
+    import onnx
+
+    path = Path(bundle) / entry["file"]
+    model = onnx.load(str(path), load_external_data=False)
+    extra = sorted(set(external_data_files(model)) - set(entry.get("data_files") or []))
+    if extra:
+        raise BundleError(
+            "an ONNX model reads weights from a file its manifest entry does not list",
+            file=path,
+            field="external_data.location",
+            expected=f"one of {entry.get('data_files') or []}",
+            got=excerpt(repr(extra[0]), 120),
+            fix="re-export the bundle with autoglm-export",
+        )
+
+
+def point_at_written_tensors(model, written: dict) -> tuple[int, dict]:
+    """Large initializers whose bytes an earlier model of the bundle already wrote now name that
+    file and range (ONNX external data may point into any file beside the model) instead of
+    holding a copy; returns the bytes saved and, for the others, name -> content key."""
+    import hashlib
+
+    from onnx.external_data_helper import set_external_data
+
+    shared, new = 0, {}
+    for t in model.graph.initializer:
+        if not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_DATA_THRESHOLD:
+            continue
+        key = (t.data_type, tuple(t.dims), hashlib.sha256(t.raw_data).hexdigest())
+        if key in written:
+            shared += len(t.raw_data)
+            set_external_data(t, **written[key])
+            t.ClearField("raw_data")
+        else:
+            new[t.name] = key
+    return shared, new
 
 
 def matmul_nbits_block(w) -> int:
@@ -323,8 +413,6 @@ class OnnxRuntime:
         built = {tuple(i.shape) for s in self.decoder for i in s.get_inputs()[3:]}
         if built != {tuple(cache_shape)} or cache_shape[2] != max_context:
             # the manifest is not hashed: the models' own cache inputs bound the positions used
-            from ...errors import BundleError
-
             raise BundleError(
                 "manifest disagrees with the decoder's KV cache inputs",
                 field="shapes.max_context",
@@ -336,6 +424,9 @@ class OnnxRuntime:
 
     @classmethod
     def from_bundle(cls, bundle: Path, manifest: dict) -> "OnnxRuntime":
+        for comp in manifest["components"].values():
+            for entry in comp.get("programs") or [comp]:
+                check_external_data(bundle, entry)
         files = {name: bundle / comp["file"] for name, comp in manifest["components"].items()}
         shape = manifest["components"]["text_decoder"]["state"]["kv_cache"]["shape"]
         shapes = manifest["shapes"]

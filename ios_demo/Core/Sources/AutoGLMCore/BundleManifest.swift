@@ -21,6 +21,9 @@ public struct ComponentSpec {
     public let name: String
     public let method: String
     public let file: String
+    /// The function of a multifunction package that is this component (Core ML: the image buckets
+    /// are functions of one `vision_encoder.mlpackage`); nil for a package's default function.
+    public let function: String?
     public let inputs: [TensorSpec]
     public let outputs: [TensorSpec]
     public let programs: [ProgramSpec]
@@ -163,7 +166,7 @@ public struct BundleManifest {
                 }
             }
             comps[name] = ComponentSpec(name: name, method: try c.reqString("method"), file: mainFile,
-                                        inputs: try specs(c, "inputs"), outputs: try specs(c, "outputs"), programs: programs)
+                                        function: c.opt("function") as? String, inputs: try specs(c, "inputs"), outputs: try specs(c, "outputs"), programs: programs)
         }
         let shapes = try root.reqObj("shapes")
         let pre = try root.reqObj("preprocessing")

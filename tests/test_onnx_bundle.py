@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import REPO, one_bucket, one_bucket_recipe, run_cli, tree_snapshot
+from conftest import REPO, one_bucket, run_cli, tree_snapshot
 
 TINY_RECIPE = REPO / "recipes" / "onnx-tiny.yaml"
 
@@ -139,13 +139,20 @@ def test_int8_rule_is_refused_for_onnx(tiny_ckpt, tmp_path):
     assert tree_snapshot(tmp_path) == before
 
 
-def test_large_weights_go_to_external_data(tiny_ckpt, tmp_path, monkeypatch):
+def test_large_weights_go_to_external_data_once(tiny_ckpt, tmp_path, monkeypatch):
+    """Weights over the threshold go to external data, the exporter's programs spill theirs while
+    they wait, and the second image bucket's model points at the first's external data for every
+    weight they share (all but its grid's tables): one copy of the ViT on disk, both buckets gated
+    on it. A model that reads a file its manifest entry does not list is refused before ONNX
+    Runtime opens it."""
     from pathlib import Path
 
-    from autoglm_export.targets.onnx import target as onnxrt
-    from autoglm_export.pipeline import export
+    import onnx
 
-    monkeypatch.setattr(onnxrt, "EXTERNAL_DATA_THRESHOLD", 1024)
+    from autoglm_export.pipeline import export
+    from autoglm_export.targets.onnx import target as onnxrt
+
+    monkeypatch.setattr(onnxrt, "EXTERNAL_DATA_THRESHOLD", 1024)  # the tiny weights go external
     waiting = {}
     lower = onnxrt.OnnxTarget.lower
 
@@ -157,39 +164,22 @@ def test_large_weights_go_to_external_data(tiny_ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnxrt.OnnxTarget, "lower", spy)
     out = tmp_path / "ext"
-    report = export(
-        checkpoint=tiny_ckpt, target="onnx", out=out, recipe=one_bucket_recipe(TINY_RECIPE, tmp_path / "r.yaml")
-    )
-    assert report["passed"]
-    assert sorted(waiting) == ["text_decoder", "token_embedding", "vision_encoder"]
+    report = export(checkpoint=tiny_ckpt, target="onnx", out=out, recipe=TINY_RECIPE)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["passed"] and checks["vision_encoder_224x112/lowered_vs_reference"]["sqnr_db"] >= 60
+    assert sorted(waiting) == ["text_decoder", "token_embedding", "vision_encoder", "vision_encoder_224x112"]
     assert all(raw <= 1024 for raw, _ in waiting.values())  # weights spilled, not held in memory
     assert not any(scratch.exists() for _, scratch in waiting.values())  # and the scratch files are gone
     m = json.loads((out / "manifest.json").read_text())
     data_files = [n for n in m["files"] if n.endswith(".onnx.data")]
-    assert sorted(data_files) == ["text_decoder.onnx.data", "token_embedding.onnx.data", "vision_encoder.onnx.data"]
+    assert sorted(data_files) == [
+        "text_decoder.onnx.data",
+        "token_embedding.onnx.data",
+        "vision_encoder.onnx.data",
+        "vision_encoder_224x112.onnx.data",
+    ]
     assert (out / "text_decoder.onnx").stat().st_size < 64 * 1024  # the graph, not the weights
-    bad = tmp_path / "bad"
-    shutil.copytree(out, bad)
-    (bad / "text_decoder.onnx.data").write_bytes(b"\0" * (bad / "text_decoder.onnx.data").stat().st_size)
-    proc = run_cli("run", bad, "--prompt", "hi")
-    assert proc.returncode == 2 and "text_decoder.onnx.data" in proc.stderr
 
-
-def test_image_buckets_share_the_vision_weights(tiny_ckpt, tmp_path, monkeypatch):
-    """The second bucket's model points at the first's external data for every weight they share
-    (all but its grid's position tables): one copy of the ViT on disk, both buckets gated on it. A
-    model that reads a file its manifest entry does not list is refused before ONNX Runtime opens it."""
-    import onnx
-
-    from autoglm_export.pipeline import export
-    from autoglm_export.targets.onnx import target as onnxrt
-
-    monkeypatch.setattr(onnxrt, "EXTERNAL_DATA_THRESHOLD", 1024)  # the tiny ViT's weights go external
-    out = tmp_path / "shared"
-    report = export(checkpoint=tiny_ckpt, target="onnx", out=out, recipe=TINY_RECIPE)
-    checks = {c["name"]: c for c in report["checks"]}
-    assert report["passed"] and checks["vision_encoder_224x112/lowered_vs_reference"]["sqnr_db"] >= 60
-    m = json.loads((out / "manifest.json").read_text())
     first, second = m["components"]["vision_encoder"], m["components"]["vision_encoder_224x112"]
     assert first["data_files"] == ["vision_encoder.onnx.data"]
     assert second["data_files"] == ["vision_encoder.onnx.data", "vision_encoder_224x112.onnx.data"]
@@ -204,6 +194,11 @@ def test_image_buckets_share_the_vision_weights(tiny_ckpt, tmp_path, monkeypatch
     assert by_file["vision_encoder.onnx.data"] > 4 * own  # the ViT, read from the first bucket's file
 
     bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    (bad / "text_decoder.onnx.data").write_bytes(b"\0" * (bad / "text_decoder.onnx.data").stat().st_size)
+    proc = run_cli("run", bad, "--prompt", "hi")
+    assert proc.returncode == 2 and "text_decoder.onnx.data" in proc.stderr
+    shutil.rmtree(bad)
     shutil.copytree(out, bad)
     bm = json.loads((bad / "manifest.json").read_text())
     bm["components"]["vision_encoder_224x112"]["data_files"] = ["vision_encoder_224x112.onnx.data"]

@@ -88,7 +88,7 @@ FAMILY = ModelFamily(
     canonical_key=canonical_key,
     components=COMPONENTS,
     component_io=component_io,
-    decoder_layers=lambda spec, max_context, layers: TextDecoder(spec, max_context, layers),
+    decoder_layers=TextDecoder,  # TextDecoder(spec, max_context, layers): one part of the decoder
     decoder_forms={
         "explicit_cache": TextDecoderExplicitCache,
         "host_cache": TextDecoderStatic,

@@ -275,10 +275,9 @@ class OnnxTarget(Target):
             wanted = prog["quantized_outputs"]
             if not wanted:  # nothing quantized: the module's fp32 weights are the model's
                 continue
-            check_external_data(bundle, prog)
             # the graph, then only the quantized weights' codes and scales: the rest of the external
             # data (3.6 GB of fp32 ViT at 9B) is not read
-            model = onnx.load(str(bundle / prog["file"]), load_external_data=False)
+            model = load_checked_graph(bundle, prog)
             nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] in wanted]
             needed = {i for n in nodes for i in n.input[1:3]}
             inits = {}
@@ -329,10 +328,11 @@ def external_data_files(model) -> list[str]:
     return sorted(set(locations))
 
 
-def check_external_data(bundle: Path, entry: dict) -> None:
-    """A model reads external data only from the files its manifest entry lists (``load_bundle``
-    has checked that those stay inside the bundle and match their hashes): ONNX Runtime would
-    otherwise open whatever path a crafted model names."""
+def load_checked_graph(bundle: Path, entry: dict):
+    """A bundle model's graph (no external data read), refused when it reads external data from a
+    file its manifest entry does not list (``load_bundle`` has checked that those stay inside the
+    bundle and match their hashes): ONNX Runtime would otherwise open whatever path a crafted model
+    names."""
     import onnx
 
     path = Path(bundle) / entry["file"]
@@ -347,6 +347,7 @@ def check_external_data(bundle: Path, entry: dict) -> None:
             got=excerpt(repr(extra[0]), 120),
             fix="re-export the bundle with autoglm-export",
         )
+    return model
 
 
 def point_at_written_tensors(model, written: dict) -> tuple[int, dict]:
@@ -426,7 +427,7 @@ class OnnxRuntime:
     def from_bundle(cls, bundle: Path, manifest: dict) -> "OnnxRuntime":
         for comp in manifest["components"].values():
             for entry in comp.get("programs") or [comp]:
-                check_external_data(bundle, entry)
+                load_checked_graph(bundle, entry)
         files = {name: bundle / comp["file"] for name, comp in manifest["components"].items()}
         shape = manifest["components"]["text_decoder"]["state"]["kv_cache"]["shape"]
         shapes = manifest["shapes"]

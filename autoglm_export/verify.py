@@ -34,6 +34,7 @@ from .quantize import FLOAT_DTYPES, ComponentPlan, dequantize_per_call, quantize
 from .recipe import Recipe
 from .targets.contract import Target
 from .targets.shared.export_caches import return_freed_memory
+from .targets.shared.fx_provenance import share_node_provenance
 from .targets.shared.memory_fit import resident_bytes
 
 DECODE_STEPS = 8
@@ -590,6 +591,7 @@ def verify_bundle(
             fix="use --against onnxruntime or omit the option",
         )
     bundle = Path(bundle)
+    share_node_provenance()  # qnn rebuilds its PT2E reference through torch.export's passes
     manifest = load_bundle(bundle)
     tgt = get_target(manifest["target"])
     if against:  # fail before minutes of checks, not after

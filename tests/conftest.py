@@ -40,6 +40,37 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
 
 
+# Bundles that tests in several files share, with their build times here (s, CLI export with
+# verification on the 2-core CI machine). Each worker builds its share before its first test, the
+# longest first: built on demand, a worker whose file needed a bundle the other worker was building
+# sat idle until it was done (93 s and 59 s in one run, ~250 idle core-seconds in all).
+PREBUILT = {
+    "audio_xnnpack_bundle": 100,
+    "qnn_shared_audio_bundle": 100,
+    "qnn_bundle": 77,
+    "xnnpack_bundle": 54,
+    "xnnpack_ptd_bundle": 45,
+    "coreml_bundle": 25,
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prebuilt_shared_bundles(request):
+    """This worker's share of the ``PREBUILT`` bundles the collected tests use (all of them, on one worker)."""
+    used = set().union(*(item.fixturenames for item in request.session.items))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    me = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    load = [0] * workers
+    for name in sorted((n for n in PREBUILT if n in used), key=PREBUILT.get, reverse=True):
+        worker = load.index(min(load))  # longest first, to the least loaded worker: the same split on every worker
+        load[worker] += PREBUILT[name]
+        if worker == me:
+            try:
+                request.getfixturevalue(name)
+            except (Exception, pytest.fail.Exception, pytest.skip.Exception):
+                pass  # pytest keeps the failure: the tests that use this bundle fail with it, not every test here
+
+
 def _shared(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
     """`build(path)` once per test run across xdist workers; a failed build is retried by the next user."""
     root = tmp_path_factory.getbasetemp()
@@ -128,7 +159,7 @@ def _write_shared_weights_recipe(path: Path) -> None:
     ):
         assert old in text, old
         text = text.replace(old, new)
-    (path / "qnn-tiny-shared.yaml").write_text(text)
+    (path / "qnn-tiny-shared.yaml").write_text(one_bucket(text))  # buckets: the qnn_bundle fixture
 
 
 @pytest.fixture(scope="session")
@@ -153,8 +184,8 @@ def _write_parts_recipe(path: Path) -> None:
 def _write_external_weights_recipe(path: Path) -> None:
     path.mkdir()
     text = (REPO / "recipes" / "xnnpack-tiny.yaml").read_text().replace("name: xnnpack-tiny", "name: xnnpack-tiny-ptd")
-    (path / "xnnpack-tiny-ptd.yaml").write_text(
-        text + "lowering:\n  decoder_layers_per_program: 1\n  external_weights: true\n"
+    (path / "xnnpack-tiny-ptd.yaml").write_text(  # buckets: the xnnpack_bundle fixture
+        one_bucket(text) + "lowering:\n  decoder_layers_per_program: 1\n  external_weights: true\n"
     )
 
 

@@ -199,7 +199,13 @@ def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path, request):
     )
     # a random model may answer with EOS straight away: the text can be empty, the run must succeed
     assert proc.returncode == 0 and proc.stdout.endswith("\n") and "error:" not in proc.stderr, proc.stderr[-2000:]
-    if target == "xnnpack":
+    if target == "xnnpack":  # the independent-runtime gate CI runs for the ExecuTorch bundles: every method
         proc = run_cli("verify", out, "--against", "onnxruntime")
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        assert "onnxruntime/audio_encoder_vs_bundle" in proc.stdout
+        lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("onnxruntime/")}
+        methods = set(manifest["components"])  # two image buckets, audio, token embedding, the decoder's parts
+        assert len(methods) == 5 and {
+            f"onnxruntime/{m}_vs_{s}" for m in methods for s in ("bundle", "reference")
+        } < set(lines)
+        assert len(lines) == 11 and all(line.rstrip().endswith("PASS") for line in lines.values())  # 5 x 2 + greedy
+        assert "100.0% of 32 tokens agree" in lines["onnxruntime/greedy_vs_bundle"]

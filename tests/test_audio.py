@@ -203,7 +203,7 @@ def test_audio_bundle_end_to_end(target, audio_ckpt, tmp_path, request):
         proc = run_cli("verify", out, "--against", "onnxruntime")
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("onnxruntime/")}
-        methods = set(manifest["components"])  # two image buckets, audio, token embedding, the decoder's parts
+        methods = set(manifest["components"])  # two image buckets, audio, token embedding, decoder (in parts)
         assert len(methods) == 5 and {
             f"onnxruntime/{m}_vs_{s}" for m in methods for s in ("bundle", "reference")
         } < set(lines)

@@ -148,9 +148,7 @@ def _write_shared_weights_recipe(path: Path) -> None:
     the decoder in two, its layers' one weight copy and the head; the audio encoder in four, its last
     unit taking 49,664 B)."""
     path.mkdir()
-    text = (
-        (REPO / "recipes" / "qnn-tiny.yaml").read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
-    )
+    text = recipe_text(REPO / "recipes" / "qnn-tiny.yaml")
     for old, new in (
         ("name: qnn-tiny", "name: qnn-tiny-shared"),
         ("weight_sharing: false", "weight_sharing: true"),
@@ -295,6 +293,12 @@ def ckpt_copy(tiny_ckpt, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def odd_shapes_ckpt(tmp_path_factory) -> Path:
     return _shared(tmp_path_factory, "odd-ckpt", write_transformers_checkpoint)
+
+
+def recipe_text(path: Path) -> str:
+    """A recipe's text for a copy written elsewhere: its calibration files (which resolve against
+    the recipe's own directory) named by absolute path."""
+    return Path(path).read_text().replace("calibration/", f"{Path(path).parent / 'calibration'}/")
 
 
 def one_bucket(text: str) -> str:

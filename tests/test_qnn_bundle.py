@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli, tree_snapshot
+from conftest import REPO, recipe_text, run_cli, tree_snapshot
 
 RECIPE = REPO / "recipes" / "qnn-tiny.yaml"
 
@@ -103,7 +103,7 @@ def test_deterministic_and_verify(bundle, tiny_ckpt, tmp_path):
 def test_htp_targets_refuse_fp32_components_in_one_line(target, tiny_ckpt, tmp_path):
     recipe = REPO / "recipes" / f"{target}-tiny.yaml"
     bad = tmp_path / "bad.yaml"  # calibration paths made absolute: they resolve against the recipe's directory
-    text = recipe.read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
+    text = recipe_text(recipe)
     bad.write_text(
         text.replace("'vision_encoder\\..*\\.weight'\n    scheme: int8", "'vision_encoder\\..*'\n    scheme: fp32")
     )
@@ -118,7 +118,7 @@ def test_qnn_refuses_a_4_bit_token_embedding_in_one_line(tiny_ckpt, tmp_path):
     """The HTP stores a 4-bit Gather table at a byte per weight, as an 8-bit one (measured: 1.20 vs
     1.17 bytes per weight of the lowered context), so an int4 rule on the table is refused."""
     bad = tmp_path / "bad.yaml"
-    text = RECIPE.read_text().replace("calibration/", f"{REPO / 'recipes' / 'calibration'}/")
+    text = recipe_text(RECIPE)
     bad.write_text(
         text.replace(
             "'token_embedding\\.embed_tokens\\.weight'\n    scheme: int8",

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, recipe_text, run_cli
 
 # default recipes where they run in CI time; qnn's default (2048-slot cache, 336-px image) takes
 # ~2 minutes on the HTP emulator, so qnn runs its CI recipe (the same rules, small shapes)
@@ -26,8 +26,7 @@ TWO_BUCKETS = ("coreml",)
 
 
 def first_bucket_only(src, dst):
-    # calibration files resolve against the recipe's directory: made absolute for the copy
-    text = src.read_text().replace("calibration/", f"{src.parent / 'calibration'}/")
+    text = recipe_text(src)
     out = re.sub(r"^(  images: )\[(\[\d+, \d+\]), .*$", r"\1[\2]", text, count=1, flags=re.M)
     assert out != text, f"no two-bucket images line in {src}"
     dst.write_text(out)

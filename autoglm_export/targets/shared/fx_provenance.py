@@ -31,7 +31,7 @@ def share_node_provenance() -> bool:
 
     def init(self, node, pass_name: str = "", action=None) -> None:
         chain = node.meta.get("from_node") if node is not None else None
-        if chain is None:
+        if not chain:  # nothing to copy
             deep_copying_init(self, node, pass_name, action)
             return
         node.meta["from_node"] = []  # torch deep-copies an empty list instead of the chain

@@ -5,6 +5,8 @@ For every component two comparisons on the same inputs:
 * quantization — PyTorch with quantized weights vs fp32 (reported; gated for fp16 components).
 End to end: greedy generation from the golden image + prompt, bundle vs quantized reference
 (gated), and quantized vs fp32 reference (reported). Thresholds come from the recipe.
+The bundle's side of every check runs first (``run_bundle``) and its runtime is closed before any
+reference loads (``check_references``): at 9B widths each holds gigabytes.
 The fp32 references are loaded one component at a time, the decoder one layer at a time; the
 fp32 greedy run (every component at once) is skipped, and says so, when it would not fit beside
 what is held in ``memory_budget_bytes``.
@@ -13,6 +15,7 @@ what is held in ``memory_budget_bytes``.
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +115,9 @@ class _Report:
         return {"passed": not failed, "failed": failed, "checks": self.checks, **extra}
 
 
-def _decoder_call_inputs(
+def decoder_call_inputs(
     embeds: torch.Tensor, positions: np.ndarray, delta: int, chunk: int, tokens: list[int], embed_fn
-):
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(inputs_embeds, position_ids, cache_position) of every decoder call: ``embeds`` prefilled in
     chunks, then ``tokens`` decoded one by one (teacher-forced)."""
     n = embeds.shape[1]
@@ -138,34 +141,19 @@ def _decoder_call_inputs(
     return calls
 
 
-def _decoder_calls(
-    runtime, embeds: torch.Tensor, positions: np.ndarray, delta: int, chunk: int, tokens: list[int], embed_fn
-):
-    """Prefill ``embeds`` in chunks, then decode ``tokens``; logits of every call, stacked."""
+def decoder_calls(runtime, calls) -> np.ndarray:
+    """The decoder's logits for every call of ``calls`` (from an empty cache), stacked."""
     runtime.reset()
-    out = [
-        runtime.text_decoder(*call) for call in _decoder_call_inputs(embeds, positions, delta, chunk, tokens, embed_fn)
-    ]
-    return torch.cat([o.reshape(1, -1) for o in out]).numpy()
+    return torch.cat([runtime.text_decoder(*call).reshape(1, -1) for call in calls]).numpy()
 
 
-def _decoder_calls_by_part(
-    ckpt: Checkpoint,
-    shapes: Shapes,
-    embeds: torch.Tensor,
-    positions: np.ndarray,
-    delta: int,
-    tokens: list[int],
-    embed_fn,
-    progress=silent,
-) -> np.ndarray:
-    """``_decoder_calls`` of the fp32 decoder with one decoder layer's weights held at a time.
+def _decoder_calls_by_part(ckpt: Checkpoint, shapes: Shapes, calls, progress=silent) -> np.ndarray:
+    """``decoder_calls`` of the fp32 decoder with one decoder layer's weights held at a time.
 
-    The decode steps are teacher-forced (``tokens`` are known), so every call's input is known
+    The decode steps are teacher-forced (``calls`` are known), so every call's input is known
     before the first: each one-layer part runs the whole sequence of calls on its own cache and its
     hidden states become the next part's inputs. The same arithmetic as the whole decoder, call for
     call (fp32 throughout), for the memory of one layer plus the lm_head instead of all of them."""
-    calls = _decoder_call_inputs(embeds, positions, delta, shapes.prefill_chunk, tokens, embed_fn)
     xs = [c[0] for c in calls]
     layers = ckpt.spec.text.num_layers
     for a in range(layers):
@@ -239,28 +227,81 @@ class GoldenCase:
         return embeds
 
 
-def run_checks(
-    bundle_runtime,
+@dataclass
+class BundleRun:
+    """What the bundle's runtime computed on the golden case. Taken, and the runtime closed, before
+    any reference is loaded: at 9B widths each holds gigabytes (the onnx export peaked at 15.3 GiB
+    with both), and no check needs both at once."""
+
+    case: GoldenCase
+    checks: list[dict]  # the runtime's own contract
+    outputs: dict[str, np.ndarray]  # component -> its outputs on ``case.inputs``, concatenated
+    calls: list[tuple]  # the teacher-forced decoder calls, inputs only
+    decoder: np.ndarray  # the bundle decoder's logits on ``calls``
+    decode_steps: int  # of ``calls``, after the prefill's
+    trace: Trace  # the bundle's greedy run
+    new_tokens: int
+
+
+def run_bundle(runtime, ckpt: Checkpoint, recipe: Recipe, tgt: Target, pre, progress=silent, *, manifest) -> BundleRun:
+    """The bundle's side of every check: its contract, each component on the probe inputs, a greedy
+    run, and the decoder on the prompt's embeddings followed by the first greedy tokens fed back."""
+    shapes = Shapes.from_recipe(recipe)
+    case = GoldenCase(ckpt, pre, shapes)
+    checks = tgt.contract_checks(runtime, manifest)
+    n_new = min(recipe.parity.greedy_tokens, shapes.max_context - len(case.prompt))
+    progress(f"the bundle on the golden case: each component, then greedy generation of {n_new} tokens")
+    with torch.no_grad():
+        outputs = {
+            name: np.concatenate([call_component(runtime, name, x).numpy().ravel() for x in xs])
+            for name, xs in case.inputs.items()
+        }
+        trace = generate(runtime, case.prompt, **case.media, max_new_tokens=n_new)
+        # the same decoder inputs go to the reference: the bundle's embeddings (image and audio in
+        # place) and its greedy tokens, so a first divergence does not change what is compared
+        encoders = {name: (lambda x, name=name: call_component(runtime, name, x).clone()) for name in case.inputs}
+        embeds = case.embeddings(encoders, shapes.prefill_chunk)
+        feed = trace.tokens[: min(DECODE_STEPS, n_new)]
+        calls = decoder_call_inputs(
+            embeds, case.positions, case.delta, shapes.prefill_chunk, feed, encoders["token_embedding"]
+        )
+        decoder = decoder_calls(runtime, calls)
+    return BundleRun(case, checks, outputs, calls, decoder, len(feed), trace, n_new)
+
+
+def release_memory() -> None:
+    """Free what sits in reference cycles (modules, runtimes) now and give it back to the OS."""
+    gc.collect()
+    return_freed_memory()
+
+
+def check_references(
+    seen: BundleRun,
     ckpt: Checkpoint,
     recipe: Recipe,
     tgt: Target,
     plans: dict[str, ComponentPlan],
-    pre: ImagePreprocessing,
     progress=silent,
     *,
     bundle: Path,
     manifest: dict,
 ) -> dict:
+    """The report: ``seen`` (the bundle's side, its runtime closed) against the PyTorch references,
+    quantized as exported and fp32, loaded now."""
     shapes = Shapes.from_recipe(recipe)
     par = recipe.parity
-    case = GoldenCase(ckpt, pre, shapes)
-    prompt, inputs, positions, delta = case.prompt, case.inputs, case.positions, case.delta
+    case, n_new = seen.case, seen.new_tokens
+    prompt, inputs = case.prompt, case.inputs
     report = _Report()
 
     # 0. the runtime's own contract (metadata methods), for targets that have one
-    report.checks += tgt.contract_checks(bundle_runtime, manifest)
+    report.checks += seen.checks
     checked = tgt.checkpoint_checks(ckpt, shapes, plans, bundle=bundle, manifest=manifest, progress=progress)
     report.checks += checked  # bundle weights vs an independent computation from the checkpoint
+    fp32_bytes = sum(4 * i.numel for i in ckpt.tensors.values())
+    large = fp32_bytes > memory_budget_bytes() // 8  # a collection costs ~0.25 s: worth it for gigabytes only
+    if large:  # the bundle's runtime, closed by the caller
+        release_memory()
 
     # 1. quantized references (as exported) vs the bundle
     progress("loading the PyTorch reference with the exported (quantized) weights")
@@ -282,58 +323,43 @@ def run_checks(
         else:
             q[name] = load_reference(ckpt, name, shapes, plans[name], tgt, bundle, manifest)
     qrt = EagerRuntime(q, shapes.max_context, shapes.prefill_chunk)
-    outs: dict[str, dict[str, np.ndarray]] = {}
+    outs: dict[str, np.ndarray] = {}
     with torch.no_grad():
         for name in inputs:
-            ref = np.concatenate([q[name](x).numpy().ravel() for x in inputs[name]])
-            got = np.concatenate([call_component(bundle_runtime, name, x).numpy().ravel() for x in inputs[name]])
-            outs[name] = {"quantized": ref}
+            outs[name] = np.concatenate([q[name](x).numpy().ravel() for x in inputs[name]])
             report.add(
                 f"{name}/lowered_vs_reference",
                 "lowering",
-                compare(ref, got),
+                compare(outs[name], seen.outputs[name]),
                 _lowering_threshold(plans[name], par),
                 "bundle runtime vs PyTorch with the same weights",
             )
-        # the reference's own greedy run: its tokens drive the decoder check and the end-to-end gate
-        progress(f"greedy generation of {par.greedy_tokens} tokens: reference, then bundle")
-        n_new = min(par.greedy_tokens, shapes.max_context - len(prompt))
-        ref_trace = generate(qrt, prompt, **case.media, max_new_tokens=n_new)
-        # decoder inputs: the real prompt embeddings with the image (and audio) scattered in
-        embeds = case.embeddings(q, shapes.prefill_chunk)
-        feed = ref_trace.tokens[: min(DECODE_STEPS, n_new)]
-        embed_q = q["token_embedding"]
-        ref = _decoder_calls(qrt, embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)
-        got = _decoder_calls(bundle_runtime, embeds, positions, delta, shapes.prefill_chunk, feed, embed_q)
-        outs["text_decoder"] = {"quantized": ref}
-        fig = compare(ref, got)
-        agree = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
+        ref = outs["text_decoder"] = decoder_calls(qrt, seen.calls)
+        agree = float(np.mean(ref.argmax(-1) == seen.decoder.argmax(-1)))
         report.add(
             "text_decoder/lowered_vs_reference",
             "lowering",
-            fig,
+            compare(ref, seen.decoder),
             _lowering_threshold(plans["text_decoder"], par),
-            f"prefill of {len(prompt)} tokens in chunks of {shapes.prefill_chunk}, then {len(feed)} decode steps",
+            f"prefill of {len(prompt)} tokens in chunks of {shapes.prefill_chunk}, then {seen.decode_steps} decode steps",
             argmax_agreement=agree,
         )
 
         # 2. end to end, bundle vs quantized reference
-        got_trace = generate(bundle_runtime, prompt, **case.media, max_new_tokens=n_new)
+        progress(f"greedy generation of {n_new} tokens by the reference")
+        ref_trace = generate(qrt, prompt, **case.media, max_new_tokens=n_new)
         report.checks.append(
             _greedy_check(
                 "end_to_end/greedy_lowered_vs_reference",
                 ref_trace,
-                got_trace,
+                seen.trace,
                 par.greedy_agreement,
                 gated=par.greedy_agreement is not None,
             )
         )
-    del q, qrt  # keep the (small) quantized embedding: decode steps of every decoder run share it
-    fp32_bytes = sum(4 * i.numel for i in ckpt.tensors.values())
-    large = fp32_bytes > memory_budget_bytes() // 8  # a collection costs ~0.25 s: worth it for gigabytes only
+    del q, qrt
     if large:  # modules sit in reference cycles: the quantized reference is freed here, not later
-        gc.collect()
-        return_freed_memory()
+        release_memory()
 
     # 3. quantization error: fp32 reference, one component at a time (the decoder one layer at a
     # time); the fp32 greedy run needs every fp32 component at once, beside what is already held,
@@ -347,7 +373,7 @@ def run_checks(
             fp16 = plans[name].dtype == "fp16" and not plans[name].quantized
             threshold = par.fp16_sqnr_db if fp16 else None
             if name == "text_decoder" and not keep_all:
-                ref = _decoder_calls_by_part(ckpt, shapes, embeds, positions, delta, feed, embed_q, progress)
+                ref = _decoder_calls_by_part(ckpt, shapes, seen.calls, progress)
             elif comp_bytes > budget:
                 report.add(
                     f"{name}/reference_vs_fp32",
@@ -368,15 +394,9 @@ def run_checks(
                 else:
                     mod = load_reference(ckpt, name, shapes, None, tgt)
                 if name == "text_decoder":
-                    ref = _decoder_calls(
-                        EagerRuntime({"text_decoder": mod}, shapes.max_context, shapes.prefill_chunk),
-                        embeds,
-                        positions,
-                        delta,
-                        shapes.prefill_chunk,
-                        feed,
-                        embed_q,
-                    )
+                    eager = EagerRuntime({"text_decoder": mod}, shapes.max_context, shapes.prefill_chunk)
+                    ref = decoder_calls(eager, seen.calls)
+                    del eager
                 else:
                     ref = np.concatenate([mod(x).numpy().ravel() for x in inputs[name]])
                 if keep_all:
@@ -384,7 +404,7 @@ def run_checks(
                 del mod
                 if large:
                     gc.collect()
-            fig = compare(ref, outs[name]["quantized"])
+            fig = compare(ref, outs[name])
             report.add(
                 f"{name}/reference_vs_fp32",
                 "quantization",
@@ -412,7 +432,7 @@ def run_checks(
             "prompt_tokens": len(prompt),
             "greedy_tokens": n_new,
             "reference_tokens": ref_trace.tokens,
-            "bundle_tokens": got_trace.tokens,
+            "bundle_tokens": seen.trace.tokens,
         }
     )
 
@@ -489,20 +509,17 @@ def against_onnxruntime(
             n_new = min(par.greedy_tokens, shapes.max_context - len(prompt))
             ort_trace = generate(ort_rt, prompt, **case.media, max_new_tokens=n_new)
             feed = ort_trace.tokens[:DECODE_STEPS]
-            emb = refs["token_embedding"]
-            o = _decoder_calls(ort_rt, embeds, positions, delta, shapes.prefill_chunk, feed, emb)
+            calls = decoder_call_inputs(embeds, positions, delta, shapes.prefill_chunk, feed, refs["token_embedding"])
+            o = decoder_calls(ort_rt, calls)
             thr = _lowering_threshold(plans["text_decoder"], par)
             report.add(
                 "onnxruntime/text_decoder_vs_bundle",
                 "independent",
-                compare(o, _decoder_calls(bundle_runtime, embeds, positions, delta, shapes.prefill_chunk, feed, emb)),
+                compare(o, decoder_calls(bundle_runtime, calls)),
                 thr,
             )
             report.add(
-                "onnxruntime/text_decoder_vs_reference",
-                "independent",
-                compare(_decoder_calls(qrt, embeds, positions, delta, shapes.prefill_chunk, feed, emb), o),
-                thr,
+                "onnxruntime/text_decoder_vs_reference", "independent", compare(decoder_calls(qrt, calls), o), thr
             )
             got = generate(bundle_runtime, prompt, **case.media, max_new_tokens=n_new)
             report.checks.append(
@@ -632,15 +649,19 @@ def verify_bundle(
     tgt.check_plans(plans, str(bundle / "manifest.json"))
     runtime = open_bundle_runtime(tgt, bundle, manifest)
     try:
-        report = run_checks(runtime, ckpt, recipe, tgt, plans, pre, progress, bundle=bundle, manifest=manifest)
-        if against == "onnxruntime":
-            extra = against_onnxruntime(
-                runtime, ckpt, recipe, tgt, plans, pre, progress, bundle=bundle, manifest=manifest
-            )
-            report["checks"] += extra["checks"]
-            report["failed"] += extra["failed"]
-            report["passed"] = report["passed"] and extra["passed"]
+        seen = run_bundle(runtime, ckpt, recipe, tgt, pre, progress, manifest=manifest)
+        extra = (  # ONNX Runtime's copy of the references and the bundle, side by side
+            against_onnxruntime(runtime, ckpt, recipe, tgt, plans, pre, progress, bundle=bundle, manifest=manifest)
+            if against == "onnxruntime"
+            else None
+        )
     finally:
         runtime.close()
+    del runtime
+    report = check_references(seen, ckpt, recipe, tgt, plans, progress, bundle=bundle, manifest=manifest)
+    if extra is not None:
+        report["checks"] += extra["checks"]
+        report["failed"] += extra["failed"]
+        report["passed"] = report["passed"] and extra["passed"]
     print(format_report(report))
     return report

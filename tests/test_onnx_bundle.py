@@ -76,8 +76,9 @@ def test_decoder_linears_are_matmulnbits(onnx_bundle):
     assert m["versions"]["onnxruntime"] == "1.31.1"
 
 
-def test_dequantization_matches_onnxruntime():
-    """The read-back reference weights are exactly what MatMulNBits multiplies by."""
+def test_dequantization_matches_onnxruntime(monkeypatch):
+    """The read-back reference weights are exactly what MatMulNBits multiplies by, dequantized
+    whole or a few rows at a time into the module's own weight."""
     import onnx
     import onnxruntime as ort
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -104,6 +105,14 @@ def test_dequantization_matches_onnxruntime():
     y = ort.InferenceSession(qm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(y - x @ deq.T).max() < 1e-4
     assert np.abs(deq.T - w).max() > 1e-3  # really quantized
+    import autoglm_export.targets.onnx.target as onnx_target
+
+    monkeypatch.setattr(onnx_target, "DEQUANTIZE_BLOCK_ELEMENTS", 5 * 96)  # 5 rows a block, a short last one
+    into = np.full((48, 96), np.nan, np.float32)
+    assert dequantize_matmul_nbits(node, inits, out=into) is into
+    assert np.array_equal(into, deq)
+    with pytest.raises(ValueError, match="N = 48, K = 96"):
+        dequantize_matmul_nbits(node, inits, out=np.empty((96, 48), np.float32))
 
 
 def test_export_is_byte_identical(onnx_bundle, tiny_ckpt, tmp_path):

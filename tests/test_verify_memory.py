@@ -55,24 +55,39 @@ def test_reference_forms_compute_what_torchao_computes(scheme, group):
 # on alignment (in-process, this check gave 119.463 against 122.325 dB after test_reference_parity,
 # test_memory_guard and test_external_weights had run in the same process).
 BY_LAYER = """
-import json, sys
+import gc, json, sys, weakref
 from pathlib import Path
+import autoglm_export.targets as targets
 import autoglm_export.verify as verify
 from autoglm_export.checkpoint import open_checkpoint
 bundle, ckpt, out = sys.argv[1:]
 fp32_bytes = sum(4 * i.numel for i in open_checkpoint(ckpt).tensors.values())
 verify.resident_bytes = lambda: 0
 verify.memory_budget_bytes = lambda: fp32_bytes - 1
+events, opened = [], []  # the bundle runtime's life against the references' loads
+open_runtime, load_reference = targets.open_bundle_runtime, verify.load_reference
+def open_logged(*a, **k):
+    rt = open_runtime(*a, **k)
+    opened.append(weakref.ref(rt))
+    close = rt.close
+    rt.close = lambda: (events.append("close"), close())
+    events.append("open")
+    return rt
+def reference_logged(*a, **k):
+    gc.collect()
+    events.append("reference, runtime " + ("alive" if any(r() is not None for r in opened) else "freed"))
+    return load_reference(*a, **k)
+targets.open_bundle_runtime, verify.load_reference = open_logged, reference_logged
 said = []
 report = verify.verify_bundle(Path(bundle), checkpoint=ckpt, progress=said.append)
-Path(out).write_text(json.dumps({"report": report, "said": said}))
+Path(out).write_text(json.dumps({"report": report, "said": said, "events": events}))
 """
 
 
 def test_decoder_reference_by_layer_when_the_model_does_not_fit(xnnpack_bundle, tiny_ckpt, tmp_path):
     """A budget every component fits in but not all at once: the fp32 decoder is run one layer at a
     time and gives the figures the whole decoder gave at export; the fp32 greedy run says it was
-    skipped and why."""
+    skipped and why. The bundle's runtime is closed and freed before the first reference loads."""
     import subprocess
     import sys
 
@@ -91,6 +106,9 @@ def test_decoder_reference_by_layer_when_the_model_does_not_fit(xnnpack_bundle, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(result.read_text())
     report, said = got["report"], got["said"]
+    events = got["events"]
+    assert events[:2] == ["open", "close"] and len(events) > 2, events
+    assert set(events[2:]) == {"reference, runtime freed"}, events
     layers = open_checkpoint(tiny_ckpt).spec.text.num_layers
     assert [s for s in said if s.startswith("fp32 reference for text_decoder")] == [
         f"fp32 reference for text_decoder: layer {i + 1}/{layers}" for i in range(layers)

@@ -1,8 +1,9 @@
 """Write golden vectors for the app ports.
 
-python scripts/make_golden.py --bundle BUNDLE OUT_DIR [--max-new-tokens N]
+python scripts/make_golden.py --bundle BUNDLE OUT_DIR [--max-new-tokens N] [--conversation]
     host vectors + tokenizer cases + a recorded greedy trace from a bundle's runtime,
-    with a copy of the bundle itself (what the Kotlin/Swift tests read)
+    with a copy of the bundle itself (what the Kotlin/Swift tests read); --conversation adds a
+    recorded three-step agent conversation (prefix reuse, frequency penalty)
 python scripts/make_golden.py CHECKPOINT OUT.json [--image-size S] [--audio-seconds A]
     host vectors only (prompt ids, pixels, positions, log-mel), from a checkpoint
 """
@@ -25,11 +26,12 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--bundle", action="store_true", help="SOURCE is a bundle; OUT is a directory")
     ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--conversation", action="store_true", help="with --bundle: also a recorded agent conversation")
     ap.add_argument("--image-size", type=int, default=112)
     ap.add_argument("--audio-seconds", type=float, default=3.2)
     a = ap.parse_args()
     if a.bundle:
-        print(f"wrote {golden_bundle(a.source, a.out, a.max_new_tokens)}")
+        print(f"wrote {golden_bundle(a.source, a.out, a.max_new_tokens, a.conversation)}")
         return
     ckpt = open_checkpoint(a.source)
     pc_file = a.source / "preprocessor_config.json"

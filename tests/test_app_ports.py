@@ -24,7 +24,14 @@ JARS = [Path("/usr/share/java") / j for j in ("gson.jar", "junit4.jar", "hamcres
 def golden_dir(audio_xnnpack_bundle, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("golden") / "golden"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_golden.py"), "--bundle", str(audio_xnnpack_bundle), str(out)],
+        [
+            sys.executable,
+            str(REPO / "scripts" / "make_golden.py"),
+            "--bundle",
+            str(audio_xnnpack_bundle),
+            str(out),
+            "--conversation",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -44,6 +51,25 @@ def test_golden_trace_is_the_bundle_runtime(golden_dir, audio_xnnpack_bundle):
     assert len(decoder) == chunks + len(g["trace"]["tokens"]) - 1
     argmax = [c["output"]["data"].index(max(c["output"]["data"])) for c in decoder[chunks - 1 :]]
     assert argmax == g["trace"]["tokens"]
+    # the agent conversation: after the first turn no reset, and only the tokens after the reused
+    # prefix are embedded and prefilled (the dropped screenshot ends the reuse)
+    turns = g["conversation"]["turns"]
+    assert [c["method"] for c in turns[0]["calls"]][0] == "reset"
+    changed = 0  # choices the frequency penalty changed: the vectors must exercise it
+    for t in turns:
+        new = len(t["prompt_ids"]) - t["reused_tokens"]
+        logits = [c["output"]["data"] for c in t["calls"] if c["method"] == "text_decoder"][-(-new // 16) - 1 :]
+        changed += sum(tok != x.index(max(x)) for tok, x in zip(t["tokens"], logits))
+    assert changed >= 1
+    for prev, t in zip(turns, turns[1:]):
+        ids, reuse = t["prompt_ids"], t["reused_tokens"]
+        assert 3 < reuse < len(ids) - 1 and ids[:reuse] == prev["prompt_ids"][:reuse]
+        embedded = [c["inputs"]["input_ids"]["data"] for c in t["calls"] if c["method"] == "token_embedding"]
+        prefilled = [c["inputs"]["cache_position"]["data"] for c in t["calls"] if c["method"] == "text_decoder"]
+        assert "reset" not in [c["method"] for c in t["calls"]]
+        flat, slots = sum(embedded, []), sum(prefilled, [])
+        assert flat[: len(ids) - reuse] == ids[reuse:]  # the new tokens, then the answer's fed back
+        assert slots == list(range(reuse, reuse + len(flat)))  # each once, into the slots after the prefix
     again = subprocess.run(
         [
             sys.executable,
@@ -51,6 +77,7 @@ def test_golden_trace_is_the_bundle_runtime(golden_dir, audio_xnnpack_bundle):
             "--bundle",
             str(audio_xnnpack_bundle),
             str(golden_dir.parent / "again"),
+            "--conversation",
         ],
         capture_output=True,
         text=True,

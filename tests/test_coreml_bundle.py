@@ -327,12 +327,17 @@ def test_the_real_9b_converts_in_24_gib_only_with_the_decoder_in_parts(monkeypat
 def test_golden_vectors_from_a_coreml_bundle(coreml_bundle, tmp_path):
     """scripts/make_golden.py on a coreml bundle (what the iOS workflow feeds the Swift tests):
     package calls are recorded, and each decoder call's cos/sin/mask follow from the golden
-    positions exactly as StatefulDecoderInputs.swift recomputes them."""
+    positions exactly as StatefulDecoderInputs.swift recomputes them; the agent conversation the
+    Swift ConversationTests replay runs on it, later turns reusing the cached prefix."""
     from autoglm_export.golden_bundle import golden_bundle
     from autoglm_export.host.static_decoder import additive_mask, rotary_cos_sin
 
-    path = golden_bundle(coreml_bundle, tmp_path / "golden")
+    path = golden_bundle(coreml_bundle, tmp_path / "golden", conversation=True)
     g = json.loads(path.read_text())
+    turns = g["conversation"]["turns"]
+    assert len(turns) == 3 and turns[0]["reused_tokens"] == 0
+    assert all(3 < t["reused_tokens"] < len(t["prompt_ids"]) - 1 for t in turns[1:])
+    assert all("reset" not in [c["method"] for c in t["calls"]] for t in turns[1:])
     m = json.loads((tmp_path / "golden" / "manifest.json").read_text())
     assert all((tmp_path / "golden" / f).is_file() for f in m["files"])
     calls = [c for c in g["trace"]["graph_calls"] if c["graph"].startswith("text_decoder/")]

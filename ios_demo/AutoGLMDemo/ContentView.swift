@@ -2,7 +2,9 @@ import AutoGLMCore
 import PhotosUI
 import SwiftUI
 
-/// Pick a screenshot, record a question or type one, watch the answer stream in. The bundle is
+/// Pick a screenshot, record a question or type one, watch the answer stream in; the next question
+/// continues the conversation (earlier images leave the history, as the phone agent does, and the
+/// cached prefix is not prefilled again); "New chat" starts over. The bundle is
 /// read from the app's Documents/bundle folder (copy it there with Finder); every size, token id
 /// and method comes from its manifest.
 @MainActor
@@ -16,6 +18,8 @@ final class DemoModel: ObservableObject {
     var image: (rgb: [UInt8], width: Int, height: Int)?
     var audio: [Float]?
     var recorder: AudioRecorder?
+    var session: ChatSession?
+    var history: [Message] = []  // earlier turns, text only
 
     var bundleDir: URL {
         FileManager.default.urls(for: .documentDirectory, in: .userDomainMask)[0].appendingPathComponent("bundle")
@@ -30,7 +34,10 @@ final class DemoModel: ObservableObject {
             }
             manifest = m
             tokenizer = try HubTextEncoder(bundle: bundleDir)
-            runtime = CoreMLRuntime(dir: bundleDir, manifest: m)
+            let rt = CoreMLRuntime(dir: bundleDir, manifest: m)
+            runtime = rt
+            session = ChatSession(runtime: rt, manifest: m, tokenizer: tokenizer!)
+            history = []
             status = "ready: context \(m.maxContext)" + (m.audio != nil ? ", audio" : "")
         } catch {
             status = "\(error)"
@@ -79,36 +86,40 @@ final class DemoModel: ObservableObject {
     }
 
     func ask(_ question: String) {
-        guard let m = manifest, let rt = runtime, let tok = tokenizer else { return }
+        guard let m = manifest, let chat = session, let tok = tokenizer else { return }
         answer = ""
-        let img = image, clip = audio
+        let img = image, clip = audio, earlier = history
         Task.detached {
             do {
-                let images = img.map { [ImagePreprocessor.prepare(rgb: $0.rgb, width: $0.width, height: $0.height, config: m.image)] } ?? []
-                let audios = try clip.flatMap { c in try m.audio.map { [try LogMel.compute(c, $0)] } } ?? []
-                let prompt = try ChatPrompt.build(tok, m.prompt, text: question, imageTokens: images.first?.tokens ?? 0,
-                                                  audioTokens: audios.isEmpty ? 0 : (m.audioTokens ?? 0))
+                var parts: [Part] = []
+                if let i = img { parts.append(.image(ImagePreprocessor.prepare(rgb: i.rgb, width: i.width, height: i.height, config: m.image))) }
+                if let c = clip, let cfg = m.audio { parts.append(.audio(try LogMel.compute(c, cfg))) }
+                parts.append(.text(question))
                 var generated: [Int] = []
                 var shown = ""
-                _ = try Generator(runtime: rt, hiddenSize: m.hiddenSize).generate(
-                    prompt, images: images.map { $0.pixels }, imageGrids: images.map { $0.grid }, audios: audios,
-                    maxNewTokens: min(256, m.maxContext - prompt.ids.count), eosIds: m.prompt.eosIds,
-                    imageMethods: images.map { $0.method }) { token in
-                        if m.prompt.eosIds.contains(token) { return false }
-                        generated.append(token)
-                        let text = tok.decode(generated)
-                        if !text.hasSuffix("\u{FFFD}") { // wait for the rest of a multi-byte character
-                            let delta = String(text.dropFirst(shown.count))
-                            shown = text
-                            Task { @MainActor in self.answer += delta }
-                        }
-                        return true
+                let turn = try chat.chat(earlier + [Message(role: "user", parts: parts)], maxTokens: 256) { token in
+                    if m.prompt.eosIds.contains(token) { return false }
+                    generated.append(token)
+                    let text = tok.decode(generated)
+                    if !text.hasSuffix("\u{FFFD}") { // wait for the rest of a multi-byte character
+                        let delta = String(text.dropFirst(shown.count))
+                        shown = text
+                        Task { @MainActor in self.answer += delta }
                     }
-            } catch {
-                Task { @MainActor in self.status = "\(error)" }
+                    return true
+                }
+                let reply = tok.decode(turn.tokens)
+                Task { @MainActor in self.history += [.text("user", question), .text("assistant", reply)] }
+            } catch {  // e.g. the conversation outgrew the bundle's context
+                Task { @MainActor in
+                    self.history = []
+                    self.status = "\(error); starting a new chat"
+                }
             }
         }
     }
+
+    func newChat() { history = [] }
 }
 
 struct ContentView: View {
@@ -125,6 +136,7 @@ struct ContentView: View {
                 PhotosPicker("Pick image", selection: $pick, matching: .images)
                 Button(model.recording ? "Stop" : "Record") { model.toggleRecording() }
                 Button("Ask") { model.ask(question) }
+                Button("New chat") { model.newChat() }
             }
             TextField("Question", text: $question).textFieldStyle(.roundedBorder)
             ScrollView { Text(model.answer).frame(maxWidth: .infinity, alignment: .leading) }

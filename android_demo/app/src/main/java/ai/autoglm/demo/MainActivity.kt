@@ -3,12 +3,12 @@ package ai.autoglm.demo
 import ai.autoglm.demo.core.BundleError
 import ai.autoglm.demo.core.BundleManifest
 import ai.autoglm.demo.core.ByteLevelBpe
-import ai.autoglm.demo.core.ChatPrompt
-import ai.autoglm.demo.core.FloatTensor
-import ai.autoglm.demo.core.Generator
+import ai.autoglm.demo.core.ChatSession
 import ai.autoglm.demo.core.ImagePreprocessor
 import ai.autoglm.demo.core.LogMel
+import ai.autoglm.demo.core.Message
 import ai.autoglm.demo.core.ModelRuntime
+import ai.autoglm.demo.core.Part
 import ai.autoglm.demo.core.TokenListener
 import android.Manifest
 import android.graphics.Bitmap
@@ -27,7 +27,9 @@ import java.io.File
 import java.util.concurrent.Executors
 
 /**
- * Pick or shoot an image, record a clip, type a question, watch the answer stream in. Everything
+ * Pick or shoot an image, record a clip, type a question, watch the answer stream in; the next
+ * question continues the conversation (earlier images leave the history, as the phone agent does,
+ * and the cached prefix is not prefilled again); "New chat" starts over. Everything
  * model-specific (sizes, token ids, preprocessing, methods) is read from the bundle's manifest.
  * Push a bundle with: adb push BUNDLE/. /sdcard/Android/data/ai.autoglm.demo/files/bundle/
  */
@@ -41,6 +43,8 @@ class MainActivity : ComponentActivity() {
     private var image: Bitmap? = null
     private var audio: FloatArray? = null
     private var recorder: WavRecorder? = null
+    private var session: ChatSession? = null
+    private val history = ArrayList<Message>()  // earlier turns, text only
 
     private val pickImage = registerForActivityResult(ActivityResultContracts.GetContent()) { uri: Uri? ->
         if (uri != null) setImage(ImageDecoder.decodeBitmap(ImageDecoder.createSource(contentResolver, uri)))
@@ -63,6 +67,7 @@ class MainActivity : ComponentActivity() {
         buttons.addView(Button(this).apply { text = "Camera"; setOnClickListener { shootImage.launch(null) } })
         buttons.addView(Button(this).apply { text = "Record"; setOnClickListener { toggleRecording(this) } })
         buttons.addView(Button(this).apply { text = "Ask"; setOnClickListener { ask(question.text.toString()) } })
+        buttons.addView(Button(this).apply { text = "New chat"; setOnClickListener { worker.execute { history.clear() } } })
         root.addView(question)
         root.addView(buttons)
         root.addView(preview)
@@ -84,7 +89,8 @@ class MainActivity : ComponentActivity() {
                 }
                 manifest = m
                 tokenizer = ByteLevelBpe.parse(File(bundleDir(), "tokenizer.json").readText())
-                runtime = openRuntime(bundleDir(), m)
+                runtime = openRuntime(bundleDir(), m).also { session = ChatSession(it, m, tokenizer!!) }
+                history.clear()
                 "ready: ${m.target} bundle, context ${m.maxContext}" + (if (m.audio != null) ", audio" else "")
             } catch (e: BundleError) {
                 e.message ?: "bad bundle"
@@ -135,20 +141,19 @@ class MainActivity : ComponentActivity() {
     private fun ask(question: String) {
         val m = manifest ?: return
         val tok = tokenizer ?: return
-        val rt = runtime ?: return
+        val chat = session ?: return
         val bmp = image
         val clip = audio
         output.text = ""
         worker.execute {
-            val images = if (bmp != null) listOf(ImagePreprocessor.prepare(rgbOf(bmp), bmp.width, bmp.height, m.image)) else emptyList()
-            val audios: List<FloatTensor> = if (clip != null && m.audio != null) listOf(LogMel.compute(clip, m.audio!!)) else emptyList()
-            val prompt = ChatPrompt.build(tok, m.prompt, question, if (images.isNotEmpty()) images[0].tokens else 0,
-                if (audios.isNotEmpty()) m.audioTokens ?: 0 else 0)
+            val parts = ArrayList<Part>()
+            if (bmp != null) parts.add(Part.image(ImagePreprocessor.prepare(rgbOf(bmp), bmp.width, bmp.height, m.image)))
+            if (clip != null && m.audio != null) parts.add(Part.audio(LogMel.compute(clip, m.audio!!)))
+            parts.add(Part.text(question))
             val generated = ArrayList<Int>()
             var shown = ""
-            val maxNew = minOf(256, m.maxContext - prompt.size)
-            Generator(rt, m.hiddenSize).generate(prompt, images.map { it.pixels }, images.map { it.grid }, audios, maxNew,
-                m.prompt.eosIds, object : TokenListener {
+            val turn = try {
+                chat.chat(history + Message("user", parts), 256, listener = object : TokenListener {
                     override fun onToken(token: Int): Boolean {
                         if (m.prompt.eosIds.contains(token)) return false
                         generated.add(token)
@@ -160,7 +165,14 @@ class MainActivity : ComponentActivity() {
                         }
                         return true
                     }
-                }, images.map { it.method })
+                })
+            } catch (e: IllegalArgumentException) { // the conversation outgrew the bundle's context
+                history.clear()
+                runOnUiThread { output.text = "${e.message}; starting a new chat" }
+                return@execute
+            }
+            history.add(Message.text("user", question))
+            history.add(Message.text("assistant", tok.decode(turn.tokens)))
         }
     }
 

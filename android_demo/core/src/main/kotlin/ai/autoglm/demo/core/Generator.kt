@@ -29,12 +29,16 @@ interface TokenListener {
     fun onToken(token: Int): Boolean
 }
 
-class GenerationResult(val tokens: IntArray, val promptLength: Int, val ropeDelta: Long)
+/** [cached]: the cache slots holding this call's tokens when it returned (the prompt and the tokens fed back). */
+class GenerationResult(val tokens: IntArray, val promptLength: Int, val ropeDelta: Long, val cached: Int)
 
 /**
  * The generation loop every runtime shares (a port of the exporter's host loop): embed the prompt
  * in chunks, write encoder outputs over their placeholder tokens, prefill in chunks with 3-axis
- * positions, then greedy decode one token at a time.
+ * positions, then decode one token at a time: greedy, or [choose] (logits, answer so far).
+ * [reuse]: how many of the prompt's first tokens the cache already holds from the previous call
+ * with the same tokens and media (prefix reuse); those are neither embedded, encoded nor prefilled
+ * again, and 0 starts afresh.
  */
 class Generator(private val runtime: ModelRuntime, private val hiddenSize: Int) {
 
@@ -46,35 +50,38 @@ class Generator(private val runtime: ModelRuntime, private val hiddenSize: Int) 
         maxNewTokens: Int,
         eosIds: IntArray,
         listener: TokenListener? = null,
-        imageMethods: List<String> = emptyList()
+        imageMethods: List<String> = emptyList(),
+        reuse: Int = 0,
+        choose: ((FloatArray, List<Int>) -> Int)? = null
     ): GenerationResult {
         val n = prompt.size
         if (n + maxNewTokens > runtime.maxContext) {
             throw IllegalArgumentException("prompt ($n tokens) + $maxNewTokens new tokens exceed the bundle's context of ${runtime.maxContext}")
         }
+        require(reuse in 0 until n) { "reuse $reuse outside [0, $n): at least the prompt's last token must run" }
         val positions = MRopePositions.compute(prompt.types, imageGrids)
-        runtime.reset()
+        if (reuse == 0) runtime.reset()
         val h = hiddenSize
-        val embeds = FloatArray(n * h)
-        var a = 0
+        val embeds = FloatArray((n - reuse) * h)  // the prompt's tokens from reuse on
+        var a = reuse
         while (a < n) {
             val b = Math.min(a + runtime.prefillChunk, n)
             val ids = LongArray(b - a) { prompt.ids[a + it].toLong() }
             val e = runtime.tokenEmbedding(LongTensor(intArrayOf(1, b - a), ids))
-            System.arraycopy(e.data, 0, embeds, a * h, (b - a) * h)
+            System.arraycopy(e.data, 0, embeds, (a - reuse) * h, (b - a) * h)
             a = b
         }
-        scatter(embeds, prompt, ChatPrompt.IMAGE, images) { i, x ->
+        scatter(embeds, prompt, ChatPrompt.IMAGE, images, imageGrids.map { it[0] * it[1] }, reuse) { i, x ->
             runtime.visionEncoder(x, imageMethods.getOrElse(i) { BundleManifest.COMPONENT_VISION })
         }
-        scatter(embeds, prompt, ChatPrompt.AUDIO, audios) { _, x -> runtime.audioEncoder(x) }
+        scatter(embeds, prompt, ChatPrompt.AUDIO, audios, null, reuse) { _, x -> runtime.audioEncoder(x) }
         var logits: FloatTensor? = null
-        a = 0
+        a = reuse
         while (a < n) {
             val b = Math.min(a + runtime.prefillChunk, n)
             val t = b - a
             val chunk = FloatArray(t * h)
-            System.arraycopy(embeds, a * h, chunk, 0, t * h)
+            System.arraycopy(embeds, (a - reuse) * h, chunk, 0, t * h)
             val cache = LongArray(t) { (a + it).toLong() }
             logits = runtime.textDecoder(FloatTensor(intArrayOf(1, t, h), chunk),
                 LongTensor(intArrayOf(3, t), positions.slice(a, b)), LongTensor(intArrayOf(t), cache))
@@ -83,7 +90,7 @@ class Generator(private val runtime: ModelRuntime, private val hiddenSize: Int) 
         val tokens = ArrayList<Int>()
         var cacheIndex = n
         for (step in 0 until maxNewTokens) {
-            val token = argmax(logits!!.data)
+            val token = if (choose == null) argmax(logits!!.data) else choose(logits!!.data, tokens)
             tokens.add(token)
             val keepGoing = listener?.onToken(token) ?: true
             if (eosIds.contains(token) || !keepGoing || step == maxNewTokens - 1) break
@@ -93,23 +100,39 @@ class Generator(private val runtime: ModelRuntime, private val hiddenSize: Int) 
                 LongTensor(intArrayOf(1), longArrayOf(cacheIndex.toLong())))
             cacheIndex++
         }
-        return GenerationResult(tokens.toIntArray(), n, positions.delta)
+        return GenerationResult(tokens.toIntArray(), n, positions.delta, cacheIndex)
     }
 
-    private fun scatter(embeds: FloatArray, prompt: ChatPrompt, kind: Int, inputs: List<FloatTensor>,
-                        encode: (Int, FloatTensor) -> FloatTensor) {
+    /**
+     * Encode each input and write its rows over its placeholder tokens: [lengths] of them each
+     * (equal shares when null). [embeds] holds the prompt from [reuse] on: an input whose tokens all
+     * lie before it is already in the cache and is not encoded again.
+     */
+    private fun scatter(embeds: FloatArray, prompt: ChatPrompt, kind: Int, inputs: List<FloatTensor>, lengths: List<Int>?,
+                        reuse: Int, encode: (Int, FloatTensor) -> FloatTensor) {
         if (inputs.isEmpty()) return
         val slots = ArrayList<Int>()
         for (i in prompt.types.indices) if (prompt.types[i] == kind) slots.add(i)
-        var row = 0
-        for ((i, x) in inputs.withIndex()) {
-            val f = encode(i, x)
-            val rows = f.data.size / hiddenSize
-            if (row + rows > slots.size) throw IllegalStateException("encoder outputs exceed the ${slots.size} placeholder tokens")
-            for (r in 0 until rows) System.arraycopy(f.data, r * hiddenSize, embeds, slots[row + r] * hiddenSize, hiddenSize)
-            row += rows
+        if (lengths == null && slots.size % inputs.size != 0) {
+            throw IllegalStateException("${slots.size} placeholder tokens for ${inputs.size} inputs")
         }
-        if (row != slots.size) throw IllegalStateException("$row encoder outputs for ${slots.size} placeholder tokens")
+        val per = lengths ?: List(inputs.size) { slots.size / inputs.size }
+        if (per.size != inputs.size || per.sum() != slots.size) {
+            throw IllegalStateException("${slots.size} placeholder tokens for inputs of $per tokens")
+        }
+        var start = 0
+        for ((i, x) in inputs.withIndex()) {
+            val own = slots.subList(start, start + per[i])
+            start += per[i]
+            if (own.last() < reuse) continue
+            val f = encode(i, x)
+            if (f.data.size != per[i] * hiddenSize) {
+                throw IllegalStateException("${f.data.size / hiddenSize} encoder outputs for ${per[i]} placeholder tokens")
+            }
+            for ((r, slot) in own.withIndex()) {
+                if (slot >= reuse) System.arraycopy(f.data, r * hiddenSize, embeds, (slot - reuse) * hiddenSize, hiddenSize)
+            }
+        }
     }
 
     companion object {

@@ -1,0 +1,68 @@
+import Foundation
+import XCTest
+@testable import AutoGLMCore
+
+/// A phone agent's three steps through ChatSession against the exporter's ChatEngine (golden.json's
+/// "conversation", make_golden.py --bundle --conversation): each turn's prompt ids, its prefix reuse,
+/// its answer under the frequency penalty, and every runtime call must be the host's.
+extension GoldenVectorsTests {
+    var conversation: [String: Any] {
+        guard let c = golden["conversation"] as? [String: Any] else {
+            fatalError("golden.json has no conversation: write it with make_golden.py --bundle --conversation")
+        }
+        return c
+    }
+
+    var turns: [[String: Any]] { conversation["turns"] as! [[String: Any]] }
+
+    func screen(_ turn: [String: Any]) -> ImageInput {
+        let s = turn["screen"] as! [String: Any]
+        return ImagePreprocessor.prepare(rgb: ints(s["rgb"]).map { UInt8($0) }, width: (s["width"] as! NSNumber).intValue,
+                                         height: (s["height"] as! NSNumber).intValue, config: manifest.image)
+    }
+
+    func agentMessages(upTo i: Int) -> [Message] {
+        var m = [Message.text("system", conversation["system"] as! String)]
+        for t in turns[0..<i] {
+            m.append(.text("user", t["task"] as! String))
+            m.append(.text("assistant", t["text"] as! String))
+        }
+        m.append(Message(role: "user", parts: [.image(screen(turns[i])), .text(turns[i]["task"] as! String)]))
+        return m
+    }
+
+    func testConversationRendersTheHostsPromptIds() throws {
+        for i in turns.indices {
+            let r = try Conversation.render(tokenizer, manifest.prompt, agentMessages(upTo: i), audioTokens: manifest.audioTokens)
+            XCTAssertEqual(r.prompt.ids, ints(turns[i]["prompt_ids"]), "turn \(i)")
+        }
+    }
+
+    func testAgentLoopReusesTheCachedPrefixAndAnswersAsTheHost() throws {
+        let calls = turns.flatMap { $0["calls"] as! [[String: Any]] }
+        let runtime = RecordedRuntime(calls: calls, maxContext: manifest.maxContext, prefillChunk: manifest.prefillChunk)
+        let session = ChatSession(runtime: runtime, manifest: manifest, tokenizer: tokenizer)
+        let penalties = Penalties(frequency: (conversation["frequency_penalty"] as! NSNumber).floatValue,
+                                  presence: (conversation["presence_penalty"] as! NSNumber).floatValue)
+        var before = 0
+        for (i, t) in turns.enumerated() {
+            let turn = try session.chat(agentMessages(upTo: i), maxTokens: (conversation["max_tokens"] as! NSNumber).intValue,
+                                        penalties: penalties)
+            XCTAssertEqual(runtime.next - before, (t["calls"] as! [Any]).count, "turn \(i): calls made")
+            before = runtime.next
+            XCTAssertEqual(turn.reusedTokens, (t["reused_tokens"] as! NSNumber).intValue, "turn \(i): reuse")
+            XCTAssertEqual(turn.tokens, ints(t["tokens"]), "turn \(i): answer")
+            XCTAssertEqual(turn.finishReason, t["finish_reason"] as? String, "turn \(i): finish reason")
+        }
+        XCTAssertEqual(runtime.next, calls.count, "every recorded call was made")
+        XCTAssertTrue(runtime.mismatches.isEmpty, runtime.mismatches.joined(separator: "\n"))
+    }
+
+    func testPenaltiesLowerRepeatedTokensInFloat32() {
+        let logits: [Float] = [1.0, 1.1, 0.95]
+        XCTAssertEqual(Penalties(frequency: 0.2).choose(logits, []), 1)
+        XCTAssertEqual(Penalties(frequency: 0.2).choose(logits, [1]), 0)
+        XCTAssertEqual(Penalties(frequency: 0.2, presence: 0.1).choose(logits, [0, 1]), 2)
+        XCTAssertEqual(Penalties(frequency: 0.1).choose(logits, [1, 1, 0]), 2)
+    }
+}

@@ -345,9 +345,12 @@ def test_bad_requests_get_openai_error_bodies(server, case, status, needle, tmp_
     ok = {"type": "text", "text": "hi"}
     outside = tmp_path / "outside.png"
     outside.write_bytes(_png(8, 8, 0))
-    big = Image.new("RGB", (8000, 8000))
-    buf = io.BytesIO()
-    big.save(buf, format="PNG")
+
+    def huge_png() -> bytes:  # encoding 64 M pixels takes ~0.6 s: only for the case that sends it
+        buf = io.BytesIO()
+        Image.new("RGB", (8000, 8000)).save(buf, format="PNG")
+        return buf.getvalue()
+
     bodies = {
         "unknown_field": {**_user("hi"), "max_token": 5},
         "bad_part_type": _user([{"type": "video_url", "video_url": {"url": "x"}}]),
@@ -364,7 +367,7 @@ def test_bad_requests_get_openai_error_bodies(server, case, status, needle, tmp_
                 }
             ]
         ),
-        "huge_pixels": _user([{"type": "image_url", "image_url": {"url": _data_url(buf.getvalue())}}]),
+        "huge_pixels": lambda: _user([{"type": "image_url", "image_url": {"url": _data_url(huge_png())}}]),
         "huge_image": _user([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * (28 << 20)}}]),
         "context": _user("word " * 300),
         "audio_without_tower": _user([{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]),
@@ -381,7 +384,8 @@ def test_bad_requests_get_openai_error_bodies(server, case, status, needle, tmp_
     elif case == "huge_body":
         r = _post(server, raw=b" " * (65 << 20))
     else:
-        r = _post(server, bodies.get(case, _user("hi")), headers=headers.get(case))
+        body = bodies.get(case, _user("hi"))
+        r = _post(server, body() if callable(body) else body, headers=headers.get(case))
     assert r.status_code == status, (r.status_code, r.text[:300])
     err = r.json()["error"]
     assert needle in err["message"] and set(err) == {"message", "type", "param", "code"}

@@ -166,8 +166,7 @@ def _decoder_calls_by_part(ckpt: Checkpoint, shapes: Shapes, calls, progress=sil
         part.reset_cache()
         xs = [part(x, p, c) for x, (_, p, c) in zip(xs, calls)]
         del part
-        gc.collect()  # modules sit in reference cycles: free this layer before the next is read
-        return_freed_memory()
+        release_memory()  # modules sit in reference cycles: free this layer before the next is read
     return torch.cat([o.reshape(1, -1) for o in xs]).numpy()
 
 

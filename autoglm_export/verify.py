@@ -58,11 +58,13 @@ def load_reference(
     tgt: Target,
     bundle: Path | None = None,
     manifest: dict | None = None,
+    per_call: bool = True,
 ) -> torch.nn.Module:
     """One component in PyTorch: quantized exactly as exported (``plan``) or fp32 (``None``).
 
     Targets that quantize in PyTorch get the same torchao configuration; targets that quantize
-    the exported graph (onnx) get the weights read back from the bundle."""
+    the exported graph (onnx) get the weights read back from the bundle (``per_call`` False: as
+    plain weights, for a module that is exported again)."""
     comp = ckpt.family.components.get(name)
     meta = build_on_meta(lambda: comp.build(ckpt.spec, shapes))
     if plan is None:
@@ -84,9 +86,11 @@ def load_reference(
         return dequantize_per_call(
             load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype], on_module=quantize_hook(plan, tgt.torchao_config))
         )
-    module = load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype])
-    if plan.quantized:
-        tgt.apply_bundle_weights(name, module, bundle, manifest)
+    if not plan.quantized:
+        return load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype])
+    weights = tgt.bundle_weights(name, meta, bundle, manifest, per_call)
+    module = load_component(meta, ckpt, FLOAT_DTYPES[plan.dtype], on_module=weights)
+    weights.finish()
     return module
 
 
@@ -473,13 +477,13 @@ def against_onnxruntime(
     par = recipe.parity
     report = _Report()
     progress("exporting the same components, same weights, to ONNX for ONNX Runtime")
-    refs = {n: load_reference(ckpt, n, shapes, plans[n], tgt, bundle, manifest) for n in plans}
+    refs = {n: load_reference(ckpt, n, shapes, plans[n], tgt, bundle, manifest, per_call=False) for n in plans}
     with tempfile.TemporaryDirectory(prefix="autoglm-ort-") as tmp:
         files = {}
         for name in refs:
             # the reference module as it is: torchao-quantized modules export with their
             # activation quantization spelled out in plain ONNX ops, so ORT runs the same math
-            module = load_reference(ckpt, name, shapes, plans[name], tgt, bundle, manifest)
+            module = load_reference(ckpt, name, shapes, plans[name], tgt, bundle, manifest, per_call=False)
             prog = onnx_target.export(name, module, shapes.prefill_chunk)
             as_is = ComponentPlan(name, "fp32", {})  # no further quantization
             onnx_target.lower({name: prog}, {}, Path(tmp), silent, {name: as_is})

@@ -83,7 +83,7 @@ def test_dequantization_matches_onnxruntime(monkeypatch):
     import onnxruntime as ort
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from autoglm_export.targets.onnx.target import dequantize_matmul_nbits
+    from autoglm_export.targets.onnx.reference import dequantize_matmul_nbits
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((96, 48)).astype(np.float32)  # [K, N] as MatMul's B
@@ -105,14 +105,54 @@ def test_dequantization_matches_onnxruntime(monkeypatch):
     y = ort.InferenceSession(qm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(y - x @ deq.T).max() < 1e-4
     assert np.abs(deq.T - w).max() > 1e-3  # really quantized
-    import autoglm_export.targets.onnx.target as onnx_target
+    import autoglm_export.targets.onnx.reference as onnx_reference
 
-    monkeypatch.setattr(onnx_target, "DEQUANTIZE_BLOCK_ELEMENTS", 5 * 96)  # 5 rows a block, a short last one
+    monkeypatch.setattr(onnx_reference, "DEQUANTIZE_BLOCK_ELEMENTS", 5 * 96)  # 5 rows a block, a short last one
     into = np.full((48, 96), np.nan, np.float32)
     assert dequantize_matmul_nbits(node, inits, out=into) is into
     assert np.array_equal(into, deq)
     with pytest.raises(ValueError, match="N = 48, K = 96"):
         dequantize_matmul_nbits(node, inits, out=np.empty((96, 48), np.float32))
+
+
+def test_reference_keeps_large_weights_quantized_with_the_same_outputs(onnx_bundle, tiny_ckpt, monkeypatch):
+    """The decoder reference with every int4 linear kept as codes, dequantized a few rows at a time
+    per call (what 9B-width weights get), computes what the reference with plain dequantized weights
+    computes, and holds no fp32 copy of those weights."""
+    import torch
+
+    import autoglm_export.targets.onnx.reference as onnx_reference
+    from autoglm_export.bundle import load_bundle
+    from autoglm_export.checkpoint import open_checkpoint
+    from autoglm_export.components import Shapes
+    from autoglm_export.planning import plan_quantization
+    from autoglm_export.recipe import parse_recipe
+    from autoglm_export.targets import get_target
+    from autoglm_export.verify import load_reference
+
+    manifest = load_bundle(onnx_bundle)
+    recipe = parse_recipe(manifest["recipe"]["content"], onnx_bundle / "manifest.json")
+    ckpt, shapes = open_checkpoint(tiny_ckpt), Shapes.from_recipe(recipe)
+    plans = plan_quantization(recipe, ckpt, shapes, "recipe")
+    tgt = get_target("onnx")
+    plain = load_reference(
+        ckpt, "text_decoder", shapes, plans["text_decoder"], tgt, onnx_bundle, manifest, per_call=False
+    )
+    monkeypatch.setattr(onnx_reference, "REFERENCE_BLOCK_ELEMENTS", 7 * ckpt.spec.text.hidden_size)  # 7 rows a block
+    packed = load_reference(ckpt, "text_decoder", shapes, plans["text_decoder"], tgt, onnx_bundle, manifest)
+    kept = [m for m in packed.modules() if isinstance(m, onnx_reference.MatMulNBitsLinear)]
+    block = 7 * ckpt.spec.text.hidden_size
+    large = [w for w in plans["text_decoder"].weights.values() if w.scheme == "int4" and w.params > block]
+    assert len(kept) == len(large) > 0
+    assert kept and all(not hasattr(m, "weight") for m in kept)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, ckpt.spec.text.hidden_size, generator=g)
+    pos, slots = torch.arange(5).expand(3, 5).contiguous(), torch.arange(5)
+    with torch.no_grad():
+        plain.reset_cache()
+        packed.reset_cache()
+        a, b = plain(x, pos, slots), packed(x, pos, slots)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
 
 
 def test_export_is_byte_identical(onnx_bundle, tiny_ckpt, tmp_path):

@@ -38,7 +38,7 @@ def test_every_target_in_the_table_honours_the_contract(name):
     assert overrides("torchao_config") == caps.quantizes_in_torch
     assert overrides("lower_part") == caps.decoder_in_parts
     assert overrides("reference_component") == caps.own_reference
-    assert overrides("apply_bundle_weights") == (not caps.quantizes_in_torch and not caps.own_reference)
+    assert overrides("bundle_weights") == (not caps.quantizes_in_torch and not caps.own_reference)
     if caps.calibrated or caps.recipe_sections:
         assert overrides("configure")
     # its recipes validate as this target's, and the CLI offers it

@@ -99,12 +99,14 @@ class Target(ABC):
 
     def reference_component(self, name: str, plan, bundle: Path, manifest: dict, load):
         """A callable standing in for the "same quantization" PyTorch module (``own_reference``
-        targets); None: the verifier builds it (torchao, or ``apply_bundle_weights``)."""
+        targets); None: the verifier builds it (torchao, or ``bundle_weights``)."""
         return None
 
-    def apply_bundle_weights(self, name: str, module, bundle: Path, manifest: dict) -> None:
-        """Put the weights the bundle holds into the fp32 reference module (targets that quantize
-        their own graph and have no ``reference_component``)."""
+    def bundle_weights(self, name: str, root, bundle: Path, manifest: dict, per_call: bool = True):
+        """An ``on_module`` hook (with ``finish()``) that puts the weights the bundle holds into the
+        fp32 reference module while it loads (targets that quantize their own graph and have no
+        ``reference_component``); ``per_call``: large weights may stay quantized, dequantized on each
+        call (False: plain weights, for a reference that is exported again)."""
         raise TypeError(f"target {self.name} has no way to read its bundle's weights back")
 
     def contract_checks(self, runtime, manifest: dict) -> list[dict]:

@@ -14,7 +14,7 @@ time. Protobuf cannot serialise a message over 2 GiB, and the real token embeddi
 2.5 GB in fp32: sizes are computed from shapes, never by serialising.
 
 "PyTorch with the same weights" for this target is the fp32 module with every MatMulNBits
-weight replaced by its dequantized value, read back from the written model.
+weight replaced by what the written model holds (``reference.py``).
 """
 
 from __future__ import annotations
@@ -49,40 +49,6 @@ def _nbytes(tensor) -> int:
 
     itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     return math.prod(tensor.dims) * itemsize
-
-
-# rows of a MatMulNBits weight dequantized at once: about this many elements
-DEQUANTIZE_BLOCK_ELEMENTS = 1 << 24
-
-
-def dequantize_matmul_nbits(node, inits: dict, out: np.ndarray | None = None) -> np.ndarray:
-    """The [N, K] weight a MatMulNBits node multiplies by (symmetric: implicit zero point), written
-    into ``out`` when given. Dequantized a block of rows at a time: whole, the 9B's lm_head took four
-    fp32 temporaries of 2.5 GB each beside the reference that receives it."""
-    import onnx
-
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    bits, k, n = attrs["bits"], attrs["K"], attrs["N"]
-    packed, scales = inits[node.input[1]], inits[node.input[2]]
-    if len(node.input) > 3 and node.input[3]:
-        raise ValueError(f"{node.name}: asymmetric MatMulNBits is not produced by this exporter")
-    rows, blocks, _ = packed.shape
-    if rows != n:
-        raise ValueError(f"{node.name}: {rows} packed rows for N = {n}")
-    if out is None:
-        out = np.empty((n, k), np.float32)
-    if out.shape != (n, k):
-        raise ValueError(f"{node.name}: weight of shape {list(out.shape)} for MatMulNBits N = {n}, K = {k}")
-    scales = scales.reshape(rows, blocks, 1)
-    zero = 1 << (bits - 1)
-    step = max(1, DEQUANTIZE_BLOCK_ELEMENTS // max(1, k))
-    for a in range(0, rows, step):
-        b = min(a + step, rows)
-        p = packed[a:b]
-        q = np.stack([p & 0x0F, p >> 4], axis=-1).reshape(b - a, blocks, -1) if bits == 4 else p
-        w = (q.astype(np.float32) - zero) * scales[a:b].astype(np.float32)
-        out[a:b] = w.reshape(b - a, -1)[:, :k]
-    return out
 
 
 class OnnxTarget(Target):
@@ -280,40 +246,12 @@ class OnnxTarget(Target):
         del model
         return files, info
 
-    def apply_bundle_weights(self, name: str, module: torch.nn.Module, bundle: Path, manifest: dict) -> None:
-        """Replace the planned weights by what the bundle really holds (dequantized MatMulNBits)."""
-        import onnx
-        from onnx.external_data_helper import load_external_data_for_tensor
+    def bundle_weights(self, name: str, root: torch.nn.Module, bundle: Path, manifest: dict, per_call: bool = True):
+        """The weights the bundle really holds (MatMulNBits codes and scales), as an ``on_module`` hook
+        that puts them into the fp32 reference while it loads (``reference.BundleWeights``)."""
+        from .reference import BundleWeights
 
-        comp = manifest["components"][name]
-        for prog in comp.get("programs") or [comp]:  # a decoder in parts: each part's own model
-            wanted = prog["quantized_outputs"]
-            if not wanted:  # nothing quantized: the module's fp32 weights are the model's
-                continue
-            # the graph, then only the quantized weights' codes and scales: the rest of the external
-            # data (3.6 GB of fp32 ViT at 9B) is not read
-            model = load_checked_graph(bundle, prog)
-            nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] in wanted]
-            needed = {i for n in nodes for i in n.input[1:3]}
-            inits = {}
-            for t in model.graph.initializer:
-                if t.name in needed:
-                    if external(t):
-                        load_external_data_for_tensor(t, str(bundle))
-                    inits[t.name] = onnx.numpy_helper.to_array(t)
-            with torch.no_grad():
-                for node in nodes:
-                    param = module.get_parameter(wanted[node.output[0]])
-                    if param.dtype == torch.float32 and param.is_contiguous() and param.dim() == 2:
-                        dequantize_matmul_nbits(node, inits, out=param.detach().numpy())  # in place: no copy
-                    else:
-                        param.copy_(torch.from_numpy(dequantize_matmul_nbits(node, inits)).to(param.dtype))
-            found = len(nodes)
-            if found != len(wanted):
-                raise RuntimeError(
-                    f"{prog['file']}: {len(wanted)} quantized weights in the manifest, {found} MatMulNBits in the model"
-                )
-            del model, inits
+        return BundleWeights(root, read_nbits_weights(name, bundle, manifest), per_call)
 
     def open_runtime(self, bundle: Path, manifest: dict):
         return OnnxRuntime.from_bundle(bundle, manifest)
@@ -344,6 +282,40 @@ def external_data_files(model) -> list[str]:
         {e.key: e.value for e in t.external_data}.get("location", "") for t in _get_all_tensors(model) if external(t)
     )
     return sorted(set(locations))
+
+
+def read_nbits_weights(name: str, bundle: Path, manifest: dict) -> dict:
+    """Parameter name -> ``reference.NBitsWeight`` of every quantized weight of a component: each model's
+    graph, then only its MatMulNBits codes and scales (the rest of the external data, 3.6 GB of fp32
+    ViT at 9B widths, is not read)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    from .reference import NBitsWeight
+
+    weights = {}
+    comp = manifest["components"][name]
+    for prog in comp.get("programs") or [comp]:  # a decoder in parts: each part's own model
+        wanted = prog["quantized_outputs"]
+        if not wanted:  # nothing quantized: the module's fp32 weights are the model's
+            continue
+        model = load_checked_graph(bundle, prog)
+        nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] in wanted]
+        if len(nodes) != len(wanted):
+            raise RuntimeError(
+                f"{prog['file']}: {len(wanted)} quantized weights in the manifest, {len(nodes)} MatMulNBits in the model"
+            )
+        needed = {i for n in nodes for i in n.input[1:3]}
+        inits = {}
+        for t in model.graph.initializer:
+            if t.name in needed:
+                if external(t):
+                    load_external_data_for_tensor(t, str(bundle))
+                inits[t.name] = onnx.numpy_helper.to_array(t)
+        for node in nodes:
+            weights[wanted[node.output[0]]] = NBitsWeight.of(node, inits)
+        del model, nodes, inits  # the graph's own copy of the codes
+    return weights
 
 
 def load_checked_graph(bundle: Path, entry: dict):

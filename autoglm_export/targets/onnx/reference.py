@@ -11,6 +11,7 @@ exported again (``verify --against onnxruntime``), get the dequantized values as
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -99,8 +100,8 @@ class MatMulNBitsLinear(nn.Module):
 class BundleWeights:
     """An ``on_module`` hook for ``load.load_component``: each quantized linear (``weights``: parameter
     name -> the bundle's weight), as soon as the checkpoint's weights are in it, takes the bundle's
-    weight instead (``per_call``: large ones as
-    ``MatMulNBitsLinear``, so no fp32 copy of them stays). ``finish()`` checks every one was used."""
+    weight instead (``per_call``: large ones as ``MatMulNBitsLinear``, so no fp32 copy of them
+    stays). ``finish()`` checks every one was used."""
 
     def __init__(self, root: nn.Module, weights: dict[str, NBitsWeight], per_call: bool = True) -> None:
         self.root, self.weights, self.per_call = root, dict(weights), per_call
@@ -113,13 +114,13 @@ class BundleWeights:
         if self.per_call and isinstance(owner, nn.Linear) and owner_name and param.numel() > REFERENCE_BLOCK_ELEMENTS:
             parent, _, child = owner_name.rpartition(".")
             setattr(self.root.get_submodule(parent), child, MatMulNBitsLinear(w, owner.bias))
+            return_freed_memory()  # the checkpoint's fp32 copy of the weight, just dropped
         else:
             with torch.no_grad():
                 if param.dtype == torch.float32 and param.is_contiguous():
                     w.into(param.detach().numpy())  # in place: no copy
                 else:
                     param.copy_(torch.from_numpy(w.into(np.empty((w.n, w.k), np.float32))).to(param.dtype))
-        return_freed_memory()  # the checkpoint's fp32 copy of a large weight, just dropped
 
     def finish(self) -> None:
         if self.weights:

@@ -29,7 +29,7 @@ from .targets import Target, get_target
 from .targets.shared.export_caches import return_freed_memory
 from .targets.shared.fx_provenance import share_node_provenance
 from .planning import plan_quantization
-from .verify import check_references, format_report, run_bundle
+from .verify import format_report, verify_runtime
 
 
 def decoder_parts(num_layers: int, per_program: int | None) -> list[tuple[int, int]]:
@@ -345,15 +345,18 @@ def build_manifest(job: ExportJob, lowered: dict, *, chat_template: bool) -> dic
 
 def verify_in_place(job: ExportJob, tmp: Path, manifest: dict) -> dict:
     """The parity stage on the bundle still in its temporary directory; writes ``report.json``."""
-    say = job.say("verify")
     try:
-        runtime = job.tgt.open_runtime(tmp, manifest)
-        try:
-            seen = run_bundle(runtime, job.ckpt, job.recipe, job.tgt, job.pre, say, manifest=manifest)
-        finally:
-            runtime.close()  # e.g. the emulator's process; its memory is free before the references load
-        del runtime
-        report = check_references(seen, job.ckpt, job.recipe, job.tgt, job.plans, say, bundle=tmp, manifest=manifest)
+        report = verify_runtime(
+            lambda: job.tgt.open_runtime(tmp, manifest),
+            job.ckpt,
+            job.recipe,
+            job.tgt,
+            job.plans,
+            job.pre,
+            job.say("verify"),
+            bundle=tmp,
+            manifest=manifest,
+        )
     finally:
         job.tgt.release()  # e.g. an emulator twin outside the bundle
     report["verified_on"] = f"this host: {job.tgt.runtime_name}"

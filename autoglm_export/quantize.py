@@ -245,12 +245,21 @@ class RowBlockLinear(nn.Module):
         if w.activation_quantization is not None:
             x = _apply_int8_act_asym_per_token_quant_dequant(x)
         n, d = w.qdata.shape
-        step = max(1, REFERENCE_BLOCK_ELEMENTS // d)
-        outs = []
-        for a in range(0, n, step):
-            rows = slice(a, min(a + step, n))
-            outs.append(F.linear(x, _dequantized_rows(w, rows), None if self.bias is None else self.bias[rows]))
-        return torch.cat(outs, dim=-1)
+        return linear_in_row_blocks(x, lambda a, b: _dequantized_rows(w, slice(a, b)), n, d, self.bias)
+
+
+def row_blocks(n: int, k: int):
+    """(a, b) ranges of rows of an [n, k] weight, about ``REFERENCE_BLOCK_ELEMENTS`` each."""
+    step = max(1, REFERENCE_BLOCK_ELEMENTS // max(1, k))
+    for a in range(0, n, step):
+        yield a, min(a + step, n)
+
+
+def linear_in_row_blocks(x: torch.Tensor, rows_of, n: int, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` on an [n, k] weight that exists only a block of output rows at a time
+    (``rows_of(a, b)``: rows a..b in fp32)."""
+    outs = [F.linear(x, rows_of(a, b), None if bias is None else bias[a:b]) for a, b in row_blocks(n, k)]
+    return torch.cat(outs, dim=-1)
 
 
 def _row_wise_quantized(w) -> bool:

@@ -272,6 +272,37 @@ def run_bundle(runtime, ckpt: Checkpoint, recipe: Recipe, tgt: Target, pre, prog
     return BundleRun(case, checks, outputs, calls, decoder, len(feed), trace, n_new)
 
 
+def verify_runtime(
+    open_runtime,
+    ckpt: Checkpoint,
+    recipe: Recipe,
+    tgt: Target,
+    plans: dict[str, ComponentPlan],
+    pre: ImagePreprocessing,
+    progress=silent,
+    *,
+    bundle: Path,
+    manifest: dict,
+    beside=None,
+) -> dict:
+    """The report, in the order that keeps memory down: ``open_runtime()``, the bundle's side of every
+    check (and ``beside(runtime)``, a report of its own merged in), the runtime closed and dropped,
+    then the references."""
+    runtime = open_runtime()
+    try:
+        seen = run_bundle(runtime, ckpt, recipe, tgt, pre, progress, manifest=manifest)
+        extra = beside(runtime) if beside is not None else None
+    finally:
+        runtime.close()  # e.g. the emulator's process; its memory is free before the references load
+    del runtime
+    report = check_references(seen, ckpt, recipe, tgt, plans, progress, bundle=bundle, manifest=manifest)
+    if extra is not None:
+        report["checks"] += extra["checks"]
+        report["failed"] += extra["failed"]
+        report["passed"] = report["passed"] and extra["passed"]
+    return report
+
+
 def release_memory() -> None:
     """Free what sits in reference cycles (modules, runtimes) now and give it back to the OS."""
     gc.collect()
@@ -650,21 +681,25 @@ def verify_bundle(
 
         check_unchanged(recorded, tgt.calibration_set, bundle / "manifest.json")
     tgt.check_plans(plans, str(bundle / "manifest.json"))
-    runtime = open_bundle_runtime(tgt, bundle, manifest)
-    try:
-        seen = run_bundle(runtime, ckpt, recipe, tgt, pre, progress, manifest=manifest)
-        extra = (  # ONNX Runtime's copy of the references and the bundle, side by side
-            against_onnxruntime(runtime, ckpt, recipe, tgt, plans, pre, progress, bundle=bundle, manifest=manifest)
+    report = verify_runtime(
+        lambda: open_bundle_runtime(tgt, bundle, manifest),
+        ckpt,
+        recipe,
+        tgt,
+        plans,
+        pre,
+        progress,
+        bundle=bundle,
+        manifest=manifest,
+        beside=(  # ONNX Runtime's copy of the references and the bundle, side by side
+            (
+                lambda rt: against_onnxruntime(
+                    rt, ckpt, recipe, tgt, plans, pre, progress, bundle=bundle, manifest=manifest
+                )
+            )
             if against == "onnxruntime"
             else None
-        )
-    finally:
-        runtime.close()
-    del runtime
-    report = check_references(seen, ckpt, recipe, tgt, plans, progress, bundle=bundle, manifest=manifest)
-    if extra is not None:
-        report["checks"] += extra["checks"]
-        report["failed"] += extra["failed"]
-        report["passed"] = report["passed"] and extra["passed"]
+        ),
+    )
     print(format_report(report))
     return report

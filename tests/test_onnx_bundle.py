@@ -105,9 +105,9 @@ def test_dequantization_matches_onnxruntime(monkeypatch):
     y = ort.InferenceSession(qm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(y - x @ deq.T).max() < 1e-4
     assert np.abs(deq.T - w).max() > 1e-3  # really quantized
-    import autoglm_export.targets.onnx.reference as onnx_reference
+    import autoglm_export.quantize as quantize
 
-    monkeypatch.setattr(onnx_reference, "DEQUANTIZE_BLOCK_ELEMENTS", 5 * 96)  # 5 rows a block, a short last one
+    monkeypatch.setattr(quantize, "REFERENCE_BLOCK_ELEMENTS", 5 * 96)  # 5 rows a block, a short last one
     into = np.full((48, 96), np.nan, np.float32)
     assert dequantize_matmul_nbits(node, inits, out=into) is into
     assert np.array_equal(into, deq)
@@ -121,6 +121,7 @@ def test_reference_keeps_large_weights_quantized_with_the_same_outputs(onnx_bund
     computes, and holds no fp32 copy of those weights."""
     import torch
 
+    import autoglm_export.quantize as quantize
     import autoglm_export.targets.onnx.reference as onnx_reference
     from autoglm_export.bundle import load_bundle
     from autoglm_export.checkpoint import open_checkpoint
@@ -138,7 +139,7 @@ def test_reference_keeps_large_weights_quantized_with_the_same_outputs(onnx_bund
     plain = load_reference(
         ckpt, "text_decoder", shapes, plans["text_decoder"], tgt, onnx_bundle, manifest, per_call=False
     )
-    monkeypatch.setattr(onnx_reference, "REFERENCE_BLOCK_ELEMENTS", 7 * ckpt.spec.text.hidden_size)  # 7 rows a block
+    monkeypatch.setattr(quantize, "REFERENCE_BLOCK_ELEMENTS", 7 * ckpt.spec.text.hidden_size)  # 7 rows a block
     packed = load_reference(ckpt, "text_decoder", shapes, plans["text_decoder"], tgt, onnx_bundle, manifest)
     kept = [m for m in packed.modules() if isinstance(m, onnx_reference.MatMulNBitsLinear)]
     block = 7 * ckpt.spec.text.hidden_size

@@ -15,13 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ...quantize import REFERENCE_BLOCK_ELEMENTS
+from ... import quantize
 from ..shared.export_caches import return_freed_memory
-
-# rows of a MatMulNBits weight dequantized at once: about this many elements
-DEQUANTIZE_BLOCK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -64,9 +60,7 @@ class NBitsWeight:
             raise ValueError(
                 f"{self.name}: weight of shape {list(out.shape)} for MatMulNBits N = {self.n}, K = {self.k}"
             )
-        step = max(1, DEQUANTIZE_BLOCK_ELEMENTS // max(1, self.k))
-        for a in range(0, self.n, step):
-            b = min(a + step, self.n)
+        for a, b in quantize.row_blocks(self.n, self.k):
             out[a:b] = self.rows(a, b)
         return out
 
@@ -88,13 +82,10 @@ class MatMulNBitsLinear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        step = max(1, REFERENCE_BLOCK_ELEMENTS // self.w.k)
-        outs = []
-        for a in range(0, self.w.n, step):
-            b = min(a + step, self.w.n)
-            rows = torch.from_numpy(self.w.rows(a, b))
-            outs.append(F.linear(x, rows, None if self.bias is None else self.bias[a:b]))
-        return torch.cat(outs, dim=-1)
+        return quantize.linear_in_row_blocks(x, self._rows, self.w.n, self.w.k, self.bias)
+
+    def _rows(self, a: int, b: int) -> torch.Tensor:
+        return torch.from_numpy(self.w.rows(a, b))
 
 
 class BundleWeights:
@@ -111,7 +102,12 @@ class BundleWeights:
         if w is None:
             return
         param = owner.weight
-        if self.per_call and isinstance(owner, nn.Linear) and owner_name and param.numel() > REFERENCE_BLOCK_ELEMENTS:
+        if (
+            self.per_call
+            and isinstance(owner, nn.Linear)
+            and owner_name
+            and param.numel() > quantize.REFERENCE_BLOCK_ELEMENTS
+        ):
             parent, _, child = owner_name.rpartition(".")
             setattr(self.root.get_submodule(parent), child, MatMulNBitsLinear(w, owner.bias))
             return_freed_memory()  # the checkpoint's fp32 copy of the weight, just dropped

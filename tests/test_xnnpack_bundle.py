@@ -63,6 +63,10 @@ def test_manifest_contract(bundle):
     assert [i["name"] for i in dec["inputs"]] == ["inputs_embeds", "position_ids", "cache_position"]
     assert dec["quantization"]["params_by_scheme"]["int4-g32"] > 0
     assert 4.5 < dec["quantization"]["effective_bits_per_weight"] < 8
+    # every op of a decoder layer in the XNNPACK delegate but the two KV-cache writes per layer
+    layers = dec["delegation"]["layers"]
+    assert layers["ops_outside"] == {"aten.index_put.default": 2 * m["model"]["text"]["num_layers"]}
+    assert layers["ops_delegated"] > 20 * layers["ops_outside"]["aten.index_put.default"]
     assert m["components"]["vision_encoder"]["inputs"][0]["shape"] == [64, 588]
     assert m["components"]["vision_encoder"]["outputs"][0]["shape"] == [16, 64]
     assert m["prompt"]["eos_ids"] == m["model"]["tokens"]["eos_token_ids"]

@@ -96,8 +96,23 @@ class TextMLP(nn.Module):
         self.down_proj = nn.Linear(t.intermediate_size, t.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_proj"):
+            return self.down_proj(self.up_proj(x) * F.silu(self.gate_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(up * F.silu(gate))
+
+    def split_fused_projections(self) -> None:
+        """Two projections (rows ``:I`` and ``I:`` of the same, possibly quantized, weight) instead of
+        one whose output is split in halves: XNNPACK has no split of a tensor whose token axis is
+        dynamic, and that split cut every layer's delegate in two. Each output is its own row's dot
+        product, so the values are the same (checked equal for torchao's 8da4w / 8da8w weights)."""
+        w = self.gate_up_proj.weight
+        half = w.shape[0] // 2
+        for name, rows in (("gate_proj", w[:half]), ("up_proj", w[half:])):
+            proj = nn.Linear(w.shape[1], half, bias=False, device="meta")
+            proj.weight = nn.Parameter(rows, requires_grad=False)
+            setattr(self, name, proj)
+        del self.gate_up_proj
 
 
 class DecoderLayer(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ from ...bundle import decoder_part_paths, program_data_files
 from ...methods import is_vision_method
 from .export_caches import release_export_caches
 
+_LAYER = re.compile(r"(.*\.)?layers\.\d+")
 # bookkeeping nodes that are not compute
 _NON_COMPUTE = {"getitem", "alloc", "sym_size", "sym_size.int", "_assert_scalar", "sym_constrain_range_for_size"}
 
@@ -56,35 +58,52 @@ def metadata_methods(manifest_model: dict, dynamic_shape: bool = True) -> dict:
     }
 
 
+def _in_layer(node) -> bool:
+    """Whether a node comes from inside a repeated layer (module path ``layers.<i>``)."""
+    return any(_LAYER.fullmatch(path) for path, _ in (node.meta.get("nn_module_stack") or {}).values())
+
+
 def delegation_stats(edge_program: ExportedProgram) -> dict:
-    """Share of compute ops inside delegates, and which ops stayed on the portable CPU kernels."""
+    """Share of compute ops inside delegates, and which ops stayed on the portable CPU kernels; the
+    same for the ops of the decoder's (or an encoder's) repeated layers alone under ``layers``, where
+    what runs once per call (mask, rotary tables, last-position pick) does not count."""
     from executorch.exir.lowered_backend_module import get_lowered_submodules
 
+    def compute(n) -> bool:
+        return n.op == "call_function" and getattr(n.target, "__name__", str(n.target)) not in _NON_COMPUTE
+
     outside: Counter = Counter()
-    delegates = 0
-    inside = 0
+    layer_outside: Counter = Counter()
+    delegates = inside = layer_inside = 0
     gm = edge_program.graph_module
     for _, lowered, _ in get_lowered_submodules(gm):
         delegates += 1
-        inside += sum(
-            1
-            for n in lowered.original_module.graph.nodes
-            if n.op == "call_function" and getattr(n.target, "__name__", str(n.target)) not in _NON_COMPUTE
-        )
+        for n in lowered.original_module.graph.nodes:
+            if compute(n):
+                inside += 1
+                layer_inside += _in_layer(n)
     for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
         name = getattr(n.target, "__name__", str(n.target))
-        if name == "executorch_call_delegate" or name in _NON_COMPUTE:
+        if not compute(n) or name == "executorch_call_delegate":
             continue
         outside[name] += 1
+        if _in_layer(n):
+            layer_outside[name] += 1
     total = inside + sum(outside.values())
-    return {
+    stats = {
         "delegates": delegates,
         "ops_delegated": inside,
         "ops_outside": dict(sorted(outside.items())),
         "delegated_share": round(inside / total, 4) if total else 1.0,
     }
+    layer_total = layer_inside + sum(layer_outside.values())
+    if layer_total:
+        stats["layers"] = {
+            "ops_delegated": layer_inside,
+            "ops_outside": dict(sorted(layer_outside.items())),
+            "delegated_share": round(layer_inside / layer_total, 4),
+        }
+    return stats
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from ...errors import ExportError
 from ..contract import Target
 from ..shared.executorch import ExecuTorchRuntime, contract_check, delegation_stats, export_component, metadata_methods
 from ..shared.export_caches import release_export_caches
+from .graph_passes import xnnpack_friendly
 
 PTE = "model.pte"
 
@@ -52,6 +53,9 @@ class XnnpackTarget(Target):
         )
 
     def export(self, name: str, module: torch.nn.Module, prefill_chunk: int):
+        for sub in list(module.modules()):  # see TextMLP.split_fused_projections
+            if hasattr(sub, "split_fused_projections"):
+                sub.split_fused_projections()
         return export_component(name, module, prefill_chunk)
 
     def lower(self, programs: dict, model_meta: dict, out_dir: Path, progress, plans: dict) -> dict:
@@ -142,7 +146,7 @@ def _lower_to_pte(
     tag = path.stem if external else None
     edge = to_edge_transform_and_lower(
         programs,
-        transform_passes=[_tag_delegate_constants(tag)] if tag else None,
+        transform_passes=[xnnpack_friendly, *([_tag_delegate_constants(tag)] if tag else [])],
         partitioner=[XnnpackPartitioner()],
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         constant_methods=constant_methods or None,

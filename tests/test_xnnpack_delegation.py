@@ -37,26 +37,17 @@ def _quantized(decoder):
 
 
 def _lower(module, path):
-    """XnnpackTarget's export and lowering steps, its graph rewrites included."""
-    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    """XnnpackTarget's export and lowering of the decoder to ``path``: delegation statistics and the
+    program's operators left to portable kernels."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
 
-    from autoglm_export.targets.shared.executorch import delegation_stats, export_component
-    from autoglm_export.targets.xnnpack.graph_passes import xnnpack_friendly
+    from autoglm_export.targets import get_target
+    from autoglm_export.targets.xnnpack.target import _lower_to_pte
 
-    for sub in list(module.modules()):
-        if hasattr(sub, "split_fused_projections"):
-            sub.split_fused_projections()
-    edge = to_edge_transform_and_lower(
-        {"text_decoder": export_component("text_decoder", module, 8)},
-        transform_passes=[xnnpack_friendly],
-        partitioner=[XnnpackPartitioner()],
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),
-    )
-    stats = delegation_stats(edge.exported_program("text_decoder"))
-    path.write_bytes(edge.to_executorch().buffer)
-    return stats
+    program = get_target("xnnpack").export("text_decoder", module, 8)
+    stats, _ = _lower_to_pte({"text_decoder": program}, {}, path, lambda msg: None)
+    plan = deserialize_pte_binary(path.read_bytes()).program.execution_plan[0]
+    return stats["text_decoder"], {f"{o.name}.{o.overload}" for o in plan.operators}
 
 
 def _calls(method, reference, hidden: int):
@@ -96,10 +87,12 @@ def test_decoder_layers_are_delegated_but_for_the_cache_writes(decoder, tmp_path
     from executorch.runtime import Runtime
 
     reference = _quantized(decoder)
-    stats = _lower(_quantized(decoder), tmp_path / "d.pte")
+    stats, operators = _lower(_quantized(decoder), tmp_path / "d.pte")
     assert stats["layers"]["ops_outside"] == {"aten.index_put.default": 2 * LAYERS}
     # one cut per layer at its cache writes, plus the once-per-call mask / rotary / last-position ops
     assert stats["delegates"] <= LAYERS + 3
+    # the cache is written in place: the functional form copied each layer's whole cache out and back
+    assert "aten::index_put_." in operators and not {"aten::index_put.out", "aten::copy_."} & operators
     method = Runtime.get().load_program(str(tmp_path / "d.pte")).load_method("text_decoder")
     worst, scale = _calls(method, reference, decoder.t.hidden_size)
     assert worst <= 1e-4 * scale, (worst, scale)

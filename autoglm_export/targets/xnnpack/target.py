@@ -161,6 +161,9 @@ def _lower_to_pte(
                 do_quant_fusion_and_const_prop=True,
                 # serialise the KV cache's zeros: uninitialised memory could hold NaN bit patterns
                 passes=[InitializedMutableBufferPass(["k_cache", "v_cache"])],
+                # the KV-cache write in place (index_put_): functional, each call copied every
+                # layer's whole cache out and back (at 9B widths 2 x 2 MiB per layer per token)
+                run_reinplace_pass=True,
                 # the constants left to portable kernels (e.g. the quantized embedding table)
                 external_constants=_external_constant_tagger(tag) if tag else False,
             )

@@ -83,7 +83,7 @@ def test_dequantization_matches_onnxruntime(monkeypatch):
     import onnxruntime as ort
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from autoglm_export.targets.onnx.reference import dequantize_matmul_nbits
+    from autoglm_export.targets.onnx.reference import NBitsWeight
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((96, 48)).astype(np.float32)  # [K, N] as MatMul's B
@@ -101,7 +101,8 @@ def test_dequantization_matches_onnxruntime(monkeypatch):
     qm = q.model.model
     node = next(n for n in qm.graph.node if n.op_type == "MatMulNBits")
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in qm.graph.initializer}
-    deq = dequantize_matmul_nbits(node, inits)
+    weight = NBitsWeight.of(node, inits)
+    deq = weight.into(np.empty((weight.n, weight.k), np.float32))
     y = ort.InferenceSession(qm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(y - x @ deq.T).max() < 1e-4
     assert np.abs(deq.T - w).max() > 1e-3  # really quantized
@@ -109,10 +110,10 @@ def test_dequantization_matches_onnxruntime(monkeypatch):
 
     monkeypatch.setattr(quantize, "REFERENCE_BLOCK_ELEMENTS", 5 * 96)  # 5 rows a block, a short last one
     into = np.full((48, 96), np.nan, np.float32)
-    assert dequantize_matmul_nbits(node, inits, out=into) is into
+    assert weight.into(into) is into
     assert np.array_equal(into, deq)
     with pytest.raises(ValueError, match="N = 48, K = 96"):
-        dequantize_matmul_nbits(node, inits, out=np.empty((96, 48), np.float32))
+        weight.into(np.empty((96, 48), np.float32))
 
 
 def test_reference_keeps_large_weights_quantized_with_the_same_outputs(onnx_bundle, tiny_ckpt, monkeypatch):

@@ -65,15 +65,9 @@ class NBitsWeight:
         return out
 
 
-def dequantize_matmul_nbits(node, inits: dict, out: np.ndarray | None = None) -> np.ndarray:
-    """The [N, K] weight a MatMulNBits node multiplies by, written into ``out`` when given."""
-    w = NBitsWeight.of(node, inits)
-    return w.into(np.empty((w.n, w.k), np.float32) if out is None else out)
-
-
 class MatMulNBitsLinear(nn.Module):
     """A linear holding a MatMulNBits weight's codes, dequantized a block of output rows at a time on
-    every call: the same weights as ``dequantize_matmul_nbits``, outputs equal to the linear on the
+    every call: the same weights as ``NBitsWeight.into``, outputs equal to the linear on the
     whole dequantized weight up to the matmul's blocking."""
 
     def __init__(self, weight: NBitsWeight, bias: torch.Tensor | None) -> None:

@@ -9,7 +9,7 @@ recipe rules are quantized with ExecuTorch's ``QnnQuantizer`` (PT2E): 16-bit act
 8-bit per-channel weights by default, 4-bit per-channel on the linears an ``int4`` rule names
 (16a4w); ``fp16`` components are compiled for the HTP's fp16 path. Lowering uses the QNN
 libraries of ``qnn_libs`` (a QNN SDK, or the onnxruntime-qnn wheel through the compatibility
-layer); the ``.pte`` runs on the x86 HTP emulator through ``executorch.runtime``.
+layer); the ``.pte`` runs on the x86 HTP emulator through ExecuTorch's C++ runtime.
 
 "The same quantization in PyTorch" is the PT2E-converted graph (fake-quantized) of each method,
 rebuilt deterministically from the checkpoint with the same calibration data.
@@ -33,7 +33,7 @@ from ...bundle import REPORT
 from ...errors import BackendUnavailable, ExportError
 from ...models import family_of
 from ..contract import Target
-from ..shared.executorch import ExecuTorchRuntime, contract_check, metadata_methods, quiet_native_output
+from ..shared.executorch import ExecuTorchRuntime, contract_check, load_program, metadata_methods, quiet_native_output
 from ..shared.export_caches import release_export_caches
 from ..shared.static_graphs import (
     ComponentAdapter,
@@ -291,7 +291,9 @@ def _free_float_weights(float_modules, quantized) -> None:
 
 
 class QnnTarget(Target):
-    runtime_name = "executorch.runtime + QNN HTP delegate (x86_64 HTP emulator), compiled for SM8650 / v75"
+    runtime_name = (
+        "ExecuTorch C++ runtime (Python bindings) + QNN HTP delegate (x86_64 HTP emulator), compiled for SM8650 / v75"
+    )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -639,7 +641,7 @@ class _SimRuntime(StaticGraphRuntime):
 
 
 class QnnPteRuntime(StaticGraphRuntime):
-    """The bundle's ``.pte`` files on the HTP emulator through ``executorch.runtime``, in a process
+    """The bundle's ``.pte`` files on the HTP emulator through ExecuTorch's C++ runtime, in a process
     of its own: the emulator's libraries stay out of the exporting process (they cannot share one
     with ONNX Runtime's QNN EP), and a crash inside them becomes an error here instead of killing
     the export. This process still reads ``model.pte``'s metadata methods (no QNN code runs for those).
@@ -732,11 +734,8 @@ def _emulator_main(conn, files: dict[str, str]) -> None:
     os.dup2(null, 1)
     os.dup2(null, 2)
     try:
-        from executorch.runtime import Runtime, Verification
-
         preload_qnn_libraries()
-        runtime = Runtime.get()
-        programs = {PTE: runtime.load_program(files[PTE], verification=Verification.Minimal)} if PTE in files else {}
+        programs = {PTE: load_program(Path(files[PTE]))} if PTE in files else {}
         methods: dict = {}
         conn.send(("ok", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
@@ -747,7 +746,7 @@ def _emulator_main(conn, files: dict[str, str]) -> None:
         try:
             if (file, name) not in methods:
                 if file not in programs:
-                    programs[file] = runtime.load_program(files[file], verification=Verification.Minimal)
+                    programs[file] = load_program(Path(files[file]))
                 methods[(file, name)] = programs[file].load_method(name)
             out = methods[(file, name)].execute([torch.from_numpy(a) for a in args])
             conn.send(("ok", [o.numpy() for o in out]))

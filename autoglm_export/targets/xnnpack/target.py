@@ -27,7 +27,7 @@ PTE = "model.pte"
 
 
 class XnnpackTarget(Target):
-    runtime_name = "executorch.runtime (XNNPACK delegate, host CPU)"
+    runtime_name = "ExecuTorch C++ runtime (Python bindings; XNNPACK delegate, host CPU)"
     external_weights = False
 
     def configure(self, rec, recipe_file: str, **_) -> None:

@@ -86,7 +86,7 @@ final class DemoModel: ObservableObject {
     }
 
     func ask(_ question: String) {
-        guard let m = manifest, let chat = session, let tok = tokenizer else { return }
+        guard let m = manifest, let chat = session else { return }
         answer = ""
         let img = image, clip = audio, earlier = history
         Task.detached {
@@ -95,20 +95,10 @@ final class DemoModel: ObservableObject {
                 if let i = img { parts.append(.image(ImagePreprocessor.prepare(rgb: i.rgb, width: i.width, height: i.height, config: m.image))) }
                 if let c = clip, let cfg = m.audio { parts.append(.audio(try LogMel.compute(c, cfg))) }
                 parts.append(.text(question))
-                var generated: [Int] = []
-                var shown = ""
-                let turn = try chat.chat(earlier + [Message(role: "user", parts: parts)], maxTokens: 256) { token in
-                    if m.prompt.eosIds.contains(token) { return false }
-                    generated.append(token)
-                    let text = tok.decode(generated)
-                    if !text.hasSuffix("\u{FFFD}") { // wait for the rest of a multi-byte character
-                        let delta = String(text.dropFirst(shown.count))
-                        shown = text
-                        Task { @MainActor in self.answer += delta }
-                    }
-                    return true
-                }
-                let reply = tok.decode(turn.tokens)
+                let turn = try chat.chat(earlier + [Message(role: "user", parts: parts)], maxTokens: 256, onText: { delta in
+                    Task { @MainActor in self.answer += delta }
+                })
+                let reply = turn.text
                 Task { @MainActor in self.history += [.text("user", question), .text("assistant", reply)] }
             } catch {  // e.g. the conversation outgrew the bundle's context
                 Task { @MainActor in

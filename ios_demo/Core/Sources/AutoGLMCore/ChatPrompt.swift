@@ -3,6 +3,8 @@ import Foundation
 /// Turns text into token ids. The app uses swift-transformers' `Tokenizer` (see `HubTextEncoder`).
 public protocol TextEncoder {
     func encodeText(_ text: String) -> [Int]
+    /// Token ids back to text, special tokens skipped.
+    func decode(_ ids: [Int]) -> String
 }
 
 /// One user turn: `[gMASK]<sop><|user|>\n` + image / audio / text parts in order + `<|assistant|>\n`,

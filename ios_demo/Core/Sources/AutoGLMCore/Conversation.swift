@@ -121,22 +121,31 @@ public struct Penalties {
         self.presence = presence
     }
 
-    public func choose(_ logits: [Float], _ answer: [Int]) -> Int {
-        if answer.isEmpty || (frequency == 0 && presence == 0) { return Generator.argmax(logits) }
+    /// `logits` with the penalties subtracted.
+    public func apply(_ logits: [Float], _ answer: [Int]) -> [Float] {
+        if answer.isEmpty || (frequency == 0 && presence == 0) { return logits }
         var x = logits
         var counts: [Int: Int] = [:]
         for t in answer { counts[t, default: 0] += 1 }
         for (t, c) in counts { x[t] = x[t] - (Float(c) * frequency + presence) }
-        return Generator.argmax(x)
+        return x
     }
+
+    public func choose(_ logits: [Float], _ answer: [Int]) -> Int { Generator.argmax(apply(logits, answer)) }
 }
 
-/// One answer: its tokens (without the end-of-turn token), why it ended, and the prompt's reuse.
+/// One answer: its tokens (without the end-of-turn token), its text (cut before a stop string that
+/// ended it), why it ended (`stop`: end-of-turn token or stop string, `length`: maxTokens or the
+/// context, `cancelled`: onToken stopped it), and the prompt's reuse.
 public struct ChatTurn {
     public let tokens: [Int]
+    public let text: String
     public let finishReason: String
     public let promptTokens: Int
     public let reusedTokens: Int
+
+    /// GLM's `<think>R</think>A` split into (R, A); no think block: ("", text).
+    public var reasoningAndAnswer: (String, String) { Reasoning.split(text) }
 }
 
 /// A conversation on one runtime, remembering what its KV cache holds (the exporter's ChatEngine):
@@ -153,7 +162,11 @@ public final class ChatSession {
         self.tokenizer = tokenizer
     }
 
-    public func chat(_ messages: [Message], maxTokens: Int, penalties: Penalties = Penalties(), enableThinking: Bool? = nil,
+    /// Answer `messages`. `stop`: strings that end the answer (cut before them, as OpenAI's `stop`);
+    /// `onText` receives the answer's text as it grows, never a piece a stop string or a half
+    /// multi-byte character may still take back; `onToken` sees every token and may stop early.
+    public func chat(_ messages: [Message], maxTokens: Int, sampling: Sampling = Sampling(), enableThinking: Bool? = nil,
+                     stop: [String] = [], onText: ((String) -> Void)? = nil,
                      onToken: (Int) -> Bool = { _ in true }) throws -> ChatTurn {
         let r = try Conversation.render(tokenizer, manifest.prompt, messages, audioTokens: manifest.audioTokens,
                                         enableThinking: enableThinking)
@@ -167,13 +180,103 @@ public final class ChatSession {
         while reuse < limit && cached[reuse] == r.keys[reuse] { reuse += 1 }
         cached = []  // until this turn completes the cache holds an unknown mix
         let eos = manifest.prompt.eosIds
+        let text = AnswerText(tokenizer: tokenizer, stops: stop.filter { !$0.isEmpty }, onText: onText)
+        var cancelled = false
         let out = try Generator(runtime: runtime, hiddenSize: manifest.hiddenSize).run(
             r.prompt, images: r.images.map { $0.pixels }, imageGrids: r.images.map { $0.grid }, audios: r.audios,
             maxNewTokens: min(maxTokens, runtime.maxContext - n), eosIds: eos, imageMethods: r.images.map { $0.method },
-            reuse: reuse, choose: { penalties.choose($0, $1) }, onToken: onToken)
+            reuse: reuse, choose: { sampling.choose($0, $1) }, onToken: { token in
+                let keepGoing = onToken(token)
+                cancelled = !keepGoing
+                if eos.contains(token) { return keepGoing }
+                return text.add(token) && keepGoing
+            })
         cached = r.keys + out.tokens[0..<(out.cached - n)].map { ($0, "") }
-        let stopped = out.tokens.last.map { eos.contains($0) } ?? false
-        return ChatTurn(tokens: stopped ? Array(out.tokens.dropLast()) : out.tokens, finishReason: stopped ? "stop" : "length",
+        let ended = out.tokens.last.map { eos.contains($0) } ?? false
+        let reason = ended || text.stopped ? "stop" : (cancelled ? "cancelled" : "length")
+        return ChatTurn(tokens: ended ? Array(out.tokens.dropLast()) : out.tokens, text: text.finish(), finishReason: reason,
                         promptTokens: n, reusedTokens: reuse)
+    }
+}
+
+/// The text of a growing answer (the host's ChatEngine): each token's text is the whole answer
+/// decoded again, so a multi-byte character split over tokens comes out whole; a stop string cuts
+/// the text where it begins and ends the answer.
+final class AnswerText {
+    let tokenizer: TextEncoder
+    let stops: [String]
+    let onText: ((String) -> Void)?
+    var tokens: [Int] = []
+    var text = ""
+    var shown = ""
+    private(set) var stopped = false
+
+    init(tokenizer: TextEncoder, stops: [String], onText: ((String) -> Void)?) {
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.onText = onText
+    }
+
+    /// Adds `token`; false once a stop string has appeared.
+    func add(_ token: Int) -> Bool {
+        tokens.append(token)
+        let seen = text.count
+        var t = tokenizer.decode(tokens)
+        for s in stops {  // only where the new text can complete a stop string
+            let from = t.index(t.startIndex, offsetBy: max(0, min(seen - s.count + 1, t.count)))
+            if let at = t.range(of: s, range: from..<t.endIndex) {
+                t = String(t[..<at.lowerBound])
+                stopped = true
+            }
+        }
+        text = t
+        var open = t
+        while open.hasSuffix("\u{FFFD}") { open.removeLast() }
+        show(stopped ? t : Self.holdBack(open, stops))
+        return !stopped
+    }
+
+    /// The final text; a character the answer ended inside stays U+FFFD, as a full decode shows it.
+    func finish() -> String {
+        show(text)
+        return text
+    }
+
+    private func show(_ ready: String) {
+        if let onText = onText, ready.count > shown.count, ready.hasPrefix(shown) {
+            onText(String(ready.dropFirst(shown.count)))
+            shown = ready
+        }
+    }
+
+    /// `text` without a tail that could still grow into one of `stops`.
+    static func holdBack(_ text: String, _ stops: [String]) -> String {
+        var cut = 0
+        for s in stops {
+            var k = min(s.count - 1, text.count)
+            while k >= 1 {
+                if text.hasSuffix(String(s.prefix(k))) {
+                    cut = max(cut, k)
+                    break
+                }
+                k -= 1
+            }
+        }
+        return String(text.dropLast(cut))
+    }
+}
+
+/// GLM's reasoning block (the exporter's host/conversation.split_reasoning).
+public enum Reasoning {
+    public static let open = "<think>"
+    public static let close = "</think>"
+
+    /// (reasoning, answer) of `<think>R</think>A`; no think block: ("", text); unclosed: (R, "").
+    public static func split(_ text: String) -> (String, String) {
+        let stripped = text.drop { $0.isWhitespace }
+        guard stripped.hasPrefix(open) else { return ("", text) }
+        let body = stripped.dropFirst(open.count)
+        guard let end = body.range(of: close) else { return (String(body), "") }
+        return (String(body[..<end.lowerBound]), String(body[end.upperBound...]))
     }
 }

@@ -47,11 +47,12 @@ extension GoldenVectorsTests {
         var before = 0
         for (i, t) in turns.enumerated() {
             let turn = try session.chat(agentMessages(upTo: i), maxTokens: (conversation["max_tokens"] as! NSNumber).intValue,
-                                        penalties: penalties)
+                                        sampling: Sampling(penalties: penalties))
             XCTAssertEqual(runtime.next - before, (t["calls"] as! [Any]).count, "turn \(i): calls made")
             before = runtime.next
             XCTAssertEqual(turn.reusedTokens, (t["reused_tokens"] as! NSNumber).intValue, "turn \(i): reuse")
             XCTAssertEqual(turn.tokens, ints(t["tokens"]), "turn \(i): answer")
+            XCTAssertEqual(turn.text, t["text"] as? String, "turn \(i): answer text")
             XCTAssertEqual(turn.finishReason, t["finish_reason"] as? String, "turn \(i): finish reason")
         }
         XCTAssertEqual(runtime.next, calls.count, "every recorded call was made")

@@ -140,7 +140,6 @@ class MainActivity : ComponentActivity() {
 
     private fun ask(question: String) {
         val m = manifest ?: return
-        val tok = tokenizer ?: return
         val chat = session ?: return
         val bmp = image
         val clip = audio
@@ -150,29 +149,15 @@ class MainActivity : ComponentActivity() {
             if (bmp != null) parts.add(Part.image(ImagePreprocessor.prepare(rgbOf(bmp), bmp.width, bmp.height, m.image)))
             if (clip != null && m.audio != null) parts.add(Part.audio(LogMel.compute(clip, m.audio!!)))
             parts.add(Part.text(question))
-            val generated = ArrayList<Int>()
-            var shown = ""
             val turn = try {
-                chat.chat(history + Message("user", parts), 256, listener = object : TokenListener {
-                    override fun onToken(token: Int): Boolean {
-                        if (m.prompt.eosIds.contains(token)) return false
-                        generated.add(token)
-                        val text = tok.decode(generated.toIntArray())
-                        if (!text.endsWith("\uFFFD")) { // wait for the rest of a multi-byte character
-                            val delta = text.substring(shown.length)
-                            shown = text
-                            runOnUiThread { output.append(delta) }
-                        }
-                        return true
-                    }
-                })
+                chat.chat(history + Message("user", parts), 256, onText = { delta -> runOnUiThread { output.append(delta) } })
             } catch (e: IllegalArgumentException) { // the conversation outgrew the bundle's context
                 history.clear()
                 runOnUiThread { output.text = "${e.message}; starting a new chat" }
                 return@execute
             }
             history.add(Message.text("user", question))
-            history.add(Message.text("assistant", tok.decode(turn.tokens)))
+            history.add(Message.text("assistant", turn.text))
         }
     }
 

@@ -50,13 +50,14 @@ class ConversationReplayTest {
         val penalties = Penalties(g.get("frequency_penalty").asFloat, g.get("presence_penalty").asFloat)
         var before = 0
         for ((i, t) in turns.withIndex()) {
-            val turn = session.chat(conversation(i), g.get("max_tokens").asInt, penalties)
+            val turn = session.chat(conversation(i), g.get("max_tokens").asInt, Sampling(penalties = penalties))
             val made = calls.size - runtime.remaining - before
             before += made
             assertEquals("turn $i: calls made", t.getAsJsonArray("calls").size(), made)
             assertEquals("turn $i: prompt tokens", Golden.ints(t, "prompt_ids").size, turn.promptTokens)
             assertEquals("turn $i: tokens already in the cache", t.get("reused_tokens").asInt, turn.reusedTokens)
             assertArrayEquals("turn $i: answer", Golden.ints(t, "tokens"), turn.tokens)
+            assertEquals("turn $i: answer text", t.get("text").asString, turn.text)
             assertEquals("turn $i: finish reason", t.get("finish_reason").asString, turn.finishReason)
             if (i > 0) assertTrue("turn $i reuses the system prompt at least", turn.reusedTokens > 3)
         }

@@ -502,10 +502,13 @@ def serve(
         root = Path(allow_files)
         if not root.is_dir():
             raise ExportError("not a directory", file=root, field="--allow-files", fix="pass an existing directory")
+    t0 = time.perf_counter()
     engine = ChatEngine(bundle, allow_failed=allow_failed, warn=warn)
+    opened = time.perf_counter() - t0
+    warm = engine.warm_up()
     app = create_app(engine, model_name=model_name, allow_files=root, max_queue=max_queue)
     say(
         f"serving {engine.bundle} ({engine.manifest['target']}, max_context {engine.max_context}) as {model_name!r} "
-        f"on http://{host}:{port}/v1 (OpenAPI docs: /docs)"
+        f"on http://{host}:{port}/v1 (OpenAPI docs: /docs); opened in {opened:.1f} s, text path loaded in {warm:.1f} s"
     )
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -199,14 +199,16 @@ public final class ChatSession {
     }
 }
 
-/// The text of a growing answer (the host's ChatEngine): each token's text is the whole answer
-/// decoded again, so a multi-byte character split over tokens comes out whole; a stop string cuts
-/// the text where it begins and ends the answer.
+/// The text of a growing answer (the host's Detokenizer): the tokens since the last whole character
+/// are decoded together, so a multi-byte character split over tokens comes out whole without
+/// decoding the whole answer again per token; a stop string cuts the text where it begins and ends
+/// the answer.
 final class AnswerText {
     let tokenizer: TextEncoder
     let stops: [String]
     let onText: ((String) -> Void)?
-    var tokens: [Int] = []
+    var window: [Int] = []  // the tokens after the committed text
+    var committed = ""
     var text = ""
     var shown = ""
     private(set) var stopped = false
@@ -219,9 +221,14 @@ final class AnswerText {
 
     /// Adds `token`; false once a stop string has appeared.
     func add(_ token: Int) -> Bool {
-        tokens.append(token)
+        window.append(token)
+        let tail = tokenizer.decode(window)
         let seen = text.count
-        var t = tokenizer.decode(tokens)
+        var t = committed + tail
+        if !tail.hasSuffix("\u{FFFD}") {  // ends on a whole character: later tokens decode on their own
+            committed = t
+            window = []
+        }
         for s in stops {  // only where the new text can complete a stop string
             let from = t.index(t.startIndex, offsetBy: max(0, min(seen - s.count + 1, t.count)))
             if let at = t.range(of: s, range: from..<t.endIndex) {

@@ -81,12 +81,14 @@ class ChatSession(private val runtime: ModelRuntime, private val manifest: Bundl
 }
 
 /**
- * The text of a growing answer (the host's ChatEngine): each token's text is the whole answer
- * decoded again, so a multi-byte character split over tokens comes out whole; a stop string cuts
- * the text where it begins and ends the answer.
+ * The text of a growing answer (the host's Detokenizer): the tokens since the last whole character
+ * are decoded together, so a multi-byte character split over tokens comes out whole without
+ * decoding the whole answer again per token; a stop string cuts the text where it begins and ends
+ * the answer.
  */
 internal class AnswerText(private val tokenizer: ByteLevelBpe, private val stops: List<String>, private val onText: ((String) -> Unit)?) {
-    private val tokens = ArrayList<Int>()
+    private val window = ArrayList<Int>()  // the tokens after the committed text
+    private var committed = ""
     private var text = ""
     private var shown = ""
     var stopped = false
@@ -94,9 +96,14 @@ internal class AnswerText(private val tokenizer: ByteLevelBpe, private val stops
 
     /** Adds [token]; false once a stop string has appeared. */
     fun add(token: Int): Boolean {
-        tokens.add(token)
+        window.add(token)
+        val tail = tokenizer.decode(window.toIntArray())
         val seen = text.length
-        var t = tokenizer.decode(tokens.toIntArray())
+        var t = committed + tail
+        if (!tail.endsWith("\uFFFD")) {  // ends on a whole character: later tokens decode on their own
+            committed = t
+            window.clear()
+        }
         for (s in stops) {  // only where the new text can complete a stop string
             val at = t.indexOf(s, Math.max(0, seen - s.length + 1))
             if (at >= 0) {

@@ -116,6 +116,20 @@ class SamplingAndStopsTest {
     }
 
     @Test
+    fun multiByteCharactersSplitOverTokensComeOutWhole() {
+        val answer = "点击「设置」图标。finish(message=完成)"
+        val (chat, _) = session(answer)
+        val pieces = ArrayList<String>()
+        val turn = chat.chat(ask, 100, stop = listOf("finish("), onText = { pieces.add(it) })
+        assertTrue("the tiny tokenizer splits these characters over several tokens", turn.tokens.size > "点击「设置」图标。finish(".length)
+        assertEquals("点击「设置」图标。", turn.text)
+        assertEquals(turn.text, pieces.joinToString(""))
+        assertFalse(pieces.any { it.contains('\uFFFD') })
+        val whole = session(answer).first.chat(ask, 100)
+        assertEquals(answer, whole.text)
+    }
+
+    @Test
     fun withoutAStopStringTheAnswerRunsToItsEnd() {
         val answer = "tap the icon. finish(message=done)"
         val (chat, _) = session(answer)

@@ -446,14 +446,14 @@ def test_library_prefix_reuse_sampling_stops_and_cancel(engine):
     assert stopped.finish_reason == "cancelled" and len(stopped.tokens) == 1
 
 
-def test_warm_up_loads_the_text_path_and_changes_no_answer(xnnpack_bundle):
+def test_warm_up_loads_the_text_path_and_changes_no_answer(engine, xnnpack_bundle):
     """`serve` runs the text path once before it listens, so the first request does not wait for
     the methods to load (XNNPACK packs their weights then); the answers stay the same."""
     from autoglm_export.chat_engine import ChatEngine
     from autoglm_export.host.messages import Message
 
-    msgs = [Message.text("system", "Agent."), Message.text("user", "go")]
-    want = ChatEngine(xnnpack_bundle[0]).chat(msgs, max_tokens=6)
+    msgs = [Message.text("system", "Agent."), Message.text("user", "warm up")]
+    want = engine.chat(msgs, max_tokens=6)
     warm = ChatEngine(xnnpack_bundle[0])
     assert "text_decoder" not in warm.runtime._methods
     assert warm.warm_up() > 0

@@ -67,6 +67,16 @@ def test_manifest_contract(bundle):
     layers = dec["delegation"]["layers"]
     assert layers["ops_outside"] == {"aten.index_put.default": 2 * m["model"]["text"]["num_layers"]}
     assert layers["ops_delegated"] > 20 * layers["ops_outside"]["aten.index_put.default"]
+    # one cut per layer at its cache writes, plus the once-per-call mask / rotary / last-position ops
+    assert dec["delegation"]["delegates"] <= m["model"]["text"]["num_layers"] + 3
+    # the cache is written in place: the functional index_put copied each layer's whole cache out and
+    # back on every call (checked to fail with ExecuTorch's reinplace pass off: index_put.out, copy_)
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    plans = deserialize_pte_binary((out / "model.pte").read_bytes()).program.execution_plan
+    (plan,) = [p for p in plans if p.name == "text_decoder"]
+    operators = {f"{o.name}.{o.overload}" for o in plan.operators}
+    assert "aten::index_put_." in operators and not {"aten::index_put.out", "aten::copy_."} & operators
     assert m["components"]["vision_encoder"]["inputs"][0]["shape"] == [64, 588]
     assert m["components"]["vision_encoder"]["outputs"][0]["shape"] == [16, 64]
     assert m["prompt"]["eos_ids"] == m["model"]["tokens"]["eos_token_ids"]

@@ -117,13 +117,11 @@ class ChatTemplate:
         self.file = file
         self.tokenizer = tokenizer
         self.ids = _special_texts(tokenizer)
+        self.texts = {i: t for t, i in self.ids.items()}  # a marker holds its special token's id
         self.specials = SpecialTexts(self.ids)
-        self.texts = list(self.ids)  # marker i stands for texts[i]
 
     def _hide(self, text: str) -> str:
-        return "".join(
-            _marker(self.specials.index[piece]) if special else piece for piece, special in self.specials.split(text)
-        )
+        return "".join(_marker(self.ids[piece]) if special else piece for piece, special in self.specials.split(text))
 
     def _unhide(self, text: str) -> str:
         return _MARKER.sub(lambda m: self.texts[int(m.group(1))], text)
@@ -206,9 +204,9 @@ class SpecialTexts:
     alternation, and every message part paid one ``str.replace`` per special."""
 
     def __init__(self, texts) -> None:
-        self.index = {t: i for i, t in enumerate(texts)}
-        self.lengths = sorted({len(t) for t in self.index}, reverse=True)
-        firsts = {t[0] for t in self.index}
+        self.texts = set(texts)
+        self.lengths = sorted({len(t) for t in self.texts}, reverse=True)
+        firsts = {t[0] for t in self.texts}
         self.starts = re.compile("[" + "".join(re.escape(c) for c in sorted(firsts)) + "]") if firsts else None
 
     def split(self, text: str):
@@ -216,7 +214,7 @@ class SpecialTexts:
         at = i = 0
         while self.starts is not None and (m := self.starts.search(text, i)):
             i = m.start()
-            hit = next((n for n in self.lengths if i + n <= len(text) and text[i : i + n] in self.index), 0)
+            hit = next((n for n in self.lengths if i + n <= len(text) and text[i : i + n] in self.texts), 0)
             if not hit:
                 i += 1
                 continue

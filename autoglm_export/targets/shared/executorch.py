@@ -156,18 +156,16 @@ def contract_check(
 
 
 class HostProgram:
-    """One loaded ``.pte``: its method names and methods, each loaded once and kept."""
+    """One loaded ``.pte``: its method names; each ``load_method`` loads a method anew (callers keep
+    what they load)."""
 
     def __init__(self, program) -> None:
         self._program = program
         self.method_names = {program.get_method_name(i) for i in range(program.num_methods())}
-        self._methods: dict = {}
 
     def load_method(self, name: str) -> "HostMethod":
-        if name not in self._methods:
-            with mlock_refused():  # the delegates' blobs are loaded (and packed) here
-                self._methods[name] = HostMethod(self._program.load_method(name))
-        return self._methods[name]
+        with mlock_refused():  # the delegates' blobs are loaded (and packed) here
+            return HostMethod(self._program.load_method(name))
 
 
 class HostMethod:
@@ -293,20 +291,16 @@ class ExecuTorchRuntime:
         if not self.part_programs:
             return self.method("text_decoder").execute([embeds.contiguous(), position_ids, cache_position])[0]
         if not self._part_methods:
-            self._load_parts()
-        x = embeds.contiguous()
-        for m in self._part_methods:
-            x = m.execute([x, position_ids, cache_position])[0]
-        return x
-
-    def _load_parts(self) -> None:
-        if not self._part_methods:
             # last part first: it holds the lm_head, the largest delegate blob, which XNNPACK packs into
             # buffers of its own and then frees; packed while no other part's packed weights are held,
             # its blob and copy are not resident beside them (peak 2.37 -> 2.16 GiB at 9B widths, 4 layers)
             with quiet_native_output():
                 loaded = [p.load_method("text_decoder") for p in reversed(self.part_programs)]
             self._part_methods = loaded[::-1]
+        x = embeds.contiguous()
+        for m in self._part_methods:
+            x = m.execute([x, position_ids, cache_position])[0]
+        return x
 
     def reset(self) -> None:
         pass

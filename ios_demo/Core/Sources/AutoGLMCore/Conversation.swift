@@ -110,8 +110,8 @@ public enum Conversation {
     }
 }
 
-/// OpenAI's additive penalties over the answer so far, then the largest logit (the agent's
-/// `temperature=0, frequency_penalty=0.2`), in float32 as the host computes them.
+/// OpenAI's additive penalties over the answer so far (the agent asks for `temperature=0,
+/// frequency_penalty=0.2`; `Sampling` applies them first), in float32 as the host computes them.
 public struct Penalties {
     public let frequency: Float
     public let presence: Float
@@ -131,7 +131,6 @@ public struct Penalties {
         return x
     }
 
-    public func choose(_ logits: [Float], _ answer: [Int]) -> Int { Generator.argmax(apply(logits, answer)) }
 }
 
 /// One answer: its tokens (without the end-of-turn token), its text (cut before a stop string that

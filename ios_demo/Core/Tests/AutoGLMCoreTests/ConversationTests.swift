@@ -61,9 +61,9 @@ extension GoldenVectorsTests {
 
     func testPenaltiesLowerRepeatedTokensInFloat32() {
         let logits: [Float] = [1.0, 1.1, 0.95]
-        XCTAssertEqual(Penalties(frequency: 0.2).choose(logits, []), 1)
-        XCTAssertEqual(Penalties(frequency: 0.2).choose(logits, [1]), 0)
-        XCTAssertEqual(Penalties(frequency: 0.2, presence: 0.1).choose(logits, [0, 1]), 2)
-        XCTAssertEqual(Penalties(frequency: 0.1).choose(logits, [1, 1, 0]), 2)
+        XCTAssertEqual(Sampling(penalties: Penalties(frequency: 0.2)).choose(logits, []), 1)
+        XCTAssertEqual(Sampling(penalties: Penalties(frequency: 0.2)).choose(logits, [1]), 0)
+        XCTAssertEqual(Sampling(penalties: Penalties(frequency: 0.2, presence: 0.1)).choose(logits, [0, 1]), 2)
+        XCTAssertEqual(Sampling(penalties: Penalties(frequency: 0.1)).choose(logits, [1, 1, 0]), 2)
     }
 }

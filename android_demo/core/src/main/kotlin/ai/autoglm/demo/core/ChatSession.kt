@@ -1,9 +1,9 @@
 package ai.autoglm.demo.core
 
 /**
- * OpenAI's additive penalties over the tokens of the answer so far, then the largest logit (what
- * the agent's `temperature=0, frequency_penalty=0.2` asks for): `frequency` times a token's count
- * plus `presence` once it has appeared, subtracted from its logit in float32 as the host does.
+ * OpenAI's additive penalties over the tokens of the answer so far (the agent asks for
+ * `temperature=0, frequency_penalty=0.2`; [Sampling] applies them first): `frequency` times a token's
+ * count plus `presence` once it has appeared, subtracted from its logit in float32 as the host does.
  */
 class Penalties(val frequency: Float = 0f, val presence: Float = 0f) {
     /** [logits] with the penalties subtracted (the array itself when there is nothing to subtract). */
@@ -15,8 +15,6 @@ class Penalties(val frequency: Float = 0f, val presence: Float = 0f) {
         for ((t, c) in counts) x[t] = x[t] - (c.toFloat() * frequency + presence)
         return x
     }
-
-    fun choose(logits: FloatArray, answer: List<Int>): Int = Generator.argmax(apply(logits, answer))
 }
 
 /**

@@ -67,9 +67,9 @@ class ConversationReplayTest {
     @Test
     fun penaltiesLowerRepeatedTokensInFloat32() {
         val logits = floatArrayOf(1.0f, 1.1f, 0.95f)
-        assertEquals(1, Penalties(0.2f).choose(logits, emptyList()))
-        assertEquals(0, Penalties(0.2f).choose(logits, listOf(1)))  // 1.1 - 0.2 < 1.0
-        assertEquals(2, Penalties(0.2f, 0.1f).choose(logits, listOf(0, 1)))  // 0.7, 0.8 < 0.95
-        assertEquals(2, Penalties(0.1f).choose(logits, listOf(1, 1, 0)))  // 0.9, 0.9 < 0.95
+        assertEquals(1, Sampling(penalties = Penalties(0.2f)).choose(logits, emptyList()))
+        assertEquals(0, Sampling(penalties = Penalties(0.2f)).choose(logits, listOf(1)))  // 1.1 - 0.2 < 1.0
+        assertEquals(2, Sampling(penalties = Penalties(0.2f, 0.1f)).choose(logits, listOf(0, 1)))  // 0.7, 0.8 < 0.95
+        assertEquals(2, Sampling(penalties = Penalties(0.1f)).choose(logits, listOf(1, 1, 0)))  // 0.9, 0.9 < 0.95
     }
 }

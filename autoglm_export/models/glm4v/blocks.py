@@ -115,9 +115,23 @@ def grouped_attention(
     return out.reshape(b, H, T, d)
 
 
+def cached_attention(
+    q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``grouped_attention`` over a cache of one sequence held as two batched-matmul operands:
+    keys transposed ``k_t`` [kv, d, C] and values ``v`` [kv, C, d] (q [1, H, T, d], mask
+    [1, g * T, C] from ``group_mask``). Each product reads the cache where it lies: no reshape
+    or transpose of it in the graph."""
+    b, H, T, d = q.shape
+    kv = k_t.shape[0]
+    stacked = q.reshape(kv, H // kv * T, d)
+    scores = torch.bmm(stacked, k_t) * scale + mask
+    return torch.bmm(torch.softmax(scores.float(), dim=-1).to(q.dtype), v).reshape(b, H, T, d)
+
+
 def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
     """A [.., T, C] mask for ``grouped_attention``'s stacked queries: [.., groups * T, C]."""
-    return mask if groups == 1 else mask.repeat(1, 1, groups, 1)
+    return mask if groups == 1 else mask.repeat(*[1] * (mask.dim() - 2), groups, 1)
 
 
 def rotary_qkv(attn: nn.Module, x: torch.Tensor, cos, sin, rot):

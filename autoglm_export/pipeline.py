@@ -15,10 +15,11 @@ from pathlib import Path
 from .bundle import MANIFEST, REPORT, SCHEMA_VERSION, file_entries, library_versions, write_json
 from .checkpoint import Checkpoint, open_checkpoint
 from .components import Shapes
-from .errors import RecipeError, excerpt
+from .errors import ExportError, RecipeError, excerpt
 from .fsutil import atomic_output_dir, check_output, load_json, sha256_file
 from .host.audio import AudioPreprocessing
-from .host.chat_template import TEMPLATE_FILE, find_chat_template
+from .host.chat_template import TEMPLATE_FILE, ChatTemplate, find_chat_template
+from .host.prompt_layout import prompt_layout
 from .host.image import ImagePreprocessing
 from .host.tokenizer import ChatTokenizer
 from .load import build_on_meta, load_component
@@ -289,6 +290,18 @@ def copy_tokenizer_files(job: ExportJob, tmp: Path) -> list[str]:
     return ["tokenizer.json", TEMPLATE_FILE]
 
 
+def apps_prompt_layout(job: ExportJob, chat_template: bool) -> dict:
+    """``prompt.layout``: the template (or the built-in layout) as the token pieces the apps
+    assemble, checked against the renderer ``run`` and ``serve`` use (``host.prompt_layout``)."""
+    if not chat_template:
+        return prompt_layout(job.tokenizer)
+    try:
+        template = ChatTemplate(find_chat_template(job.ckpt.root), TEMPLATE_FILE, job.tokenizer)
+    except ExportError as e:  # run / serve report it when they open the bundle
+        return {"layout": None, "layout_unavailable": f"the chat template does not compile: {e}"[:300]}
+    return prompt_layout(job.tokenizer, template)
+
+
 def build_manifest(job: ExportJob, lowered: dict, *, chat_template: bool) -> dict:
     """The bundle's manifest (docs/bundle-format.md), without ``files`` and ``verification``."""
     ckpt, shapes, tokenizer, rec = job.ckpt, job.shapes, job.tokenizer, job.recipe
@@ -332,6 +345,7 @@ def build_manifest(job: ExportJob, lowered: dict, *, chat_template: bool) -> dic
             "pad_id": ckpt.spec.tokens.pad_token_id,
             "bos_id": tokenizer.special[ckpt.family.bos_token],
             **({"chat_template": TEMPLATE_FILE} if chat_template else {}),
+            **apps_prompt_layout(job, chat_template),
         },
         "preprocessing": job.pre.to_json(),
         "audio_preprocessing": None

@@ -99,6 +99,45 @@ def test_a_template_in_tokenizer_config_is_found_and_carried_into_the_bundle(tin
     assert (bundle / "chat_template.jinja").read_text() == (tiny_ckpt / "chat_template.jinja").read_text()
 
 
+CHATML_LIKE = (
+    "{% for m in messages %}<|{{ m.role }}|>{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for c in m.content %}{% if c.type == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|endoftext|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% if enable_thinking is defined and not enable_thinking %}"
+    "<think></think>{% endif %}{% endif %}"
+)
+# drops the reasoning of earlier answers, as some reasoning models' templates do: no fixed pieces say that
+DROPS_REASONING = CHATML_LIKE.replace("{{ m.content }}", "{{ m.content.split('</think>')[-1] }}")
+
+
+def test_the_apps_prompt_layout_is_the_template_cut_into_checked_pieces(tiny_ckpt, xnnpack_bundle):
+    from autoglm_export.host.prompt_layout import assemble, builtin, probes, prompt_layout
+
+    ckpt = open_checkpoint(tiny_ckpt)
+    tok = ckpt.chat_tokenizer()
+    glm = prompt_layout(tok, ChatTemplate(find_chat_template(ckpt.root), "t", tok))
+    assert glm["layout_unavailable"] is None
+    # GLM-4.1V's template is the built-in layout but for thinking off, which the template ignores
+    want = builtin(tok, ["image"])
+    assert {**glm["layout"], "generation": None} == {**want, "generation": None}
+    assert glm["layout"]["generation"]["off"] == want["generation"]["on"] != want["generation"]["off"]
+    assert prompt_layout(tok)["layout"] == want  # no template: the built-in renderer's pieces, checked the same way
+    # another layout: derived, and every probe through the pieces is the template's tokens
+    other = ChatTemplate(CHATML_LIKE, "t", tok)
+    layout = prompt_layout(tok, other)["layout"]
+    assert layout["roles"]["user"] == {"before": [tok.special["user"]], "after": [tok.tok.token_to_id("<|endoftext|>")]}
+    assert layout["generation"]["off"] != layout["generation"]["on"]
+    for messages in probes(["image"]):
+        assert assemble(layout, tok, messages, None, False)[0] == other.render(messages, 0, None, False).prompt.ids
+    # a template that fixed pieces cannot express: no layout, and why
+    dropped = prompt_layout(tok, ChatTemplate(DROPS_REASONING, "t", tok))
+    assert dropped["layout"] is None and "differs from the template at token" in dropped["layout_unavailable"]
+    # the bundle carries it: the pieces the apps assemble (android_demo / ios_demo PromptLayout)
+    manifest = json.loads((xnnpack_bundle[0] / "manifest.json").read_text())
+    assert manifest["prompt"]["layout"] == json.loads(json.dumps(glm["layout"]))
+    assert manifest["prompt"]["layout_unavailable"] is None
+
+
 def test_sampler_knobs():
     logits = torch.tensor([1.0, 3.0, 2.9, -1.0, 0.5])
     assert Sampler(SamplingParams())(logits, []) == 1  # greedy

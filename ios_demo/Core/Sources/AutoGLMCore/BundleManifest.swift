@@ -82,9 +82,24 @@ public struct AudioConfig {
     public var samples: Int { frames * hopLength }
 }
 
+/// `layout`: the chat template as token pieces; `layoutWritten` false for bundles written before
+/// `prompt.layout` (GLM-4.1V's built-in layout then); written but nil when the exporter found the
+/// template inexpressible as pieces (`layoutUnavailable` says why).
 public struct PromptConfig {
     public let specialIds: [String: Int]
     public let eosIds: [Int]
+    public var layout: PromptLayout? = nil
+    public var layoutWritten = false
+    public var layoutUnavailable: String? = nil
+
+    /// The pieces conversations are assembled from; refuses a bundle whose template has none.
+    public func chatLayout(_ tokenizer: TextEncoder) throws -> PromptLayout {
+        if let l = layout { return l }
+        if !layoutWritten { return try PromptLayout.builtin(tokenizer, self) }
+        throw BundleError(file: BundleManifest.fileName, field: "prompt.layout", expected: "the chat template as token pieces",
+                          got: "none (\((layoutUnavailable ?? "no reason given").prefix(160)))",
+                          fix: "chat with this bundle through `autoglm-export serve`, or export a checkpoint whose template the apps can follow")
+    }
 
     public func special(_ name: String) throws -> Int {
         guard let id = specialIds[name] else {
@@ -211,7 +226,10 @@ public struct BundleManifest {
         return BundleManifest(target: try root.reqString("target"), files: files, components: comps,
                               maxContext: try shapes.reqInt("max_context"), prefillChunk: try shapes.reqInt("prefill_chunk"),
                               image: image, audio: audio,
-                              prompt: PromptConfig(specialIds: special, eosIds: try promptNode.reqInts("eos_ids")),
+                              prompt: PromptConfig(specialIds: special, eosIds: try promptNode.reqInts("eos_ids"),
+                                                   layout: try promptNode.optObj("layout").map { try PromptLayout.parse($0) },
+                                                   layoutWritten: promptNode.obj["layout"] != nil,
+                                                   layoutUnavailable: promptNode.opt("layout_unavailable") as? String),
                               vocabSize: try text.reqInt("vocab_size"), hiddenSize: try text.reqInt("hidden_size"), rope: rope)
     }
 

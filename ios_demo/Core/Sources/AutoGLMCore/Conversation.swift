@@ -51,44 +51,58 @@ public struct RenderedConversation {
     }
 }
 
-/// Multi-turn conversations in GLM-4.1V's chat layout (the exporter's host.conversation, the
-/// Android core's Conversation): `[gMASK]<sop>`, then per message its role token, a newline and its
-/// parts in order, then `<|assistant|>\n`; `enableThinking == false` appends `<think></think>`.
+/// Multi-turn conversations rendered for the model (the exporter's host.conversation, the Android
+/// core's Conversation): the bundle's chat layout (`prompt.layout`: the checkpoint's template as token
+/// pieces, checked against it at export) fills in the role, image, audio and generation tokens around
+/// the messages' parts. For GLM-4.1V: `[gMASK]<sop>`, per message its role token, a newline and its
+/// parts in order, then `<|assistant|>\n`.
 public enum Conversation {
     public static func render(_ tokenizer: TextEncoder, _ prompt: PromptConfig, _ messages: [Message], audioTokens: Int?,
                               enableThinking: Bool? = nil) throws -> RenderedConversation {
         try check(messages)
+        let layout = try prompt.chatLayout(tokenizer)
         var r = RenderedConversation()
-        let newline = tokenizer.encodeText("\n")
-        r.add([try prompt.special("gmask"), try prompt.special("sop")])
+        r.add(layout.prefix)
         for m in messages {
-            r.add([try prompt.special(m.role)])
-            r.add(newline)
+            guard let role = layout.roles[m.role] else {
+                throw BundleError(file: "messages", field: "role", expected: "system, user or assistant", got: String(m.role.prefix(40)),
+                                  fix: "use system, user or assistant")
+            }
+            r.add(role.before)
             for part in m.parts {
                 switch part {
                 case .text(let s):
                     r.add(tokenizer.encodeText(s))
                 case .image(let x):
-                    r.add([try prompt.special("begin_of_image")])
-                    r.add(Array(repeating: try prompt.special("image"), count: x.tokens), ChatPrompt.image, key: part.key)
-                    r.add([try prompt.special("end_of_image")])
+                    let p = try pieces(layout, "image")
+                    r.add(p.before)
+                    r.add(Array(repeating: p.placeholder, count: x.tokens), ChatPrompt.image, key: part.key)
+                    r.add(p.after)
                     r.images.append(x)
                 case .audio(let x):
                     guard let n = audioTokens else {
                         throw BundleError(file: "messages", field: "content", expected: "no audio (this bundle has no audio encoder)",
                                           got: "an audio part", fix: "export a checkpoint with an audio tower, or send no audio")
                     }
-                    r.add([try prompt.special("begin_of_audio")])
-                    r.add(Array(repeating: try prompt.special("audio"), count: n), ChatPrompt.audio, key: part.key)
-                    r.add([try prompt.special("end_of_audio")])
+                    let p = try pieces(layout, "audio")
+                    r.add(p.before)
+                    r.add(Array(repeating: p.placeholder, count: n), ChatPrompt.audio, key: part.key)
+                    r.add(p.after)
                     r.audios.append(x)
                 }
             }
+            r.add(role.after)
         }
-        r.add([try prompt.special("assistant")])
-        r.add(newline)
-        if enableThinking == false { r.add(tokenizer.encodeText("<think></think>")) }
+        r.add(layout.generation(enableThinking))
         return r
+    }
+
+    static func pieces(_ layout: PromptLayout, _ kind: String) throws -> PromptLayout.MediaPieces {
+        guard let p = layout.media[kind] else {
+            throw BundleError(file: "messages", field: "content", expected: "no \(kind) (this bundle's chat layout has no place for it)",
+                              got: "an \(kind) part", fix: "send no \(kind)")
+        }
+        return p
     }
 
     static func check(_ messages: [Message]) throws {

@@ -38,6 +38,36 @@ extension GoldenVectorsTests {
         }
     }
 
+    func testTheBundlesLayoutPiecesAreWhatRendersAConversation() throws {
+        let p = manifest.prompt
+        XCTAssertTrue(p.layout != nil && p.layoutWritten, "the golden bundle carries its template's layout")
+        // other pieces, other tokens: nothing of GLM's layout is left in render itself
+        var roles: [String: (before: [Int], after: [Int])] = [:]
+        for role in Message.roles { roles[role] = ([10 + role.count], [2]) }
+        let other = PromptLayout(prefix: [1], roles: roles,
+                                 media: ["image": PromptLayout.MediaPieces(before: [3], placeholder: 4, after: [5])],
+                                 generation: ["default": [6], "on": [7], "off": [8, 9]])
+        let config = PromptConfig(specialIds: p.specialIds, eosIds: p.eosIds, layout: other, layoutWritten: true)
+        let messages = agentMessages(upTo: 0)
+        guard case .image(let image) = messages[1].parts[0] else { return XCTFail("turn 0 has a screenshot") }
+        let want = [1, 16] + tokenizer.encodeText(conversation["system"] as! String) + [2, 14, 3] +
+            Array(repeating: 4, count: image.tokens) + [5] + tokenizer.encodeText(turns[0]["task"] as! String) + [2]
+        XCTAssertEqual(try Conversation.render(tokenizer, config, messages, audioTokens: manifest.audioTokens).prompt.ids, want + [6])
+        XCTAssertEqual(try Conversation.render(tokenizer, config, messages, audioTokens: manifest.audioTokens,
+                                               enableThinking: false).prompt.ids, want + [8, 9])
+        // a bundle from before prompt.layout: GLM-4.1V's built-in layout, the template's tokens here
+        let before = PromptConfig(specialIds: p.specialIds, eosIds: p.eosIds)
+        XCTAssertEqual(try Conversation.render(tokenizer, before, messages, audioTokens: manifest.audioTokens).prompt.ids,
+                       ints(turns[0]["prompt_ids"]))
+        // a template the exporter could not cut into pieces: refused, with its reason
+        let none = PromptConfig(specialIds: p.specialIds, eosIds: p.eosIds, layoutWritten: true,
+                                layoutUnavailable: "probe conversation 0 differs")
+        XCTAssertThrowsError(try Conversation.render(tokenizer, none, messages, audioTokens: manifest.audioTokens)) { e in
+            let text = "\(e)"
+            XCTAssertTrue(text.contains("prompt.layout") && text.contains("probe conversation 0 differs"), text)
+        }
+    }
+
     func testAgentLoopReusesTheCachedPrefixAndAnswersAsTheHost() throws {
         let calls = turns.flatMap { $0["calls"] as! [[String: Any]] }
         let runtime = RecordedRuntime(calls: calls, maxContext: manifest.maxContext, prefillChunk: manifest.prefillChunk)

@@ -76,10 +76,32 @@ class AudioConfig(val frames: Int, val melBins: Int, val sampleRate: Int, val nF
     val samples: Int get() = frames * hopLength
 }
 
-class PromptConfig(val specialIds: Map<String, Int>, val eosIds: IntArray, val bosId: Int?) {
+/**
+ * `layout`: the chat template as token pieces; `layoutWritten` false for bundles written before
+ * `prompt.layout` (GLM-4.1V's built-in layout then); written but null when the exporter found the
+ * template inexpressible as pieces (`layoutUnavailable` says why).
+ */
+class PromptConfig(
+    val specialIds: Map<String, Int>,
+    val eosIds: IntArray,
+    val bosId: Int?,
+    val layout: PromptLayout? = null,
+    val layoutWritten: Boolean = false,
+    val layoutUnavailable: String? = null
+) {
     fun special(name: String, file: String): Int = specialIds[name]
         ?: throw BundleError(file, "prompt.special_ids.$name", "the id of the chat token '$name'", "nothing",
             "re-export the bundle with autoglm-export")
+
+    /** The pieces conversations are assembled from; refuses a bundle whose template has none. */
+    fun chatLayout(tokenizer: ByteLevelBpe): PromptLayout {
+        if (layout != null) return layout
+        if (!layoutWritten) return PromptLayout.builtin(tokenizer, this)
+        val why = layoutUnavailable ?: "no reason given"
+        throw BundleError(BundleManifest.MANIFEST, "prompt.layout", "the chat template as token pieces",
+            "none (${if (why.length > 160) why.substring(0, 160) + "..." else why})",
+            "chat with this bundle through `autoglm-export serve`, or export a checkpoint whose template the apps can follow")
+    }
 }
 
 /**
@@ -215,7 +237,10 @@ class BundleManifest(
             val special = LinkedHashMap<String, Int>()
             for (k in sp.keys()) special[k] = sp.reqInt(k)
             val bos = promptNode.opt("bos_id")
-            val prompt = PromptConfig(special, promptNode.reqInts("eos_ids"), bos?.asInt)
+            val layoutNode = promptNode.optObj("layout")
+            val prompt = PromptConfig(special, promptNode.reqInts("eos_ids"), bos?.asInt,
+                layoutNode?.let { PromptLayout.parse(it) }, promptNode.obj.has("layout"),
+                promptNode.opt("layout_unavailable")?.asString)
             val text = root.reqObj("model").reqObj("text")
             val positions = root.reqObj("positions")
             val scheme = positions.reqString("scheme")

@@ -55,15 +55,18 @@ class RenderedConversation(val prompt: ChatPrompt, val keys: List<Pair<Int, Stri
                            val audios: List<FloatTensor>)
 
 /**
- * Multi-turn conversations in GLM-4.1V's chat layout (a port of the exporter's host.conversation):
- * `[gMASK]<sop>` then for each message its role token, a newline and its parts in order (an image as
+ * Multi-turn conversations rendered for the model (a port of the exporter's host.conversation): the
+ * bundle's chat layout (`prompt.layout`: the checkpoint's template as token pieces, checked against it
+ * at export) fills in the role, image, audio and generation tokens around the messages' parts. For
+ * GLM-4.1V: `[gMASK]<sop>`, each message as its role token, a newline and its parts (an image as
  * `<|begin_of_image|>` + one `<|image|>` per token of its bucket + `<|end_of_image|>`), then
- * `<|assistant|>\n`; `enableThinking = false` appends `<think></think>` so the model answers directly.
+ * `<|assistant|>\n`.
  */
 object Conversation {
     fun render(tokenizer: ByteLevelBpe, prompt: PromptConfig, messages: List<Message>, audioTokens: Int?,
                enableThinking: Boolean? = null): RenderedConversation {
         check(messages)
+        val layout = prompt.chatLayout(tokenizer)
         val ids = ArrayList<Int>()
         val types = ArrayList<Int>()
         val keys = ArrayList<Pair<Int, String>>()
@@ -76,34 +79,26 @@ object Conversation {
                 keys.add(Pair(x, key))
             }
         }
-        fun sp(name: String) = prompt.special(name, BundleManifest.MANIFEST)
-        val newline = tokenizer.encode("\n")
-        add(intArrayOf(sp("gmask"), sp("sop")))
+        add(layout.prefix)
         for (m in messages) {
-            add(intArrayOf(sp(m.role)))
-            add(newline)
+            val (before, after) = layout.roles.getValue(m.role)
+            add(before)
             for (part in m.parts) {
-                when (part.kind) {
-                    Part.TEXT -> add(tokenizer.encode(part.text))
-                    Part.IMAGE -> {
-                        add(intArrayOf(sp("begin_of_image")))
-                        add(IntArray(part.tokens(audioTokens)) { sp("image") }, ChatPrompt.IMAGE, part.key)
-                        add(intArrayOf(sp("end_of_image")))
-                        images.add(part.image!!)
-                    }
-                    Part.AUDIO -> {
-                        val n = part.tokens(audioTokens)
-                        add(intArrayOf(sp("begin_of_audio")))
-                        add(IntArray(n) { sp("audio") }, ChatPrompt.AUDIO, part.key)
-                        add(intArrayOf(sp("end_of_audio")))
-                        audios.add(part.audio!!)
-                    }
+                if (part.kind == Part.TEXT) {
+                    add(tokenizer.encode(part.text))
+                    continue
                 }
+                val n = part.tokens(audioTokens)
+                val pieces = layout.media[part.kind]
+                    ?: throw IllegalArgumentException("this bundle's chat layout has no place for ${part.kind}: send no ${part.kind}")
+                add(pieces.before)
+                add(IntArray(n) { pieces.placeholder }, if (part.kind == Part.IMAGE) ChatPrompt.IMAGE else ChatPrompt.AUDIO, part.key)
+                add(pieces.after)
+                if (part.kind == Part.IMAGE) images.add(part.image!!) else audios.add(part.audio!!)
             }
+            add(after)
         }
-        add(intArrayOf(sp("assistant")))
-        add(newline)
-        if (enableThinking == false) add(tokenizer.encode("<think></think>"))
+        add(layout.generation(enableThinking))
         return RenderedConversation(ChatPrompt(ids.toIntArray(), types.toIntArray()), keys, images, audios)
     }
 

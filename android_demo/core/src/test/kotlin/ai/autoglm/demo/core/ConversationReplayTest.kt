@@ -3,6 +3,7 @@ package ai.autoglm.demo.core
 import com.google.gson.JsonObject
 import org.junit.Assert.assertArrayEquals
 import org.junit.Assert.assertEquals
+import org.junit.Assert.assertThrows
 import org.junit.Assert.assertTrue
 import org.junit.Test
 
@@ -39,6 +40,32 @@ class ConversationReplayTest {
             val r = Conversation.render(Golden.tokenizer, Golden.manifest.prompt, conversation(i), Golden.manifest.audioTokens)
             assertArrayEquals("turn $i prompt ids", Golden.ints(turns[i], "prompt_ids"), r.prompt.ids)
         }
+    }
+
+    @Test
+    fun theBundlesLayoutPiecesAreWhatRendersAConversation() {
+        val p = Golden.manifest.prompt
+        assertTrue("the golden bundle carries its template's layout", p.layout != null && p.layoutWritten)
+        // other pieces, other tokens: nothing of GLM's layout is left in render itself
+        val other = PromptLayout(intArrayOf(1), Message.ROLES.associateWith { Pair(intArrayOf(10 + it.length), intArrayOf(2)) },
+            mapOf(Part.IMAGE to PromptLayout.MediaPieces(intArrayOf(3), 4, intArrayOf(5))),
+            mapOf("default" to intArrayOf(6), "on" to intArrayOf(7), "off" to intArrayOf(8, 9)))
+        val config = PromptConfig(p.specialIds, p.eosIds, p.bosId, other, true, null)
+        val messages = conversation(0)
+        val image = (messages[1].parts[0].image ?: throw AssertionError("turn 0 has a screenshot")).tokens
+        val tok = Golden.tokenizer
+        val want = intArrayOf(1, 16) + tok.encode(g.get("system").asString) + intArrayOf(2, 14, 3) + IntArray(image) { 4 } +
+            intArrayOf(5) + tok.encode(turns[0].get("task").asString) + intArrayOf(2)
+        val audio = Golden.manifest.audioTokens
+        assertArrayEquals(want + intArrayOf(6), Conversation.render(tok, config, messages, audio).prompt.ids)
+        assertArrayEquals(want + intArrayOf(8, 9), Conversation.render(tok, config, messages, audio, false).prompt.ids)
+        // a bundle from before prompt.layout: GLM-4.1V's built-in layout, the template's tokens here
+        val before = PromptConfig(p.specialIds, p.eosIds, p.bosId)
+        assertArrayEquals(Golden.ints(turns[0], "prompt_ids"), Conversation.render(tok, before, messages, audio).prompt.ids)
+        // a template the exporter could not cut into pieces: refused, with its reason
+        val none = PromptConfig(p.specialIds, p.eosIds, p.bosId, null, true, "probe conversation 0 differs")
+        val e = assertThrows(BundleError::class.java) { Conversation.render(tok, none, messages, audio) }
+        assertTrue(e.message!!, e.message!!.contains("prompt.layout") && e.message!!.contains("probe conversation 0 differs"))
     }
 
     @Test

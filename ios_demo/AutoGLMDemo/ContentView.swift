@@ -34,6 +34,7 @@ final class DemoModel: ObservableObject {
             }
             manifest = m
             tokenizer = try HubTextEncoder(bundle: bundleDir)
+            _ = try m.prompt.chatLayout(tokenizer!)  // a bundle whose chat template has no pieces is refused before its models load
             let rt = CoreMLRuntime(dir: bundleDir, manifest: m)
             runtime = rt
             session = ChatSession(runtime: rt, manifest: m, tokenizer: tokenizer!)

@@ -89,6 +89,7 @@ class MainActivity : ComponentActivity() {
                 }
                 manifest = m
                 tokenizer = ByteLevelBpe.parse(File(bundleDir(), "tokenizer.json").readText())
+                m.prompt.chatLayout(tokenizer!!)  // a bundle whose chat template has no pieces is refused before its programs load
                 runtime = openRuntime(bundleDir(), m).also { session = ChatSession(it, m, tokenizer!!) }
                 history.clear()
                 "ready: ${m.target} bundle, context ${m.maxContext}" + (if (m.audio != null) ", audio" else "")

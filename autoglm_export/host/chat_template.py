@@ -191,6 +191,14 @@ class ChatTemplate:
             )
         return out
 
+    def tokenize(self, text: str) -> list[int]:
+        """The ids of ``text`` as the template's output is tokenized: special-token text as its id,
+        the rest encoded (no placeholder expansion)."""
+        out: list[int] = []
+        for piece, tid in self._split(text):
+            out += [tid] if tid is not None else self.tokenizer.encode(piece)
+        return out
+
     def _split(self, text: str):
         """(piece, None) for text and (special, id) for each special token, in order."""
         for piece, special in self.specials.split(text):

@@ -83,34 +83,28 @@ def derive(template, tokenizer, media: list[str]) -> dict:
         before, after = text.split(mark)
         return before, after
 
-    def ids(text: str) -> list[int]:
-        out: list[int] = []
-        for piece, tid in template._split(text):
-            out += [tid] if tid is not None else tokenizer.encode(piece)
-        return out
-
+    ids = template.tokenize
     prefix = render([], False)
-    roles = {}
+    roles, user_before = {}, ""
     for role in ROLES:
         content = [{"type": "text", "text": SENTINEL}] if role == "user" else SENTINEL
         text = after_prefix(render([{"role": role, "content": content}], False), f"a {role} message")
         before, after = around(text, SENTINEL, f"a {role} message")
-        roles[role] = {"before": ids(before), "after": ids(after), "_text": before}
+        roles[role] = {"before": ids(before), "after": ids(after)}
+        user_before = before if role == "user" else user_before
     pieces_media = {}
     for m in media:
         content = [{"type": m}, {"type": "text", "text": SENTINEL}]
         text = after_prefix(render([{"role": "user", "content": content}], False), f"a user message with {m}")
-        if not text.startswith(roles["user"]["_text"]):
+        if not text.startswith(user_before):
             raise NotExpressible(f"a user message with {m} starts differently from one with text only")
-        written, _ = around(text[len(roles["user"]["_text"]) :], SENTINEL, f"a user message with {m}")
+        written, _ = around(text[len(user_before) :], SENTINEL, f"a user message with {m}")
         before, after = around(written, template.texts[tokenizer.special[m]], f"a user message's {m}")
         pieces_media[m] = {"before": ids(before), "placeholder": tokenizer.special[m], "after": ids(after)}
     generation = {
         key: ids(after_prefix(render([], True, thinking), "the generation prompt"))
         for key, thinking in THINKING.items()
     }
-    for r in roles.values():
-        del r["_text"]
     return {"prefix": ids(prefix), "roles": roles, "media": pieces_media, "generation": generation}
 
 
@@ -145,7 +139,7 @@ def probes(media: list[str]) -> list[list[Message]]:
     """Conversations the pieces must render as the template does."""
 
     def media_part(kind: str, n: int) -> Part:
-        return Part(kind, grid=(1, n))  # an image's tokens follow its grid; a clip has the bundle's
+        return Part(kind, grid=(1, n))  # an image's n tokens; a clip's are PROBE_AUDIO_TOKENS
 
     def text(s: str) -> Part:
         return Part.of_text(s)
@@ -172,14 +166,18 @@ def probes(media: list[str]) -> list[list[Message]]:
 def check(pieces: dict, tokenizer, template, media: list[str]) -> None:
     """Raise ``NotExpressible`` unless every probe renders to the same tokens through the pieces as
     through ``template`` (or the built-in renderer)."""
+    from ..errors import ExportError
     from .conversation import render
 
     for i, messages in enumerate(probes(media)):
         for key, thinking in THINKING.items():
-            if template is not None:
-                want = template.render(messages, 0, PROBE_AUDIO_TOKENS, thinking).prompt
-            else:
-                want = render(tokenizer, messages, 0, PROBE_AUDIO_TOKENS, thinking).prompt
+            try:
+                if template is not None:
+                    want = template.render(messages, 0, PROBE_AUDIO_TOKENS, thinking).prompt
+                else:
+                    want = render(tokenizer, messages, 0, PROBE_AUDIO_TOKENS, thinking).prompt
+            except ExportError as e:  # e.g. a template that writes an image placeholder of its own
+                raise NotExpressible(f"probe conversation {i} (thinking {key}): {str(e)[:160]}") from None
             ids, types = assemble(pieces, tokenizer, messages, PROBE_AUDIO_TOKENS, thinking)
             if (ids, types) != (want.ids, want.types):
                 at = next((j for j, (a, b) in enumerate(zip(ids, want.ids)) if a != b), min(len(ids), len(want.ids)))

@@ -132,7 +132,9 @@ def test_the_apps_prompt_layout_is_the_template_cut_into_checked_pieces(tiny_ckp
     # a template that fixed pieces cannot express: no layout, and why
     dropped = prompt_layout(tok, ChatTemplate(DROPS_REASONING, "t", tok))
     assert dropped["layout"] is None and "differs from the template at token" in dropped["layout_unavailable"]
-    own_image = ChatTemplate(CHATML_LIKE.replace("<|endoftext|>", "<|image|>"), "t", tok)  # a placeholder no input fills
+    own_image = ChatTemplate(
+        CHATML_LIKE.replace("<|endoftext|>", "<|image|>"), "t", tok
+    )  # a placeholder no input fills
     assert "placeholder" in prompt_layout(tok, own_image)["layout_unavailable"]
     # the bundle carries it: the pieces the apps assemble (android_demo / ios_demo PromptLayout)
     manifest = json.loads((xnnpack_bundle[0] / "manifest.json").read_text())

@@ -152,9 +152,9 @@ def export(
     job = plan_export(checkpoint, target, tgt, recipe_file, progress)
     with atomic_output_dir(out, force=force, protected=inputs, on_note=job.say("bundle")) as tmp:
         lowered = lower_components(job, tmp)
-        extra_files = copy_tokenizer_files(job, tmp)
+        extra_files, chat_template = copy_tokenizer_files(job, tmp)
         job.say("verify")("hashing the source checkpoint")
-        manifest = build_manifest(job, lowered, chat_template=TEMPLATE_FILE in extra_files)
+        manifest = build_manifest(job, lowered, chat_template=chat_template)
         files = lowered["files"] + extra_files
         manifest["files"] = file_entries(tmp, files)  # before verification: runtimes find data files through it
         report = verify_in_place(job, tmp, manifest) if verify else skip_verification(job)
@@ -279,30 +279,30 @@ def lower_components(job: ExportJob, tmp: Path) -> dict:
     return lowered
 
 
-def copy_tokenizer_files(job: ExportJob, tmp: Path) -> list[str]:
+def copy_tokenizer_files(job: ExportJob, tmp: Path) -> tuple[list[str], str | None]:
     """The tokenizer, and the checkpoint's chat template when it has one (serve and run render
-    conversations with it); the files written."""
+    conversations with it); the files written and the template's text."""
     shutil.copyfile(job.ckpt.tokenizer_path, tmp / "tokenizer.json")
     chat_template = find_chat_template(job.ckpt.root)
     if chat_template is None:
-        return ["tokenizer.json"]
+        return ["tokenizer.json"], None
     (tmp / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
-    return ["tokenizer.json", TEMPLATE_FILE]
+    return ["tokenizer.json", TEMPLATE_FILE], chat_template
 
 
-def apps_prompt_layout(job: ExportJob, chat_template: bool) -> dict:
+def apps_prompt_layout(job: ExportJob, chat_template: str | None) -> dict:
     """``prompt.layout``: the template (or the built-in layout) as the token pieces the apps
     assemble, checked against the renderer ``run`` and ``serve`` use (``host.prompt_layout``)."""
-    if not chat_template:
+    if chat_template is None:
         return prompt_layout(job.tokenizer)
     try:
-        template = ChatTemplate(find_chat_template(job.ckpt.root), TEMPLATE_FILE, job.tokenizer)
+        template = ChatTemplate(chat_template, TEMPLATE_FILE, job.tokenizer)
     except ExportError as e:  # run / serve report it when they open the bundle
         return {"layout": None, "layout_unavailable": f"the chat template does not compile: {e}"[:300]}
     return prompt_layout(job.tokenizer, template)
 
 
-def build_manifest(job: ExportJob, lowered: dict, *, chat_template: bool) -> dict:
+def build_manifest(job: ExportJob, lowered: dict, *, chat_template: str | None) -> dict:
     """The bundle's manifest (docs/bundle-format.md), without ``files`` and ``verification``."""
     ckpt, shapes, tokenizer, rec = job.ckpt, job.shapes, job.tokenizer, job.recipe
     return {
@@ -344,7 +344,7 @@ def build_manifest(job: ExportJob, lowered: dict, *, chat_template: bool) -> dic
             "eos_ids": list(ckpt.spec.tokens.eos_token_ids),
             "pad_id": ckpt.spec.tokens.pad_token_id,
             "bos_id": tokenizer.special[ckpt.family.bos_token],
-            **({"chat_template": TEMPLATE_FILE} if chat_template else {}),
+            **({"chat_template": TEMPLATE_FILE} if chat_template is not None else {}),
             **apps_prompt_layout(job, chat_template),
         },
         "preprocessing": job.pre.to_json(),

@@ -128,7 +128,10 @@ def test_the_apps_prompt_layout_is_the_template_cut_into_checked_pieces(tiny_ckp
     assert layout["roles"]["user"] == {"before": [tok.special["user"]], "after": [tok.tok.token_to_id("<|endoftext|>")]}
     assert layout["generation"]["off"] != layout["generation"]["on"]
     for messages in probes(["image"]):
-        assert assemble(layout, tok, messages, None, False)[0] == other.render(messages, 0, None, False).prompt.ids
+        assert (
+            assemble(layout, tok, messages, 0, None, False).prompt.ids
+            == other.render(messages, 0, None, False).prompt.ids
+        )
     # a template that fixed pieces cannot express: no layout, and why
     dropped = prompt_layout(tok, ChatTemplate(DROPS_REASONING, "t", tok))
     assert dropped["layout"] is None and "differs from the template at token" in dropped["layout_unavailable"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from ..errors import ExportError
 from .messages import ROLES, Message, Rendered
-from .prompt import AUDIO, IMAGE, Prompt
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -24,46 +23,21 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 def render(
     tokenizer, messages: list[Message], image_tokens: int, audio_tokens: int | None, enable_thinking: bool | None = None
 ) -> Rendered:
-    """The conversation as prompt tokens ending in the assistant's turn (see the module docstring)."""
-    sp = tokenizer.special
+    """The conversation as prompt tokens ending in the assistant's turn (see the module docstring):
+    the built-in layout's pieces, assembled as the apps assemble a bundle's ``prompt.layout``."""
+    from .prompt_layout import assemble, builtin, media_kinds
+
     check_conversation(messages)
-    p = Prompt()
-    keys: list[tuple[int, str]] = []
-    out = Rendered(p, keys)
-
-    def add(ids: list[int], kind: int = 0, key: str = "") -> None:
-        p.add(ids, kind)
-        keys.extend((i, key) for i in ids)
-
-    newline = tokenizer.encode("\n")
-    add([sp["gmask"], sp["sop"]])
+    no_audio = audio_tokens is None or "audio" not in tokenizer.special
     for i, m in enumerate(messages):
-        add([sp[m.role]])
-        add(newline)
-        for part in m.parts:
-            if part.kind == "text":
-                add(tokenizer.encode(part.text))
-            elif part.kind == "image":
-                add([sp["begin_of_image"]])
-                add([sp["image"]] * part.tokens(image_tokens), IMAGE, part.digest)
-                add([sp["end_of_image"]])
-                out.add_media(part)
-            elif part.kind == "audio":
-                if audio_tokens is None or "audio" not in sp:
-                    raise ExportError(
-                        "this bundle has no audio encoder",
-                        field=f"messages[{i}].content",
-                        fix="export a checkpoint with an audio tower, or send no audio",
-                    )
-                add([sp["begin_of_audio"]])
-                add([sp["audio"]] * audio_tokens, AUDIO, part.digest)
-                add([sp["end_of_audio"]])
-                out.add_media(part)
-    add([sp["assistant"]])
-    add(newline)
-    if enable_thinking is False:
-        add(tokenizer.encode(THINK_OPEN + THINK_CLOSE))
-    return out
+        if no_audio and any(part.kind == "audio" for part in m.parts):
+            raise ExportError(
+                "this bundle has no audio encoder",
+                field=f"messages[{i}].content",
+                fix="export a checkpoint with an audio tower, or send no audio",
+            )
+    pieces = builtin(tokenizer, media_kinds(tokenizer))
+    return assemble(pieces, tokenizer, messages, image_tokens, audio_tokens, enable_thinking)
 
 
 def check_conversation(messages: list[Message]) -> None:

@@ -33,22 +33,17 @@ def build_chat_prompt(
     audio_tokens: int | None = None,
     order: tuple[str, ...] = DEFAULT_ORDER,
 ) -> Prompt:
-    """One user turn with an optional image and audio clip, ready for the assistant's answer."""
-    sp = tokenizer.special
-    p = Prompt()
-    p.add([sp["gmask"], sp["sop"], sp["user"]])
-    p.add(tokenizer.encode("\n"))
-    for part in order:
-        if part == "image" and image_tokens:
-            p.add([sp["begin_of_image"]])
-            p.add([sp["image"]] * image_tokens, IMAGE)
-            p.add([sp["end_of_image"]])
-        elif part == "audio" and audio_tokens:
-            p.add([sp["begin_of_audio"]])
-            p.add([sp["audio"]] * audio_tokens, AUDIO)
-            p.add([sp["end_of_audio"]])
-        elif part == "text":
-            p.add(tokenizer.encode(text))
-    p.add([sp["assistant"]])
-    p.add(tokenizer.encode("\n"))
-    return p
+    """One user turn with an optional image and audio clip, ready for the assistant's answer: the
+    built-in layout's conversation of that one message (``conversation.render``)."""
+    from .conversation import render
+    from .messages import Message, Part
+
+    parts = []
+    for kind in order:
+        if kind == "image" and image_tokens:
+            parts.append(Part("image"))
+        elif kind == "audio" and audio_tokens:
+            parts.append(Part("audio"))
+        elif kind == "text":
+            parts.append(Part.of_text(text))
+    return render(tokenizer, [Message("user", tuple(parts))], image_tokens, audio_tokens).prompt

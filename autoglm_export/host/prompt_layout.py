@@ -18,8 +18,8 @@ model differently from ``run`` and ``serve``.
 
 from __future__ import annotations
 
-from .messages import ROLES, Message, Part
-from .prompt import AUDIO, IMAGE, TEXT
+from .messages import ROLES, Message, Part, Rendered
+from .prompt import AUDIO, IMAGE, TEXT, Prompt
 
 SENTINEL = "\ue0f0"  # a private-use character: no template writes it, no tokenizer merges it away
 THINKING = {"default": None, "on": True, "off": False}
@@ -33,18 +33,26 @@ class NotExpressible(Exception):
 
 def prompt_layout(tokenizer, template=None) -> dict:
     """``{"layout": pieces, "layout_unavailable": None}`` or ``{"layout": None, "layout_unavailable": why}``, for the manifest's
-    ``prompt`` section. ``template``: a ``chat_template.ChatTemplate``, or None for the built-in layout."""
-    media = [m for m in MODALITY if m in tokenizer.special]
+    ``prompt`` section. ``template``: a ``chat_template.ChatTemplate``, or None for the built-in layout
+    (which ``conversation.render`` assembles from these same pieces)."""
+    media = media_kinds(tokenizer)
+    if template is None:
+        return {"layout": builtin(tokenizer, media), "layout_unavailable": None}
     try:
-        pieces = derive(template, tokenizer, media) if template is not None else builtin(tokenizer, media)
+        pieces = derive(template, tokenizer, media)
         check(pieces, tokenizer, template, media)
     except NotExpressible as e:
         return {"layout": None, "layout_unavailable": str(e)}
     return {"layout": pieces, "layout_unavailable": None}
 
 
+def media_kinds(tokenizer) -> list[str]:
+    """The media the tokenizer has placeholder tokens for."""
+    return [m for m in MODALITY if m in tokenizer.special]
+
+
 def builtin(tokenizer, media: list[str]) -> dict:
-    """``conversation.render``'s layout as pieces."""
+    """GLM-4.1V's layout (``conversation.render``, ``run`` and ``serve`` without a template)."""
     sp = tokenizer.special
     newline = tokenizer.encode("\n")
     generation = [sp["assistant"], *newline]
@@ -109,15 +117,20 @@ def derive(template, tokenizer, media: list[str]) -> dict:
 
 
 def assemble(
-    pieces: dict, tokenizer, messages: list[Message], audio_tokens: int | None, thinking: bool | None
-) -> tuple[list[int], list[int]]:
-    """(ids, modalities) of ``messages`` through the pieces: what the apps' ``Conversation.render`` does."""
-    ids: list[int] = []
-    types: list[int] = []
+    pieces: dict,
+    tokenizer,
+    messages: list[Message],
+    image_tokens: int | None,
+    audio_tokens: int | None,
+    thinking: bool | None,
+) -> Rendered:
+    """``messages`` through the pieces, with each token's modality and prefix-reuse key and the media
+    in order: what the apps' ``Conversation.render`` does."""
+    out = Rendered(Prompt(), [])
 
-    def add(xs: list[int], kind: int = TEXT) -> None:
-        ids.extend(xs)
-        types.extend([kind] * len(xs))
+    def add(xs: list[int], kind: int = TEXT, key: str = "") -> None:
+        out.prompt.add(xs, kind)
+        out.keys.extend((i, key) for i in xs)
 
     add(pieces["prefix"])
     for m in messages:
@@ -125,14 +138,16 @@ def assemble(
         for part in m.parts:
             if part.kind == "text":
                 add(tokenizer.encode(part.text))
-            else:
-                md = pieces["media"][part.kind]
-                add(md["before"])
-                add([md["placeholder"]] * part.tokens(audio_tokens), MODALITY[part.kind])
-                add(md["after"])
+                continue
+            md = pieces["media"][part.kind]
+            n = part.tokens(image_tokens if part.kind == "image" else audio_tokens)
+            add(md["before"])
+            add([md["placeholder"]] * n, MODALITY[part.kind], part.digest)
+            add(md["after"])
+            out.add_media(part)
         add(pieces["roles"][m.role]["after"])
     add(pieces["generation"][next(k for k, v in THINKING.items() if v is thinking)])
-    return ids, types
+    return out
 
 
 def probes(media: list[str]) -> list[list[Message]]:
@@ -165,20 +180,17 @@ def probes(media: list[str]) -> list[list[Message]]:
 
 def check(pieces: dict, tokenizer, template, media: list[str]) -> None:
     """Raise ``NotExpressible`` unless every probe renders to the same tokens through the pieces as
-    through ``template`` (or the built-in renderer)."""
+    through ``template``."""
     from ..errors import ExportError
-    from .conversation import render
 
     for i, messages in enumerate(probes(media)):
         for key, thinking in THINKING.items():
             try:
-                if template is not None:
-                    want = template.render(messages, 0, PROBE_AUDIO_TOKENS, thinking).prompt
-                else:
-                    want = render(tokenizer, messages, 0, PROBE_AUDIO_TOKENS, thinking).prompt
+                want = template.render(messages, 0, PROBE_AUDIO_TOKENS, thinking).prompt
             except ExportError as e:  # e.g. a template that writes an image placeholder of its own
                 raise NotExpressible(f"probe conversation {i} (thinking {key}): {str(e)[:160]}") from None
-            ids, types = assemble(pieces, tokenizer, messages, PROBE_AUDIO_TOKENS, thinking)
+            got = assemble(pieces, tokenizer, messages, 0, PROBE_AUDIO_TOKENS, thinking).prompt
+            ids, types = got.ids, got.types
             if (ids, types) != (want.ids, want.types):
                 at = next((j for j, (a, b) in enumerate(zip(ids, want.ids)) if a != b), min(len(ids), len(want.ids)))
                 raise NotExpressible(

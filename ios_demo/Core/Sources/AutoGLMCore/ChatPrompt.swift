@@ -23,29 +23,28 @@ public struct ChatPrompt {
         types += Array(repeating: kind, count: xs.count)
     }
 
+    /// GLM-4.1V's built-in layout (`PromptLayout.builtin`) around one user message.
     public static func build(_ tokenizer: TextEncoder, _ prompt: PromptConfig, text: String, imageTokens: Int,
                              audioTokens: Int, order: [String] = defaultOrder) throws -> ChatPrompt {
+        let layout = try PromptLayout.builtin(tokenizer, prompt)
+        let user = layout.roles["user"]!
         var p = ChatPrompt()
-        p.add([try prompt.special("gmask"), try prompt.special("sop"), try prompt.special("user")], Self.text)
-        p.add(tokenizer.encodeText("\n"), Self.text)
+        p.add(layout.prefix + user.before, Self.text)
         for part in order {
-            switch part {
-            case "image" where imageTokens > 0:
-                p.add([try prompt.special("begin_of_image")], Self.text)
-                p.add(Array(repeating: try prompt.special("image"), count: imageTokens), Self.image)
-                p.add([try prompt.special("end_of_image")], Self.text)
-            case "audio" where audioTokens > 0:
-                p.add([try prompt.special("begin_of_audio")], Self.text)
-                p.add(Array(repeating: try prompt.special("audio"), count: audioTokens), Self.audio)
-                p.add([try prompt.special("end_of_audio")], Self.text)
-            case "text":
+            let n = part == "image" ? imageTokens : (part == "audio" ? audioTokens : 0)
+            if part == "text" {
                 p.add(tokenizer.encodeText(text), Self.text)
-            default:
-                break
+            } else if n > 0 {
+                guard let pieces = layout.media[part] else {
+                    throw BundleError(file: BundleManifest.fileName, field: "prompt.special_ids.\(part)",
+                                      expected: "the id of the chat token '\(part)'", got: "nothing", fix: JsonNode.reexport)
+                }
+                p.add(pieces.before, Self.text)
+                p.add(Array(repeating: pieces.placeholder, count: n), part == "image" ? Self.image : Self.audio)
+                p.add(pieces.after, Self.text)
             }
         }
-        p.add([try prompt.special("assistant")], Self.text)
-        p.add(tokenizer.encodeText("\n"), Self.text)
+        p.add(user.after + layout.generation(nil), Self.text)
         return p
     }
 }

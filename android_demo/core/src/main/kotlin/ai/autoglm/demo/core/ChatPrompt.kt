@@ -30,27 +30,23 @@ class ChatPrompt(val ids: IntArray, val types: IntArray) {
                     types.add(kind)
                 }
             }
-            fun sp(name: String) = intArrayOf(prompt.special(name, BundleManifest.MANIFEST))
-            add(intArrayOf(prompt.special("gmask", BundleManifest.MANIFEST), prompt.special("sop", BundleManifest.MANIFEST),
-                prompt.special("user", BundleManifest.MANIFEST)), TEXT)
-            add(tokenizer.encode("\n"), TEXT)
+            val layout = PromptLayout.builtin(tokenizer, prompt)  // GLM-4.1V's layout around one user message
+            val (before, after) = layout.roles.getValue("user")
+            add(layout.prefix + before, TEXT)
             for (part in order) {
-                if (part == "image" && imageTokens > 0) {
-                    add(sp("begin_of_image"), TEXT)
-                    add(IntArray(imageTokens) { prompt.special("image", BundleManifest.MANIFEST) }, IMAGE)
-                    add(sp("end_of_image"), TEXT)
-                } else if (part == "audio" && audioTokens > 0) {
-                    add(sp("begin_of_audio"), TEXT)
-                    add(IntArray(audioTokens) { prompt.special("audio", BundleManifest.MANIFEST) }, AUDIO)
-                    add(sp("end_of_audio"), TEXT)
-                } else if (part == "text") {
+                require(part == "image" || part == "audio" || part == "text") { "unknown prompt part '$part' (use image, audio, text)" }
+                val n = if (part == "image") imageTokens else if (part == "audio") audioTokens else 0
+                if (part == "text") {
                     add(tokenizer.encode(text), TEXT)
-                } else if (part != "image" && part != "audio") {
-                    throw IllegalArgumentException("unknown prompt part '$part' (use image, audio, text)")
+                } else if (n > 0) {
+                    val pieces = layout.media[part] ?: throw BundleError(BundleManifest.MANIFEST, "prompt.special_ids.$part",
+                        "the id of the chat token '$part'", "nothing", "re-export the bundle with autoglm-export")
+                    add(pieces.before, TEXT)
+                    add(IntArray(n) { pieces.placeholder }, if (part == "image") IMAGE else AUDIO)
+                    add(pieces.after, TEXT)
                 }
             }
-            add(sp("assistant"), TEXT)
-            add(tokenizer.encode("\n"), TEXT)
+            add(after + layout.generation(null), TEXT)
             return ChatPrompt(ids.toIntArray(), types.toIntArray())
         }
     }

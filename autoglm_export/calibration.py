@@ -46,7 +46,7 @@ class CalibrationSet:
 def load_calibration(spec, base: Path, recipe_file: str, tokenizer, pre) -> CalibrationSet:
     from .host.image import load_image, preprocess_image
     from .host.positions import mrope_positions
-    from .host.prompt import build_chat_prompt
+    from .host.conversation import build_chat_prompt
 
     out = CalibrationSet(pre=pre)
     if spec is None or (not spec.images and spec.prompts is None):

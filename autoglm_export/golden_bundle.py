@@ -18,7 +18,7 @@ from .host.golden import (
     write_golden,
 )
 from .host.image import preprocess_image
-from .host.prompt import build_chat_prompt
+from .host.conversation import build_chat_prompt
 
 
 def golden_bundle(bundle: Path, out_dir: Path, max_new_tokens: int = 8, conversation: bool = False) -> Path:

@@ -27,7 +27,8 @@ from .errors import BundleError, ExportError
 from .host.generate import EagerRuntime, Trace, call_component, generate
 from .host.golden import GOLDEN_PROMPT, golden_image
 from .host.image import ImagePreprocessing, preprocess_image
-from .host.prompt import AUDIO, IMAGE, build_chat_prompt
+from .host.conversation import build_chat_prompt
+from .host.prompt import AUDIO, IMAGE
 from .load import build_on_meta, load_component, load_shared
 from .metrics import compare, passes
 from .methods import VISION_METHOD, is_vision_method

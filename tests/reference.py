@@ -12,7 +12,7 @@ from autoglm_export.checkpoint import open_checkpoint
 from autoglm_export.components import Shapes
 from autoglm_export.host.generate import EagerRuntime, generate
 from autoglm_export.host.image import ImagePreprocessing, preprocess_image
-from autoglm_export.host.prompt import build_chat_prompt
+from autoglm_export.host.conversation import build_chat_prompt
 from autoglm_export.load import build_on_meta, load_component
 
 

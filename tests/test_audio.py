@@ -10,7 +10,8 @@ import torch
 
 from autoglm_export.host.audio import AudioPreprocessing, load_audio, log_mel
 from autoglm_export.host.positions import mrope_positions
-from autoglm_export.host.prompt import AUDIO, IMAGE, TEXT, build_chat_prompt
+from autoglm_export.host.conversation import build_chat_prompt
+from autoglm_export.host.prompt import AUDIO, IMAGE, TEXT
 from conftest import REPO, one_bucket_recipe, run_cli
 
 

@@ -13,7 +13,8 @@ from autoglm_export.checkpoint import open_checkpoint
 from autoglm_export.host.golden import golden_image, golden_vectors
 from autoglm_export.host.image import ImagePreprocessing, preprocess_image
 from autoglm_export.host.positions import decode_positions, mrope_positions
-from autoglm_export.host.prompt import IMAGE, TEXT, build_chat_prompt
+from autoglm_export.host.conversation import build_chat_prompt
+from autoglm_export.host.prompt import IMAGE, TEXT
 from conftest import REPO
 from reference import hf_pixels, load_hf
 

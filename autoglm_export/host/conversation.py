@@ -15,7 +15,8 @@ template does, so the model answers without reasoning).
 from __future__ import annotations
 
 from ..errors import ExportError
-from .messages import ROLES, Message, Rendered
+from .messages import ROLES, Message, Part, Rendered
+from .prompt import DEFAULT_ORDER, Prompt
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -38,6 +39,26 @@ def render(
             )
     pieces = builtin(tokenizer, media_kinds(tokenizer))
     return assemble(pieces, tokenizer, messages, image_tokens, audio_tokens, enable_thinking)
+
+
+def build_chat_prompt(
+    tokenizer,
+    text: str,
+    image_tokens: int | None = None,
+    audio_tokens: int | None = None,
+    order: tuple[str, ...] = DEFAULT_ORDER,
+) -> Prompt:
+    """One user turn with an optional image and audio clip, ready for the assistant's answer: the
+    built-in layout's conversation of that one message (``conversation.render``)."""
+    parts = []
+    for kind in order:
+        if kind == "image" and image_tokens:
+            parts.append(Part("image"))
+        elif kind == "audio" and audio_tokens:
+            parts.append(Part("audio"))
+        elif kind == "text":
+            parts.append(Part.of_text(text))
+    return render(tokenizer, [Message("user", tuple(parts))], image_tokens, audio_tokens).prompt
 
 
 def check_conversation(messages: list[Message]) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .image import ImagePreprocessing, preprocess_image
 from .positions import decode_positions, mrope_positions
-from .prompt import build_chat_prompt
+from .conversation import build_chat_prompt
 
 GOLDEN_PROMPT = "What is on the screen?"
 

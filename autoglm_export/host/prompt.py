@@ -24,26 +24,3 @@ class Prompt:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def build_chat_prompt(
-    tokenizer,
-    text: str,
-    image_tokens: int | None = None,
-    audio_tokens: int | None = None,
-    order: tuple[str, ...] = DEFAULT_ORDER,
-) -> Prompt:
-    """One user turn with an optional image and audio clip, ready for the assistant's answer: the
-    built-in layout's conversation of that one message (``conversation.render``)."""
-    from .conversation import render
-    from .messages import Message, Part
-
-    parts = []
-    for kind in order:
-        if kind == "image" and image_tokens:
-            parts.append(Part("image"))
-        elif kind == "audio" and audio_tokens:
-            parts.append(Part("audio"))
-        elif kind == "text":
-            parts.append(Part.of_text(text))
-    return render(tokenizer, [Message("user", tuple(parts))], image_tokens, audio_tokens).prompt

@@ -58,7 +58,7 @@ def builtin(tokenizer, media: list[str]) -> dict:
     generation = [sp["assistant"], *newline]
     return {
         "prefix": [sp["gmask"], sp["sop"]],
-        "roles": {r: {"before": [sp[r], *newline], "after": []} for r in ROLES},
+        "roles": {r: {"before": [sp[r], *newline], "after": []} for r in ROLES if r in sp},  # <|system|> is optional
         "media": {
             m: {"before": [sp[f"begin_of_{m}"]], "placeholder": sp[m], "after": [sp[f"end_of_{m}"]]} for m in media
         },

@@ -34,7 +34,7 @@ public struct PromptLayout {
     static func parse(_ node: JsonNode) throws -> PromptLayout {
         let rolesNode = try node.reqObj("roles")
         var roles: [String: (before: [Int], after: [Int])] = [:]
-        for role in Message.roles {
+        for role in Message.roles where rolesNode.obj[role] != nil {  // <|system|> is optional
             let r = try rolesNode.child(role, try rolesNode.req(role))
             roles[role] = (try r.reqInts("before"), try r.reqInts("after"))
         }
@@ -55,7 +55,7 @@ public struct PromptLayout {
     static func builtin(_ tokenizer: TextEncoder, _ prompt: PromptConfig) throws -> PromptLayout {
         let newline = tokenizer.encodeText("\n")
         var roles: [String: (before: [Int], after: [Int])] = [:]
-        for role in Message.roles { roles[role] = ([try prompt.special(role)] + newline, []) }
+        for role in Message.roles where prompt.specialIds[role] != nil { roles[role] = ([try prompt.special(role)] + newline, []) }
         var media = ["image": MediaPieces(before: [try prompt.special("begin_of_image")], placeholder: try prompt.special("image"),
                                           after: [try prompt.special("end_of_image")])]
         if prompt.specialIds["audio"] != nil {

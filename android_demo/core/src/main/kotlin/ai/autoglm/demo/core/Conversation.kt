@@ -81,7 +81,8 @@ object Conversation {
         }
         add(layout.prefix)
         for (m in messages) {
-            val (before, after) = layout.roles.getValue(m.role)
+            val (before, after) = layout.roles[m.role]
+                ?: throw IllegalArgumentException("this bundle's chat layout has no ${m.role} turns: send none")
             add(before)
             for (part in m.parts) {
                 if (part.kind == Part.TEXT) {

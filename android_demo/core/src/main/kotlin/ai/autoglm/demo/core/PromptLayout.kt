@@ -23,7 +23,7 @@ class PromptLayout(
     companion object {
         fun parse(node: JsonNode): PromptLayout {
             val rolesNode = node.reqObj("roles")
-            val roles = Message.ROLES.associateWith { role ->
+            val roles = rolesNode.keys().filter { it in Message.ROLES }.associateWith { role ->  // <|system|> is optional
                 val r = rolesNode.child(role, rolesNode.req(role))
                 Pair(r.reqInts("before"), r.reqInts("after"))
             }
@@ -43,7 +43,7 @@ class PromptLayout(
         fun builtin(tokenizer: ByteLevelBpe, prompt: PromptConfig): PromptLayout {
             fun sp(name: String) = prompt.special(name, BundleManifest.MANIFEST)
             val newline = tokenizer.encode("\n")
-            val roles = Message.ROLES.associateWith { Pair(intArrayOf(sp(it)) + newline, IntArray(0)) }
+            val roles = Message.ROLES.filter { it in prompt.specialIds }.associateWith { Pair(intArrayOf(sp(it)) + newline, IntArray(0)) }
             val media = LinkedHashMap<String, MediaPieces>()
             media[Part.IMAGE] = MediaPieces(intArrayOf(sp("begin_of_image")), sp("image"), intArrayOf(sp("end_of_image")))
             if ("audio" in prompt.specialIds) {

@@ -176,6 +176,19 @@ plain = qnn.quantize_graph(graphs["token_embedding_decode"], plan)
 qnn._lean_weight_folding = patched
 consts = lambda g: [getattr(g, n.target) for n in g.graph.nodes if n.op == "get_attr" and isinstance(getattr(g, n.target), torch.Tensor)]
 same = plain.code == gm.code and all(torch.equal(a, b) for a, b in zip(consts(plain), consts(gm), strict=True))
+# the reference (verify) holds the graphs lean: the table dequantized for the looked-up rows only and
+# held once for both graphs, with the outputs of the graphs as converted
+qnn.quantize_per_channel_in_slices = whole
+from autoglm_export.targets.qnn import simulation
+simulation.LARGE_WEIGHT_ELEMENTS = 1000
+want = {g: qnn.quantize_graph(s, plan)(*s.args) for g, s in graphs.items()}
+pool = {}
+lean = {g: simulation.lean_simulation(qnn.quantize_graph(s, plan), pool) for g, s in graphs.items()}
+tables = [getattr(g, n.target) for g in lean.values() for n in g.graph.nodes
+          if n.op == "get_attr" and getattr(g, n.target).dtype == torch.int8]
+lean_ok = {"same_outputs": all(torch.equal(lean[g](*s.args), want[g]) for g, s in graphs.items()),
+           "tables": len(tables), "one_table": all(t is tables[0] for t in tables),
+           "whole_dequantize": sum(n.target == deq.target for g in lean.values() for n in g.graph.nodes)}
 # lowering reads only the converted graphs (quantize_graph dropped the unread float table from them):
 # the module's float table is freed
 params = module.embed_tokens.weight.numel()
@@ -184,7 +197,7 @@ shed = module.embed_tokens.weight.numel() == 0 and not any(t.is_floating_point()
                                                            for g in quantized.values() for t in g.state_dict().values())
 print(json.dumps({"dequant": str(deq.target), "codes": [str(codes.dtype), list(codes.shape)], "scales": list(scales.shape),
                   "params": params, "context_bytes": sizes, "same_as_unpatched": same,
-                  "sliced": sliced, "float_table_freed": shed, "codes_kept": codes.data_ptr() != 0}))
+                  "sliced": sliced, "float_table_freed": shed, "codes_kept": codes.data_ptr() != 0, "lean": lean_ok}))
 """
 
 
@@ -211,6 +224,8 @@ def test_token_embedding_is_int8_per_row_in_its_htp_context(tiny_ckpt):
     assert r["same_as_unpatched"]
     assert r["sliced"].count([16384, 64]) == 2, r["sliced"]  # the table of each graph went through the slices
     assert r["float_table_freed"] and r["codes_kept"]
+    # verify's reference: one table for both graphs, no whole-table dequantize, the same outputs
+    assert r["lean"] == {"same_outputs": True, "tables": 2, "one_table": True, "whole_dequantize": 0}, r["lean"]
 
 
 _VISION_CONTEXT = """
@@ -371,3 +386,79 @@ def test_run_on_the_emulator(bundle):
     )
     # a random model may answer with EOS straight away: the text can be empty, the run must succeed
     assert proc.returncode == 0 and proc.stdout.endswith("\n") and "error:" not in proc.stderr, proc.stderr[-2000:]
+
+
+_LEAN_REFERENCE = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from autoglm_export import verify as V
+from autoglm_export.bundle import load_bundle
+from autoglm_export.checkpoint import open_checkpoint
+from autoglm_export.components import Shapes
+from autoglm_export.host.generate import EagerRuntime, generate
+from autoglm_export.host.image import ImagePreprocessing
+from autoglm_export.planning import plan_quantization
+from autoglm_export.recipe import parse_recipe
+from autoglm_export.targets import get_target
+from autoglm_export.targets.qnn import simulation, target as qnn
+
+bundle, ckpt = Path(sys.argv[1]), open_checkpoint(sys.argv[2])
+manifest = load_bundle(bundle)
+recipe = parse_recipe(manifest["recipe"]["content"], bundle / "manifest.json")
+shapes = Shapes.from_recipe(recipe)
+plans = plan_quantization(recipe, ckpt, shapes, "manifest.json")
+pre = ImagePreprocessing.from_json(manifest["preprocessing"])
+case = V.GoldenCase(ckpt, pre, shapes)
+rewritten, shared = [], []
+lean = qnn.lean_simulation
+def counted(gm, pool):
+    rewritten.append(simulation.dequantize_where_read(gm))
+    shared.append(simulation.share_constants(gm, pool))
+    return gm
+def reference(kind):
+    # every large-weight path taken at tiny widths (kind "lean"), or the converted graphs as they are
+    simulation.LARGE_WEIGHT_ELEMENTS = simulation.SHARED_MIN_ELEMENTS = 1
+    qnn.lean_simulation = counted if kind == "lean" else (lambda gm, pool: gm)
+    tgt = get_target("qnn")
+    tgt.configure(recipe, "manifest.json", tokenizer=ckpt.chat_tokenizer(), pre=pre, base=Path(manifest["recipe"]["file"]).parent)
+    q = {n: V.load_reference(ckpt, n, shapes, plans[n], tgt, bundle, manifest) for n in plans}
+    with torch.no_grad():
+        outs = {n: [q[n](x).numpy() for x in xs] for n, xs in case.inputs.items()}
+        trace = generate(EagerRuntime(q, shapes.max_context, shapes.prefill_chunk), case.prompt, **case.media, max_new_tokens=4)
+    return outs, trace
+(a, ta), (b, tb) = reference("lean"), reference("plain")
+def sqnr(x, y):
+    err = float(((x - y).astype(np.float64) ** 2).sum())
+    return 999.0 if err == 0 else 10 * np.log10(float((y.astype(np.float64) ** 2).sum()) / err)
+print(json.dumps({
+    "rewritten": sum(rewritten), "shared_bytes": sum(shared), "graphs": len(rewritten),
+    "same_embedding": all(np.array_equal(x, y) for x, y in zip(a["token_embedding"], b["token_embedding"])),
+    "encoder_sqnr_db": {n: min(sqnr(x, y) for x, y in zip(a[n], b[n])) for n in a if n != "token_embedding"},
+    "logits_sqnr_db": min(sqnr(x, y) for x, y in zip(ta.step_logits, tb.step_logits)),
+    "tokens": [ta.tokens, tb.tokens],
+}))
+"""
+
+
+def test_lean_reference_gives_the_converted_graphs_outputs(bundle, tiny_ckpt):
+    """verify's qnn reference with every weight dequantized where read and every equal constant held
+    once (thresholds lowered to 1 so the tiny widths take the 9B path): the token embedding's outputs
+    exactly; the encoders' outputs and the decoder's greedy logits to float rounding (each linear
+    computed a row of outputs at a time here), the same tokens."""
+    out, _ = bundle
+    proc = subprocess.run(
+        [sys.executable, "-c", _LEAN_REFERENCE, str(out), str(tiny_ckpt)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["graphs"] >= 6 and r["rewritten"] >= 3 * r["graphs"] and r["shared_bytes"] > 0, r
+    assert r["same_embedding"], r  # the looked-up rows: the same floats
+    # float rounding, and the 16-bit activation quantization it can tip by a step: far inside the
+    # 30 dB emulator-vs-reference gate
+    assert min(r["encoder_sqnr_db"].values()) >= 60 and r["logits_sqnr_db"] >= 60, r
+    assert r["tokens"][0] == r["tokens"][1], r

@@ -44,6 +44,7 @@ from ..shared.static_graphs import (
     static_graphs,
 )
 from .contexts import HTP_CONTEXT_LIMIT, plan_contexts
+from .simulation import lean_simulation
 
 PTE = "model.pte"
 SOC_NAME, SOC_MODEL, HTP_ARCH = "SM8650", 57, 75
@@ -397,10 +398,13 @@ class QnnTarget(Target):
             "shipped": _lower_group(modules, args, precision == "fp16", ctx, plan),
         }
         if ctx.weight_sharing and self.verifying:  # the x86 emulator cannot load shared-weight contexts
-            progress(f"{name}: the same graphs without weight sharing, for the emulator")
-            lowered["emulated"] = _lower_group(
-                modules, args, precision == "fp16", replace(ctx, weight_sharing=False), plan
-            )
+            # lowered when the shipped file is written and its programs freed (_write_program): the two
+            # lowered forms of a 9B decoder part (contexts and constants) are never held at once
+            def emulated(modules=modules, args=args, fp16=precision == "fp16", twin=replace(ctx, weight_sharing=False)):
+                progress(f"{name}: the same graphs without weight sharing, for the emulator")
+                return _lower_group(modules, args, fp16, twin, plan)
+
+            lowered["emulated"] = emulated
         del modules
         release_export_caches()
         return lowered
@@ -482,11 +486,13 @@ class QnnTarget(Target):
         for variant in ("shipped", "emulated"):
             if variant == "emulated" and not any("emulated" in low for low in lowered):
                 break
-            eps = {
-                g: low.get(variant, low["shipped"]).exported_program(g)
-                for low in lowered
-                for g in low["shipped"].methods
-            }
+            if variant == "emulated":  # lowered now that the shipped programs are freed
+                for low in lowered:
+                    if callable(low.get("emulated")):
+                        low["emulated"] = low["emulated"]()
+            programs = [low[variant] if low.get(variant) is not None else low["shipped"] for low in lowered]
+            eps = {g: prog.exported_program(g) for prog in programs for g in prog.methods}
+            del programs
             progress(f"emitting {file}" + (" (emulator twin)" if variant == "emulated" else ""))
             buf = _emit(eps, meta)
             if variant == "shipped":
@@ -513,6 +519,13 @@ class QnnTarget(Target):
                     self._twin_for = str(out_dir.resolve())
                 (Path(self._twin.name) / file).write_bytes(buf)
             del buf, eps
+            if variant == "shipped" and any(low.get("emulated") is not None for low in lowered):
+                # written: a program with a twin is not read again, and its contexts and constants need
+                # not sit beside the twin's while that is lowered and emitted
+                for low in lowered:
+                    if low.get("emulated") is not None:
+                        low["shipped"] = None
+                release_export_caches()
         for low in lowered:  # the lowered programs (and their contexts) are in the file now
             low.clear()
         # emitting ran fake-tensor passes whose dispatch cache keys hold the lowered modules, and
@@ -553,20 +566,25 @@ class QnnTarget(Target):
         """The PT2E-converted graphs of a quantized component (calibrated exactly as at export);
         None for fp16 components (PyTorch in fp16). Components are visited in registry order, so
         the calibration state the decoder needs is rebuilt on the way; a decoder in parts is
-        rebuilt part by part (``load(layers)``), each calibrated on the one before."""
+        rebuilt part by part (``load(layers)``), each calibrated on the one before. The converted
+        graphs are held and run lean (``simulation.py``): the same values up to float rounding, a
+        fraction of the memory."""
         if load is None:  # pragma: no cover - verify always passes a loader
             return None
         chunk = manifest["shapes"]["prefill_chunk"]
         state = self._ref_states.setdefault(str(Path(bundle).resolve()), {"calibration": self.calibration_set})
+        pool = state.setdefault("constants", {})  # equal codes held once across graphs and buckets
         programs = manifest["components"][name].get("programs") if name == "text_decoder" else None
         if not programs:
             graphs = static_graphs(name, load(), chunk, state)
             if not plan.quantized:
                 return None
-            sims = {g: quantize_graph(spec, plan) for g, spec in graphs.items()}
+            sims = {g: lean_simulation(quantize_graph(spec, plan), pool) for g, spec in graphs.items()}
             inputs = {
                 g: [(n, list(a.shape)) for n, a in zip(spec.input_names, spec.args)] for g, spec in graphs.items()
             }
+            del graphs
+            release_export_caches()  # PT2E's caches hold the prepared graph, the fp32 weights with it
             return ComponentAdapter(_SimRuntime(manifest, sims, inputs), name)
         sims, inputs = {}, {}
         last = programs[-1]["layers"][1]
@@ -575,9 +593,13 @@ class QnnTarget(Target):
             graphs = static_graphs(name, load(layers), chunk, state)
             for g, spec in graphs.items():
                 sims[graph_key(p["file"], g)] = (
-                    quantize_graph(spec, plan.decoder_part(layers, last)) if plan.quantized else spec.module
+                    lean_simulation(quantize_graph(spec, plan.decoder_part(layers, last)), pool)
+                    if plan.quantized
+                    else spec.module
                 )
                 inputs[graph_key(p["file"], g)] = [(n, list(a.shape)) for n, a in zip(spec.input_names, spec.args)]
+            graphs = spec = None  # the part's fp32 module, once converted
+            release_export_caches()
         if not plan.quantized:
             return None
         return ComponentAdapter(_SimRuntime(manifest, sims, inputs), name)

@@ -133,6 +133,16 @@ def test_qnn_refuses_a_4_bit_token_embedding_in_one_line(tiny_ckpt, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and tree_snapshot(out) == {}
 
 
+def _script_result(script: str, *args) -> dict:
+    """Run ``script`` in a fresh interpreter (the QNN libraries load there) and return the JSON of
+    its last line."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 _EMBEDDING_CONTEXT = """
 import dataclasses, json, sys
 import torch
@@ -206,15 +216,7 @@ def test_token_embedding_is_int8_per_row_in_its_htp_context(tiny_ckpt):
     per-channel embedding), about one byte per parameter in the HTP context. Quantized per tensor,
     QNN kept the table at 4 bytes per parameter (at 9B widths: 2.5 GB of a qnn bundle) and lowering
     it took ~28 bytes of host memory per parameter (docs/benchmarks.md)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _EMBEDDING_CONTEXT, str(tiny_ckpt), str(RECIPE)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = _script_result(_EMBEDDING_CONTEXT, tiny_ckpt, RECIPE)
     assert r["dequant"] == "quantized_decomposed.dequantize_per_channel.default"
     assert r["codes"] == ["torch.int8", [16384, 64]] and r["scales"] == [16384]
     assert len(r["context_bytes"]) == 1 and r["context_bytes"][0] < 1.25 * r["params"], r
@@ -272,15 +274,7 @@ def test_compact_recipe_puts_the_vision_merger_in_4_bits(tiny_ckpt):
     linears take 4-bit codes (16a4w), the ViT blocks keep 8-bit, and the HTP context shrinks by about
     half a byte per merger weight against qnn.yaml's all-8-bit encoder."""
     compact, default = REPO / "recipes" / "qnn-compact.yaml", REPO / "recipes" / "qnn.yaml"
-    proc = subprocess.run(
-        [sys.executable, "-c", _VISION_CONTEXT, str(tiny_ckpt), str(compact), str(default)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = _script_result(_VISION_CONTEXT, tiny_ckpt, compact, default)
     small, full = r[str(compact)], r[str(default)]
     assert full["ranges"].keys() == small["ranges"].keys() and all(v == [-127, 127] for v in full["ranges"].values())
     merger = {k for k in small["ranges"] if "merger" in k}
@@ -447,15 +441,7 @@ def test_lean_reference_gives_the_converted_graphs_outputs(bundle, tiny_ckpt):
     exactly; the encoders' outputs and the decoder's greedy logits to float rounding (each linear
     computed a row of outputs at a time here), the same tokens."""
     out, _ = bundle
-    proc = subprocess.run(
-        [sys.executable, "-c", _LEAN_REFERENCE, str(out), str(tiny_ckpt)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = _script_result(_LEAN_REFERENCE, out, tiny_ckpt)
     assert r["graphs"] >= 6 and r["rewritten"] >= 3 * r["graphs"] and r["shared_bytes"] > 0, r
     assert r["same_embedding"], r  # the looked-up rows: the same floats
     # float rounding, and the 16-bit activation quantization it can tip by a step: far inside the

@@ -627,6 +627,31 @@ def format_report(report: dict) -> str:
     return "\n".join(rows)
 
 
+def configure_for_bundle(
+    tgt: Target, bundle: Path, manifest: dict, recipe: Recipe, ckpt: Checkpoint
+) -> tuple[Shapes, dict[str, ComponentPlan], ImagePreprocessing]:
+    """``tgt`` set up as it was for the export of ``bundle`` (recipe, tokenizer, preprocessing, the
+    same calibration files); returns the shapes, each component's plan and the preprocessing."""
+    shapes = Shapes.from_recipe(recipe)
+    plans = plan_quantization(recipe, ckpt, shapes, str(bundle / "manifest.json"))
+    pre = ImagePreprocessing.from_json(manifest["preprocessing"])
+    # calibration files resolve against the recipe's own directory
+    tgt.configure(
+        recipe,
+        str(bundle / "manifest.json"),
+        tokenizer=ckpt.chat_tokenizer(),
+        pre=pre,
+        base=Path(manifest["recipe"]["file"]).parent,
+    )
+    recorded = (manifest.get("calibration") or {}).get("files", {})
+    if recorded:
+        from .calibration import check_unchanged
+
+        check_unchanged(recorded, tgt.calibration_set, bundle / "manifest.json")
+    tgt.check_plans(plans, str(bundle / "manifest.json"))
+    return shapes, plans, pre
+
+
 def verify_bundle(
     bundle: str | Path, *, checkpoint: str | Path | None = None, against: str | None = None, progress=silent
 ) -> dict:
@@ -665,23 +690,7 @@ def verify_bundle(
             field="source.sha256",
             fix="pass --checkpoint with the original checkpoint",
         )
-    shapes = Shapes.from_recipe(recipe)
-    plans = plan_quantization(recipe, ckpt, shapes, str(bundle / "manifest.json"))
-    pre = ImagePreprocessing.from_json(manifest["preprocessing"])
-    # calibration files resolve against the recipe's own directory
-    tgt.configure(
-        recipe,
-        str(bundle / "manifest.json"),
-        tokenizer=ckpt.chat_tokenizer(),
-        pre=pre,
-        base=Path(manifest["recipe"]["file"]).parent,
-    )
-    recorded = (manifest.get("calibration") or {}).get("files", {})
-    if recorded:
-        from .calibration import check_unchanged
-
-        check_unchanged(recorded, tgt.calibration_set, bundle / "manifest.json")
-    tgt.check_plans(plans, str(bundle / "manifest.json"))
+    shapes, plans, pre = configure_for_bundle(tgt, bundle, manifest, recipe, ckpt)
     report = verify_runtime(
         lambda: open_bundle_runtime(tgt, bundle, manifest),
         ckpt,

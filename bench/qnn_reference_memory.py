@@ -50,10 +50,7 @@ def main() -> int:
     from autoglm_export import verify as V
     from autoglm_export.bundle import load_bundle
     from autoglm_export.checkpoint import open_checkpoint
-    from autoglm_export.components import Shapes
     from autoglm_export.host.generate import EagerRuntime, generate
-    from autoglm_export.host.image import ImagePreprocessing
-    from autoglm_export.planning import plan_quantization
     from autoglm_export.recipe import parse_recipe
     from autoglm_export.targets import get_target
     from autoglm_export.targets.qnn import target as qnn
@@ -87,12 +84,7 @@ def main() -> int:
     tgt = get_target("qnn")
     recipe = parse_recipe(manifest["recipe"]["content"], bundle / "manifest.json")
     ckpt = open_checkpoint(a.checkpoint)
-    shapes = Shapes.from_recipe(recipe)
-    plans = plan_quantization(recipe, ckpt, shapes, str(bundle / "manifest.json"))
-    pre = ImagePreprocessing.from_json(manifest["preprocessing"])
-    base = Path(manifest["recipe"]["file"]).parent
-    tgt.configure(recipe, str(bundle / "manifest.json"), tokenizer=ckpt.chat_tokenizer(), pre=pre, base=base)
-    tgt.check_plans(plans, str(bundle / "manifest.json"))
+    shapes, plans, pre = V.configure_for_bundle(tgt, bundle, manifest, recipe, ckpt)
     case = V.GoldenCase(ckpt, pre, shapes)
     q = {}
     for name in plans:

@@ -389,10 +389,8 @@ import numpy as np, torch
 from autoglm_export import verify as V
 from autoglm_export.bundle import load_bundle
 from autoglm_export.checkpoint import open_checkpoint
-from autoglm_export.components import Shapes
 from autoglm_export.host.generate import EagerRuntime, generate
-from autoglm_export.host.image import ImagePreprocessing
-from autoglm_export.planning import plan_quantization
+from autoglm_export.metrics import compare
 from autoglm_export.recipe import parse_recipe
 from autoglm_export.targets import get_target
 from autoglm_export.targets.qnn import simulation, target as qnn
@@ -400,12 +398,7 @@ from autoglm_export.targets.qnn import simulation, target as qnn
 bundle, ckpt = Path(sys.argv[1]), open_checkpoint(sys.argv[2])
 manifest = load_bundle(bundle)
 recipe = parse_recipe(manifest["recipe"]["content"], bundle / "manifest.json")
-shapes = Shapes.from_recipe(recipe)
-plans = plan_quantization(recipe, ckpt, shapes, "manifest.json")
-pre = ImagePreprocessing.from_json(manifest["preprocessing"])
-case = V.GoldenCase(ckpt, pre, shapes)
 rewritten, shared = [], []
-lean = qnn.lean_simulation
 def counted(gm, pool):
     rewritten.append(simulation.dequantize_where_read(gm))
     shared.append(simulation.share_constants(gm, pool))
@@ -415,16 +408,17 @@ def reference(kind):
     simulation.LARGE_WEIGHT_ELEMENTS = simulation.SHARED_MIN_ELEMENTS = 1
     qnn.lean_simulation = counted if kind == "lean" else (lambda gm, pool: gm)
     tgt = get_target("qnn")
-    tgt.configure(recipe, "manifest.json", tokenizer=ckpt.chat_tokenizer(), pre=pre, base=Path(manifest["recipe"]["file"]).parent)
+    shapes, plans, pre = V.configure_for_bundle(tgt, bundle, manifest, recipe, ckpt)
+    case = V.GoldenCase(ckpt, pre, shapes)
     q = {n: V.load_reference(ckpt, n, shapes, plans[n], tgt, bundle, manifest) for n in plans}
     with torch.no_grad():
         outs = {n: [q[n](x).numpy() for x in xs] for n, xs in case.inputs.items()}
         trace = generate(EagerRuntime(q, shapes.max_context, shapes.prefill_chunk), case.prompt, **case.media, max_new_tokens=4)
     return outs, trace
 (a, ta), (b, tb) = reference("lean"), reference("plain")
-def sqnr(x, y):
-    err = float(((x - y).astype(np.float64) ** 2).sum())
-    return 999.0 if err == 0 else 10 * np.log10(float((y.astype(np.float64) ** 2).sum()) / err)
+def sqnr(x, y):  # bit-exact counts as infinite
+    c = compare(y, x)
+    return float("inf") if c["bit_exact"] else c["sqnr_db"]
 print(json.dumps({
     "rewritten": sum(rewritten), "shared_bytes": sum(shared), "graphs": len(rewritten),
     "same_embedding": all(np.array_equal(x, y) for x, y in zip(a["token_embedding"], b["token_embedding"])),

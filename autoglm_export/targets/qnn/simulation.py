@@ -14,6 +14,7 @@ Only the reference is rewritten; the export lowers the graphs ``convert_pt2e`` r
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -24,7 +25,7 @@ LARGE_WEIGHT_ELEMENTS = 1 << 24
 SHARED_MIN_ELEMENTS = 1 << 16
 
 
-def _dequantize():
+def _dequantize():  # looked up when used: the op exists once torchao's PT2E is imported
     return torch.ops.quantized_decomposed.dequantize_per_channel.default
 
 
@@ -64,17 +65,16 @@ def linear_in_row_blocks(x, codes, scales, zero_points, axis, quant_min, quant_m
     return torch.cat(outs, dim=-1)
 
 
-def _attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def fetch_attr(gm, target: str):
+    """What a ``get_attr`` node of ``gm`` reads (``target`` may be dotted)."""
+    return functools.reduce(getattr, target.split("."), gm)
 
 
 def dequantize_where_read(gm: torch.fx.GraphModule) -> int:
     """Rewrite ``gm`` so that its large per-row-quantized weights feeding an embedding or a linear
     are dequantized where read; returns how many reads were rewritten."""
     graph, done = gm.graph, 0
+    embedding, linear = torch.ops.aten.embedding.default, torch.ops.aten.linear.default
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not _dequantize() or len(node.args) != 7:
             continue
@@ -83,12 +83,10 @@ def dequantize_where_read(gm: torch.fx.GraphModule) -> int:
         codes, axis = node.args[0], node.args[3]
         if getattr(codes, "op", None) != "get_attr" or axis != 0:
             continue
-        weight = _attr(gm, codes.target)
+        weight = fetch_attr(gm, codes.target)
         if weight.dim() != 2 or weight.numel() < LARGE_WEIGHT_ELEMENTS:
             continue
         users = list(node.users)
-        embedding = torch.ops.aten.embedding.default
-        linear = torch.ops.aten.linear.default
         fits = all(
             (u.target is embedding and u.args[0] is node and len(u.args) == 2)
             or (u.target is linear and len(u.args) >= 2 and u.args[1] is node and node not in (u.args[0], *u.args[2:]))
@@ -130,7 +128,7 @@ def share_constants(gm: torch.fx.GraphModule, pool: dict) -> int:
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
-        t = _attr(gm, node.target)
+        t = fetch_attr(gm, node.target)
         if not isinstance(t, torch.Tensor) or t.numel() < SHARED_MIN_ELEMENTS or not t.is_contiguous():
             continue
         seen = pool.setdefault(_fingerprint(t), [])

@@ -18,7 +18,6 @@ rebuilt deterministically from the checkpoint with the same calibration data.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 from contextlib import contextmanager
 import tempfile
@@ -44,7 +43,7 @@ from ..shared.static_graphs import (
     static_graphs,
 )
 from .contexts import HTP_CONTEXT_LIMIT, plan_contexts
-from .simulation import lean_simulation
+from .simulation import fetch_attr, lean_simulation
 
 PTE = "model.pte"
 SOC_NAME, SOC_MODEL, HTP_ARCH = "SM8650", 57, 75
@@ -283,7 +282,7 @@ def _free_float_weights(float_modules, quantized) -> None:
     read = set()
     for gm in quantized:
         for n in gm.graph.nodes:
-            if n.op == "get_attr" and isinstance(t := functools.reduce(getattr, n.target.split("."), gm), torch.Tensor):
+            if n.op == "get_attr" and isinstance(t := fetch_attr(gm, n.target), torch.Tensor):
                 read.add(t.untyped_storage().data_ptr())
     for module in float_modules:
         for t in [*module.parameters(), *module.buffers()]:
